@@ -1,0 +1,331 @@
+"""Generation loops over token ids: the target alone (the baseline) and speculative decoding.
+
+Knows nothing of tokenization or transports. The speculative loop talks to a `Drafter` (propose a block, then learn
+the verdict) and a `Verifier` (open a session, verify blocks); `LocalVerifier` runs the target in this process, and
+remote verifiers (gRPC, HTTP) implement the same two methods.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+import torch
+
+from tandem.errors import ContextOverflowError, InvalidRequestError
+from tandem.kv import SequenceState
+from tandem.models import LoadedModel
+from tandem.sampling import SamplingParams, logits_to_probs, make_generator, sample
+from tandem.verify import TokenKind, Verdict, dense_q, verify_greedy, verify_stochastic
+
+FinishReason = Literal["stop", "length"]
+QForm = Literal["full", "sparse", "none"]
+OnTokens = Callable[[list[int]], None]
+
+
+@dataclass
+class DraftBlock:
+    tokens: list[int]
+    q_full: torch.Tensor | None = None  # [gamma, V]
+    q_ids: torch.Tensor | None = None  # [gamma, k] int64
+    q_probs: torch.Tensor | None = None  # [gamma, k]
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    num_accepted: int
+    next_token: int
+    kind: TokenKind
+    tokens: list[int]  # emitted this round: accepted draft tokens + next token, cut at a stop token or max_tokens
+    finish_reason: FinishReason | None
+    target_tokens: list[int]  # the target's argmax from the first rejected position to the end of the block
+
+
+def validate_prompt(prompt: list[int], vocab_size: int, context_length: int) -> None:
+    if not prompt:
+        raise InvalidRequestError("the prompt is empty")
+    if any((not isinstance(t, int)) or t < 0 or t >= vocab_size for t in prompt):
+        raise InvalidRequestError(f"the prompt has token ids outside the vocabulary [0, {vocab_size})")
+    if len(prompt) >= context_length:
+        raise ContextOverflowError(
+            f"the prompt has {len(prompt)} tokens; the model's context holds {context_length} (prompt + output)"
+        )
+
+
+def cut_at_finish(
+    emitted: list[int], generated: int, total: int, params: SamplingParams, stop_ids: tuple[int, ...], context: int
+) -> tuple[list[int], FinishReason | None]:
+    """Cut a round's tokens at the first stop token, at max_tokens or at the context end.
+
+    `generated` tokens were emitted before this round; `total` is the sequence length before it.
+    """
+    room = min(params.max_tokens - generated, context - total)
+    out = []
+    for tok in emitted[:room]:
+        out.append(tok)
+        if tok in stop_ids:
+            return out, "stop"
+    return out, ("length" if len(out) == room else None)
+
+
+class TargetSession:
+    """The target's side of one generation: its KV cache, sampler and progress; verifies drafted blocks."""
+
+    def __init__(self, target: LoadedModel, prompt: list[int], params: SamplingParams) -> None:
+        validate_prompt(prompt, target.vocab_size, target.context_length)
+        self.target = target
+        self.params = params
+        self.state = SequenceState(target.model, prompt)
+        self.prompt_len = len(prompt)
+        self.generator = make_generator(params.seed)
+        self.stop_ids = () if params.ignore_eos else tuple(set(params.stop_token_ids) | set(target.eos_token_ids))
+        self.finish_reason: FinishReason | None = None
+        self.passes = 0
+
+    @property
+    def generated(self) -> int:
+        return len(self.state.tokens) - self.prompt_len
+
+    def prefill(self) -> None:
+        """Cache the prompt (all but its last token) ahead of the first block."""
+        if self.state.cached < len(self.state.tokens) - 1:
+            self.state.run(self.state.tokens[self.state.cached : -1])
+            self.passes += 1
+
+    def verify(self, block: DraftBlock) -> VerifyResult:
+        if self.finish_reason is not None:
+            raise InvalidRequestError(f"the session has finished ({self.finish_reason})")
+        if any((not isinstance(t, int)) or t < 0 or t >= self.target.vocab_size for t in block.tokens):
+            raise InvalidRequestError("the draft has token ids outside the vocabulary")
+        room = self.target.context_length - len(self.state.tokens) - 1
+        if len(block.tokens) > room:  # near the context end: verify what fits, drop the rest
+            block = _truncate(block, room)
+        draft = block.tokens
+        draft_t = torch.tensor(draft, dtype=torch.long)  # [gamma]
+        logits = self.state.forward(draft)  # [gamma + 1, V]
+        self.passes += 1
+        if self.params.greedy:
+            verdict = verify_greedy(draft_t, logits)
+        else:
+            p = logits_to_probs(logits, self.params)  # [gamma + 1, V]
+            q_dense = dense_q(draft_t, p.shape[-1], block.q_full, block.q_ids, block.q_probs)
+            if block.q_full is not None or block.q_ids is not None:
+                # the draft's q went through its own copy of the transformation; only the shapes are checked here
+                q_dense = q_dense / q_dense.sum(-1, keepdim=True).clamp_min(1e-30)
+            verdict = verify_stochastic(draft_t, q_dense, p, self.generator)
+        return self._commit(draft, verdict, logits)
+
+    def _commit(self, draft: list[int], verdict: Verdict, logits: torch.Tensor) -> VerifyResult:
+        n = verdict.num_accepted
+        before = len(self.state.tokens)
+        emitted, finish = cut_at_finish(
+            draft[:n] + [verdict.next_token], self.generated, before, self.params, self.stop_ids,
+            self.target.context_length,
+        )
+        self.state.commit(emitted, keep_cached=before + min(n, len(emitted)))
+        self.finish_reason = finish
+        target_tokens = logits[n:].argmax(-1).tolist()
+        return VerifyResult(n, verdict.next_token, verdict.kind, emitted, finish, target_tokens)
+
+    def close(self) -> None:
+        self.state.cache = None  # type: ignore[assignment]
+
+
+def _truncate(block: DraftBlock, n: int) -> DraftBlock:
+    cut = (lambda t: None if t is None else t[:n])  # noqa: E731
+    return DraftBlock(block.tokens[:n], cut(block.q_full), cut(block.q_ids), cut(block.q_probs))
+
+
+class Verifier(Protocol):
+    def open(self, prompt: list[int], params: SamplingParams) -> VerifierSession: ...
+
+
+class VerifierSession(Protocol):
+    def verify(self, block: DraftBlock) -> VerifyResult: ...
+
+    def close(self) -> None: ...
+
+
+class LocalVerifier:
+    """The target model in this process."""
+
+    def __init__(self, target: LoadedModel) -> None:
+        self.target = target
+
+    def open(self, prompt: list[int], params: SamplingParams) -> TargetSession:
+        return TargetSession(self.target, prompt, params)
+
+
+class Drafter(Protocol):
+    def start(self, prompt: list[int], params: SamplingParams) -> None: ...
+
+    def propose(self, gamma: int) -> DraftBlock: ...
+
+    def commit(self, num_accepted: int, emitted: list[int]) -> None: ...
+
+
+class ModelDrafter:
+    """Drafts with a small causal LM. Under sampling it samples from q and sends q in the chosen form."""
+
+    def __init__(self, draft: LoadedModel, q_form: QForm = "sparse", q_top_k: int = 16) -> None:
+        self.draft = draft
+        self.q_form = q_form
+        self.q_top_k = q_top_k
+        self.passes = 0
+
+    def start(self, prompt: list[int], params: SamplingParams) -> None:
+        validate_prompt(prompt, self.draft.vocab_size, self.draft.context_length)
+        self.params = params
+        self.state = SequenceState(self.draft.model, prompt)
+        self.generator = make_generator(None if params.seed is None else params.seed + 1)
+
+    def propose(self, gamma: int) -> DraftBlock:
+        tokens: list[int] = []
+        qs: list[torch.Tensor] = []  # each [V] or [k]
+        ids: list[torch.Tensor] = []  # each [k]
+        logits = self.state.forward()[-1] if gamma else None  # [V]
+        for i in range(gamma):
+            assert logits is not None
+            if self.params.greedy:
+                tok = int(logits.argmax())
+            else:
+                q = logits_to_probs(logits, self.params)  # [V]
+                if self.q_form == "sparse":
+                    top = torch.topk(q, min(self.q_top_k, q.shape[-1]))
+                    probs = top.values / top.values.sum()  # the truncated q the draft really samples from
+                    tok = int(top.indices[sample(probs, self.generator)])
+                    qs.append(probs)
+                    ids.append(top.indices)
+                else:
+                    tok = sample(q, self.generator)
+                    qs.append(q)
+            tokens.append(tok)
+            self.passes += 1
+            if i < gamma - 1:
+                logits = self.state.run([tok])[-1]
+        if self.params.greedy or self.q_form == "none" or not tokens:
+            return DraftBlock(tokens)
+        if self.q_form == "sparse":
+            return DraftBlock(tokens, q_ids=torch.stack(ids), q_probs=torch.stack(qs))
+        return DraftBlock(tokens, q_full=torch.stack(qs))
+
+    def commit(self, num_accepted: int, emitted: list[int]) -> None:
+        # The draft never saw its own last token when the whole block was accepted: `forward` feeds it next round.
+        self.state.commit(emitted, keep_cached=len(self.state.tokens) + min(num_accepted, len(emitted)))
+
+
+@dataclass
+class GenerationStats:
+    mode: str
+    gamma: int = 0
+    rounds: int = 0
+    drafted: int = 0
+    accepted: int = 0
+    accepted_per_position: list[int] = field(default_factory=list)
+    target_passes: int = 0
+    draft_passes: int = 0
+    tokens: int = 0
+    wall_s: float = 0.0
+    ttft_s: float = 0.0
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+    @property
+    def mean_acceptance_length(self) -> float:
+        return 1 + self.accepted / self.rounds if self.rounds else 0.0
+
+    @property
+    def tokens_per_target_pass(self) -> float:
+        return self.tokens / self.target_passes if self.target_passes else 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.wall_s if self.wall_s else 0.0
+
+    def as_dict(self) -> dict[str, object]:
+        d = dict(self.__dict__)
+        d.update(
+            acceptance_rate=self.acceptance_rate, mean_acceptance_length=self.mean_acceptance_length,
+            tokens_per_target_pass=self.tokens_per_target_pass, tokens_per_s=self.tokens_per_s,
+        )
+        return d
+
+
+@dataclass
+class GenerationResult:
+    tokens: list[int]
+    finish_reason: FinishReason
+    stats: GenerationStats
+
+
+def generate_autoregressive(
+    target: LoadedModel, prompt: list[int], params: SamplingParams, on_tokens: OnTokens | None = None
+) -> GenerationResult:
+    """The target alone, one forward pass per token: the baseline every speculative mode must reproduce."""
+    t0 = time.perf_counter()
+    session = TargetSession(target, prompt, params)
+    stats = GenerationStats(mode="ar")
+    out: list[int] = []
+    while session.finish_reason is None:
+        # a zero-length block: verify emits exactly the target's own next token (the "bonus")
+        result = session.verify(DraftBlock([]))
+        out.extend(result.tokens)
+        if on_tokens is not None:
+            on_tokens(result.tokens)
+        if len(out) == len(result.tokens):
+            stats.ttft_s = time.perf_counter() - t0
+    stats.target_passes = session.passes
+    stats.tokens = len(out)
+    stats.wall_s = time.perf_counter() - t0
+    session.close()
+    assert session.finish_reason is not None
+    return GenerationResult(out, session.finish_reason, stats)
+
+
+def generate_speculative(
+    drafter: Drafter,
+    verifier: Verifier,
+    prompt: list[int],
+    params: SamplingParams,
+    gamma: int,
+    on_tokens: OnTokens | None = None,
+) -> GenerationResult:
+    if gamma < 0:
+        raise InvalidRequestError(f"gamma must be >= 0, got {gamma}")
+    t0 = time.perf_counter()
+    session = verifier.open(prompt, params)
+    drafter.start(prompt, params)
+    stats = GenerationStats(mode="spec", gamma=gamma, accepted_per_position=[0] * gamma)
+    out: list[int] = []
+    finish: FinishReason | None = None
+    try:
+        while finish is None:
+            # 1. draft: never more than the tokens still wanted, less the one the target always adds
+            g = min(gamma, params.max_tokens - len(out) - 1)
+            block = drafter.propose(max(0, g))
+            # 2. verify the block in one target pass
+            result = session.verify(block)
+            # 3. learn the verdict: roll the draft back to the accepted prefix
+            drafter.commit(result.num_accepted, result.tokens)
+            stats.rounds += 1
+            stats.drafted += len(block.tokens)
+            stats.accepted += result.num_accepted
+            for i in range(result.num_accepted):
+                stats.accepted_per_position[i] += 1
+            out.extend(result.tokens)
+            if on_tokens is not None and result.tokens:
+                on_tokens(result.tokens)
+            if stats.rounds == 1:
+                stats.ttft_s = time.perf_counter() - t0
+            finish = result.finish_reason
+    finally:
+        session.close()
+    stats.target_passes = stats.rounds
+    stats.draft_passes = getattr(drafter, "passes", 0)
+    stats.tokens = len(out)
+    stats.wall_s = time.perf_counter() - t0
+    return GenerationResult(out, finish, stats)

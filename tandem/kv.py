@@ -1,0 +1,62 @@
+"""A causal LM's state over one token sequence: the ids, and the KV cache over a prefix of them.
+
+This module alone knows the cache layout. Rollback is a position counter and one cache crop.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import DynamicCache, PreTrainedModel
+
+from tandem.errors import CacheRollbackError
+
+
+class SequenceState:
+    """`tokens` is the committed sequence; the cache covers `tokens[:cached]` (plus, inside a forward, more)."""
+
+    def __init__(self, model: PreTrainedModel, tokens: list[int]) -> None:
+        self.model = model
+        self.tokens = list(tokens)
+        self.cache = DynamicCache(config=model.config)
+
+    @property
+    def cached(self) -> int:
+        return self.cache.get_seq_length()
+
+    def forward(self, extra: list[int] | tuple[int, ...] = ()) -> torch.Tensor:
+        """Feed the uncached tail of `tokens`, then `extra` (not committed), in one pass.
+
+        Returns [1 + len(extra), V] logits: the row predicting the token after `tokens`, then one row per extra token.
+        The cache afterwards covers `tokens + extra`.
+        """
+        if self.cached > len(self.tokens):
+            raise CacheRollbackError("the cache runs past the committed tokens: commit or roll back first")
+        if self.cached == len(self.tokens):
+            # everything is cached already: re-feed the last committed token to get its logits
+            self.rollback(self.cached - 1)
+        pending = self.tokens[self.cached :]
+        return self.run(pending + list(extra))[len(pending) - 1 :]
+
+    @torch.inference_mode()
+    def run(self, ids: list[int]) -> torch.Tensor:
+        """Feed `ids` at the next uncached positions; [len(ids), V] float32 logits."""
+        start = self.cached
+        feed = torch.tensor([ids], dtype=torch.long)  # [1, n]
+        positions = torch.arange(start, start + len(ids))[None]  # [1, n]
+        out = self.model(input_ids=feed, past_key_values=self.cache, position_ids=positions, use_cache=True)
+        return out.logits[0].float()
+
+    def rollback(self, length: int) -> None:
+        """Forget cached positions from `length` on."""
+        drop = self.cached - length
+        if drop < 0:
+            raise CacheRollbackError(f"cannot roll back to {length}: only {self.cached} positions cached")
+        if drop:
+            self.cache.crop(-drop)
+        if self.cached != length:
+            raise CacheRollbackError(f"cache holds {self.cached} positions after a crop to {length}")
+
+    def commit(self, new_tokens: list[int], keep_cached: int) -> None:
+        """Append emitted tokens and keep at most `keep_cached` cached positions (those still on the sequence)."""
+        self.tokens.extend(new_tokens)
+        self.rollback(min(self.cached, keep_cached))

@@ -1,0 +1,83 @@
+"""Load any Hugging Face causal LM (a local folder, a demo model by name, or a hub id) with its tokenizer."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from tandem.errors import ModelLoadError, TokenizerMismatchError
+
+DEMO_DIR = Path(__file__).parent / "demo"
+DEMO_MODELS = {"demo-target": DEMO_DIR / "target", "demo-draft": DEMO_DIR / "draft"}
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    fingerprint: str
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.model.config.vocab_size)
+
+    @property
+    def context_length(self) -> int:
+        return int(self.model.config.max_position_embeddings)
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        eos = self.tokenizer.eos_token_id
+        return () if eos is None else (int(eos),)
+
+    @property
+    def n_params(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+
+def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
+    """sha256 over the vocabulary (token -> id) and the special tokens; 16 hex digits."""
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
+    special = sorted((str(k), str(v)) for k, v in tokenizer.special_tokens_map.items())
+    blob = json.dumps({"vocab": vocab, "special": special}, ensure_ascii=False).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def resolve(name_or_path: str) -> str:
+    if name_or_path in DEMO_MODELS:
+        path = DEMO_MODELS[name_or_path]
+        if not (path / "config.json").exists():
+            raise ModelLoadError(f"demo model {name_or_path!r} is missing from the package (expected {path})")
+        return str(path)
+    return name_or_path
+
+
+def load_model(name_or_path: str, dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """Weights are cast to `dtype` (float32 by default: exact greedy equality needs stable argmaxes)."""
+    source = resolve(name_or_path)
+    local = Path(source).is_dir()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local or _offline())
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, local_files_only=local or _offline())
+    except (OSError, ValueError) as e:
+        hint = "" if local else " (not a local folder; a hub id needs network access and HF_HUB_OFFLINE unset)"
+        raise ModelLoadError(f"cannot load model {name_or_path!r}{hint}: {e}") from e
+    model.eval().requires_grad_(False)
+    return LoadedModel(name_or_path, model, tokenizer, tokenizer_fingerprint(tokenizer))
+
+
+def check_pair(draft: LoadedModel, target: LoadedModel) -> None:
+    """A draft and target must share one vocabulary, or the draft's ids mean different text: fail loudly."""
+    if draft.fingerprint != target.fingerprint:
+        raise TokenizerMismatchError(draft.name, draft.fingerprint, target.name, target.fingerprint)
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")

@@ -1,0 +1,60 @@
+from __future__ import annotations
+
+import copy
+import os
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from tandem.models import LoadedModel, tokenizer_fingerprint
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(1)
+
+TINY_VOCAB = 96
+
+
+def tiny_tokenizer(extra: str = "") -> PreTrainedTokenizerFast:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    chars = [chr(c) for c in range(32, 32 + TINY_VOCAB - 2)]
+    vocab = {"<eos>": 0, "<pad>": 1} | {c + extra: i + 2 for i, c in enumerate(chars)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>")
+
+
+def tiny_model(seed: int, layers: int = 2, hidden: int = 64, context: int = 256) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=TINY_VOCAB, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
+        num_key_value_heads=2, intermediate_size=2 * hidden, max_position_embeddings=context,
+        initializer_range=0.3,  # peaky logits: a random model then has a clear argmax and repeats itself less
+        eos_token_id=0, pad_token_id=1, bos_token_id=0,
+    )
+    return LlamaForCausalLM(cfg).eval().requires_grad_(False)
+
+
+def wrap(model: LlamaForCausalLM, name: str, tokenizer: PreTrainedTokenizerFast | None = None) -> LoadedModel:
+    tokenizer = tokenizer or tiny_tokenizer()
+    return LoadedModel(name, model, tokenizer, tokenizer_fingerprint(tokenizer))
+
+
+def noisy_copy(model: LlamaForCausalLM, scale: float, seed: int) -> LlamaForCausalLM:
+    """A draft that agrees with the target often but not always."""
+    gen = torch.Generator().manual_seed(seed)
+    out = copy.deepcopy(model)
+    for p in out.parameters():
+        p.add_(torch.randn(p.shape, generator=gen) * scale * p.std())
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_target() -> LoadedModel:
+    return wrap(tiny_model(0, layers=3), "tiny-target")
+
+
+@pytest.fixture(scope="session")
+def tiny_draft(tiny_target: LoadedModel) -> LoadedModel:
+    return wrap(noisy_copy(tiny_target.model, 0.05, seed=1), "tiny-draft")
