@@ -121,7 +121,7 @@ class TargetSession:
         n = verdict.num_accepted
         before = len(self.state.tokens)
         emitted, finish = cut_at_finish(
-            draft[:n] + [verdict.next_token], self.generated, before, self.params, self.stop_ids,
+            [*draft[:n], verdict.next_token], self.generated, before, self.params, self.stop_ids,
             self.target.context_length,
         )
         self.state.commit(emitted, keep_cached=before + min(n, len(emitted)))

@@ -61,6 +61,9 @@ def resolve(name_or_path: str) -> str:
 
 def load_model(name_or_path: str, dtype: torch.dtype = torch.float32) -> LoadedModel:
     """Weights are cast to `dtype` (float32 by default: exact greedy equality needs stable argmaxes)."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
     source = resolve(name_or_path)
     local = Path(source).is_dir()
     try:

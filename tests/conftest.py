@@ -58,3 +58,33 @@ def tiny_target() -> LoadedModel:
 @pytest.fixture(scope="session")
 def tiny_draft(tiny_target: LoadedModel) -> LoadedModel:
     return wrap(noisy_copy(tiny_target.model, 0.05, seed=1), "tiny-draft")
+
+
+class BigramLM(torch.nn.Module):
+    """Hand-built logits: the logits after token t are `table[t]`, whatever came before. Fills a real KV cache."""
+
+    def __init__(self, table: torch.Tensor) -> None:  # table: [V, V]
+        super().__init__()
+        self.table = table
+        self.config = LlamaConfig(
+            vocab_size=table.shape[0], hidden_size=8, num_hidden_layers=1, num_attention_heads=1,
+            num_key_value_heads=1, max_position_embeddings=64,
+        )
+
+    def forward(self, input_ids: torch.Tensor, past_key_values, position_ids=None, use_cache=True):
+        n = input_ids.shape[1]
+        past_key_values.update(torch.zeros(1, 1, n, 8), torch.zeros(1, 1, n, 8), 0)
+        return type("Out", (), {"logits": self.table[input_ids]})()
+
+
+def chain_table(vocab: int, overrides: dict[int, int] | None = None) -> torch.Tensor:
+    """Greedy successor of t is (t + 1) % vocab, except where `overrides` says otherwise."""
+    table = torch.zeros(vocab, vocab)
+    for t in range(vocab):
+        table[t, (overrides or {}).get(t, (t + 1) % vocab)] = 10.0
+    return table
+
+
+def bigram(table: torch.Tensor, name: str) -> LoadedModel:
+    tok = tiny_tokenizer()
+    return LoadedModel(name, BigramLM(table), tok, tokenizer_fingerprint(tok))  # type: ignore[arg-type]

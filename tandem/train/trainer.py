@@ -29,9 +29,9 @@ class TrainConfig:
     vocab_size: int = 8192
     seq_len: int = 256
     batch_size: int = 8
-    target_steps: int = 800
+    target_steps: int = 1000
     target_lr: float = 2e-3
-    draft_steps: int = 450
+    draft_steps: int = 500
     draft_lr: float = 3e-3
     distill_alpha: float = 0.7  # weight of KL(p_target || q_draft); 1 - alpha on cross-entropy
     warmup: int = 40
@@ -156,8 +156,10 @@ def _train_stage(
         bar.set_postfix(loss=f"{loss.item():.3f}")
         done = step + 1
         if done % cfg.checkpoint_every == 0 or done == steps:
-            torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "gen": gen.get_state(), "step": done}, ckpt)
-        record: dict[str, object] = {"stage": name, "step": done, "loss": round(loss.item(), 4), "s": round(time.time() - t0, 1)}
+            state = {"model": model.state_dict(), "opt": opt.state_dict(), "gen": gen.get_state(), "step": done}
+            torch.save(state, ckpt)
+        elapsed = round(time.time() - t0, 1)
+        record: dict[str, object] = {"stage": name, "step": done, "loss": round(loss.item(), 4), "s": elapsed}
         record.update({k: round(v, 4) for k, v in parts.items()})
         if done % 100 == 0 or done == steps:
             record["heldout_loss"] = round(heldout_loss(model, heldout, cfg.seq_len, cfg.eval_windows), 4)
@@ -194,7 +196,9 @@ def train_demo(out_dir: Path, work_dir: Path, cfg: TrainConfig, echo: Callable[[
         logits = target(batch[:, :-1]).logits  # [B, T, V]
         return F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten()), {}
 
-    _train_stage("target", target, target_loss, cfg.target_steps, cfg.target_lr, cfg, work_dir, log, heldout, train_stream)
+    _train_stage(
+        "target", target, target_loss, cfg.target_steps, cfg.target_lr, cfg, work_dir, log, heldout, train_stream
+    )
     target.eval().requires_grad_(False)
 
     draft = LlamaForCausalLM(draft_config(vocab))

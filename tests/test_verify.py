@@ -1,0 +1,155 @@
+"""The verification rule on hand-built logits, and its distribution under sampling."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tandem.engine import cut_at_finish
+from tandem.errors import InvalidRequestError
+from tandem.sampling import SamplingParams
+from tandem.verify import dense_q, verify_greedy, verify_stochastic
+
+V = 10
+
+
+def logits_spelling(tokens: list[int]) -> torch.Tensor:
+    """[len(tokens), V] logits whose argmax at row i is tokens[i]."""
+    out = torch.randn(len(tokens), V, generator=torch.Generator().manual_seed(0))
+    out[torch.arange(len(tokens)), tokens] = 50.0
+    return out
+
+
+def test_greedy_first_token_rejected() -> None:
+    v = verify_greedy(torch.tensor([3, 5, 7]), logits_spelling([4, 5, 7, 9]))
+    assert (v.num_accepted, v.next_token, v.kind) == (0, 4, "recovered")
+
+
+def test_greedy_mismatch_in_the_middle() -> None:
+    v = verify_greedy(torch.tensor([3, 5, 7]), logits_spelling([3, 5, 8, 9]))
+    assert (v.num_accepted, v.next_token, v.kind) == (2, 8, "recovered")
+
+
+def test_greedy_all_accepted_plus_bonus() -> None:
+    v = verify_greedy(torch.tensor([3, 5, 7]), logits_spelling([3, 5, 7, 9]))
+    assert (v.num_accepted, v.next_token, v.kind) == (3, 9, "bonus")
+
+
+def test_greedy_empty_block_is_the_target_step() -> None:
+    v = verify_greedy(torch.tensor([], dtype=torch.long), logits_spelling([6]))
+    assert (v.num_accepted, v.next_token, v.kind) == (0, 6, "bonus")
+
+
+def test_eos_inside_the_block_ends_the_output() -> None:
+    params = SamplingParams(max_tokens=10)
+    out, finish = cut_at_finish([3, 0, 7, 9], generated=0, total=5, params=params, stop_ids=(0,), context=64)
+    assert (out, finish) == ([3, 0], "stop")
+
+
+def test_max_tokens_reached_mid_block() -> None:
+    params = SamplingParams(max_tokens=6)
+    out, finish = cut_at_finish([3, 5, 7, 9], generated=4, total=9, params=params, stop_ids=(0,), context=64)
+    assert (out, finish) == ([3, 5], "length")
+
+
+def test_context_end_reached_mid_block() -> None:
+    params = SamplingParams(max_tokens=60)
+    out, finish = cut_at_finish([3, 5, 7, 9], generated=0, total=61, params=params, stop_ids=(), context=64)
+    assert (out, finish) == ([3, 5, 7], "length")
+
+
+def test_stochastic_identical_p_q_accepts_everything() -> None:
+    p = torch.softmax(torch.randn(4, V, generator=torch.Generator().manual_seed(1)), -1)
+    v = verify_stochastic(torch.tensor([1, 2, 3]), p[:3], p, torch.Generator().manual_seed(0))
+    assert (v.num_accepted, v.kind) == (3, "bonus")
+
+
+def test_stochastic_zero_p_rejects_and_recovers_elsewhere() -> None:
+    p = torch.full((3, V), 1 / (V - 1))
+    p[0, 4] = 0.0  # the target never emits 4 first
+    q = torch.full((2, V), 1 / V)
+    for seed in range(20):
+        v = verify_stochastic(torch.tensor([4, 4]), q, p, torch.Generator().manual_seed(seed))
+        assert v.num_accepted == 0 and v.next_token != 4 and v.kind == "recovered"
+
+
+def test_q_zero_at_drafted_token_is_rejected_as_bad_input() -> None:
+    p = torch.full((2, V), 1 / V)
+    q = torch.zeros(1, V)
+    q[0, 2] = 1.0
+    with pytest.raises(InvalidRequestError):
+        verify_stochastic(torch.tensor([5]), q, p, None)
+
+
+def test_dense_q_forms() -> None:
+    x = torch.tensor([2, 7])
+    point = dense_q(x, V)
+    assert point[0, 2] == 1 and point[1, 7] == 1 and point.sum() == 2
+    ids, probs = torch.tensor([[2, 3], [7, 1]]), torch.tensor([[0.6, 0.4], [0.9, 0.1]])
+    sparse = dense_q(x, V, sparse_ids=ids, sparse_probs=probs)
+    assert sparse[0, 3] == pytest.approx(0.4) and sparse[1, 1] == pytest.approx(0.1)
+    with pytest.raises(InvalidRequestError):
+        dense_q(x, V, sparse_ids=torch.tensor([[2, 99], [7, 1]]), sparse_probs=torch.ones(2, 2) / 2)
+    with pytest.raises(InvalidRequestError):
+        dense_q(x, V, full=torch.ones(3, V))
+
+
+# --- the distribution test -------------------------------------------------------------------------------------------
+# Fixed per-position distributions (independent of context) make the target's law at each position known exactly:
+# token j of a round must follow p[j], given that the round reached position j.
+
+VS = 5
+P = torch.tensor([[0.5, 0.2, 0.15, 0.1, 0.05], [0.05, 0.1, 0.2, 0.25, 0.4], [0.3, 0.3, 0.2, 0.1, 0.1]])
+Q_DRAFT = torch.tensor([[0.1, 0.4, 0.2, 0.2, 0.1], [0.3, 0.3, 0.2, 0.1, 0.1]])
+CHI2_CRIT_DF4 = 18.47  # p = 0.001
+
+
+def _round(form: str, gen: torch.Generator, wrong_rule: bool = False) -> list[int]:
+    gamma = 2
+    if form == "sparse":  # the draft samples from its top-3 q, renormalised, and sends exactly that
+        top = torch.topk(Q_DRAFT, 3, dim=-1)
+        probs = top.values / top.values.sum(-1, keepdim=True)
+        pick = torch.multinomial(probs, 1, generator=gen)[:, 0]
+        x = top.indices[torch.arange(gamma), pick]
+        q = dense_q(x, VS, sparse_ids=top.indices, sparse_probs=probs)
+    else:
+        x = torch.multinomial(Q_DRAFT, 1, generator=gen)[:, 0]
+        q = Q_DRAFT if form == "full" else dense_q(x, VS)  # "none": point mass at the drafted token
+    if wrong_rule:  # a plausible bug: forget the draft's q and accept with p(x) as if q were uniform
+        q = torch.full((gamma, VS), 1.0 / VS)
+    v = verify_stochastic(x, q, P, gen)
+    return [*x[:v.num_accepted].tolist(), v.next_token]
+
+
+def _chi2(samples: list[int], probs: torch.Tensor) -> float:
+    counts = torch.bincount(torch.tensor(samples), minlength=VS).double()
+    expected = probs.double() * len(samples)
+    return float(((counts - expected) ** 2 / expected).sum())
+
+
+def _position_samples(form: str, trials: int, wrong_rule: bool = False) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(1234)
+    by_pos: list[list[int]] = [[], [], []]
+    for _ in range(trials):
+        for j, tok in enumerate(_round(form, gen, wrong_rule)):
+            by_pos[j].append(tok)
+    return by_pos
+
+
+@pytest.mark.parametrize("form", ["full", "sparse", "none"])
+def test_emitted_tokens_follow_p(form: str) -> None:
+    by_pos = _position_samples(form, trials=12000)
+    for j in range(3):
+        assert len(by_pos[j]) * float(P[j].min()) >= 10, f"position {j} reached too rarely to test"
+        assert _chi2(by_pos[j], P[j]) < CHI2_CRIT_DF4, f"position {j} does not follow p ({form} q)"
+
+
+def test_a_wrong_rule_fails_the_distribution_test() -> None:
+    by_pos = _position_samples("full", trials=12000, wrong_rule=True)
+    assert max(_chi2(by_pos[j], P[j]) for j in range(2)) > CHI2_CRIT_DF4
+
+
+def test_seeded_verification_is_deterministic() -> None:
+    a = [_round("full", torch.Generator().manual_seed(s)) for s in range(50)]
+    b = [_round("full", torch.Generator().manual_seed(s)) for s in range(50)]
+    assert a == b
