@@ -83,5 +83,20 @@ def serve(
     run(ServerSettings(**_overrides(target=target, host=host, http_port=http_port, grpc_port=grpc_port)))
 
 
+@app.command()
+def netem(
+    listen: Annotated[str, typer.Option(help="HOST:PORT to accept connections on")],
+    upstream: Annotated[str, typer.Option(help="HOST:PORT to forward to")],
+    rtt_ms: Annotated[float, typer.Option(help="added round-trip time; each direction is delayed by half")] = 0.0,
+    jitter_ms: Annotated[float, typer.Option(help="uniform +- jitter on each one-way delay (byte order kept)")] = 0.0,
+    bandwidth_mbps: Annotated[float | None, typer.Option(help="cap per direction; unset: unlimited")] = None,
+    loss_pct: Annotated[float, typer.Option(help="chance per chunk that the connection is reset")] = 0.0,
+) -> None:
+    """A user-space network emulator: a TCP proxy adding delay, jitter, a bandwidth cap and connection drops."""
+    from tandem.netem import run_netem
+
+    run_netem(listen, upstream, rtt_ms, jitter_ms, bandwidth_mbps, loss_pct)
+
+
 if __name__ == "__main__":
     app()

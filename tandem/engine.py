@@ -104,18 +104,22 @@ class TargetSession:
             block = _truncate(block, room)
         draft = block.tokens
         draft_t = torch.tensor(draft, dtype=torch.long)  # [gamma]
+        q = None if self.params.greedy else self._checked_q(draft_t, block)  # before the forward: bad q changes nothing
         logits = self.state.forward(draft)  # [gamma + 1, V]
         self.passes += 1
-        if self.params.greedy:
+        if q is None:
             verdict = verify_greedy(draft_t, logits)
         else:
-            p = logits_to_probs(logits, self.params)  # [gamma + 1, V]
-            q_dense = dense_q(draft_t, p.shape[-1], block.q_full, block.q_ids, block.q_probs)
-            if block.q_full is not None or block.q_ids is not None:
-                # the draft's q went through its own copy of the transformation; only the shapes are checked here
-                q_dense = q_dense / q_dense.sum(-1, keepdim=True).clamp_min(1e-30)
-            verdict = verify_stochastic(draft_t, q_dense, p, self.generator)
+            verdict = verify_stochastic(draft_t, q, logits_to_probs(logits, self.params), self.generator)
         return self._commit(draft, verdict, logits)
+
+    def _checked_q(self, draft: torch.Tensor, block: DraftBlock) -> torch.Tensor:
+        """[gamma, V] q in dense form; raises InvalidRequestError for a q the draft cannot have sampled from."""
+        q = dense_q(draft, self.target.vocab_size, block.q_full, block.q_ids, block.q_probs)
+        if len(draft) and bool((q[torch.arange(len(draft)), draft] <= 0).any()):
+            raise InvalidRequestError("q gives zero probability to a drafted token: the draft cannot have sampled it")
+        # the draft's q went through its own copy of the sampling transformation; normalise away rounding
+        return q / q.sum(-1, keepdim=True)
 
     def _commit(self, draft: list[int], verdict: Verdict, logits: torch.Tensor) -> VerifyResult:
         n = verdict.num_accepted

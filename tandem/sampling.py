@@ -9,6 +9,8 @@ import torch
 
 from tandem.errors import InvalidRequestError
 
+MIN_TEMPERATURE = 1e-4
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -27,6 +29,8 @@ class SamplingParams:
             raise InvalidRequestError(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
         if not math.isfinite(self.temperature) or self.temperature < 0:
             raise InvalidRequestError(f"temperature must be >= 0, got {self.temperature!r}")
+        if 0 < self.temperature < MIN_TEMPERATURE:  # logits / T would overflow float32
+            raise InvalidRequestError(f"temperature must be 0 (greedy) or >= {MIN_TEMPERATURE}, got {self.temperature}")
         if not isinstance(self.top_k, int) or self.top_k < 0:
             raise InvalidRequestError(f"top_k must be >= 0, got {self.top_k!r}")
         if not (0 < self.top_p <= 1) or math.isnan(self.top_p):

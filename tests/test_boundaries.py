@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 CORE = ["tandem.engine", "tandem.verify", "tandem.kv", "tandem.models", "tandem.sampling", "tandem.bench_local",
-        "tandem.demo_run", "tandem.cli", "tandem.config", "tandem.train.trainer"]
+        "tandem.demo_run", "tandem.cli", "tandem.config", "tandem.train.trainer", "tandem.netem"]
 
 
 def test_core_imports_no_transport() -> None:

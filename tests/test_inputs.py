@@ -14,7 +14,7 @@ from tandem.sampling import SamplingParams
 @pytest.mark.parametrize(
     "kwargs",
     [{"max_tokens": 0}, {"max_tokens": -3}, {"temperature": -0.1}, {"temperature": float("nan")},
-     {"top_p": 0.0}, {"top_p": 1.5}, {"top_k": -1}],
+     {"top_p": 0.0}, {"top_p": 1.5}, {"top_k": -1}, {"temperature": 1e-9}],
 )
 def test_bad_sampling_params(kwargs: dict) -> None:
     with pytest.raises(InvalidRequestError):

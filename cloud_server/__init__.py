@@ -1,0 +1,1 @@
+"""The cloud verifier: the target model behind HTTP (OpenAI-compatible + verification sessions) and gRPC."""

@@ -1,0 +1,56 @@
+"""Server-side errors and the one map from an error code to an HTTP status, a gRPC code and a JSON body."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+
+from tandem.errors import TandemError
+
+
+class UnauthenticatedError(TandemError):
+    code = "unauthenticated"
+
+
+class RequestTooLargeError(TandemError):
+    code = "request_too_large"
+
+
+class ModelNotFoundError(TandemError):
+    code = "model_not_found"
+
+
+class ShuttingDownError(TandemError):
+    code = "unavailable"
+
+
+# code -> (HTTP status, gRPC status, OpenAI-style error type)
+_STATUS: dict[str, tuple[int, grpc.StatusCode, str]] = {
+    "invalid_request": (400, grpc.StatusCode.INVALID_ARGUMENT, "invalid_request_error"),
+    "context_length_exceeded": (400, grpc.StatusCode.INVALID_ARGUMENT, "invalid_request_error"),
+    "unauthenticated": (401, grpc.StatusCode.UNAUTHENTICATED, "authentication_error"),
+    "session_not_found": (404, grpc.StatusCode.NOT_FOUND, "not_found_error"),
+    "model_not_found": (404, grpc.StatusCode.NOT_FOUND, "not_found_error"),
+    "tokenizer_mismatch": (409, grpc.StatusCode.FAILED_PRECONDITION, "invalid_request_error"),
+    "request_too_large": (413, grpc.StatusCode.RESOURCE_EXHAUSTED, "invalid_request_error"),
+    "over_capacity": (429, grpc.StatusCode.RESOURCE_EXHAUSTED, "rate_limit_error"),
+    "unavailable": (503, grpc.StatusCode.UNAVAILABLE, "service_unavailable_error"),
+}
+_INTERNAL = (500, grpc.StatusCode.INTERNAL, "internal_error")
+
+
+def http_status(code: str) -> int:
+    return _STATUS.get(code, _INTERNAL)[0]
+
+
+def grpc_status(code: str) -> grpc.StatusCode:
+    return _STATUS.get(code, _INTERNAL)[1]
+
+
+def error_code(exc: BaseException) -> str:
+    return exc.code if isinstance(exc, TandemError) else "internal_error"
+
+
+def error_body(code: str, message: str) -> dict[str, Any]:
+    return {"error": {"message": message, "type": _STATUS.get(code, _INTERNAL)[2], "code": code}}

@@ -1,0 +1,137 @@
+"""The gRPC face: a thin Verifier servicer, the standard health service and server reflection."""
+
+from __future__ import annotations
+
+import contextlib
+import hmac
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TypeVar
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from cloud_server import wire
+from cloud_server.errors import UnauthenticatedError, error_code, grpc_status
+from cloud_server.proto import verifier_pb2 as pb
+from cloud_server.proto import verifier_pb2_grpc as pb_grpc
+from cloud_server.settings import ServerSettings
+from cloud_server.worker import ModelWorker
+from tandem.errors import InvalidRequestError, SessionNotFoundError, TandemError
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+SERVICE = pb.DESCRIPTOR.services_by_name["Verifier"].full_name
+
+
+class VerifierServicer(pb_grpc.VerifierServicer):
+    def __init__(self, worker: ModelWorker, settings: ServerSettings) -> None:
+        self.worker = worker
+        self.settings = settings
+
+    def _authorize(self, context: grpc.aio.ServicerContext) -> None:
+        if not self.settings.api_keys:
+            return
+        value = dict(context.invocation_metadata() or ()).get("authorization", "")
+        scheme, _, token = str(value).partition(" ")
+        if scheme.lower() != "bearer" or not any(hmac.compare_digest(token.strip(), k) for k in self.settings.api_keys):
+            raise UnauthenticatedError("a valid API key is required (metadata `authorization: Bearer <key>`)")
+
+    def _count(self, method: str, status: str) -> None:
+        self.worker.metrics.requests.labels(route=f"grpc {SERVICE}/{method}", status=status).inc()
+
+    async def _unary(self, method: str, context: grpc.aio.ServicerContext, call: Callable[[], Awaitable[T]]) -> T:
+        try:
+            self._authorize(context)
+            reply = await call()
+        except Exception as e:
+            code = grpc_status(error_code(e))
+            if not isinstance(e, TandemError):
+                log.exception("%s failed", method)
+            self._count(method, code.name)
+            await context.abort(code, str(e) if isinstance(e, TandemError) else f"internal error: {type(e).__name__}")
+        self._count(method, "OK")
+        return reply
+
+    async def OpenSession(self, request: pb.Open, context: grpc.aio.ServicerContext) -> pb.Opened:
+        async def call() -> pb.Opened:
+            return wire.opened_to_pb(await self.worker.open_session(wire.open_from_pb(request)))
+
+        return await self._unary("OpenSession", context, call)
+
+    async def Verify(self, request: pb.VerifyRequest, context: grpc.aio.ServicerContext) -> pb.Verdict:
+        async def call() -> pb.Verdict:
+            block = wire.block_from_pb(request.draft)
+            return wire.verdict_to_pb(await self.worker.verify(request.session_id, request.draft.seq, block))
+
+        return await self._unary("Verify", context, call)
+
+    async def CloseSession(self, request: pb.Close, context: grpc.aio.ServicerContext) -> pb.Closed:
+        async def call() -> pb.Closed:
+            await self.worker.close_session(request.session_id)
+            return pb.Closed(existed=True)
+
+        return await self._unary("CloseSession", context, call)
+
+    async def Session(
+        self, request_iterator: AsyncIterator[pb.ClientMessage], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.ServerMessage]:
+        try:
+            self._authorize(context)
+        except UnauthenticatedError as e:
+            self._count("Session", "UNAUTHENTICATED")
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(e))
+        session_id: str | None = None
+        try:
+            async for msg in request_iterator:
+                kind = msg.WhichOneof("msg")
+                if kind == "close":
+                    break
+                try:
+                    if kind == "open":
+                        if session_id is not None:
+                            raise InvalidRequestError("this stream already has a session")
+                        info = await self.worker.open_session(wire.open_from_pb(msg.open))
+                        session_id = info.session_id
+                        yield pb.ServerMessage(opened=wire.opened_to_pb(info))
+                    elif kind == "draft":
+                        if session_id is None:
+                            raise InvalidRequestError("open a session before sending drafts")
+                        verdict = await self.worker.verify(session_id, msg.draft.seq, wire.block_from_pb(msg.draft))
+                        yield pb.ServerMessage(verdict=wire.verdict_to_pb(verdict))
+                    else:
+                        raise InvalidRequestError("an empty message")
+                except TandemError as e:
+                    yield pb.ServerMessage(error=pb.Error(code=e.code, message=str(e),
+                                                          grpc_status=grpc_status(e.code).name))
+                    if session_id is None:
+                        break  # a failed Open ends the stream
+            self._count("Session", "OK")
+        finally:
+            if session_id is not None:
+                with contextlib.suppress(SessionNotFoundError):  # expired, or replaced by a resume
+                    await self.worker.close_session(session_id)
+
+
+def create_grpc_server(
+    settings: ServerSettings, worker: ModelWorker
+) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
+    # messages are bounded like HTTP bodies; grpc answers RESOURCE_EXHAUSTED beyond it
+    limit = settings.max_body_bytes
+    server = grpc.aio.server(options=[
+        ("grpc.max_receive_message_length", limit),
+        ("grpc.max_send_message_length", limit),
+        ("grpc.so_reuseport", 0),  # a second server on a port in use fails instead of sharing it
+    ])
+    pb_grpc.add_VerifierServicer_to_server(VerifierServicer(worker, settings), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection([SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+    return server, health_servicer
+
+
+async def set_serving(health_servicer: health.aio.HealthServicer, serving: bool) -> None:
+    status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+    for name in ("", SERVICE):
+        await health_servicer.set(name, status)

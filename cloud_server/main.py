@@ -1,0 +1,164 @@
+"""Composition root: one process, one event loop, one model worker, serving HTTP (uvicorn) and gRPC (grpc.aio)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import socket
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import grpc
+import uvicorn
+
+from cloud_server.grpc_service import create_grpc_server, set_serving
+from cloud_server.http_app import create_app
+from cloud_server.metrics import Metrics
+from cloud_server.settings import ServerSettings
+from cloud_server.worker import ModelWorker
+from tandem.models import LoadedModel, load_model
+
+log = logging.getLogger("cloud_server")
+
+
+class _Uvicorn(uvicorn.Server):
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        # signals belong to `run`, which stops HTTP and gRPC together
+        yield
+
+
+@dataclass
+class ServerHandle:
+    http_port: int
+    grpc_port: int
+    worker: ModelWorker
+    _http: _Uvicorn
+    _http_task: asyncio.Task[None]
+    _grpc: grpc.aio.Server
+    _health: object
+
+    @property
+    def metrics(self) -> Metrics:
+        return self.worker.metrics
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Stop accepting, let in-flight requests finish (up to `grace` seconds), close sessions, stop the worker."""
+        grace = self.worker.settings.shutdown_grace_s if grace is None else grace
+        await set_serving(self._health, False)  # type: ignore[arg-type]
+        self._http.config.timeout_graceful_shutdown = max(grace, 0.1)
+        self._http.should_exit = True
+        await asyncio.gather(self._grpc.stop(grace), self._http_task, return_exceptions=True)
+        await self.worker.shutdown()
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    # accepted connections inherit it: a response written in pieces is not held back ~40 ms by Nagle's algorithm
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.bind((host, port))
+    sock.set_inheritable(True)
+    return sock
+
+
+async def start_servers(settings: ServerSettings, target: LoadedModel | None = None) -> ServerHandle:
+    """Load the target (unless given), start the worker, gRPC and HTTP; ports 0 are bound to free ports."""
+    if target is None:
+        target = await asyncio.to_thread(load_model, settings.target)
+    worker = ModelWorker(target, settings, Metrics())
+    await worker.start()
+    grpc_server, health_servicer = create_grpc_server(settings, worker)
+    try:
+        grpc_port = grpc_server.add_insecure_port(f"{settings.host}:{settings.grpc_port}")
+        await grpc_server.start()
+        await set_serving(health_servicer, True)
+        sock = _bind(settings.host, settings.http_port)
+        config = uvicorn.Config(
+            create_app(settings, worker), lifespan="off", log_level="warning", access_log=False,
+            timeout_graceful_shutdown=max(settings.shutdown_grace_s, 0.1),
+        )
+        http = _Uvicorn(config)
+        task = asyncio.create_task(http.serve(sockets=[sock]))
+        while not http.started:
+            if task.done():
+                task.result()
+                raise RuntimeError("the HTTP server stopped during start-up")
+            await asyncio.sleep(0.01)
+    except BaseException:
+        await grpc_server.stop(0)
+        await worker.shutdown()
+        raise
+    return ServerHandle(sock.getsockname()[1], grpc_port, worker, http, task, grpc_server, health_servicer)
+
+
+async def _serve(settings: ServerSettings) -> None:
+    handle = await start_servers(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    log.info("serving %s: HTTP on %s:%d, gRPC on %s:%d", handle.worker.target.name, settings.host,
+             handle.http_port, settings.host, handle.grpc_port)
+    await stop.wait()
+    log.info("shutting down: finishing in-flight requests (up to %.0f s)", settings.shutdown_grace_s)
+    await handle.stop()
+    log.info("stopped")
+
+
+def run(settings: ServerSettings) -> None:
+    import torch
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    torch.set_num_threads(settings.threads)
+    asyncio.run(_serve(settings))
+
+
+class BackgroundServer:
+    """The servers on their own event loop in a thread, for synchronous clients (tests, benchmarks)."""
+
+    def __init__(self, settings: ServerSettings, target: LoadedModel | None = None) -> None:
+        self.settings = settings
+        self.target = target
+        self.loop = asyncio.new_event_loop()
+        self.handle: ServerHandle | None = None
+        self._started = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._main, name="tandem-server", daemon=True)
+
+    def _main(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        try:
+            self.handle = self.loop.run_until_complete(start_servers(self.settings, self.target))
+        except BaseException as e:
+            self._error = e
+            self._started.set()
+            return
+        self._started.set()
+        self.loop.run_forever()
+        self.loop.close()
+
+    def start(self, timeout: float = 60.0) -> ServerHandle:
+        self._thread.start()
+        if not self._started.wait(timeout):
+            raise TimeoutError("the server did not start in time")
+        if self._error is not None:
+            raise self._error
+        assert self.handle is not None
+        return self.handle
+
+    def stop(self, grace: float = 1.0, timeout: float = 30.0) -> None:
+        if self.handle is not None and self.loop.is_running():
+            asyncio.run_coroutine_threadsafe(self.handle.stop(grace), self.loop).result(timeout)
+            self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout)
+
+    def __enter__(self) -> ServerHandle:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

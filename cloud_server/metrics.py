@@ -1,0 +1,51 @@
+"""Prometheus metrics, one registry per server instance. Speculative metrics mirror vLLM's names under `tandem_`."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.num_drafts = Counter("tandem_spec_decode_num_drafts", "Verified draft blocks (verify rounds).", registry=r)
+        self.num_draft_tokens = Counter(
+            "tandem_spec_decode_num_draft_tokens", "Draft tokens received for verification.", registry=r
+        )
+        self.num_accepted_tokens = Counter(
+            "tandem_spec_decode_num_accepted_tokens", "Draft tokens accepted by the target.", registry=r
+        )
+        self.accepted_per_pos = Counter(
+            "tandem_spec_decode_num_accepted_tokens_per_pos", "Accepted draft tokens by position in the block.",
+            ["position"], registry=r,
+        )
+        self.requests = Counter("tandem_requests", "Requests by route and status.", ["route", "status"], registry=r)
+        self.open_sessions = Gauge("tandem_open_sessions", "Verification sessions held.", registry=r)
+        self.target_passes = Counter("tandem_target_forward_passes", "Forward passes of the target model.", registry=r)
+        self.generation_tokens = Counter("tandem_generation_tokens", "Tokens emitted (sessions and completions).",
+                                         registry=r)
+        self.verify_latency = Histogram(
+            "tandem_verify_latency_seconds", "Time to verify one draft block, queueing included.",
+            buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self.ttft = Histogram(
+            "tandem_time_to_first_token_seconds", "Completion API: time to the first token.",
+            buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self.tpot = Histogram(
+            "tandem_time_per_output_token_seconds", "Completion API: time per output token after the first.",
+            buckets=_LATENCY_BUCKETS, registry=r,
+        )
+
+    def observe_verify(self, drafted: int, accepted: int) -> None:
+        self.num_drafts.inc()
+        self.num_draft_tokens.inc(drafted)
+        self.num_accepted_tokens.inc(accepted)
+        for pos in range(accepted):
+            self.accepted_per_pos.labels(position=str(pos)).inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,39 @@
+"""The server's settings: one class, built at start-up from the environment (TANDEM_...) and the command line."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+class ServerSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="TANDEM_", extra="ignore")
+
+    target: str = "demo-target"
+    model_name: str = Field(default="", description="the model id served on /v1/models; empty: `target`")
+    host: str = "127.0.0.1"
+    http_port: int = Field(default=8000, ge=0, le=65535, description="0: any free port")
+    grpc_port: int = Field(default=50051, ge=0, le=65535, description="0: any free port")
+    threads: int = Field(default=2, ge=1, description="torch intra-op threads")
+    api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list, description="comma-separated; empty: open")
+
+    max_sessions: int = Field(default=64, ge=1)
+    session_ttl_s: float = Field(default=300.0, gt=0, description="idle sessions are evicted after this")
+    max_session_memory_mb: float = Field(default=2048.0, gt=0, description="bound on the KV caches sessions may grow")
+    max_prompt_tokens: int = Field(default=1536, ge=1)
+    max_draft_tokens: int = Field(default=32, ge=0)
+    max_tokens_limit: int = Field(default=1024, ge=1, description="the largest max_tokens a request may ask")
+    max_concurrent_requests: int = Field(default=64, ge=1, description="requests admitted at once; more get 429")
+    max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
+    shutdown_grace_s: float = Field(default=10.0, ge=0)
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, v: Any) -> Any:
+        return [k.strip() for k in v.split(",") if k.strip()] if isinstance(v, str) else v
+
+    @property
+    def served_model_name(self) -> str:
+        return self.model_name or self.target

@@ -1,0 +1,63 @@
+"""The shipped code-completion trace: well formed, and cut only from held-out files the models never trained on."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import platform
+import re
+from pathlib import Path
+
+import pytest
+
+from tandem.train.data import split_of, stdlib_root
+
+ROOT = Path(__file__).resolve().parents[1]
+TRACE = ROOT / "benchmarks" / "traces" / "code-completion.jsonl"
+MANIFEST = ROOT / "tandem" / "demo" / "files.json"
+SOURCE = re.compile(r"^(?P<path>[\w./-]+\.py):(?P<first>\d+)-(?P<last>\d+)$")
+
+
+@pytest.fixture(scope="module")
+def rows() -> list[dict]:
+    return [json.loads(line) for line in TRACE.read_text().splitlines()]
+
+
+def test_trace_shape(rows: list[dict]) -> None:
+    assert len(rows) >= 50
+    for r in rows:
+        assert set(r) == {"prompt", "max_tokens", "source"}
+        assert isinstance(r["prompt"], str) and r["prompt"].strip()
+        assert type(r["max_tokens"]) is int and 64 <= r["max_tokens"] <= 256
+    assert len({r["prompt"] for r in rows}) == len(rows)
+    assert len({r["max_tokens"] for r in rows}) > 10  # a spread of lengths, not one value
+
+
+def test_sources_are_heldout_line_ranges(rows: list[dict]) -> None:
+    manifest = {f["path"]: f["split"] for f in json.loads(MANIFEST.read_text())["files"]}
+    for r in rows:
+        m = SOURCE.match(r["source"])
+        assert m, r["source"]
+        first, last = int(m["first"]), int(m["last"])
+        assert 10 <= last - first + 1 <= 40
+        assert r["prompt"].count("\n") == last - first + 1
+        assert split_of(m["path"]) == "heldout", r["source"]
+        assert manifest.get(m["path"]) == "heldout", r["source"]  # and so it was for the shipped models
+    assert len({SOURCE.match(r["source"])["path"] for r in rows}) >= 15  # type: ignore[index]
+
+
+def test_trace_regenerates_from_this_stdlib(rows: list[dict]) -> None:
+    """On the interpreter the demo models were trained with, the prompts are the cited lines, and the script
+    reproduces the file exactly."""
+    if platform.python_version() != json.loads(MANIFEST.read_text())["python"]:
+        pytest.skip("a different stdlib: line numbers may differ")
+    for r in rows:
+        m = SOURCE.match(r["source"])
+        assert m
+        lines = (stdlib_root() / m["path"]).read_text(encoding="utf-8").splitlines(keepends=True)
+        assert "".join(lines[int(m["first"]) - 1 : int(m["last"])]) == r["prompt"]
+    spec = importlib.util.spec_from_file_location("make_trace", ROOT / "benchmarks" / "make_trace.py")
+    assert spec and spec.loader
+    make_trace = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make_trace)
+    assert make_trace.make_trace(len(rows)) == rows
