@@ -62,8 +62,10 @@ class VerifierServicer(pb_grpc.VerifierServicer):
 
     async def Verify(self, request: pb.VerifyRequest, context: grpc.aio.ServicerContext) -> pb.Verdict:
         async def call() -> pb.Verdict:
-            block = wire.block_from_pb(request.draft)
-            return wire.verdict_to_pb(await self.worker.verify(request.session_id, request.draft.seq, block))
+            d = request.draft
+            block, base_len = wire.block_from_pb(d), wire.base_len_from_pb(d)
+            verdict = await self.worker.verify(request.session_id, d.seq, block, base_len)
+            return wire.verdict_to_pb(verdict)
 
         return await self._unary("Verify", context, call)
 
@@ -73,6 +75,25 @@ class VerifierServicer(pb_grpc.VerifierServicer):
             return pb.Closed(existed=True)
 
         return await self._unary("CloseSession", context, call)
+
+    async def Generate(self, request: pb.Open, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.Verdict]:
+        try:
+            self._authorize(context)
+            req = wire.open_from_pb(request)
+            gen = await self.worker.start_generation(req.prompt, req.params)
+        except Exception as e:
+            code = grpc_status(error_code(e))
+            self._count("Generate", code.name)
+            await context.abort(code, str(e) if isinstance(e, TandemError) else f"internal error: {type(e).__name__}")
+        try:
+            step = 0
+            async for result in gen:
+                yield pb.Verdict(seq=step, next_token=result.next_token, tokens=result.tokens, kind=pb.TOKEN_KIND_BONUS,
+                                 finish_reason=wire.finish_to_pb(result.finish_reason), generated=gen.tokens)
+                step += 1
+        finally:
+            gen.close()
+        self._count("Generate", "OK")
 
     async def Session(
         self, request_iterator: AsyncIterator[pb.ClientMessage], context: grpc.aio.ServicerContext
@@ -98,7 +119,9 @@ class VerifierServicer(pb_grpc.VerifierServicer):
                     elif kind == "draft":
                         if session_id is None:
                             raise InvalidRequestError("open a session before sending drafts")
-                        verdict = await self.worker.verify(session_id, msg.draft.seq, wire.block_from_pb(msg.draft))
+                        d = msg.draft
+                        verdict = await self.worker.verify(session_id, d.seq, wire.block_from_pb(d),
+                                                           wire.base_len_from_pb(d))
                         yield pb.ServerMessage(verdict=wire.verdict_to_pb(verdict))
                     else:
                         raise InvalidRequestError("an empty message")

@@ -11,8 +11,8 @@ import hmac
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
-from typing import Annotated, Any, Literal
+from collections.abc import AsyncIterator, Callable
+from typing import Annotated, Any, Literal, Protocol
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -20,6 +20,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from transformers import PreTrainedTokenizerBase
 
 from cloud_server.errors import (
     ModelNotFoundError,
@@ -40,7 +41,7 @@ from cloud_server.schemas import (
 from cloud_server.settings import ServerSettings
 from cloud_server.text import IncrementalText, chat_prompt, encode, message_text
 from cloud_server.wire import sparse_block
-from cloud_server.worker import Generation, ModelWorker, OpenRequest
+from cloud_server.worker import ModelWorker, OpenRequest
 from tandem.engine import FinishReason
 from tandem.errors import InvalidRequestError, TandemError
 from tandem.sampling import SamplingParams
@@ -108,11 +109,12 @@ async def open_session(body: OpenBody, worker: WorkerDep) -> OpenedBody:
 @api.post("/v1/sessions/{session_id}/verify")
 async def verify(session_id: str, body: DraftBody, worker: WorkerDep) -> VerdictBody:
     block = sparse_block(body.tokens, body.q_k, body.q_ids, body.q_probs)
-    v = await worker.verify(session_id, body.seq, block)
+    v = await worker.verify(session_id, body.seq, block, body.base_len)
     r = v.result
     return VerdictBody(
         seq=v.seq, num_accepted=r.num_accepted, next_token=r.next_token, kind=r.kind, tokens=r.tokens,
-        finish_reason=r.finish_reason, target_tokens=r.target_tokens, generated=v.generated,
+        finish_reason=r.finish_reason, target_tokens=r.target_tokens, generated=v.generated, stale=r.stale,
+        server_ms=v.server_ms,
     )
 
 
@@ -136,32 +138,38 @@ async def models(worker: WorkerDep, settings: SettingsDep, request: Request) -> 
 
 @api.post("/v1/completions")
 async def completions(body: CompletionRequest, worker: WorkerDep, settings: SettingsDep) -> Response:
+    ids = await completion_prompt(body, worker.target.tokenizer)
+    return await _complete(worker, settings, body, ids, body.max_tokens, "text")
+
+
+@api.post("/v1/chat/completions")
+async def chat_completions(body: ChatRequest, worker: WorkerDep, settings: SettingsDep) -> Response:
+    ids = await chat_completion_prompt(body, worker.target.tokenizer)
+    return await _complete(worker, settings, body, ids, body.max_completion_tokens or body.max_tokens, "chat")
+
+
+async def completion_prompt(body: CompletionRequest, tokenizer: PreTrainedTokenizerBase) -> list[int]:
     prompt = body.prompt
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
         if len(prompt) != 1:
             raise InvalidRequestError("one prompt per request")
         prompt = prompt[0]
     if isinstance(prompt, str):
-        ids = await asyncio.to_thread(encode, worker.target.tokenizer, prompt)
-    else:
-        ids = list(prompt)  # type: ignore[arg-type]
-    return await _complete(worker, settings, body, ids, body.max_tokens, "text")
+        return await asyncio.to_thread(encode, tokenizer, prompt)
+    return list(prompt)  # type: ignore[arg-type]
 
 
-@api.post("/v1/chat/completions")
-async def chat_completions(body: ChatRequest, worker: WorkerDep, settings: SettingsDep) -> Response:
+async def chat_completion_prompt(body: ChatRequest, tokenizer: PreTrainedTokenizerBase) -> list[int]:
     messages = [{"role": m.role, "content": message_text(m.content)} for m in body.messages]
-    ids = await asyncio.to_thread(chat_prompt, worker.target.tokenizer, messages)
-    return await _complete(worker, settings, body, ids, body.max_completion_tokens or body.max_tokens, "chat")
+    return await asyncio.to_thread(chat_prompt, tokenizer, messages)
 
 
-def _sampling(body: CompletionRequest | ChatRequest, max_tokens: int | None, prompt_len: int,
-              worker: ModelWorker) -> SamplingParams:
+def sampling_params(body: CompletionRequest | ChatRequest, max_tokens: int | None, prompt_len: int,
+                    context_length: int, max_tokens_limit: int) -> SamplingParams:
     if body.n != 1:
         raise InvalidRequestError("only n = 1 is supported")
     if max_tokens is None:
-        room = worker.target.context_length - prompt_len
-        max_tokens = max(1, min(worker.settings.max_tokens_limit, room))
+        max_tokens = max(1, min(max_tokens_limit, context_length - prompt_len))
     return SamplingParams(
         max_tokens=max_tokens, temperature=1.0 if body.temperature is None else body.temperature,
         top_k=body.top_k or 0, top_p=1.0 if body.top_p is None else body.top_p, seed=body.seed,
@@ -169,54 +177,85 @@ def _sampling(body: CompletionRequest | ChatRequest, max_tokens: int | None, pro
     )
 
 
+def check_model(body: CompletionRequest | ChatRequest, served: str, *aliases: str) -> None:
+    if body.model not in (served, *aliases):
+        raise ModelNotFoundError(f"model {body.model!r} is not served here; this server serves {served!r}")
+
+
 async def _complete(
     worker: ModelWorker, settings: ServerSettings, body: CompletionRequest | ChatRequest, ids: list[int],
     max_tokens: int | None, kind: Literal["text", "chat"],
 ) -> Response:
-    if body.model not in (settings.served_model_name, worker.target.name):
-        raise ModelNotFoundError(f"model {body.model!r} is not served here; this server serves "
-                                 f"{settings.served_model_name!r}")
-    params = _sampling(body, max_tokens, len(ids), worker)
-    stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    check_model(body, settings.served_model_name, worker.target.name)
+    params = sampling_params(body, max_tokens, len(ids), worker.target.context_length, settings.max_tokens_limit)
     gen = await worker.start_generation(ids, params)
-    text = IncrementalText(worker.target.tokenizer, stop)
-    out = _Output(kind, settings.served_model_name, len(ids))
+    return await completion_response(gen, worker.target.tokenizer, body, kind, settings.served_model_name, len(ids))
+
+
+class Step(Protocol):
+    @property
+    def tokens(self) -> list[int]: ...
+
+    @property
+    def finish_reason(self) -> FinishReason | None: ...
+
+
+class Steps(Protocol):
+    """A running generation as the completion API consumes it: async steps, a token count, close()."""
+
+    tokens: int
+
+    def __aiter__(self) -> AsyncIterator[Step]: ...
+
+    def close(self) -> None: ...
+
+
+async def completion_response(
+    gen: Steps, tokenizer: PreTrainedTokenizerBase, body: CompletionRequest | ChatRequest,
+    kind: Literal["text", "chat"], model: str, prompt_tokens: int,
+    extra: Callable[[], dict[str, Any]] | None = None,
+) -> Response:
+    """The OpenAI response (JSON, or SSE ending in `data: [DONE]`) for a started generation; closes it."""
+    stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    text = IncrementalText(tokenizer, stop)
+    out = _Output(kind, model, prompt_tokens, body.return_token_ids)
     if body.stream:
         include_usage = bool((body.stream_options or {}).get("include_usage"))
         return StreamingResponse(_sse(gen, text, out, include_usage), media_type="text/event-stream")
-    parts = []
+    parts, ids = [], []
     finish: FinishReason = "length"
     try:
-        async for delta, finish_reason in _deltas(gen, text):
+        async for delta, finish_reason, tokens in _deltas(gen, text):
             parts.append(delta)
+            ids.extend(tokens)
             finish = finish_reason or finish
     finally:
         gen.close()
-    return JSONResponse(out.full("".join(parts), finish, gen.tokens))
+    return JSONResponse(out.full("".join(parts), finish, gen.tokens, ids) | (extra() if extra else {}))
 
 
-async def _deltas(gen: Generation, text: IncrementalText) -> AsyncIterator[tuple[str, FinishReason | None]]:
-    """(text delta, finish reason once finished) per target step; stops early at a stop string."""
+async def _deltas(gen: Steps, text: IncrementalText) -> AsyncIterator[tuple[str, FinishReason | None, list[int]]]:
+    """(text delta, finish reason once finished, token ids) per step; stops early at a stop string."""
     async for result in gen:
         delta = text.push(result.tokens)
         if text.stopped:
-            yield delta, "stop"
+            yield delta, "stop", result.tokens
             return
         if result.finish_reason is not None:
-            yield delta + text.flush(), result.finish_reason
+            yield delta + text.flush(), result.finish_reason, result.tokens
             return
-        yield delta, None
+        yield delta, None, result.tokens
 
 
-async def _sse(gen: Generation, text: IncrementalText, out: _Output, include_usage: bool) -> AsyncIterator[str]:
+async def _sse(gen: Steps, text: IncrementalText, out: _Output, include_usage: bool) -> AsyncIterator[str]:
     try:
         if out.kind == "chat":
             yield _event(out.chunk("", None, role=True))
         finish: FinishReason = "length"
-        async for delta, finish_reason in _deltas(gen, text):
+        async for delta, finish_reason, tokens in _deltas(gen, text):
             finish = finish_reason or finish
-            if delta:
-                yield _event(out.chunk(delta, None))
+            if delta or (tokens and out.token_ids):
+                yield _event(out.chunk(delta, None, tokens))
         yield _event(out.chunk("", finish))
         if include_usage:
             yield _event({**out.chunk("", None), "choices": [], "usage": out.usage(gen.tokens)})
@@ -234,8 +273,9 @@ def _event(obj: dict[str, Any]) -> str:
 class _Output:
     """OpenAI response objects for one completion."""
 
-    def __init__(self, kind: Literal["text", "chat"], model: str, prompt_tokens: int) -> None:
+    def __init__(self, kind: Literal["text", "chat"], model: str, prompt_tokens: int, token_ids: bool = False) -> None:
         self.kind = kind
+        self.token_ids = token_ids
         self.id = ("cmpl-" if kind == "text" else "chatcmpl-") + uuid.uuid4().hex
         self.created = int(time.time())
         self.model = model
@@ -248,21 +288,28 @@ class _Output:
     def _head(self, obj: str) -> dict[str, Any]:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
 
-    def full(self, text: str, finish: FinishReason, completion_tokens: int) -> dict[str, Any]:
+    def full(self, text: str, finish: FinishReason, completion_tokens: int, ids: list[int]) -> dict[str, Any]:
         if self.kind == "text":
             choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
-            return {**self._head("text_completion"), "choices": [choice], "usage": self.usage(completion_tokens)}
-        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                  "finish_reason": finish}
-        return {**self._head("chat.completion"), "choices": [choice], "usage": self.usage(completion_tokens)}
+        else:
+            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                      "finish_reason": finish}
+        if self.token_ids:
+            choice["token_ids"] = ids
+        obj = "text_completion" if self.kind == "text" else "chat.completion"
+        return {**self._head(obj), "choices": [choice], "usage": self.usage(completion_tokens)}
 
-    def chunk(self, delta: str, finish: FinishReason | None, role: bool = False) -> dict[str, Any]:
+    def chunk(self, delta: str, finish: FinishReason | None, ids: list[int] | None = None,
+              role: bool = False) -> dict[str, Any]:
         if self.kind == "text":
-            choice = {"index": 0, "text": delta, "logprobs": None, "finish_reason": finish}
-            return {**self._head("text_completion"), "choices": [choice]}
-        d: dict[str, Any] = {"role": "assistant", "content": ""} if role else ({"content": delta} if delta else {})
-        choice = {"index": 0, "delta": d, "logprobs": None, "finish_reason": finish}
-        return {**self._head("chat.completion.chunk"), "choices": [choice]}
+            choice: dict[str, Any] = {"index": 0, "text": delta, "logprobs": None, "finish_reason": finish}
+        else:
+            d: dict[str, Any] = {"role": "assistant", "content": ""} if role else ({"content": delta} if delta else {})
+            choice = {"index": 0, "delta": d, "logprobs": None, "finish_reason": finish}
+        if self.token_ids and ids:
+            choice["token_ids"] = ids
+        obj = "text_completion" if self.kind == "text" else "chat.completion.chunk"
+        return {**self._head(obj), "choices": [choice]}
 
 
 # --- wiring
@@ -355,6 +402,16 @@ async def _on_internal_error(request: Request, exc: Exception) -> JSONResponse:
     return _json_error("internal_error", f"internal error: {type(exc).__name__}")
 
 
+def install_error_handling(app: FastAPI, max_body_bytes: int, metrics: Metrics) -> None:
+    """JSON errors with clear statuses, the body limit and request counting (shared with the edge's endpoint)."""
+    app.add_exception_handler(TandemError, _on_tandem_error)
+    app.add_exception_handler(RequestValidationError, _on_validation_error)
+    app.add_exception_handler(StarletteHTTPException, _on_http_error)
+    app.add_exception_handler(Exception, _on_internal_error)
+    app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
+    app.add_middleware(RequestMetrics, metrics=metrics)  # outermost: counts the 413s too
+
+
 def create_app(settings: ServerSettings, worker: ModelWorker) -> FastAPI:
     app = FastAPI(title="tandem cloud verifier", docs_url=None, redoc_url=None)
     app.state.settings = settings
@@ -362,10 +419,5 @@ def create_app(settings: ServerSettings, worker: ModelWorker) -> FastAPI:
     app.state.created = int(time.time())
     app.include_router(public)
     app.include_router(api)
-    app.add_exception_handler(TandemError, _on_tandem_error)
-    app.add_exception_handler(RequestValidationError, _on_validation_error)
-    app.add_exception_handler(StarletteHTTPException, _on_http_error)
-    app.add_exception_handler(Exception, _on_internal_error)
-    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
-    app.add_middleware(RequestMetrics, metrics=worker.metrics)  # outermost: counts the 413s too
+    install_error_handling(app, settings.max_body_bytes, worker.metrics)
     return app

@@ -45,6 +45,7 @@ class OpenedBody(BaseModel):
     max_draft_tokens: int
     resumed: bool
     eos_token_ids: list[int]
+    server_ms: float = 0.0
 
 
 class DraftBody(BaseModel):
@@ -55,6 +56,7 @@ class DraftBody(BaseModel):
     q_k: Annotated[int, Field(ge=0)] = 0
     q_ids: list[TokenId] = Field(default_factory=list)
     q_probs: list[float] = Field(default_factory=list)
+    base_len: Annotated[int, Field(ge=0)] | None = None  # pipelined rounds: see the proto's Draft.base_len
 
 
 class VerdictBody(BaseModel):
@@ -66,6 +68,8 @@ class VerdictBody(BaseModel):
     finish_reason: Literal["stop", "length"] | None
     target_tokens: list[int]
     generated: int
+    stale: bool = False
+    server_ms: float = 0.0
 
 
 class ClosedBody(BaseModel):
@@ -89,6 +93,7 @@ class _OpenAIRequest(BaseModel):
     stop: str | list[str] | None = None
     seed: Annotated[int, Field(ge=0, lt=2**64)] | None = None
     ignore_eos: bool = False  # an extension, for benchmarks
+    return_token_ids: bool = False  # an extension (as vLLM's): each choice also carries its `token_ids`
 
 
 class CompletionRequest(_OpenAIRequest):

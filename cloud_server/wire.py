@@ -52,6 +52,7 @@ def opened_to_pb(info: SessionInfo) -> pb.Opened:
         session_id=info.session_id, target_name=info.target_name, target_fingerprint=info.target_fingerprint,
         vocab_size=info.vocab_size, context_length=info.context_length, prompt_tokens=info.prompt_tokens,
         max_draft_tokens=info.max_draft_tokens, resumed=info.resumed, eos_token_ids=list(info.eos_token_ids),
+        server_ms=info.server_ms,
     )
 
 
@@ -84,9 +85,16 @@ def block_from_pb(msg: pb.Draft) -> DraftBlock:
     return sparse_block(list(msg.tokens), msg.q_k, list(msg.q_ids), list(msg.q_probs))
 
 
-def block_to_pb(block: DraftBlock, seq: int) -> pb.Draft:
+def base_len_from_pb(msg: pb.Draft) -> int | None:
+    return msg.base_len if msg.HasField("base_len") else None
+
+
+def block_to_pb(block: DraftBlock, seq: int, base_len: int | None = None) -> pb.Draft:
     k, ids, probs = block_to_sparse(block)
-    return pb.Draft(seq=seq, tokens=block.tokens, q_k=k, q_ids=ids, q_probs=probs)
+    msg = pb.Draft(seq=seq, tokens=block.tokens, q_k=k, q_ids=ids, q_probs=probs)
+    if base_len is not None:
+        msg.base_len = base_len
+    return msg
 
 
 def verdict_to_pb(v: SessionVerdict) -> pb.Verdict:
@@ -94,12 +102,21 @@ def verdict_to_pb(v: SessionVerdict) -> pb.Verdict:
     return pb.Verdict(
         seq=v.seq, num_accepted=r.num_accepted, next_token=r.next_token, kind=_KIND_TO_PB[r.kind], tokens=r.tokens,
         finish_reason=_FINISH_TO_PB[r.finish_reason], target_tokens=r.target_tokens, generated=v.generated,
+        stale=r.stale, server_ms=v.server_ms,
     )
+
+
+def finish_to_pb(reason: FinishReason | None) -> int:
+    return _FINISH_TO_PB[reason]
+
+
+def finish_from_pb(value: int) -> FinishReason | None:
+    return _FINISH_FROM_PB.get(value)
 
 
 def result_from_pb(msg: pb.Verdict) -> VerifyResult:
     return VerifyResult(
         num_accepted=msg.num_accepted, next_token=msg.next_token, kind=_KIND_FROM_PB.get(msg.kind, "recovered"),
         tokens=list(msg.tokens), finish_reason=_FINISH_FROM_PB.get(msg.finish_reason),
-        target_tokens=list(msg.target_tokens),
+        target_tokens=list(msg.target_tokens), stale=msg.stale,
     )

@@ -14,7 +14,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import torch
@@ -35,6 +35,7 @@ from tandem.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+_PIPELINE_WAIT_S = 30.0  # how long a Draft sent ahead (seq = next + 1) may wait for its turn
 _SESSION_ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 
@@ -59,6 +60,7 @@ class SessionInfo:
     max_draft_tokens: int
     resumed: bool
     eos_token_ids: tuple[int, ...]
+    server_ms: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -66,6 +68,7 @@ class SessionVerdict:
     seq: int
     result: VerifyResult
     generated: int  # tokens emitted in the session so far
+    server_ms: float = 0.0
 
 
 @dataclass
@@ -78,6 +81,7 @@ class _Session:
     next_seq: int = 0
     last: SessionVerdict | None = None
     busy: bool = True
+    turn: asyncio.Condition = field(default_factory=asyncio.Condition)  # notified when next_seq moves
 
 
 def kv_bytes_per_token(model: LoadedModel) -> int:
@@ -161,11 +165,11 @@ class ModelWorker:
 
     # --- sessions
 
-    def info(self, session_id: str, prompt_tokens: int, resumed: bool) -> SessionInfo:
+    def info(self, session_id: str, prompt_tokens: int, resumed: bool, server_ms: float = 0.0) -> SessionInfo:
         t = self.target
         return SessionInfo(
             session_id, t.name, t.fingerprint, t.vocab_size, t.context_length, prompt_tokens,
-            self.settings.max_draft_tokens, resumed, t.eos_token_ids,
+            self.settings.max_draft_tokens, resumed, t.eos_token_ids, server_ms,
         )
 
     async def open_session(self, req: OpenRequest) -> SessionInfo:
@@ -196,6 +200,7 @@ class ModelWorker:
             entry = _Session(sid, reserve, req.client_id, time.monotonic())
             self._sessions[sid] = entry
             self.metrics.open_sessions.set(len(self._sessions))
+            t0 = time.perf_counter()
             try:
                 entry.core = await self._run(self._prefill, req.prompt, req.params)
             except BaseException:
@@ -203,7 +208,7 @@ class ModelWorker:
                 raise
             entry.busy = False
             entry.last_used = time.monotonic()
-            return self.info(sid, len(req.prompt), resumed)
+            return self.info(sid, len(req.prompt), resumed, (time.perf_counter() - t0) * 1e3)
 
     def _prefill(self, prompt: list[int], params: SamplingParams) -> TargetSession:
         session = TargetSession(self.target, prompt, params)
@@ -218,9 +223,18 @@ class ModelWorker:
             raise SessionNotFoundError(f"unknown or expired session {session_id!r}")
         return entry
 
-    async def verify(self, session_id: str, seq: int, block: DraftBlock) -> SessionVerdict:
+    async def verify(
+        self, session_id: str, seq: int, block: DraftBlock, base_len: int | None = None
+    ) -> SessionVerdict:
         with self.admit():
             entry = self._get(session_id)
+            if seq == entry.next_seq + 1:  # sent ahead (pipelined, maybe on another connection): wait for its turn
+                try:
+                    async with entry.turn:
+                        await asyncio.wait_for(entry.turn.wait_for(lambda: seq <= entry.next_seq), _PIPELINE_WAIT_S)
+                except asyncio.TimeoutError:
+                    raise InvalidRequestError(f"draft seq {seq} waited in vain for seq {seq - 1}") from None
+                entry = self._get(session_id)
             if entry.last is not None and seq == entry.last.seq:
                 return entry.last  # a retried request: the same verdict again
             if entry.busy or entry.core is None:
@@ -231,22 +245,27 @@ class ModelWorker:
             self._check_block(block)
             entry.busy = True
             t0 = time.perf_counter()
+            skipped = 0 if base_len is None else max(0, len(core.state.tokens) - base_len)
             try:
-                result = await self._run(self._verify, core, block)
+                result = await self._run(self._verify, core, block, base_len)
             finally:
                 entry.busy = False
                 entry.last_used = time.monotonic()
-            self.metrics.verify_latency.observe(time.perf_counter() - t0)
-            self.metrics.observe_verify(len(block.tokens), result.num_accepted)
-            self.metrics.generation_tokens.inc(len(result.tokens))
+            elapsed = time.perf_counter() - t0
+            if not result.stale:
+                self.metrics.verify_latency.observe(elapsed)
+                self.metrics.observe_verify(len(block.tokens) - skipped, result.num_accepted)
+                self.metrics.generation_tokens.inc(len(result.tokens))
             entry.next_seq += 1
-            entry.last = SessionVerdict(seq, result, core.generated)
+            entry.last = SessionVerdict(seq, result, core.generated, elapsed * 1e3)
+            async with entry.turn:
+                entry.turn.notify_all()
             return entry.last
 
-    def _verify(self, core: TargetSession, block: DraftBlock) -> VerifyResult:
+    def _verify(self, core: TargetSession, block: DraftBlock, base_len: int | None = None) -> VerifyResult:
         passes = core.passes
         try:
-            return core.verify(block)
+            return core.verify(block, base_len)
         finally:
             self.metrics.target_passes.inc(core.passes - passes)
 

@@ -6,13 +6,22 @@ transport status.
 
 Resume after a cloud restart: open a new session with prompt = original prompt + tokens emitted so far and
 max_tokens reduced by their number (optionally under the old `session_id`).
+
+Pipelined rounds: every session also has `send(block, base_len)` and `recv()`, answered in order, so a block can be
+sent ahead while the previous one is being verified. Each session counts the payload bytes it sent and received.
+`generate` on a verifier is the cloud's own streaming generation (the target alone): the cloud-only baseline.
 """
 
 from __future__ import annotations
 
+import json
 import queue
 import threading
-from collections.abc import Iterator
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -21,7 +30,7 @@ import httpx
 from cloud_server import wire
 from cloud_server.proto import verifier_pb2 as pb
 from cloud_server.proto import verifier_pb2_grpc as pb_grpc
-from tandem.engine import DraftBlock, VerifyResult
+from tandem.engine import DraftBlock, FinishReason, VerifyResult
 from tandem.errors import TandemError
 from tandem.sampling import SamplingParams
 
@@ -43,6 +52,20 @@ class RemoteError(TandemError):
         super().__init__(f"{message} ({status})")
         self.code = code
         self.status = status
+
+
+@dataclass(frozen=True)
+class Reply:
+    result: VerifyResult
+    server_ms: float  # the server's own time on the block; the rest of the wait is the network (and queueing)
+
+
+@dataclass(frozen=True)
+class Step:
+    """One step of the cloud's own generation."""
+
+    tokens: list[int]
+    finish_reason: FinishReason | None
 
 
 def _from_rpc_error(e: grpc.RpcError) -> RemoteError:
@@ -80,6 +103,7 @@ class GrpcVerifier:
         self.draft_fingerprint = draft_fingerprint
         self.draft_name = draft_name
         self.client_id = client_id
+        self.bytes_sent = self.bytes_received = 0  # of `generate` calls
 
     def open(
         self, prompt: list[int], params: SamplingParams, session_id: str | None = None
@@ -93,6 +117,21 @@ class GrpcVerifier:
             raise _from_rpc_error(e) from None
         return GrpcUnarySession(self, opened)
 
+    def generate(self, prompt: list[int], params: SamplingParams) -> Iterator[Step]:
+        """The target alone over the Generate stream; each step awaited at most `timeout_s`."""
+        msg = _open_msg(prompt, params, "", self.draft_name, self.client_id, None)
+        self.bytes_sent += msg.ByteSize()
+        call = self.stub.Generate(msg, timeout=self.stream_timeout_s, metadata=self.metadata)
+        try:
+            while True:
+                verdict = _next_with_deadline(call, call.cancel, self.timeout_s)
+                if verdict is None:
+                    return
+                self.bytes_received += verdict.ByteSize()
+                yield Step(list(verdict.tokens), wire.finish_from_pb(verdict.finish_reason))
+        finally:
+            call.cancel()
+
     def close(self) -> None:
         self.channel.close()
 
@@ -103,24 +142,58 @@ class GrpcVerifier:
         self.close()
 
 
-class GrpcUnarySession:
+class _Pipelined:
+    """send/recv over unary calls: each block is one call on a small thread pool; answers are taken in order."""
+
+    seq: int
+    bytes_sent: int
+    bytes_received: int
+
+    def _call(self, block: DraftBlock, seq: int, base_len: int | None) -> Reply:
+        raise NotImplementedError
+
+    def _setup(self) -> None:
+        self.seq = 0
+        self.bytes_sent = self.bytes_received = 0
+        self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tandem-remote")
+        self._pending: deque[Future[Reply]] = deque()
+
+    def send(self, block: DraftBlock, base_len: int | None = None) -> None:
+        self._pending.append(self._pool.submit(self._call, block, self.seq, base_len))
+        self.seq += 1
+
+    def recv(self) -> Reply:
+        return self._pending.popleft().result()
+
+    def verify(self, block: DraftBlock) -> VerifyResult:
+        self.send(block)
+        return self.recv().result
+
+    def _shutdown(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+class GrpcUnarySession(_Pipelined):
     def __init__(self, verifier: GrpcVerifier, opened: pb.Opened) -> None:
         self.verifier = verifier
         self.opened = opened
         self.session_id = opened.session_id
-        self.seq = 0
+        self._setup()
+        self.bytes_received = opened.ByteSize()
 
-    def verify(self, block: DraftBlock) -> VerifyResult:
+    def _call(self, block: DraftBlock, seq: int, base_len: int | None) -> Reply:
         v = self.verifier
-        request = pb.VerifyRequest(session_id=self.session_id, draft=wire.block_to_pb(block, self.seq))
+        request = pb.VerifyRequest(session_id=self.session_id, draft=wire.block_to_pb(block, seq, base_len))
+        self.bytes_sent += request.ByteSize()
         try:
             verdict = v.stub.Verify(request, timeout=v.timeout_s, metadata=v.metadata)
         except grpc.RpcError as e:
             raise _from_rpc_error(e) from None
-        self.seq += 1
-        return wire.result_from_pb(verdict)
+        self.bytes_received += verdict.ByteSize()
+        return Reply(wire.result_from_pb(verdict), verdict.server_ms)
 
     def close(self) -> None:
+        self._shutdown()
         v = self.verifier
         try:
             v.stub.CloseSession(pb.Close(session_id=self.session_id), timeout=v.timeout_s, metadata=v.metadata)
@@ -135,6 +208,8 @@ class GrpcStreamSession:
     def __init__(self, verifier: GrpcVerifier, open_msg: pb.Open) -> None:
         self.verifier = verifier
         self.seq = 0
+        self.bytes_sent = open_msg.ByteSize()
+        self.bytes_received = 0
         self._requests: queue.Queue[pb.ClientMessage | None] = queue.Queue()
         self._requests.put(pb.ClientMessage(open=open_msg))
         self._call = verifier.stub.Session(
@@ -149,18 +224,11 @@ class GrpcStreamSession:
         self.session_id = first.opened.session_id
 
     def _next(self) -> pb.ServerMessage:
-        timer = threading.Timer(self.verifier.timeout_s, self._call.cancel)  # a per-answer deadline
-        timer.start()
-        try:
-            return next(self._replies)
-        except StopIteration:
-            raise RemoteError("unavailable", "the server ended the session stream", "OK") from None
-        except grpc.RpcError as e:
-            if not timer.is_alive() and isinstance(e, grpc.Call) and e.code() == grpc.StatusCode.CANCELLED:
-                raise RemoteError("deadline_exceeded", "no answer in time", "DEADLINE_EXCEEDED") from None
-            raise _from_rpc_error(e) from None
-        finally:
-            timer.cancel()
+        reply = _next_with_deadline(self._replies, self._call.cancel, self.verifier.timeout_s)
+        if reply is None:
+            raise RemoteError("unavailable", "the server ended the session stream", "OK")
+        self.bytes_received += reply.ByteSize()
+        return reply
 
     @staticmethod
     def _error(msg: pb.ServerMessage) -> RemoteError:
@@ -168,13 +236,21 @@ class GrpcStreamSession:
             return RemoteError(msg.error.code, msg.error.message, msg.error.grpc_status)
         return RemoteError("internal_error", f"unexpected message {msg.WhichOneof('msg')!r}", "UNKNOWN")
 
-    def verify(self, block: DraftBlock) -> VerifyResult:
-        self._requests.put(pb.ClientMessage(draft=wire.block_to_pb(block, self.seq)))
+    def send(self, block: DraftBlock, base_len: int | None = None) -> None:
+        msg = pb.ClientMessage(draft=wire.block_to_pb(block, self.seq, base_len))
+        self.bytes_sent += msg.ByteSize()
+        self._requests.put(msg)
+        self.seq += 1
+
+    def recv(self) -> Reply:
         reply = self._next()
         if reply.WhichOneof("msg") != "verdict":
             raise self._error(reply)
-        self.seq += 1
-        return wire.result_from_pb(reply.verdict)
+        return Reply(wire.result_from_pb(reply.verdict), reply.verdict.server_ms)
+
+    def verify(self, block: DraftBlock) -> VerifyResult:
+        self.send(block)
+        return self.recv().result
 
     def _finish(self) -> None:
         self._requests.put(None)  # half-close: the server ends the stream and closes the session
@@ -206,10 +282,14 @@ class HttpVerifier:
         self.draft_fingerprint = draft_fingerprint
         self.draft_name = draft_name
         self.client_id = client_id
+        self.bytes_sent = self.bytes_received = 0  # of `generate` calls
 
-    def request(self, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+    def request(self, method: str, path: str, body: dict[str, Any] | None = None,
+                count: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+        content = None if body is None else json.dumps(body).encode()
+        headers = {} if body is None else {"Content-Type": "application/json"}
         try:
-            r = self.client.request(method, path, json=body, timeout=self.timeout_s)
+            r = self.client.request(method, path, content=content, headers=headers, timeout=self.timeout_s)
         except httpx.TimeoutException as e:
             raise RemoteError("deadline_exceeded", str(e) or "no answer in time", 504) from None
         except httpx.TransportError as e:
@@ -221,7 +301,40 @@ class HttpVerifier:
             except (ValueError, KeyError, TypeError):
                 code, message = "internal_error", r.text[:200]
             raise RemoteError(code, message, r.status_code)
+        if count is not None:
+            count(len(content or b""), len(r.content))
         return r.json()
+
+    def generate(self, prompt: list[int], params: SamplingParams) -> Iterator[Step]:
+        """The target alone: the cloud's /v1/completions SSE stream, token ids included (`return_token_ids`)."""
+        model = self.request("GET", "/v1/models")["data"][0]["id"]
+        body = {"model": model, "prompt": list(prompt), "max_tokens": params.max_tokens, "stream": True,
+                "temperature": params.temperature, "top_p": params.top_p, "top_k": params.top_k, "seed": params.seed,
+                "ignore_eos": params.ignore_eos, "return_token_ids": True}
+        if params.stop_token_ids:
+            raise RemoteError("invalid_request", "stop_token_ids are not supported in cloud mode over HTTP", 400)
+        self.bytes_sent += len(json.dumps(body))
+        try:
+            with self.client.stream("POST", "/v1/completions", json=body, timeout=self.timeout_s) as r:
+                if r.status_code >= 400:
+                    r.read()
+                    err = r.json().get("error", {})
+                    raise RemoteError(str(err.get("code", "internal_error")), str(err.get("message", "")),
+                                      r.status_code)
+                for line in r.iter_lines():
+                    self.bytes_received += len(line) + 1
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    event = json.loads(line[6:])
+                    if "error" in event:
+                        err = event["error"]
+                        raise RemoteError(str(err.get("code")), str(err.get("message")), 200)
+                    choice = event["choices"][0]
+                    yield Step(list(choice.get("token_ids") or []), choice.get("finish_reason"))
+        except httpx.TimeoutException as e:
+            raise RemoteError("deadline_exceeded", str(e) or "no answer in time", 504) from None
+        except httpx.TransportError as e:
+            raise RemoteError("unavailable", str(e) or type(e).__name__, 503) from None
 
     def open(self, prompt: list[int], params: SamplingParams, session_id: str | None = None) -> HttpSession:
         sampling = {
@@ -231,7 +344,11 @@ class HttpVerifier:
         }
         body = {"prompt": list(prompt), "sampling": sampling, "draft_fingerprint": self.draft_fingerprint,
                 "draft_name": self.draft_name, "client_id": self.client_id, "session_id": session_id}
-        return HttpSession(self, self.request("POST", "/v1/sessions", body))
+        sizes: list[int] = []
+        opened = self.request("POST", "/v1/sessions", body, lambda sent, received: sizes.extend((sent, received)))
+        session = HttpSession(self, opened)
+        session.bytes_sent, session.bytes_received = sizes
+        return session
 
     def close(self) -> None:
         self.client.close()
@@ -243,24 +360,49 @@ class HttpVerifier:
         self.close()
 
 
-class HttpSession:
+class HttpSession(_Pipelined):
     def __init__(self, verifier: HttpVerifier, opened: dict[str, Any]) -> None:
         self.verifier = verifier
         self.opened = opened
         self.session_id: str = opened["session_id"]
-        self.seq = 0
+        self._setup()
+        self._lock = threading.Lock()
 
-    def verify(self, block: DraftBlock) -> VerifyResult:
+    def _count(self, sent: int, received: int) -> None:
+        with self._lock:
+            self.bytes_sent += sent
+            self.bytes_received += received
+
+    def _call(self, block: DraftBlock, seq: int, base_len: int | None) -> Reply:
         k, ids, probs = wire.block_to_sparse(block)
-        body = {"seq": self.seq, "tokens": block.tokens, "q_k": k, "q_ids": ids, "q_probs": probs}
-        v = self.verifier.request("POST", f"/v1/sessions/{self.session_id}/verify", body)
-        self.seq += 1
-        return VerifyResult(v["num_accepted"], v["next_token"], v["kind"], v["tokens"], v["finish_reason"],
-                            v["target_tokens"])
+        body = {"seq": seq, "tokens": block.tokens, "q_k": k, "q_ids": ids, "q_probs": probs, "base_len": base_len}
+        v = self.verifier.request("POST", f"/v1/sessions/{self.session_id}/verify", body, self._count)
+        result = VerifyResult(v["num_accepted"], v["next_token"], v["kind"], v["tokens"], v["finish_reason"],
+                              v["target_tokens"], v.get("stale", False))
+        return Reply(result, float(v.get("server_ms", 0.0)))
 
     def close(self) -> None:
+        self._shutdown()
         try:
             self.verifier.request("DELETE", f"/v1/sessions/{self.session_id}")
         except RemoteError as e:
             if e.code not in ("session_not_found", "unavailable"):
                 raise
+
+
+def _next_with_deadline(replies: Iterator[Any], cancel: Callable[[], Any], timeout_s: float) -> Any:
+    """The next message of a gRPC stream, or None at its end; the stream is cancelled if none comes in time."""
+    timer = threading.Timer(timeout_s, cancel)
+    timer.start()
+    t0 = time.monotonic()
+    try:
+        return next(replies)
+    except StopIteration:
+        return None
+    except grpc.RpcError as e:
+        timed_out = not timer.is_alive() and time.monotonic() - t0 >= timeout_s
+        if timed_out and isinstance(e, grpc.Call) and e.code() == grpc.StatusCode.CANCELLED:
+            raise RemoteError("deadline_exceeded", "no answer in time", "DEADLINE_EXCEEDED") from None
+        raise _from_rpc_error(e) from None
+    finally:
+        timer.cancel()

@@ -78,6 +78,8 @@ def run_bench_local(
     unknown = set(modes) - set(MODES)
     if unknown:
         raise SystemExit(f"unknown modes {sorted(unknown)}; choose from {MODES}")
+    if not isinstance(settings.gamma, int):
+        raise SystemExit("bench local compares fixed block lengths: pass --gamma N")
     modes = ["ar", *[m for m in modes if m != "ar"]]  # the baseline always runs: every ratio needs it
     torch.set_num_threads(settings.threads)
     target, draft = load_model(settings.target), load_model(settings.draft)

@@ -41,6 +41,7 @@ class VerifyResult:
     tokens: list[int]  # emitted this round: accepted draft tokens + next token, cut at a stop token or max_tokens
     finish_reason: FinishReason | None
     target_tokens: list[int]  # the target's argmax from the first rejected position to the end of the block
+    stale: bool = False  # a block sent ahead that no longer applies: nothing verified, nothing changed
 
 
 def validate_prompt(prompt: list[int], vocab_size: int, context_length: int) -> None:
@@ -94,7 +95,29 @@ class TargetSession:
             self.state.run(self.state.tokens[self.state.cached : -1])
             self.passes += 1
 
-    def verify(self, block: DraftBlock) -> VerifyResult:
+    def align(self, block: DraftBlock, base_len: int) -> DraftBlock | None:
+        """The part of a block drafted ahead (its first token at position `base_len`) still to verify; None if stale.
+
+        With L tokens committed, the block applies if it starts at or before L, its first L - base_len tokens are
+        the committed ones, and something remains (a block starting at L applies even when empty). Exact even when
+        the remainder was drafted on a prefix that was then rejected: the rule is lossless for any q the drafted
+        tokens were really sampled from.
+        """
+        done = len(self.state.tokens) - base_len
+        if base_len < 0 or done < 0 or (done > 0 and done >= len(block.tokens)):
+            return None
+        if block.tokens[:done] != self.state.tokens[base_len:]:
+            return None
+        return _slice(block, done, len(block.tokens))
+
+    def verify(self, block: DraftBlock, base_len: int | None = None) -> VerifyResult:
+        """`base_len` unset: the block starts at the current position. Set: see `align`; a stale block is answered
+        with a stale result and changes nothing (no forward pass)."""
+        if base_len is not None:
+            current = None if self.finish_reason is not None else self.align(block, base_len)
+            if current is None:
+                return VerifyResult(0, 0, "recovered", [], self.finish_reason, [], stale=True)
+            block = current
         if self.finish_reason is not None:
             raise InvalidRequestError(f"the session has finished ({self.finish_reason})")
         if any((not isinstance(t, int)) or t < 0 or t >= self.target.vocab_size for t in block.tokens):
@@ -138,8 +161,13 @@ class TargetSession:
 
 
 def _truncate(block: DraftBlock, n: int) -> DraftBlock:
-    cut = (lambda t: None if t is None else t[:n])  # noqa: E731
-    return DraftBlock(block.tokens[:n], cut(block.q_full), cut(block.q_ids), cut(block.q_probs))
+    return _slice(block, 0, n)
+
+
+def _slice(block: DraftBlock, start: int, end: int) -> DraftBlock:
+    """Tokens [start:end] of a block, with their q rows."""
+    cut = (lambda t: None if t is None else t[start:end])  # noqa: E731
+    return DraftBlock(block.tokens[start:end], cut(block.q_full), cut(block.q_ids), cut(block.q_probs))
 
 
 class Verifier(Protocol):

@@ -26,7 +26,7 @@ def test_stubs_import_as_a_package_and_describe_the_service() -> None:
 
     service = pb.DESCRIPTOR.services_by_name["Verifier"]
     assert service.full_name == "tandem.v1.Verifier"
-    assert {m.name for m in service.methods} == {"Session", "OpenSession", "Verify", "CloseSession"}
+    assert {m.name for m in service.methods} == {"Session", "OpenSession", "Verify", "CloseSession", "Generate"}
     assert hasattr(pb_grpc, "VerifierStub")
     draft = pb.Draft(seq=3, tokens=[1, 2], q_k=1, q_ids=[1, 2], q_probs=[0.5, 1.0])
     assert pb.Draft.FromString(draft.SerializeToString()) == draft

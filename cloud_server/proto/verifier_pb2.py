@@ -24,17 +24,17 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18tandem/v1/verifier.proto\x12\ttandem.v1\"}\n\rClientMessage\x12\x1f\n\x04open\x18\x01 \x01(\x0b\x32\x0f.tandem.v1.OpenH\x00\x12!\n\x05\x64raft\x18\x02 \x01(\x0b\x32\x10.tandem.v1.DraftH\x00\x12!\n\x05\x63lose\x18\x03 \x01(\x0b\x32\x10.tandem.v1.CloseH\x00\x42\x05\n\x03msg\"\x85\x01\n\rServerMessage\x12#\n\x06opened\x18\x01 \x01(\x0b\x32\x11.tandem.v1.OpenedH\x00\x12%\n\x07verdict\x18\x02 \x01(\x0b\x32\x12.tandem.v1.VerdictH\x00\x12!\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x10.tandem.v1.ErrorH\x00\x42\x05\n\x03msg\"\xae\x01\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x01\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\x12\n\x05top_p\x18\x04 \x01(\x01H\x00\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x01\x88\x01\x01\x12\x16\n\x0estop_token_ids\x18\x06 \x03(\r\x12\x12\n\nignore_eos\x18\x07 \x01(\x08\x42\x08\n\x06_top_pB\x07\n\x05_seed\"\xad\x01\n\x04Open\x12\x0e\n\x06prompt\x18\x01 \x03(\r\x12+\n\x08sampling\x18\x02 \x01(\x0b\x32\x19.tandem.v1.SamplingParams\x12\x19\n\x11\x64raft_fingerprint\x18\x03 \x01(\t\x12\x12\n\ndraft_name\x18\x04 \x01(\t\x12\x11\n\tclient_id\x18\x05 \x01(\t\x12\x17\n\nsession_id\x18\x06 \x01(\tH\x00\x88\x01\x01\x42\r\n\x0b_session_id\"\xd2\x01\n\x06Opened\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x13\n\x0btarget_name\x18\x02 \x01(\t\x12\x1a\n\x12target_fingerprint\x18\x03 \x01(\t\x12\x12\n\nvocab_size\x18\x04 \x01(\r\x12\x16\n\x0e\x63ontext_length\x18\x05 \x01(\r\x12\x15\n\rprompt_tokens\x18\x06 \x01(\r\x12\x18\n\x10max_draft_tokens\x18\x07 \x01(\r\x12\x0f\n\x07resumed\x18\x08 \x01(\x08\x12\x15\n\reos_token_ids\x18\t \x03(\r\"Q\n\x05\x44raft\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x0e\n\x06tokens\x18\x02 \x03(\r\x12\x0b\n\x03q_k\x18\x03 \x01(\r\x12\r\n\x05q_ids\x18\x04 \x03(\r\x12\x0f\n\x07q_probs\x18\x05 \x03(\x02\"\xce\x01\n\x07Verdict\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x14\n\x0cnum_accepted\x18\x02 \x01(\r\x12\x12\n\nnext_token\x18\x03 \x01(\r\x12\"\n\x04kind\x18\x04 \x01(\x0e\x32\x14.tandem.v1.TokenKind\x12\x0e\n\x06tokens\x18\x05 \x03(\r\x12.\n\rfinish_reason\x18\x06 \x01(\x0e\x32\x17.tandem.v1.FinishReason\x12\x15\n\rtarget_tokens\x18\x07 \x03(\r\x12\x11\n\tgenerated\x18\x08 \x01(\r\"D\n\rVerifyRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x1f\n\x05\x64raft\x18\x02 \x01(\x0b\x32\x10.tandem.v1.Draft\"\x1b\n\x05\x43lose\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\x19\n\x06\x43losed\x12\x0f\n\x07\x65xisted\x18\x01 \x01(\x08\";\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x13\n\x0bgrpc_status\x18\x03 \x01(\t*W\n\tTokenKind\x12\x1a\n\x16TOKEN_KIND_UNSPECIFIED\x10\x00\x12\x18\n\x14TOKEN_KIND_RECOVERED\x10\x01\x12\x14\n\x10TOKEN_KIND_BONUS\x10\x02*_\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x32\xed\x01\n\x08Verifier\x12\x41\n\x07Session\x12\x18.tandem.v1.ClientMessage\x1a\x18.tandem.v1.ServerMessage(\x01\x30\x01\x12\x31\n\x0bOpenSession\x12\x0f.tandem.v1.Open\x1a\x11.tandem.v1.Opened\x12\x36\n\x06Verify\x12\x18.tandem.v1.VerifyRequest\x1a\x12.tandem.v1.Verdict\x12\x33\n\x0c\x43loseSession\x12\x10.tandem.v1.Close\x1a\x11.tandem.v1.Closedb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18tandem/v1/verifier.proto\x12\ttandem.v1\"}\n\rClientMessage\x12\x1f\n\x04open\x18\x01 \x01(\x0b\x32\x0f.tandem.v1.OpenH\x00\x12!\n\x05\x64raft\x18\x02 \x01(\x0b\x32\x10.tandem.v1.DraftH\x00\x12!\n\x05\x63lose\x18\x03 \x01(\x0b\x32\x10.tandem.v1.CloseH\x00\x42\x05\n\x03msg\"\x85\x01\n\rServerMessage\x12#\n\x06opened\x18\x01 \x01(\x0b\x32\x11.tandem.v1.OpenedH\x00\x12%\n\x07verdict\x18\x02 \x01(\x0b\x32\x12.tandem.v1.VerdictH\x00\x12!\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x10.tandem.v1.ErrorH\x00\x42\x05\n\x03msg\"\xae\x01\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x01\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\x12\n\x05top_p\x18\x04 \x01(\x01H\x00\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x01\x88\x01\x01\x12\x16\n\x0estop_token_ids\x18\x06 \x03(\r\x12\x12\n\nignore_eos\x18\x07 \x01(\x08\x42\x08\n\x06_top_pB\x07\n\x05_seed\"\xad\x01\n\x04Open\x12\x0e\n\x06prompt\x18\x01 \x03(\r\x12+\n\x08sampling\x18\x02 \x01(\x0b\x32\x19.tandem.v1.SamplingParams\x12\x19\n\x11\x64raft_fingerprint\x18\x03 \x01(\t\x12\x12\n\ndraft_name\x18\x04 \x01(\t\x12\x11\n\tclient_id\x18\x05 \x01(\t\x12\x17\n\nsession_id\x18\x06 \x01(\tH\x00\x88\x01\x01\x42\r\n\x0b_session_id\"\xe5\x01\n\x06Opened\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x13\n\x0btarget_name\x18\x02 \x01(\t\x12\x1a\n\x12target_fingerprint\x18\x03 \x01(\t\x12\x12\n\nvocab_size\x18\x04 \x01(\r\x12\x16\n\x0e\x63ontext_length\x18\x05 \x01(\r\x12\x15\n\rprompt_tokens\x18\x06 \x01(\r\x12\x18\n\x10max_draft_tokens\x18\x07 \x01(\r\x12\x0f\n\x07resumed\x18\x08 \x01(\x08\x12\x15\n\reos_token_ids\x18\t \x03(\r\x12\x11\n\tserver_ms\x18\n \x01(\x02\"u\n\x05\x44raft\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x0e\n\x06tokens\x18\x02 \x03(\r\x12\x0b\n\x03q_k\x18\x03 \x01(\r\x12\r\n\x05q_ids\x18\x04 \x03(\r\x12\x0f\n\x07q_probs\x18\x05 \x03(\x02\x12\x15\n\x08\x62\x61se_len\x18\x10 \x01(\x04H\x00\x88\x01\x01\x42\x0b\n\t_base_len\"\xf0\x01\n\x07Verdict\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x14\n\x0cnum_accepted\x18\x02 \x01(\r\x12\x12\n\nnext_token\x18\x03 \x01(\r\x12\"\n\x04kind\x18\x04 \x01(\x0e\x32\x14.tandem.v1.TokenKind\x12\x0e\n\x06tokens\x18\x05 \x03(\r\x12.\n\rfinish_reason\x18\x06 \x01(\x0e\x32\x17.tandem.v1.FinishReason\x12\x15\n\rtarget_tokens\x18\x07 \x03(\r\x12\x11\n\tgenerated\x18\x08 \x01(\r\x12\r\n\x05stale\x18\x10 \x01(\x08\x12\x11\n\tserver_ms\x18\x11 \x01(\x02\"D\n\rVerifyRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x1f\n\x05\x64raft\x18\x02 \x01(\x0b\x32\x10.tandem.v1.Draft\"\x1b\n\x05\x43lose\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\x19\n\x06\x43losed\x12\x0f\n\x07\x65xisted\x18\x01 \x01(\x08\";\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x13\n\x0bgrpc_status\x18\x03 \x01(\t*W\n\tTokenKind\x12\x1a\n\x16TOKEN_KIND_UNSPECIFIED\x10\x00\x12\x18\n\x14TOKEN_KIND_RECOVERED\x10\x01\x12\x14\n\x10TOKEN_KIND_BONUS\x10\x02*_\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x32\xa0\x02\n\x08Verifier\x12\x41\n\x07Session\x12\x18.tandem.v1.ClientMessage\x1a\x18.tandem.v1.ServerMessage(\x01\x30\x01\x12\x31\n\x0bOpenSession\x12\x0f.tandem.v1.Open\x1a\x11.tandem.v1.Opened\x12\x36\n\x06Verify\x12\x18.tandem.v1.VerifyRequest\x1a\x12.tandem.v1.Verdict\x12\x33\n\x0c\x43loseSession\x12\x10.tandem.v1.Close\x1a\x11.tandem.v1.Closed\x12\x31\n\x08Generate\x12\x0f.tandem.v1.Open\x1a\x12.tandem.v1.Verdict0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tandem.v1.verifier_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_TOKENKIND']._serialized_start=1347
-  _globals['_TOKENKIND']._serialized_end=1434
-  _globals['_FINISHREASON']._serialized_start=1436
-  _globals['_FINISHREASON']._serialized_end=1531
+  _globals['_TOKENKIND']._serialized_start=1436
+  _globals['_TOKENKIND']._serialized_end=1523
+  _globals['_FINISHREASON']._serialized_start=1525
+  _globals['_FINISHREASON']._serialized_end=1620
   _globals['_CLIENTMESSAGE']._serialized_start=39
   _globals['_CLIENTMESSAGE']._serialized_end=164
   _globals['_SERVERMESSAGE']._serialized_start=167
@@ -44,19 +44,19 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_OPEN']._serialized_start=480
   _globals['_OPEN']._serialized_end=653
   _globals['_OPENED']._serialized_start=656
-  _globals['_OPENED']._serialized_end=866
-  _globals['_DRAFT']._serialized_start=868
-  _globals['_DRAFT']._serialized_end=949
-  _globals['_VERDICT']._serialized_start=952
-  _globals['_VERDICT']._serialized_end=1158
-  _globals['_VERIFYREQUEST']._serialized_start=1160
-  _globals['_VERIFYREQUEST']._serialized_end=1228
-  _globals['_CLOSE']._serialized_start=1230
-  _globals['_CLOSE']._serialized_end=1257
-  _globals['_CLOSED']._serialized_start=1259
-  _globals['_CLOSED']._serialized_end=1284
-  _globals['_ERROR']._serialized_start=1286
-  _globals['_ERROR']._serialized_end=1345
-  _globals['_VERIFIER']._serialized_start=1534
-  _globals['_VERIFIER']._serialized_end=1771
+  _globals['_OPENED']._serialized_end=885
+  _globals['_DRAFT']._serialized_start=887
+  _globals['_DRAFT']._serialized_end=1004
+  _globals['_VERDICT']._serialized_start=1007
+  _globals['_VERDICT']._serialized_end=1247
+  _globals['_VERIFYREQUEST']._serialized_start=1249
+  _globals['_VERIFYREQUEST']._serialized_end=1317
+  _globals['_CLOSE']._serialized_start=1319
+  _globals['_CLOSE']._serialized_end=1346
+  _globals['_CLOSED']._serialized_start=1348
+  _globals['_CLOSED']._serialized_end=1373
+  _globals['_ERROR']._serialized_start=1375
+  _globals['_ERROR']._serialized_end=1434
+  _globals['_VERIFIER']._serialized_start=1623
+  _globals['_VERIFIER']._serialized_end=1911
 # @@protoc_insertion_point(module_scope)

@@ -80,7 +80,7 @@ class Open(_message.Message):
     def __init__(self, prompt: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., draft_fingerprint: _Optional[str] = ..., draft_name: _Optional[str] = ..., client_id: _Optional[str] = ..., session_id: _Optional[str] = ...) -> None: ...
 
 class Opened(_message.Message):
-    __slots__ = ("session_id", "target_name", "target_fingerprint", "vocab_size", "context_length", "prompt_tokens", "max_draft_tokens", "resumed", "eos_token_ids")
+    __slots__ = ("session_id", "target_name", "target_fingerprint", "vocab_size", "context_length", "prompt_tokens", "max_draft_tokens", "resumed", "eos_token_ids", "server_ms")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     TARGET_NAME_FIELD_NUMBER: _ClassVar[int]
     TARGET_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
@@ -90,6 +90,7 @@ class Opened(_message.Message):
     MAX_DRAFT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     RESUMED_FIELD_NUMBER: _ClassVar[int]
     EOS_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    SERVER_MS_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     target_name: str
     target_fingerprint: str
@@ -99,24 +100,27 @@ class Opened(_message.Message):
     max_draft_tokens: int
     resumed: bool
     eos_token_ids: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, session_id: _Optional[str] = ..., target_name: _Optional[str] = ..., target_fingerprint: _Optional[str] = ..., vocab_size: _Optional[int] = ..., context_length: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., max_draft_tokens: _Optional[int] = ..., resumed: _Optional[bool] = ..., eos_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+    server_ms: float
+    def __init__(self, session_id: _Optional[str] = ..., target_name: _Optional[str] = ..., target_fingerprint: _Optional[str] = ..., vocab_size: _Optional[int] = ..., context_length: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., max_draft_tokens: _Optional[int] = ..., resumed: _Optional[bool] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., server_ms: _Optional[float] = ...) -> None: ...
 
 class Draft(_message.Message):
-    __slots__ = ("seq", "tokens", "q_k", "q_ids", "q_probs")
+    __slots__ = ("seq", "tokens", "q_k", "q_ids", "q_probs", "base_len")
     SEQ_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     Q_K_FIELD_NUMBER: _ClassVar[int]
     Q_IDS_FIELD_NUMBER: _ClassVar[int]
     Q_PROBS_FIELD_NUMBER: _ClassVar[int]
+    BASE_LEN_FIELD_NUMBER: _ClassVar[int]
     seq: int
     tokens: _containers.RepeatedScalarFieldContainer[int]
     q_k: int
     q_ids: _containers.RepeatedScalarFieldContainer[int]
     q_probs: _containers.RepeatedScalarFieldContainer[float]
-    def __init__(self, seq: _Optional[int] = ..., tokens: _Optional[_Iterable[int]] = ..., q_k: _Optional[int] = ..., q_ids: _Optional[_Iterable[int]] = ..., q_probs: _Optional[_Iterable[float]] = ...) -> None: ...
+    base_len: int
+    def __init__(self, seq: _Optional[int] = ..., tokens: _Optional[_Iterable[int]] = ..., q_k: _Optional[int] = ..., q_ids: _Optional[_Iterable[int]] = ..., q_probs: _Optional[_Iterable[float]] = ..., base_len: _Optional[int] = ...) -> None: ...
 
 class Verdict(_message.Message):
-    __slots__ = ("seq", "num_accepted", "next_token", "kind", "tokens", "finish_reason", "target_tokens", "generated")
+    __slots__ = ("seq", "num_accepted", "next_token", "kind", "tokens", "finish_reason", "target_tokens", "generated", "stale", "server_ms")
     SEQ_FIELD_NUMBER: _ClassVar[int]
     NUM_ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     NEXT_TOKEN_FIELD_NUMBER: _ClassVar[int]
@@ -125,6 +129,8 @@ class Verdict(_message.Message):
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     TARGET_TOKENS_FIELD_NUMBER: _ClassVar[int]
     GENERATED_FIELD_NUMBER: _ClassVar[int]
+    STALE_FIELD_NUMBER: _ClassVar[int]
+    SERVER_MS_FIELD_NUMBER: _ClassVar[int]
     seq: int
     num_accepted: int
     next_token: int
@@ -133,7 +139,9 @@ class Verdict(_message.Message):
     finish_reason: FinishReason
     target_tokens: _containers.RepeatedScalarFieldContainer[int]
     generated: int
-    def __init__(self, seq: _Optional[int] = ..., num_accepted: _Optional[int] = ..., next_token: _Optional[int] = ..., kind: _Optional[_Union[TokenKind, str]] = ..., tokens: _Optional[_Iterable[int]] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., target_tokens: _Optional[_Iterable[int]] = ..., generated: _Optional[int] = ...) -> None: ...
+    stale: bool
+    server_ms: float
+    def __init__(self, seq: _Optional[int] = ..., num_accepted: _Optional[int] = ..., next_token: _Optional[int] = ..., kind: _Optional[_Union[TokenKind, str]] = ..., tokens: _Optional[_Iterable[int]] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., target_tokens: _Optional[_Iterable[int]] = ..., generated: _Optional[int] = ..., stale: _Optional[bool] = ..., server_ms: _Optional[float] = ...) -> None: ...
 
 class VerifyRequest(_message.Message):
     __slots__ = ("session_id", "draft")

@@ -54,6 +54,11 @@ class VerifierStub:
                 request_serializer=tandem_dot_v1_dot_verifier__pb2.Close.SerializeToString,
                 response_deserializer=tandem_dot_v1_dot_verifier__pb2.Closed.FromString,
                 _registered_method=True)
+        self.Generate = channel.unary_stream(
+                '/tandem.v1.Verifier/Generate',
+                request_serializer=tandem_dot_v1_dot_verifier__pb2.Open.SerializeToString,
+                response_deserializer=tandem_dot_v1_dot_verifier__pb2.Verdict.FromString,
+                _registered_method=True)
 
 
 class VerifierServicer:
@@ -87,6 +92,14 @@ class VerifierServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Generate(self, request, context):
+        """The target alone, streaming its tokens (the cloud-only baseline): one Verdict per target step, with `tokens`,
+        `finish_reason` and `generated` set. Open.draft_fingerprint and session_id are ignored.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_VerifierServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -109,6 +122,11 @@ def add_VerifierServicer_to_server(servicer, server):
                     servicer.CloseSession,
                     request_deserializer=tandem_dot_v1_dot_verifier__pb2.Close.FromString,
                     response_serializer=tandem_dot_v1_dot_verifier__pb2.Closed.SerializeToString,
+            ),
+            'Generate': grpc.unary_stream_rpc_method_handler(
+                    servicer.Generate,
+                    request_deserializer=tandem_dot_v1_dot_verifier__pb2.Open.FromString,
+                    response_serializer=tandem_dot_v1_dot_verifier__pb2.Verdict.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -219,6 +237,33 @@ class Verifier:
             '/tandem.v1.Verifier/CloseSession',
             tandem_dot_v1_dot_verifier__pb2.Close.SerializeToString,
             tandem_dot_v1_dot_verifier__pb2.Closed.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Generate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/tandem.v1.Verifier/Generate',
+            tandem_dot_v1_dot_verifier__pb2.Open.SerializeToString,
+            tandem_dot_v1_dot_verifier__pb2.Verdict.FromString,
             options,
             channel_credentials,
             insecure,

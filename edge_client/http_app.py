@@ -1,0 +1,237 @@
+"""`tandem edge serve`: an OpenAI-compatible endpoint on the device, served by the speculative loop.
+
+The request and response shapes, the text streaming and the error statuses are the cloud's own (cloud_server's
+http_app and schemas): a client cannot tell the two apart, except that the edge answers with the target's output
+drafted locally. The draft model runs on one worker thread; the event loop only relays its tokens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
+
+import uvicorn
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.responses import Response
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from cloud_server.errors import UnauthenticatedError
+from cloud_server.http_app import (
+    chat_completion_prompt,
+    check_model,
+    completion_prompt,
+    completion_response,
+    install_error_handling,
+    sampling_params,
+)
+from cloud_server.metrics import Metrics
+from cloud_server.schemas import ChatRequest, CompletionRequest
+from edge_client.loop import EdgeClient, EdgeResult
+from edge_client.settings import EdgeSettings
+from tandem.engine import FinishReason, validate_prompt
+from tandem.errors import InvalidRequestError
+from tandem.models import LoadedModel
+from tandem.sampling import SamplingParams
+
+log = logging.getLogger("edge_client")
+
+
+@dataclass(frozen=True)
+class _Step:
+    tokens: list[int]
+    finish_reason: FinishReason | None
+
+
+class EdgeService:
+    """The draft model, its one thread, and the client that talks to the cloud."""
+
+    def __init__(self, settings: EdgeSettings, draft: LoadedModel) -> None:
+        self.settings = settings
+        self.draft = draft
+        self.client = EdgeClient(settings, draft)
+        self.metrics = Metrics()
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tandem-edge-draft")
+
+    async def start(self, prompt: list[int], params: SamplingParams) -> EdgeGeneration:
+        gen = EdgeGeneration(self, prompt, params)
+        await gen.start()
+        return gen
+
+
+class EdgeGeneration:
+    """One request on the draft thread; its tokens reach the event loop through a queue."""
+
+    def __init__(self, service: EdgeService, prompt: list[int], params: SamplingParams) -> None:
+        self.service = service
+        self.prompt = prompt
+        self.params = params
+        self.tokens = 0
+        self.result: EdgeResult | None = None
+        self._loop = asyncio.get_running_loop()
+        self._queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+        self._first: tuple[str, Any] | None = None
+        self._cancel = threading.Event()
+        self._t0 = time.perf_counter()
+
+    def _put(self, kind: str, value: Any) -> None:
+        self._loop.call_soon_threadsafe(self._queue.put_nowait, (kind, value))
+
+    def _job(self) -> None:
+        m = self.service.metrics
+        try:
+            result = self.service.client.generate(
+                self.prompt, self.params, on_tokens=lambda t: self._put("tokens", t),
+                on_round=m.observe_verify, cancelled=self._cancel.is_set,
+            )
+            self._put("done", result)
+        except BaseException as e:
+            self._put("error", e)
+
+    async def start(self) -> None:
+        """Run the request; return once its first token (or its failure: a clear status) is known."""
+        self._loop.run_in_executor(self.service.executor, self._job)
+        self._first = await self._queue.get()
+        if self._first[0] == "error":
+            raise self._first[1]
+
+    async def __aiter__(self) -> AsyncIterator[_Step]:
+        m = self.service.metrics
+        while True:
+            kind, value = self._first or await self._queue.get()
+            self._first = None
+            if kind == "tokens":
+                if self.tokens == 0:
+                    m.ttft.observe(time.perf_counter() - self._t0)
+                self.tokens += len(value)
+                m.generation_tokens.inc(len(value))
+                yield _Step(value, None)
+            elif kind == "done":
+                self.result = value
+                yield _Step([], value.finish_reason)
+                return
+            else:
+                raise value
+
+    def close(self) -> None:
+        self._cancel.set()  # the draft thread stops at its next token
+
+
+def get_service(request: Request) -> EdgeService:
+    return request.app.state.service
+
+
+ServiceDep = Annotated[EdgeService, Depends(get_service)]
+
+
+async def require_api_key(request: Request, service: ServiceDep) -> None:
+    keys = service.settings.edge_api_keys
+    if not keys:
+        return
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not any(hmac.compare_digest(token.strip(), k) for k in keys):
+        raise UnauthenticatedError("a valid API key is required (header `Authorization: Bearer <key>`)")
+
+
+public = APIRouter()
+api = APIRouter(dependencies=[Depends(require_api_key)])
+
+
+@public.get("/health")
+async def health() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@public.get("/metrics")
+async def metrics(service: ServiceDep) -> Response:
+    return Response(service.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+
+@api.get("/v1/models")
+async def models(service: ServiceDep, request: Request) -> dict[str, Any]:
+    card = {"id": service.settings.model_name, "object": "model", "created": request.app.state.created,
+            "owned_by": "tandem", "max_model_len": service.draft.context_length}
+    return {"object": "list", "data": [card]}
+
+
+@api.post("/v1/completions")
+async def completions(body: CompletionRequest, service: ServiceDep) -> Response:
+    ids = await completion_prompt(body, service.draft.tokenizer)
+    return await _complete(service, body, ids, body.max_tokens, "text")
+
+
+@api.post("/v1/chat/completions")
+async def chat_completions(body: ChatRequest, service: ServiceDep) -> Response:
+    ids = await chat_completion_prompt(body, service.draft.tokenizer)
+    return await _complete(service, body, ids, body.max_completion_tokens or body.max_tokens, "chat")
+
+
+async def _complete(service: EdgeService, body: CompletionRequest | ChatRequest, ids: list[int],
+                    max_tokens: int | None, kind: Literal["text", "chat"]) -> Response:
+    s, draft = service.settings, service.draft
+    check_model(body, s.model_name)
+    params = sampling_params(body, max_tokens, len(ids), draft.context_length, s.max_tokens_limit)
+    if params.max_tokens > s.max_tokens_limit:
+        raise InvalidRequestError(f"max_tokens is {params.max_tokens}; this endpoint allows at most "
+                                  f"{s.max_tokens_limit}")
+    validate_prompt(ids, draft.vocab_size, draft.context_length)
+    gen = await service.start(ids, params)
+
+    def stats() -> dict[str, Any]:
+        return {"tandem": gen.result.stats.as_dict()} if gen.result is not None else {}
+
+    return await completion_response(gen, draft.tokenizer, body, kind, s.model_name, len(ids), extra=stats)
+
+
+def create_app(settings: EdgeSettings, draft: LoadedModel) -> FastAPI:
+    service = EdgeService(settings, draft)
+    app = FastAPI(title="tandem edge", docs_url=None, redoc_url=None)
+    app.state.service = service
+    app.state.created = int(time.time())
+    app.include_router(public)
+    app.include_router(api)
+    install_error_handling(app, settings.max_body_bytes, service.metrics)
+    return app
+
+
+def run(settings: EdgeSettings) -> None:
+    import torch
+
+    from tandem.models import load_model
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    torch.set_num_threads(settings.threads)
+    draft = load_model(settings.draft)
+    log.info("edge endpoint on http://%s:%d (draft %s, cloud %s over %s, mode %s)", settings.host, settings.port,
+             draft.name, settings.cloud, settings.transport, settings.mode)
+    uvicorn.run(create_app(settings, draft), host=settings.host, port=settings.port, log_level="warning",
+                access_log=False)
+
+
+class BackgroundEdge:
+    """The endpoint on its own thread, for tests: `with BackgroundEdge(settings, draft) as port: ...`."""
+
+    def __init__(self, settings: EdgeSettings, draft: LoadedModel) -> None:
+        config = uvicorn.Config(create_app(settings, draft), host=settings.host, port=settings.port,
+                                log_level="warning", access_log=False, lifespan="off")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, name="tandem-edge-http", daemon=True)
+
+    def __enter__(self) -> int:
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("the edge endpoint did not start")
+            time.sleep(0.02)
+        return int(self.server.servers[0].sockets[0].getsockname()[1])
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
