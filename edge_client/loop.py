@@ -20,16 +20,22 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-import torch
-
 from edge_client.remote import GrpcVerifier, HttpVerifier, RemoteError, Reply
 from edge_client.settings import EdgeSettings
 from tandem.adaptive import AdaptiveGamma
-from tandem.engine import DraftBlock, FinishReason, cut_at_finish, validate_prompt
+from tandem.engine import (
+    DraftBlock,
+    DraftRow,
+    FinishReason,
+    cut_at_finish,
+    draft_block,
+    draw_draft_token,
+    validate_prompt,
+)
 from tandem.errors import InvalidRequestError
 from tandem.kv import SequenceState
 from tandem.models import LoadedModel
-from tandem.sampling import SamplingParams, logits_to_probs, make_generator, sample
+from tandem.sampling import SamplingParams, make_generator
 
 log = logging.getLogger(__name__)
 OnTokens = Callable[[list[int]], None]
@@ -81,25 +87,15 @@ class Drafter:
     def draft(self, n: int) -> DraftBlock:
         """n tokens continuing the context (which grows by them); under sampling, from the top-k q that is sent."""
         tokens: list[int] = []
-        ids: list[torch.Tensor] = []  # each [k]
-        qs: list[torch.Tensor] = []  # each [k]
+        rows: list[DraftRow] = []
         for _ in range(n):
             logits = self.state.forward()[-1]  # [V]
-            if self.params.greedy:
-                tok = int(logits.argmax())
-            else:
-                q = logits_to_probs(logits, self.params)  # [V]
-                top = torch.topk(q, min(self.q_top_k, q.shape[-1]))
-                probs = top.values / top.values.sum()  # the truncated q the draft really samples from
-                tok = int(top.indices[sample(probs, self.generator)])
-                ids.append(top.indices)
-                qs.append(probs)
+            tok, row = draw_draft_token(logits, self.params, "sparse", self.q_top_k, self.generator)
             tokens.append(tok)
+            rows.append(row)
             self.state.tokens.append(tok)
             self.steps += 1
-        if self.params.greedy or not tokens:
-            return DraftBlock(tokens)
-        return DraftBlock(tokens, q_ids=torch.stack(ids), q_probs=torch.stack(qs))
+        return draft_block(tokens, rows)
 
 
 @dataclass

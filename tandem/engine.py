@@ -193,9 +193,50 @@ class LocalVerifier:
 class Drafter(Protocol):
     def start(self, prompt: list[int], params: SamplingParams) -> None: ...
 
-    def propose(self, gamma: int) -> DraftBlock: ...
+    def propose(self, gamma: int) -> DraftBlock:
+        tokens: list[int] = []
+        rows: list[DraftRow] = []
+        logits = self.state.forward()[-1] if gamma else None  # [V]
+        for i in range(gamma):
+            assert logits is not None
+            tok, row = draw_draft_token(logits, self.params, self.q_form, self.q_top_k, self.generator)
+            tokens.append(tok)
+            rows.append(row)
+            self.passes += 1
+            if i < gamma - 1:
+                logits = self.state.run([tok])[-1]
+        return draft_block(tokens, rows)
 
     def commit(self, num_accepted: int, emitted: list[int]) -> None: ...
+
+
+DraftRow = tuple[torch.Tensor, torch.Tensor] | torch.Tensor | None  # sparse (ids [k], probs [k]) | full q [V] | none
+
+
+def draw_draft_token(
+    logits: torch.Tensor,  # [V]
+    params: SamplingParams,
+    q_form: QForm,
+    q_top_k: int,
+    generator: torch.Generator,
+) -> tuple[int, DraftRow]:
+    """The draft's next token, and the q row to send with it: exactly the distribution it was drawn from."""
+    if params.greedy:
+        return int(logits.argmax()), None
+    q = logits_to_probs(logits, params)  # [V]
+    if q_form == "sparse":
+        top = torch.topk(q, min(q_top_k, q.shape[-1]))
+        probs = top.values / top.values.sum()  # the truncated q the draft really samples from
+        return int(top.indices[sample(probs, generator)]), (top.indices, probs)
+    return sample(q, generator), (q if q_form == "full" else None)
+
+
+def draft_block(tokens: list[int], rows: list[DraftRow]) -> DraftBlock:
+    if not rows or rows[0] is None:
+        return DraftBlock(tokens)
+    if isinstance(rows[0], tuple):
+        return DraftBlock(tokens, q_ids=torch.stack([r[0] for r in rows]), q_probs=torch.stack([r[1] for r in rows]))  # type: ignore[index]
+    return DraftBlock(tokens, q_full=torch.stack(rows))  # type: ignore[arg-type]
 
 
 class ModelDrafter:
