@@ -29,9 +29,9 @@ class TrainConfig:
     vocab_size: int = 8192
     seq_len: int = 256
     batch_size: int = 8
-    target_steps: int = 700
+    target_steps: int = 950
     target_lr: float = 2e-3
-    draft_steps: int = 400
+    draft_steps: int = 750
     draft_lr: float = 3e-3
     distill_alpha: float = 0.7  # weight of KL(p_target || q_draft); 1 - alpha on cross-entropy
     warmup: int = 40
