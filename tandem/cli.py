@@ -24,7 +24,7 @@ def demo(
     prompt: Annotated[str | None, typer.Argument(help="code to complete; default: a held-out stdlib excerpt")] = None,
     max_tokens: Annotated[int, typer.Option(help="tokens to generate")] = 96,
     gamma: Annotated[str | None, typer.Option(help="draft block length, or 'adaptive'")] = None,
-    threads: Annotated[int | None, typer.Option(help="torch threads")] = None,
+    threads: Annotated[int, typer.Option(help="torch threads for each of the cloud and the edge (one core each)")] = 1,
 ) -> None:
     """Run the demo pair end to end: completion, acceptance, tokens per target pass, speedup over the target alone."""
     from tandem.config import CoreSettings
