@@ -1,0 +1,365 @@
+"""The compose deployment: the file is valid, every setting is documented, and its services' own commands (with the
+same environment, ports and healthchecks) serve an edge whose greedy output is the cloud's — no Docker engine needed.
+
+`docker compose config` (or docker-compose v1) validates the file where a compose client is installed; the rest
+reads docker-compose.yml with PyYAML and resolves `${VAR:-default}` as compose does, from a test environment that
+chooses free loopback ports.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+yaml = pytest.importorskip("yaml", reason="PyYAML reads docker-compose.yml")
+
+ROOT = Path(__file__).resolve().parents[1]
+COMPOSE_FILE = ROOT / "docker-compose.yml"
+ENV_EXAMPLE = ROOT / ".env.example"
+SMOKE = ROOT / "scripts" / "compose-smoke.sh"
+
+# --- compose's variable substitution: $$, $VAR, ${VAR}, ${VAR:-default}, ${VAR-default}, ${VAR:?err}, ${VAR?err}
+_VAR = re.compile(r"\$(?:(?P<escaped>\$)|(?P<plain>[A-Za-z_][A-Za-z0-9_]*)|"
+                  r"\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<op>:?[-?])(?P<arg>[^}]*))?\})")
+
+
+def interpolate(value: str, env: Mapping[str, str]) -> str:
+    def sub(m: re.Match[str]) -> str:
+        if m["escaped"]:
+            return "$"
+        name = m["plain"] or m["name"]
+        op, arg = m["op"], m["arg"] or ""
+        val = env.get(name)
+        unset_or_empty = val is None or (op is not None and op.startswith(":") and val == "")
+        if op in (":-", "-") and unset_or_empty:
+            return arg
+        if op in (":?", "?") and unset_or_empty:
+            raise KeyError(f"{name}: {arg}")
+        return val or ""
+
+    return _VAR.sub(sub, value)
+
+
+def resolve(obj: Any, env: Mapping[str, str]) -> Any:
+    if isinstance(obj, str):
+        return interpolate(obj, env)
+    if isinstance(obj, list):
+        return [resolve(x, env) for x in obj]
+    if isinstance(obj, dict):
+        return {k: resolve(v, env) for k, v in obj.items()}
+    return obj
+
+
+def compose_variables() -> dict[str, str | None]:
+    """Every variable the compose file reads, with its default (None: no default)."""
+    found: dict[str, str | None] = {}
+    for m in _VAR.finditer(COMPOSE_FILE.read_text()):
+        name = m["plain"] or m["name"]
+        if name:
+            found.setdefault(name, m["arg"] if m["op"] in (":-", "-") else None)
+    return found
+
+
+def env_example() -> dict[str, str]:
+    out = {}
+    for line in ENV_EXAMPLE.read_text().splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            key, _, value = line.partition("=")
+            out[key.strip()] = value.strip()
+    return out
+
+
+def load_compose(env: Mapping[str, str] | None = None) -> dict[str, Any]:
+    raw = yaml.safe_load(COMPOSE_FILE.read_text())  # anchors and `<<` merge keys as compose reads them
+    return resolve(raw, {} if env is None else env)
+
+
+def default_services(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The services `docker compose up` starts with no profile on."""
+    return {name: svc for name, svc in compose["services"].items() if not svc.get("profiles")}
+
+
+# --- the file, read statically
+
+
+def test_every_setting_has_a_default_and_is_documented_in_env_example() -> None:
+    variables = compose_variables()
+    documented = env_example()
+    assert variables, "the compose file reads no settings from the environment"
+    assert not [n for n, d in variables.items() if d is None], "every setting needs a default"
+    missing = sorted(set(variables) - set(documented))
+    assert not missing, f".env.example does not document {missing}"
+    differ = {n: (d, documented[n]) for n, d in variables.items() if documented[n] != d}
+    assert not differ, f"defaults in docker-compose.yml vs .env.example differ: {differ}"
+
+
+def test_services_are_wired_as_documented() -> None:
+    compose = load_compose()
+    services = compose["services"]
+    assert set(default_services(compose)) == {"cloud", "edge"}
+    cloud, edge, netem, bench = (services[n] for n in ("cloud", "edge", "netem", "bench"))
+    # one image, the service chooses the command
+    assert len({s["image"] for s in services.values()}) == 1
+    assert cloud["command"][:2] == ["tandem", "serve"]
+    assert {p.rsplit(":", 1)[-1] for p in cloud["ports"]} == {"8000", "50051"}
+    assert "/ready" in " ".join(cloud["healthcheck"]["test"])
+    assert any(v.split(":")[1] == "/models" for v in cloud["volumes"])
+    assert edge["command"][:3] == ["tandem", "edge", "serve"]
+    assert edge["command"][edge["command"].index("--cloud") + 1] == "cloud:50051"
+    assert edge["command"][edge["command"].index("--port") + 1] == "8001"
+    assert edge["depends_on"] == {"cloud": {"condition": "service_healthy"}}
+    assert netem["profiles"] == ["netem"] and netem["command"][:2] == ["tandem", "netem"]
+    assert netem["command"][netem["command"].index("--upstream") + 1] == "cloud:50051"
+    # pointing the edge at the proxy is one setting
+    assert netem["command"][netem["command"].index("--listen") + 1] == "0.0.0.0:50052"
+    via_netem = load_compose({"EDGE_CLOUD": "netem:50052"})["services"]["edge"]["command"]
+    assert via_netem[via_netem.index("--cloud") + 1] == "netem:50052"
+    assert bench["profiles"] == ["bench"] and bench["command"][:3] == ["tandem", "bench", "replay"]
+    assert bench["command"][bench["command"].index("--out") + 1] == "/results"
+    assert any(v.split(":")[1] == "/results" for v in bench["volumes"])
+    assert all(s["environment"]["HF_HUB_OFFLINE"] == "1" for s in (cloud, edge, bench))
+
+
+def test_dockerfile_is_one_offline_non_root_image_with_a_healthcheck() -> None:
+    text = (ROOT / "Dockerfile").read_text()
+    assert re.search(r"^ARG BASE_IMAGE=python:3\.11-slim$", text, re.M)
+    assert re.search(r"^ARG TORCH_VARIANT=cpu$", text, re.M)
+    assert "import torch" in text  # a base that has torch keeps it
+    assert re.search(r"^USER tandem$", text, re.M)
+    assert "HF_HUB_OFFLINE=1" in text
+    assert re.search(r"^HEALTHCHECK ", text, re.M)
+    # what the image needs is not excluded from the build context
+    ignored = {line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()}
+    for needed in ("tandem", "tandem/demo", "cloud_server", "edge_client", "benchmarks", "benchmarks/traces",
+                   "pyproject.toml", "README.md"):
+        assert needed not in ignored, needed
+    assert (ROOT / "benchmarks" / "traces" / "code-completion.jsonl").is_file()
+
+
+def test_interpolation_follows_compose_rules() -> None:
+    env = {"SET": "x", "EMPTY": ""}
+    assert interpolate("${SET:-d} ${EMPTY:-d} ${EMPTY-d} ${UNSET-d} $SET $$SET ${UNSET}", env) == "x d  d x $SET "
+
+
+# --- the compose client
+
+
+def _compose_client() -> list[str] | None:
+    docker = shutil.which("docker")
+    if docker and subprocess.run([docker, "compose", "version"], capture_output=True, timeout=30).returncode == 0:
+        return [docker, "compose"]
+    v1 = shutil.which("docker-compose")
+    return [v1] if v1 else None
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("profiles", [[], ["netem", "bench"]], ids=["default", "all-profiles"])
+def test_compose_config_validates(profiles: list[str], tmp_path: Path) -> None:
+    client = _compose_client()
+    if client is None:
+        pytest.skip("no compose client (`docker compose` or `docker-compose`) on this machine")
+    env = {k: v for k, v in os.environ.items() if k not in compose_variables() and k != "COMPOSE_PROFILES"}
+    args = [*client, "-f", str(COMPOSE_FILE), "--project-directory", str(ROOT)]
+    for p in profiles:
+        args += ["--profile", p]
+    empty = tmp_path / "empty.env"  # not a .env of the checkout: the defaults, then .env.example's values
+    empty.write_text("")
+    for env_file in (empty, ENV_EXAMPLE):
+        done = subprocess.run([*args, "--env-file", str(env_file), "config"], capture_output=True, text=True, env=env,
+                              timeout=50)
+        assert done.returncode == 0, done.stderr
+        config = yaml.safe_load(done.stdout)
+        assert {"cloud", "edge", *profiles} <= set(config["services"])
+        assert config["services"]["edge"]["depends_on"]["cloud"]["condition"] == "service_healthy"
+
+
+@pytest.mark.timeout(60)
+def test_smoke_script_host_network_override_validates() -> None:
+    if _compose_client() is None:
+        pytest.skip("no compose client (`docker compose` or `docker-compose`) on this machine")
+    done = subprocess.run(["bash", str(SMOKE), "--config-only"], capture_output=True, text=True, timeout=50,
+                          env=os.environ | {"TANDEM_SMOKE_NETWORK": "host"}, cwd=ROOT)
+    assert done.returncode == 0, done.stdout + done.stderr
+    config = yaml.safe_load(done.stdout[: done.stdout.rindex("[compose-smoke]")])
+    for name in ("cloud", "edge"):
+        svc = config["services"][name]
+        assert svc["network_mode"] == "host" and not svc.get("ports"), svc
+    edge_cmd = config["services"]["edge"]["command"]
+    assert edge_cmd[edge_cmd.index("--cloud") + 1].startswith("127.0.0.1:")
+
+
+# --- the default services' commands as local processes
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def local_argv(argv: list[str]) -> list[str]:
+    """The image's `tandem` and `python` are this checkout's."""
+    if argv[0] == "tandem":
+        return [sys.executable, "-m", "tandem.cli", *argv[1:]]
+    if argv[0] == "python":
+        return [sys.executable, *argv[1:]]
+    return argv
+
+
+def healthcheck_argv(svc: dict[str, Any]) -> list[str]:
+    test = svc["healthcheck"]["test"]
+    if test[0] == "CMD":
+        return local_argv(test[1:])
+    assert test[0] == "CMD-SHELL", test
+    return ["sh", "-c", test[1]]
+
+
+def edge_command_available() -> str | None:
+    """None when `tandem edge serve` exists in this checkout; otherwise why not."""
+    done = subprocess.run([sys.executable, "-m", "tandem.cli", "edge", "serve", "--help"], capture_output=True,
+                          text=True, cwd=ROOT, timeout=60)
+    if done.returncode != 0:
+        return f"`tandem edge serve` does not exist yet: {(done.stderr or done.stdout).strip().splitlines()[-1:]}"
+    return None
+
+
+@dataclass
+class Running:
+    name: str
+    svc: dict[str, Any]
+    proc: subprocess.Popen[bytes]
+    log: Path
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")[-4000:]
+
+
+class LocalCompose:
+    """Starts services in depends_on order, each with the environment compose would give it; stops them all."""
+
+    def __init__(self, env: dict[str, str], workdir: Path) -> None:
+        self.env = env
+        self.compose = load_compose(env)
+        self.workdir = workdir
+        self.running: dict[str, Running] = {}
+
+    def start(self, name: str, timeout: float = 90) -> Running:
+        svc = self.compose["services"][name]
+        for dep, cond in (svc.get("depends_on") or {}).items():
+            assert dep in self.running, f"{name} depends on {dep}, which is not running"
+            if cond.get("condition") == "service_healthy":
+                self.wait_healthy(dep, timeout)
+        environment = svc.get("environment") or {}
+        if isinstance(environment, list):
+            environment = dict(e.split("=", 1) for e in environment)
+        log = self.workdir / f"{name}.log"
+        with log.open("wb") as out:
+            proc = subprocess.Popen(
+                local_argv(svc["command"]), cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+                env=os.environ | {k: str(v) for k, v in environment.items()},
+            )
+        self.running[name] = Running(name, svc, proc, log)
+        return self.running[name]
+
+    def wait_healthy(self, name: str, timeout: float) -> None:
+        r = self.running[name]
+        argv = healthcheck_argv(r.svc)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert r.proc.poll() is None, f"{name} exited ({r.proc.returncode}):\n{r.output()}"
+            if subprocess.run(argv, capture_output=True, timeout=30).returncode == 0:
+                return
+            time.sleep(0.5)
+        pytest.fail(f"{name} did not become healthy within {timeout:.0f}s ({shlex.join(argv)}):\n{r.output()}")
+
+    def stop(self) -> dict[str, int | None]:
+        codes = {}
+        for r in reversed(list(self.running.values())):
+            if r.proc.poll() is None:
+                r.proc.send_signal(signal.SIGTERM)
+                try:
+                    r.proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    r.proc.kill()
+                    r.proc.wait(timeout=10)
+            codes[r.name] = r.proc.returncode
+        return codes
+
+
+@pytest.fixture(scope="module")
+def local_stack() -> Iterator[LocalCompose]:
+    http, grpc_port, edge = free_port(), free_port(), free_port()
+    env = {
+        "CLOUD_HTTP_PORT": str(http), "CLOUD_GRPC_PORT": str(grpc_port), "EDGE_PORT": str(edge),
+        "TANDEM_BIND_HOST": "127.0.0.1",  # what the host-network override uses too: no service names without Docker
+        "EDGE_CLOUD": f"127.0.0.1:{grpc_port}", "TANDEM_THREADS": "1",
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        stack = LocalCompose(env, Path(tmp))
+        try:
+            stack.start("cloud")
+            stack.wait_healthy("cloud", 90)
+            yield stack
+        finally:
+            stack.stop()
+
+
+def _completion(base: str, model: str, prompt: str, max_tokens: int) -> dict[str, Any]:
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0}
+    r = httpx.post(base + "/v1/completions", json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def _complete(base: str, model: str, prompt: str, max_tokens: int) -> str:
+    return _completion(base, model, prompt, max_tokens)["choices"][0]["text"]
+
+
+PROMPTS = ["def fibonacci(n):\n", "import os\n\n\ndef main():\n"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(150)
+def test_cloud_service_command_serves_and_passes_its_healthcheck(local_stack: LocalCompose) -> None:
+    svc = local_stack.compose["services"]["cloud"]
+    base = f"http://127.0.0.1:{local_stack.env['CLOUD_HTTP_PORT']}"
+    assert subprocess.run(healthcheck_argv(svc), capture_output=True, timeout=30).returncode == 0
+    model = httpx.get(base + "/v1/models", timeout=10).json()["data"][0]["id"]
+    assert model == "demo-target"
+    assert _complete(base, model, PROMPTS[0], 8)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(150)
+def test_edge_service_gives_the_clouds_greedy_text(local_stack: LocalCompose) -> None:
+    reason = edge_command_available()
+    if reason:
+        pytest.skip(reason)
+    local_stack.start("edge")  # waits for the cloud's healthcheck first, as depends_on says
+    local_stack.wait_healthy("edge", 90)
+    edge = f"http://127.0.0.1:{local_stack.env['EDGE_PORT']}"
+    cloud = f"http://127.0.0.1:{local_stack.env['CLOUD_HTTP_PORT']}"
+    edge_model = httpx.get(edge + "/v1/models", timeout=10).json()["data"][0]["id"]
+    for prompt in PROMPTS:
+        want = _complete(cloud, "demo-target", prompt, 24)
+        assert want
+        got = _completion(edge, edge_model, prompt, 24)
+        assert got["choices"][0]["text"] == want, prompt
+        stats = got.get("tandem")  # the edge's own figures: speculation against the cloud, not a fallback
+        if stats is not None:
+            assert stats["mode"] == "spec" and not stats["lossy"] and stats["target_passes"] >= 1, stats
