@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hmac
 from typing import Any
 
 import grpc
@@ -54,3 +55,15 @@ def error_code(exc: BaseException) -> str:
 
 def error_body(code: str, message: str) -> dict[str, Any]:
     return {"error": {"message": message, "type": _STATUS.get(code, _INTERNAL)[2], "code": code}}
+
+
+BEARER_HEADER = "header `Authorization: Bearer <key>`"
+
+
+def require_bearer(authorization: str, keys: list[str], how: str) -> None:
+    """Raise UnauthenticatedError unless `authorization` is `Bearer <one of keys>`; compared in constant time."""
+    if not keys:
+        return
+    scheme, _, token = authorization.partition(" ")
+    if scheme.lower() != "bearer" or not any(hmac.compare_digest(token.strip(), k) for k in keys):
+        raise UnauthenticatedError(f"a valid API key is required ({how})")

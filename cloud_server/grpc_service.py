@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import hmac
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeVar
@@ -13,7 +12,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from cloud_server import wire
-from cloud_server.errors import UnauthenticatedError, error_code, grpc_status
+from cloud_server.errors import UnauthenticatedError, error_code, grpc_status, require_bearer
 from cloud_server.proto import verifier_pb2 as pb
 from cloud_server.proto import verifier_pb2_grpc as pb_grpc
 from cloud_server.settings import ServerSettings
@@ -31,12 +30,8 @@ class VerifierServicer(pb_grpc.VerifierServicer):
         self.settings = settings
 
     def _authorize(self, context: grpc.aio.ServicerContext) -> None:
-        if not self.settings.api_keys:
-            return
         value = dict(context.invocation_metadata() or ()).get("authorization", "")
-        scheme, _, token = str(value).partition(" ")
-        if scheme.lower() != "bearer" or not any(hmac.compare_digest(token.strip(), k) for k in self.settings.api_keys):
-            raise UnauthenticatedError("a valid API key is required (metadata `authorization: Bearer <key>`)")
+        require_bearer(str(value), self.settings.api_keys, "metadata `authorization: Bearer <key>`")
 
     def _count(self, method: str, status: str) -> None:
         self.worker.metrics.requests.labels(route=f"grpc {SERVICE}/{method}", status=status).inc()

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import hmac
 import json
 import time
 import uuid
@@ -23,10 +22,11 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from transformers import PreTrainedTokenizerBase
 
 from cloud_server.errors import (
+    BEARER_HEADER,
     ModelNotFoundError,
-    UnauthenticatedError,
     error_body,
     http_status,
+    require_bearer,
 )
 from cloud_server.metrics import Metrics
 from cloud_server.schemas import (
@@ -60,11 +60,7 @@ SettingsDep = Annotated[ServerSettings, Depends(get_settings)]
 
 
 async def require_api_key(request: Request, settings: SettingsDep) -> None:
-    if not settings.api_keys:
-        return
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not any(hmac.compare_digest(token.strip(), k) for k in settings.api_keys):
-        raise UnauthenticatedError("a valid API key is required (header `Authorization: Bearer <key>`)")
+    require_bearer(request.headers.get("authorization", ""), settings.api_keys, BEARER_HEADER)
 
 
 public = APIRouter()

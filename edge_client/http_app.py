@@ -8,7 +8,6 @@ drafted locally. The draft model runs on one worker thread; the event loop only 
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import threading
 import time
@@ -22,7 +21,7 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from cloud_server.errors import UnauthenticatedError
+from cloud_server.errors import BEARER_HEADER, require_bearer
 from cloud_server.http_app import (
     chat_completion_prompt,
     check_model,
@@ -131,12 +130,7 @@ ServiceDep = Annotated[EdgeService, Depends(get_service)]
 
 
 async def require_api_key(request: Request, service: ServiceDep) -> None:
-    keys = service.settings.edge_api_keys
-    if not keys:
-        return
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not any(hmac.compare_digest(token.strip(), k) for k in keys):
-        raise UnauthenticatedError("a valid API key is required (header `Authorization: Bearer <key>`)")
+    require_bearer(request.headers.get("authorization", ""), service.settings.edge_api_keys, BEARER_HEADER)
 
 
 public = APIRouter()
