@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from tandem.config import Gamma
 
 Mode = Literal["spec", "cloud", "edge", "auto"]
 Transport = Literal["grpc", "grpc-unary", "http"]
@@ -19,7 +21,7 @@ class EdgeSettings(BaseSettings):
     mode: Mode = "spec"
     draft: str = "demo-draft"
     threads: int = Field(default=2, ge=1, description="torch intra-op threads for the draft")
-    gamma: int | Literal["adaptive"] = Field(default="adaptive", description="draft block length, or adaptive")
+    gamma: Gamma = Field(default="adaptive", description="draft block length, or adaptive")
     max_gamma: int = Field(default=12, ge=1, description="the largest block adaptive gamma may choose")
     pipeline: bool = Field(default=True, description="draft the next block while the current one is verified")
     q_top_k: int = Field(default=16, ge=1, description="sampling: the draft samples from its top-k and sends them")
@@ -40,17 +42,3 @@ class EdgeSettings(BaseSettings):
     max_tokens_limit: int = Field(default=1024, ge=1)
     max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
     edge_api_keys: list[str] = Field(default_factory=list, description="keys the edge endpoint requires; empty: open")
-
-    @field_validator("gamma", mode="before")
-    @classmethod
-    def _gamma(cls, v: object) -> object:
-        if isinstance(v, str) and v != "adaptive":
-            return int(v)
-        return v
-
-    @field_validator("gamma")
-    @classmethod
-    def _gamma_range(cls, v: int | str) -> int | str:
-        if isinstance(v, int) and not 0 <= v <= 64:
-            raise ValueError("gamma must be in [0, 64] or 'adaptive'")
-        return v

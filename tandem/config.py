@@ -2,10 +2,24 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import AfterValidator, BeforeValidator, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def _parse_gamma(v: object) -> object:
+    return int(v) if isinstance(v, str) and v != "adaptive" else v
+
+
+def _check_gamma(v: int | str) -> int | str:
+    if isinstance(v, int) and not 0 <= v <= 64:
+        raise ValueError("gamma must be in [0, 64] or 'adaptive'")
+    return v
+
+
+# a draft block length, or "adaptive"; from the CLI and the environment alike (TANDEM_GAMMA=4 or =adaptive)
+Gamma = Annotated[int | Literal["adaptive"], BeforeValidator(_parse_gamma), AfterValidator(_check_gamma)]
 
 
 class CoreSettings(BaseSettings):
@@ -14,16 +28,4 @@ class CoreSettings(BaseSettings):
     target: str = "demo-target"
     draft: str = "demo-draft"
     threads: int = Field(default=2, ge=1, description="torch intra-op threads for this process")
-    gamma: int | Literal["adaptive"] = Field(default=4, description="draft block length, or 'adaptive' (edge path)")
-
-    @field_validator("gamma", mode="before")
-    @classmethod
-    def _gamma(cls, v: object) -> object:
-        return int(v) if isinstance(v, str) and v != "adaptive" else v
-
-    @field_validator("gamma")
-    @classmethod
-    def _gamma_range(cls, v: int | str) -> int | str:
-        if isinstance(v, int) and not 1 <= v <= 64:
-            raise ValueError("gamma must be in [1, 64] or 'adaptive'")
-        return v
+    gamma: Gamma = Field(default=4, description="draft block length, or 'adaptive' (edge path)")
