@@ -44,6 +44,15 @@ class VerifyResult:
     stale: bool = False  # a block sent ahead that no longer applies: nothing verified, nothing changed
 
 
+@dataclass(frozen=True)
+class PreparedBlock:
+    """A block checked and ready for the target's forward pass."""
+
+    tokens: list[int]
+    draft: torch.Tensor  # [gamma] int64
+    q: torch.Tensor | None  # [gamma, V]; None under greedy
+
+
 def validate_prompt(prompt: list[int], vocab_size: int, context_length: int) -> None:
     if not prompt:
         raise InvalidRequestError("the prompt is empty")
@@ -113,6 +122,17 @@ class TargetSession:
     def verify(self, block: DraftBlock, base_len: int | None = None) -> VerifyResult:
         """`base_len` unset: the block starts at the current position. Set: see `align`; a stale block is answered
         with a stale result and changes nothing (no forward pass)."""
+        prepared = self.prepare(block, base_len)
+        if isinstance(prepared, VerifyResult):
+            return prepared
+        return self.finish(prepared, self.state.forward(prepared.tokens))
+
+    def prepare(self, block: DraftBlock, base_len: int | None = None) -> PreparedBlock | VerifyResult:
+        """Every check before the forward pass (a bad block changes nothing); a stale block's result at once.
+
+        Split from `verify` so that a caller can run the forward pass itself (several sessions batched in one):
+        feed `state.tokens[state.cached:] + prepared.tokens`, then `finish` with the last len(tokens) + 1 rows.
+        """
         if base_len is not None:
             current = None if self.finish_reason is not None else self.align(block, base_len)
             if current is None:
@@ -125,16 +145,19 @@ class TargetSession:
         room = self.target.context_length - len(self.state.tokens) - 1
         if len(block.tokens) > room:  # near the context end: verify what fits, drop the rest
             block = _truncate(block, room)
-        draft = block.tokens
-        draft_t = torch.tensor(draft, dtype=torch.long)  # [gamma]
-        q = None if self.params.greedy else self._checked_q(draft_t, block)  # before the forward: bad q changes nothing
-        logits = self.state.forward(draft)  # [gamma + 1, V]
+        draft_t = torch.tensor(block.tokens, dtype=torch.long)  # [gamma]
+        q = None if self.params.greedy else self._checked_q(draft_t, block)
+        return PreparedBlock(block.tokens, draft_t, q)
+
+    def finish(self, prepared: PreparedBlock, logits: torch.Tensor) -> VerifyResult:
+        """The verdict from the target's logits over the block ([gamma + 1, V]); commits and rolls the cache back."""
         self.passes += 1
-        if q is None:
-            verdict = verify_greedy(draft_t, logits)
+        if prepared.q is None:
+            verdict = verify_greedy(prepared.draft, logits)
         else:
-            verdict = verify_stochastic(draft_t, q, logits_to_probs(logits, self.params), self.generator)
-        return self._commit(draft, verdict, logits)
+            verdict = verify_stochastic(prepared.draft, prepared.q, logits_to_probs(logits, self.params),
+                                        self.generator)
+        return self._commit(prepared.tokens, verdict, logits)
 
     def _checked_q(self, draft: torch.Tensor, block: DraftBlock) -> torch.Tensor:
         """[gamma, V] q in dense form; raises InvalidRequestError for a q the draft cannot have sampled from."""
