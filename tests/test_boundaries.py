@@ -6,7 +6,8 @@ import subprocess
 import sys
 
 CORE = ["tandem.engine", "tandem.verify", "tandem.kv", "tandem.models", "tandem.sampling", "tandem.bench_local",
-        "tandem.demo_run", "tandem.cli", "tandem.config", "tandem.train.trainer", "tandem.netem"]
+        "tandem.demo_run", "tandem.cli", "tandem.config", "tandem.train.trainer", "tandem.netem",
+        "tandem.procs"]
 
 
 def test_core_imports_no_transport() -> None:

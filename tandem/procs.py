@@ -1,0 +1,99 @@
+"""Real server processes for benchmarks: `tandem serve` as a child process on free loopback ports.
+
+Benchmarks measure the real path, so the cloud runs in its own process with its own torch thread count, exactly as
+a user starts it. Transport-free: the child is driven over plain HTTP (urllib) and signals.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from types import TracebackType
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+class CloudProcess:
+    """`tandem serve` in a child process. `env` adds TANDEM_* settings; `threads` is its torch thread count."""
+
+    def __init__(self, threads: int = 1, env: dict[str, str] | None = None, host: str = "127.0.0.1",
+                 log_path: Path | None = None, ready_timeout_s: float = 120.0) -> None:
+        self.threads = threads
+        self.host = host
+        self.http_port = free_port(host)
+        self.grpc_port = free_port(host)
+        self.extra_env = dict(env or {})
+        self.log_path = log_path
+        self.ready_timeout_s = ready_timeout_s
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def http_url(self) -> str:
+        return f"http://{self.host}:{self.http_port}"
+
+    @property
+    def grpc_target(self) -> str:
+        return f"{self.host}:{self.grpc_port}"
+
+    def start(self) -> CloudProcess:
+        env = os.environ | {"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
+                            "TANDEM_THREADS": str(self.threads), "OMP_NUM_THREADS": str(self.threads)}
+        env |= self.extra_env
+        out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "tandem.cli", "serve", "--host", self.host,
+             "--http-port", str(self.http_port), "--grpc-port", str(self.grpc_port)],
+            env=env, stdout=out, stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + self.ready_timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the cloud process exited with {self.proc.returncode} before it was ready")
+            if self.ready():
+                return self
+            time.sleep(0.2)
+        self.stop()
+        raise TimeoutError(f"the cloud process was not ready within {self.ready_timeout_s:.0f} s")
+
+    def ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(self.http_url + "/ready", timeout=1) as r:
+                return bool(r.status == 200)
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def metrics_text(self) -> str:
+        with urllib.request.urlopen(self.http_url + "/metrics", timeout=5) as r:
+            return str(r.read().decode())
+
+    def kill(self) -> None:
+        """Abrupt loss (SIGKILL): what a crashed machine looks like to the edge."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=30)
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            self.kill()
+
+    def __enter__(self) -> CloudProcess:
+        return self.start()
+
+    def __exit__(self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
+        self.stop()
