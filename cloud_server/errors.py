@@ -37,6 +37,8 @@ _STATUS: dict[str, tuple[int, grpc.StatusCode, str]] = {
     "request_too_large": (413, grpc.StatusCode.RESOURCE_EXHAUSTED, "invalid_request_error"),
     "over_capacity": (429, grpc.StatusCode.RESOURCE_EXHAUSTED, "rate_limit_error"),
     "unavailable": (503, grpc.StatusCode.UNAVAILABLE, "service_unavailable_error"),
+    "deadline_exceeded": (504, grpc.StatusCode.DEADLINE_EXCEEDED, "service_unavailable_error"),  # upstream slow
+    "tls_error": (502, grpc.StatusCode.UNAVAILABLE, "service_unavailable_error"),  # the edge refused the cloud's cert
 }
 _INTERNAL = (500, grpc.StatusCode.INTERNAL, "internal_error")
 
@@ -65,5 +67,10 @@ def require_bearer(authorization: str, keys: list[str], how: str) -> None:
     if not keys:
         return
     scheme, _, token = authorization.partition(" ")
-    if scheme.lower() != "bearer" or not any(hmac.compare_digest(token.strip(), k) for k in keys):
-        raise UnauthenticatedError(f"a valid API key is required ({how})")
+    # bytes: compare_digest refuses non-ASCII str (a TypeError, i.e. a 500); every key is compared, no early exit
+    given = token.strip().encode("utf-8", "surrogateescape")
+    matched = False
+    for k in keys:
+        matched |= hmac.compare_digest(given, k.encode("utf-8"))
+    if scheme.lower() != "bearer" or not matched:
+        raise UnauthenticatedError(f"a valid API key is required ({how})")  # the same words whatever failed

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -28,6 +29,8 @@ class VerifierServicer(pb_grpc.VerifierServicer):
     def __init__(self, worker: ModelWorker, settings: ServerSettings) -> None:
         self.worker = worker
         self.settings = settings
+        # session id -> the Session stream holding it; an Open under that id (a resume) elsewhere takes it over
+        self._streams: dict[str, object] = {}
 
     def _authorize(self, context: grpc.aio.ServicerContext) -> None:
         value = dict(context.invocation_metadata() or ()).get("authorization", "")
@@ -51,7 +54,9 @@ class VerifierServicer(pb_grpc.VerifierServicer):
 
     async def OpenSession(self, request: pb.Open, context: grpc.aio.ServicerContext) -> pb.Opened:
         async def call() -> pb.Opened:
-            return wire.opened_to_pb(await self.worker.open_session(wire.open_from_pb(request)))
+            info = await self.worker.open_session(wire.open_from_pb(request))
+            self._streams.pop(info.session_id, None)
+            return wire.opened_to_pb(info)
 
         return await self._unary("OpenSession", context, call)
 
@@ -86,6 +91,9 @@ class VerifierServicer(pb_grpc.VerifierServicer):
                 yield pb.Verdict(seq=step, next_token=result.next_token, tokens=result.tokens, kind=pb.TOKEN_KIND_BONUS,
                                  finish_reason=wire.finish_to_pb(result.finish_reason), generated=gen.tokens)
                 step += 1
+        except asyncio.CancelledError:  # the client went away: close() frees the slot and the model's session
+            self.worker.metrics.disconnects.labels(route="grpc Generate").inc()
+            raise
         finally:
             gen.close()
         self._count("Generate", "OK")
@@ -99,6 +107,8 @@ class VerifierServicer(pb_grpc.VerifierServicer):
             self._count("Session", "UNAUTHENTICATED")
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(e))
         session_id: str | None = None
+        reason = "closed"
+        me = object()
         try:
             async for msg in request_iterator:
                 kind = msg.WhichOneof("msg")
@@ -110,10 +120,13 @@ class VerifierServicer(pb_grpc.VerifierServicer):
                             raise InvalidRequestError("this stream already has a session")
                         info = await self.worker.open_session(wire.open_from_pb(msg.open))
                         session_id = info.session_id
+                        self._streams[session_id] = me
                         yield pb.ServerMessage(opened=wire.opened_to_pb(info))
                     elif kind == "draft":
                         if session_id is None:
                             raise InvalidRequestError("open a session before sending drafts")
+                        if self._streams.get(session_id) is not me:
+                            raise SessionNotFoundError(f"session {session_id!r} was taken over by a resume")
                         d = msg.draft
                         verdict = await self.worker.verify(session_id, d.seq, wire.block_from_pb(d),
                                                            wire.base_len_from_pb(d))
@@ -126,10 +139,16 @@ class VerifierServicer(pb_grpc.VerifierServicer):
                     if session_id is None:
                         break  # a failed Open ends the stream
             self._count("Session", "OK")
+        except asyncio.CancelledError:  # the client cancelled or its connection dropped
+            self.worker.metrics.disconnects.labels(route="grpc Session").inc()
+            reason = "disconnected"
+            raise
         finally:
-            if session_id is not None:
-                with contextlib.suppress(SessionNotFoundError):  # expired, or replaced by a resume
-                    await self.worker.close_session(session_id)
+            # a session taken over by a resume is no longer this stream's to close
+            if session_id is not None and self._streams.get(session_id) is me:
+                del self._streams[session_id]
+                with contextlib.suppress(SessionNotFoundError):  # expired
+                    await self.worker.close_session(session_id, reason)
 
 
 def create_grpc_server(

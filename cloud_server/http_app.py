@@ -13,9 +13,10 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Annotated, Any, Literal, Protocol
 
-from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Request, Security
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -34,6 +35,7 @@ from cloud_server.schemas import (
     ClosedBody,
     CompletionRequest,
     DraftBody,
+    ErrorBody,
     OpenBody,
     OpenedBody,
     VerdictBody,
@@ -42,7 +44,7 @@ from cloud_server.settings import ServerSettings
 from cloud_server.text import IncrementalText, chat_prompt, encode, message_text
 from cloud_server.wire import sparse_block
 from cloud_server.worker import ModelWorker, OpenRequest
-from tandem.engine import FinishReason
+from tandem.engine import Candidate, FinishReason
 from tandem.errors import InvalidRequestError, TandemError
 from tandem.sampling import SamplingParams
 
@@ -59,12 +61,29 @@ WorkerDep = Annotated[ModelWorker, Depends(get_worker)]
 SettingsDep = Annotated[ServerSettings, Depends(get_settings)]
 
 
-async def require_api_key(request: Request, settings: SettingsDep) -> None:
+# declares the scheme in the OpenAPI schema only; require_bearer checks the header itself
+BEARER_SCHEME = HTTPBearer(auto_error=False, description="one of the server's API keys (when it has any)")
+BearerDep = Annotated[HTTPAuthorizationCredentials | None, Security(BEARER_SCHEME)]
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI entries for the JSON errors a route may answer with (400 replaces FastAPI's 422)."""
+    return {status: {"model": ErrorBody} for status in statuses}
+
+
+API_ERRORS = error_responses(400, 401, 404, 409, 413, 429, 503)
+# a JSON object, or with "stream": true an SSE stream
+COMPLETION_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"content": {"application/json": {"schema": {"type": "object"}}, "text/event-stream": {}}},
+}
+
+
+async def require_api_key(request: Request, settings: SettingsDep, _: BearerDep) -> None:
     require_bearer(request.headers.get("authorization", ""), settings.api_keys, BEARER_HEADER)
 
 
 public = APIRouter()
-api = APIRouter(dependencies=[Depends(require_api_key)])
+api = APIRouter(dependencies=[Depends(require_api_key)], responses=API_ERRORS)
 
 
 # --- health and metrics
@@ -75,14 +94,14 @@ async def health() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@public.get("/ready")
+@public.get("/ready", responses=error_responses(503))
 async def ready(worker: WorkerDep) -> JSONResponse:
     if worker.ready:
         return JSONResponse({"status": "ready", "model": worker.target.name})
     return JSONResponse({"status": "not ready"}, status_code=503)
 
 
-@public.get("/metrics")
+@public.get("/metrics", response_class=PlainTextResponse)
 async def metrics(worker: WorkerDep) -> Response:
     return Response(worker.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
@@ -105,12 +124,13 @@ async def open_session(body: OpenBody, worker: WorkerDep) -> OpenedBody:
 @api.post("/v1/sessions/{session_id}/verify")
 async def verify(session_id: str, body: DraftBody, worker: WorkerDep) -> VerdictBody:
     block = sparse_block(body.tokens, body.q_k, body.q_ids, body.q_probs)
+    block.candidates = [Candidate(c.parent, c.tokens) for c in body.candidates]
     v = await worker.verify(session_id, body.seq, block, body.base_len)
     r = v.result
     return VerdictBody(
         seq=v.seq, num_accepted=r.num_accepted, next_token=r.next_token, kind=r.kind, tokens=r.tokens,
         finish_reason=r.finish_reason, target_tokens=r.target_tokens, generated=v.generated, stale=r.stale,
-        server_ms=v.server_ms,
+        server_ms=v.server_ms, candidate=r.candidate, candidate_target_tokens=r.candidate_target_tokens,
     )
 
 
@@ -132,13 +152,13 @@ async def models(worker: WorkerDep, settings: SettingsDep, request: Request) -> 
     return {"object": "list", "data": [card]}
 
 
-@api.post("/v1/completions")
+@api.post("/v1/completions", responses=COMPLETION_RESPONSES)
 async def completions(body: CompletionRequest, worker: WorkerDep, settings: SettingsDep) -> Response:
     ids = await completion_prompt(body, worker.target.tokenizer)
     return await _complete(worker, settings, body, ids, body.max_tokens, "text")
 
 
-@api.post("/v1/chat/completions")
+@api.post("/v1/chat/completions", responses=COMPLETION_RESPONSES)
 async def chat_completions(body: ChatRequest, worker: WorkerDep, settings: SettingsDep) -> Response:
     ids = await chat_completion_prompt(body, worker.target.tokenizer)
     return await _complete(worker, settings, body, ids, body.max_completion_tokens or body.max_tokens, "chat")
@@ -185,7 +205,8 @@ async def _complete(
     check_model(body, settings.served_model_name, worker.target.name)
     params = sampling_params(body, max_tokens, len(ids), worker.target.context_length, settings.max_tokens_limit)
     gen = await worker.start_generation(ids, params)
-    return await completion_response(gen, worker.target.tokenizer, body, kind, settings.served_model_name, len(ids))
+    return await completion_response(gen, worker.target.tokenizer, body, kind, settings.served_model_name, len(ids),
+                                     metrics=worker.metrics)
 
 
 class Step(Protocol):
@@ -209,7 +230,7 @@ class Steps(Protocol):
 async def completion_response(
     gen: Steps, tokenizer: PreTrainedTokenizerBase, body: CompletionRequest | ChatRequest,
     kind: Literal["text", "chat"], model: str, prompt_tokens: int,
-    extra: Callable[[], dict[str, Any]] | None = None,
+    extra: Callable[[], dict[str, Any]] | None = None, metrics: Metrics | None = None,
 ) -> Response:
     """The OpenAI response (JSON, or SSE ending in `data: [DONE]`) for a started generation; closes it."""
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
@@ -217,7 +238,7 @@ async def completion_response(
     out = _Output(kind, model, prompt_tokens, body.return_token_ids)
     if body.stream:
         include_usage = bool((body.stream_options or {}).get("include_usage"))
-        return StreamingResponse(_sse(gen, text, out, include_usage), media_type="text/event-stream")
+        return StreamingResponse(_sse(gen, text, out, include_usage, metrics), media_type="text/event-stream")
     parts, ids = [], []
     finish: FinishReason = "length"
     try:
@@ -243,7 +264,8 @@ async def _deltas(gen: Steps, text: IncrementalText) -> AsyncIterator[tuple[str,
         yield delta, None, result.tokens
 
 
-async def _sse(gen: Steps, text: IncrementalText, out: _Output, include_usage: bool) -> AsyncIterator[str]:
+async def _sse(gen: Steps, text: IncrementalText, out: _Output, include_usage: bool,
+               metrics: Metrics | None = None) -> AsyncIterator[str]:
     try:
         if out.kind == "chat":
             yield _event(out.chunk("", None, role=True))
@@ -257,6 +279,10 @@ async def _sse(gen: Steps, text: IncrementalText, out: _Output, include_usage: b
             yield _event({**out.chunk("", None), "choices": [], "usage": out.usage(gen.tokens)})
     except TandemError as e:
         yield _event(error_body(e.code, str(e)))
+    except (asyncio.CancelledError, GeneratorExit):  # the client went away: close() frees the generation
+        if metrics is not None:
+            metrics.disconnects.labels(route="http sse").inc()
+        raise
     finally:
         gen.close()
     yield "data: [DONE]\n\n"
@@ -390,8 +416,11 @@ async def _on_validation_error(request: Request, exc: Exception) -> JSONResponse
 
 async def _on_http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
-    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-    return JSONResponse(error_body(code, str(exc.detail)), status_code=exc.status_code)
+    code = {400: "invalid_request", 404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+    body = error_body(code, str(exc.detail))
+    if exc.status_code < 500:  # not an "internal_error" type: e.g. a body that is not JSON
+        body["error"]["type"] = "invalid_request_error"
+    return JSONResponse(body, status_code=exc.status_code)
 
 
 async def _on_internal_error(request: Request, exc: Exception) -> JSONResponse:

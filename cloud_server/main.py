@@ -66,6 +66,14 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+def _add_port(server: grpc.aio.Server, settings: ServerSettings) -> int:
+    address = f"{settings.host}:{settings.grpc_port}"
+    if settings.tls_cert_file is None or settings.tls_key_file is None:
+        return server.add_insecure_port(address)
+    pair = (settings.tls_key_file.read_bytes(), settings.tls_cert_file.read_bytes())
+    return server.add_secure_port(address, grpc.ssl_server_credentials([pair]))
+
+
 async def start_servers(settings: ServerSettings, target: LoadedModel | None = None) -> ServerHandle:
     """Load the target (unless given), start the worker, gRPC and HTTP; ports 0 are bound to free ports."""
     if target is None:
@@ -74,13 +82,14 @@ async def start_servers(settings: ServerSettings, target: LoadedModel | None = N
     await worker.start()
     grpc_server, health_servicer = create_grpc_server(settings, worker)
     try:
-        grpc_port = grpc_server.add_insecure_port(f"{settings.host}:{settings.grpc_port}")
+        grpc_port = _add_port(grpc_server, settings)
         await grpc_server.start()
         await set_serving(health_servicer, True)
         sock = _bind(settings.host, settings.http_port)
         config = uvicorn.Config(
             create_app(settings, worker), lifespan="off", log_level="warning", access_log=False,
             timeout_graceful_shutdown=max(settings.shutdown_grace_s, 0.1),
+            ssl_certfile=settings.tls_cert_file, ssl_keyfile=settings.tls_key_file,
         )
         http = _Uvicorn(config)
         task = asyncio.create_task(http.serve(sockets=[sock]))
@@ -102,8 +111,9 @@ async def _serve(settings: ServerSettings) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    log.info("serving %s: HTTP on %s:%d, gRPC on %s:%d", handle.worker.target.name, settings.host,
-             handle.http_port, settings.host, handle.grpc_port)
+    log.info("serving %s: %s on %s:%d, gRPC%s on %s:%d", handle.worker.target.name,
+             "HTTPS" if settings.tls else "HTTP", settings.host, handle.http_port,
+             " over TLS" if settings.tls else "", settings.host, handle.grpc_port)
     await stop.wait()
     log.info("shutting down: finishing in-flight requests (up to %.0f s)", settings.shutdown_grace_s)
     await handle.stop()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
@@ -24,7 +24,11 @@ class Metrics:
         )
         self.requests = Counter("tandem_requests", "Requests by route and status.", ["route", "status"], registry=r)
         self.open_sessions = Gauge("tandem_open_sessions", "Verification sessions held.", registry=r)
-        self.target_passes = Counter("tandem_target_forward_passes", "Forward passes of the target model.", registry=r)
+        self.target_passes = Counter(
+            "tandem_target_forward_passes",
+            "Target forward passes per sequence (prefills, verify blocks, completion steps); several may share one "
+            "batched pass (tandem_batch_size_count).", registry=r,
+        )
         self.generation_tokens = Counter("tandem_generation_tokens", "Tokens emitted (sessions and completions).",
                                          registry=r)
         self.verify_latency = Histogram(
@@ -39,6 +43,21 @@ class Metrics:
             "tandem_time_per_output_token_seconds", "Completion API: time per output token after the first.",
             buckets=_LATENCY_BUCKETS, registry=r,
         )
+        # its _count is the number of batched target passes, its _sum the sequences they verified
+        self.batch_size = Histogram(
+            "tandem_batch_size", "Sequences (verify blocks, completion steps) per batched target forward pass.",
+            buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64), registry=r,
+        )
+        self.sessions_closed = Counter(
+            "tandem_sessions_closed", "Verification sessions ended, by reason: closed, disconnected (the client's "
+            "stream went away), expired (TTL), replaced (a resume under the same id), shutdown.", ["reason"],
+            registry=r,
+        )
+        self.disconnects = Counter(
+            "tandem_client_disconnects", "Streams the client left before their end; their work was freed.",
+            ["route"], registry=r,
+        )
+        ProcessCollector(registry=r)  # process_resident_memory_bytes and friends (Linux): memory under load
 
     def observe_verify(self, drafted: int, accepted: int) -> None:
         self.num_drafts.inc()

@@ -48,6 +48,15 @@ class OpenedBody(BaseModel):
     server_ms: float = 0.0
 
 
+class CandidateBody(BaseModel):
+    """A continuation verified beside the draft (greedy only): it follows tokens[parent] (-1: the context)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    parent: Annotated[int, Field(ge=-1)]
+    tokens: list[TokenId]
+
+
 class DraftBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -57,6 +66,7 @@ class DraftBody(BaseModel):
     q_ids: list[TokenId] = Field(default_factory=list)
     q_probs: list[float] = Field(default_factory=list)
     base_len: Annotated[int, Field(ge=0)] | None = None  # pipelined rounds: see the proto's Draft.base_len
+    candidates: list[CandidateBody] = Field(default_factory=list)  # see the proto's Draft.candidate_parents
 
 
 class VerdictBody(BaseModel):
@@ -70,11 +80,25 @@ class VerdictBody(BaseModel):
     generated: int
     stale: bool = False
     server_ms: float = 0.0
+    candidate: int | None = None  # the index of the draft's candidate on the accepted path
+    candidate_target_tokens: list[list[int]] = Field(default_factory=list)  # per candidate: the target's argmax
 
 
 class ClosedBody(BaseModel):
     session_id: str
     closed: bool = True
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    code: str
+
+
+class ErrorBody(BaseModel):
+    """Every error, on every route: {"error": {"message", "type", "code"}}."""
+
+    error: ErrorDetail
 
 
 # --- OpenAI-compatible
@@ -86,7 +110,7 @@ class _OpenAIRequest(BaseModel):
     model: str
     temperature: float | None = None
     top_p: float | None = None
-    top_k: int | None = None  # an extension (vLLM has it too)
+    top_k: Annotated[int, Field(ge=0, lt=2**31)] | None = None  # an extension (vLLM has it too); bounded: the wire
     n: int = 1
     stream: bool = False
     stream_options: dict[str, Any] | None = None

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
@@ -18,6 +19,9 @@ class ServerSettings(BaseSettings):
     grpc_port: int = Field(default=50051, ge=0, le=65535, description="0: any free port")
     threads: int = Field(default=2, ge=1, description="torch intra-op threads")
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list, description="comma-separated; empty: open")
+    api_keys_file: Path | None = Field(default=None, description="more keys, one a line ('#' comments); merged")
+    tls_cert_file: Path | None = Field(default=None, description="PEM certificate (chain): HTTPS and gRPC over TLS")
+    tls_key_file: Path | None = Field(default=None, description="PEM private key of tls_cert_file")
 
     max_sessions: int = Field(default=64, ge=1)
     session_ttl_s: float = Field(default=300.0, gt=0, description="idle sessions are evicted after this")
@@ -28,12 +32,44 @@ class ServerSettings(BaseSettings):
     max_concurrent_requests: int = Field(default=64, ge=1, description="requests admitted at once; more get 429")
     max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
     shutdown_grace_s: float = Field(default=10.0, ge=0)
+    max_batch: int = Field(default=32, ge=1, description="verify blocks and completion steps per batched pass")
+    batch_window_ms: float = Field(default=2.0, ge=0, description="longest wait for more work to batch; 0: none")
 
     @field_validator("api_keys", mode="before")
     @classmethod
     def _split_keys(cls, v: Any) -> Any:
-        return [k.strip() for k in v.split(",") if k.strip()] if isinstance(v, str) else v
+        return split_keys(v)
+
+    @model_validator(mode="after")
+    def _load_keys_and_check_tls(self) -> ServerSettings:
+        if self.api_keys_file is not None:
+            self.api_keys = merge_keys(self.api_keys, read_keys_file(self.api_keys_file))
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("TLS needs both tls_cert_file and tls_key_file")
+        return self
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert_file is not None
 
     @property
     def served_model_name(self) -> str:
         return self.model_name or self.target
+
+
+def split_keys(v: Any) -> Any:
+    """A comma-separated string of keys as a list; anything else unchanged."""
+    return [k.strip() for k in v.split(",") if k.strip()] if isinstance(v, str) else v
+
+
+def read_keys_file(path: Path) -> list[str]:
+    """One key a line; blank lines and lines starting with '#' are skipped. Read once, at start-up."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as e:
+        raise ValueError(f"cannot read the API keys file {str(path)!r}: {e.strerror or e}") from None
+    return [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
+
+
+def merge_keys(*lists: list[str]) -> list[str]:
+    return list(dict.fromkeys(k for keys in lists for k in keys))

@@ -9,7 +9,7 @@ import torch
 
 from cloud_server.proto import verifier_pb2 as pb
 from cloud_server.worker import OpenRequest, SessionInfo, SessionVerdict
-from tandem.engine import DraftBlock, FinishReason, VerifyResult
+from tandem.engine import Candidate, DraftBlock, FinishReason, VerifyResult
 from tandem.errors import InvalidRequestError
 from tandem.sampling import SamplingParams
 from tandem.verify import TokenKind
@@ -82,7 +82,36 @@ def block_to_sparse(block: DraftBlock) -> tuple[int, list[int], list[float]]:
 
 
 def block_from_pb(msg: pb.Draft) -> DraftBlock:
-    return sparse_block(list(msg.tokens), msg.q_k, list(msg.q_ids), list(msg.q_probs))
+    block = sparse_block(list(msg.tokens), msg.q_k, list(msg.q_ids), list(msg.q_probs))
+    block.candidates = candidates_from_flat(list(msg.candidate_parents), list(msg.candidate_lengths),
+                                            list(msg.candidate_tokens))
+    return block
+
+
+def candidates_from_flat(parents: list[int], lengths: list[int], tokens: list[int]) -> list[Candidate]:
+    """Candidates from their flattened wire form (HTTP and gRPC alike)."""
+    if len(parents) != len(lengths) or sum(lengths) != len(tokens):
+        raise InvalidRequestError("candidate_parents and candidate_lengths must pair up, and candidate_tokens hold "
+                                  "sum(candidate_lengths) ids")
+    out, at = [], 0
+    for parent, n in zip(parents, lengths, strict=True):
+        out.append(Candidate(parent, list(tokens[at : at + n])))
+        at += n
+    return out
+
+
+def candidates_to_flat(block: DraftBlock) -> tuple[list[int], list[int], list[int]]:
+    """(parents, lengths, tokens) of a block's candidates."""
+    c = block.candidates
+    return [x.parent for x in c], [len(x.tokens) for x in c], [t for x in c for t in x.tokens]
+
+
+def feedback_from_flat(lengths: list[int], tokens: list[int]) -> list[list[int]]:
+    out, at = [], 0
+    for n in lengths:
+        out.append(list(tokens[at : at + n]))
+        at += n
+    return out
 
 
 def base_len_from_pb(msg: pb.Draft) -> int | None:
@@ -91,7 +120,9 @@ def base_len_from_pb(msg: pb.Draft) -> int | None:
 
 def block_to_pb(block: DraftBlock, seq: int, base_len: int | None = None) -> pb.Draft:
     k, ids, probs = block_to_sparse(block)
-    msg = pb.Draft(seq=seq, tokens=block.tokens, q_k=k, q_ids=ids, q_probs=probs)
+    parents, lengths, cand_tokens = candidates_to_flat(block)
+    msg = pb.Draft(seq=seq, tokens=block.tokens, q_k=k, q_ids=ids, q_probs=probs, candidate_parents=parents,
+                   candidate_lengths=lengths, candidate_tokens=cand_tokens)
     if base_len is not None:
         msg.base_len = base_len
     return msg
@@ -99,11 +130,15 @@ def block_to_pb(block: DraftBlock, seq: int, base_len: int | None = None) -> pb.
 
 def verdict_to_pb(v: SessionVerdict) -> pb.Verdict:
     r = v.result
-    return pb.Verdict(
+    msg = pb.Verdict(
         seq=v.seq, num_accepted=r.num_accepted, next_token=r.next_token, kind=_KIND_TO_PB[r.kind], tokens=r.tokens,
         finish_reason=_FINISH_TO_PB[r.finish_reason], target_tokens=r.target_tokens, generated=v.generated,
-        stale=r.stale, server_ms=v.server_ms,
+        stale=r.stale, server_ms=v.server_ms, candidate_target_lengths=[len(c) for c in r.candidate_target_tokens],
+        candidate_target_tokens=[t for c in r.candidate_target_tokens for t in c],
     )
+    if r.candidate is not None:
+        msg.candidate = r.candidate
+    return msg
 
 
 def finish_to_pb(reason: FinishReason | None) -> int:
@@ -119,4 +154,7 @@ def result_from_pb(msg: pb.Verdict) -> VerifyResult:
         num_accepted=msg.num_accepted, next_token=msg.next_token, kind=_KIND_FROM_PB.get(msg.kind, "recovered"),
         tokens=list(msg.tokens), finish_reason=_FINISH_FROM_PB.get(msg.finish_reason),
         target_tokens=list(msg.target_tokens), stale=msg.stale,
+        candidate=msg.candidate if msg.HasField("candidate") else None,
+        candidate_target_tokens=feedback_from_flat(list(msg.candidate_target_lengths),
+                                                   list(msg.candidate_target_tokens)),
     )

@@ -2,6 +2,11 @@
 
 Async handlers await the worker's methods; the model itself only ever runs on the worker's thread. The session
 registry (TTL eviction, a session count and a KV-memory bound) is touched only from the event loop.
+
+Continuous batching: verify blocks and completion steps queue as jobs; the model thread takes everything waiting (up
+to `max_batch`, waiting at most `batch_window_ms` for more), checks each (`prepare`: errors and stale blocks resolve
+their own job), runs one batched forward pass over the sessions' separate caches (`tandem.batch.forward_batch`) and
+finishes each. A session has at most one job in flight (seq order), so a batch never holds a session twice.
 """
 
 from __future__ import annotations
@@ -10,10 +15,11 @@ import asyncio
 import contextlib
 import logging
 import re
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -22,7 +28,8 @@ import torch
 from cloud_server.errors import ShuttingDownError
 from cloud_server.metrics import Metrics
 from cloud_server.settings import ServerSettings
-from tandem.engine import DraftBlock, TargetSession, VerifyResult
+from tandem.batch import forward_batch
+from tandem.engine import DraftBlock, PreparedBlock, TargetSession, VerifyResult
 from tandem.errors import (
     CapacityError,
     ContextOverflowError,
@@ -81,7 +88,18 @@ class _Session:
     next_seq: int = 0
     last: SessionVerdict | None = None
     busy: bool = True
-    turn: asyncio.Condition = field(default_factory=asyncio.Condition)  # notified when next_seq moves
+    turn: asyncio.Condition = field(default_factory=asyncio.Condition)  # notified when next_seq moves or on close
+    closed: bool = False
+
+
+@dataclass(eq=False)  # compared by identity: a block's q tensors have no truth value
+class _Job:
+    """One block (or completion step) waiting for the model thread."""
+
+    core: TargetSession
+    block: DraftBlock
+    base_len: int | None
+    future: Future[VerifyResult] = field(default_factory=Future)
 
 
 def kv_bytes_per_token(model: LoadedModel) -> int:
@@ -92,6 +110,11 @@ def kv_bytes_per_token(model: LoadedModel) -> int:
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
     dtype_bytes = next(model.model.parameters(), torch.empty(0)).element_size()
     return 2 * layers * kv_heads * head_dim * dtype_bytes
+
+
+async def _wake(entry: _Session) -> None:
+    async with entry.turn:
+        entry.turn.notify_all()
 
 
 class ModelWorker:
@@ -105,6 +128,10 @@ class ModelWorker:
         self._inflight = 0
         self._bytes_per_token = kv_bytes_per_token(target)
         self._sweeper: asyncio.Task[None] | None = None
+        self._wakers: set[asyncio.Task[None]] = set()
+        self._pending: list[_Job] = []  # guarded by _queued
+        self._queued = threading.Condition()
+        self._generations = 0  # completion streams running: with the sessions, the jobs a batch may wait for
 
     # --- lifecycle
 
@@ -121,7 +148,7 @@ class ModelWorker:
         if self._sweeper is not None:
             self._sweeper.cancel()
         for entry in list(self._sessions.values()):
-            self._drop(entry)
+            self._drop(entry, "shutdown")
         await asyncio.to_thread(self._executor.shutdown, True)
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
@@ -162,6 +189,9 @@ class ModelWorker:
         n, limit = len(block.tokens), self.settings.max_draft_tokens
         if n > limit:
             raise InvalidRequestError(f"the draft has {n} tokens; this server takes at most {limit}")
+        extra = sum(len(c.tokens) for c in block.candidates)  # candidates: at most as many tokens again
+        if extra > limit:
+            raise InvalidRequestError(f"the candidates have {extra} tokens; this server takes at most {limit}")
 
     # --- sessions
 
@@ -184,7 +214,7 @@ class ModelWorker:
             self._evict_expired()
             sid = req.session_id or uuid.uuid4().hex
             if sid in self._sessions:
-                self._drop(self._sessions[sid])
+                self._drop(self._sessions[sid], "replaced")
             if len(self._sessions) >= self.settings.max_sessions:
                 raise CapacityError(f"over capacity: {len(self._sessions)} sessions open; retry later")
             want = min(len(req.prompt) + req.params.max_tokens + self.settings.max_draft_tokens + 1, t.context_length)
@@ -231,7 +261,8 @@ class ModelWorker:
             if seq == entry.next_seq + 1:  # sent ahead (pipelined, maybe on another connection): wait for its turn
                 try:
                     async with entry.turn:
-                        await asyncio.wait_for(entry.turn.wait_for(lambda: seq <= entry.next_seq), _PIPELINE_WAIT_S)
+                        ready = entry.turn.wait_for(lambda: seq <= entry.next_seq or entry.closed)
+                        await asyncio.wait_for(ready, _PIPELINE_WAIT_S)
                 except asyncio.TimeoutError:
                     raise InvalidRequestError(f"draft seq {seq} waited in vain for seq {seq - 1}") from None
                 entry = self._get(session_id)
@@ -247,14 +278,15 @@ class ModelWorker:
             t0 = time.perf_counter()
             skipped = 0 if base_len is None else max(0, len(core.state.tokens) - base_len)
             try:
-                result = await self._run(self._verify, core, block, base_len)
+                result = await self._step(core, block, base_len)
             finally:
                 entry.busy = False
                 entry.last_used = time.monotonic()
             elapsed = time.perf_counter() - t0
             if not result.stale:
                 self.metrics.verify_latency.observe(elapsed)
-                self.metrics.observe_verify(len(block.tokens) - skipped, result.num_accepted)
+                candidates = sum(len(c.tokens) for c in block.candidates)  # drafted too: an accepted path may end there
+                self.metrics.observe_verify(len(block.tokens) - skipped + candidates, result.num_accepted)
                 self.metrics.generation_tokens.inc(len(result.tokens))
             entry.next_seq += 1
             entry.last = SessionVerdict(seq, result, core.generated, elapsed * 1e3)
@@ -262,26 +294,107 @@ class ModelWorker:
                 entry.turn.notify_all()
             return entry.last
 
-    def _verify(self, core: TargetSession, block: DraftBlock, base_len: int | None = None) -> VerifyResult:
-        passes = core.passes
-        try:
-            return core.verify(block, base_len)
-        finally:
-            self.metrics.target_passes.inc(core.passes - passes)
+    # --- continuous batching on the model thread
 
-    async def close_session(self, session_id: str) -> None:
+    async def _step(self, core: TargetSession, block: DraftBlock, base_len: int | None = None) -> VerifyResult:
+        """Verify one block (an empty one: the target's next token) in the next batch the model thread runs."""
+        job = _Job(core, block, base_len)
+        with self._queued:
+            self._pending.append(job)
+            self._queued.notify()
+        try:
+            self._executor.submit(self._drain)  # one drain per job: a drain that finds nothing returns at once
+        except RuntimeError:  # the executor is shut down
+            with self._queued:
+                if job in self._pending:
+                    self._pending.remove(job)
+            raise ShuttingDownError("the server is shutting down") from None
+        return await asyncio.wrap_future(job.future)
+
+    def _drain(self) -> None:
+        """On the model thread: take what is waiting (waiting up to the window for the rest), run it as one batch."""
+        limit = self.settings.max_batch
+        with self._queued:
+            if not self._pending:
+                return
+            deadline = time.monotonic() + self.settings.batch_window_ms / 1e3
+            # wait only while some stream that may send soon has not (sessions + completions, read racily: a hint)
+            while len(self._pending) < min(limit, len(self._sessions) + self._generations):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._queued.wait(left)
+            jobs, seen = [], set()
+            for job in self._pending:
+                if len(jobs) < limit and id(job.core) not in seen:
+                    seen.add(id(job.core))
+                    jobs.append(job)
+            self._pending = [job for job in self._pending if job not in jobs]
+        # a job whose caller went away (its future cancelled) is dropped unverified: its session is unchanged
+        jobs = [job for job in jobs if job.future.set_running_or_notify_cancel()]
+        try:
+            self._run_batch(jobs)
+        except BaseException as e:  # never leave a caller waiting
+            for job in jobs:
+                if not job.future.done():
+                    job.future.set_exception(e)
+            raise
+
+    def _run_batch(self, jobs: list[_Job]) -> None:
+        ready: list[tuple[_Job, PreparedBlock]] = []
+        for job in jobs:
+            try:
+                prepared = job.core.prepare(job.block, job.base_len)
+            except BaseException as e:
+                job.future.set_exception(e)
+                continue
+            if isinstance(prepared, VerifyResult):  # stale: nothing verified
+                job.future.set_result(prepared)
+            elif prepared.tree is not None:  # candidates need their own tree mask: verified alone
+                self.metrics.batch_size.observe(1)
+                self._finish(job, prepared, lambda j=job, p=prepared: j.core.forward(p))
+            else:
+                ready.append((job, prepared))
+        if not ready:
+            return
+        self.metrics.batch_size.observe(len(ready))
+        try:
+            logits = forward_batch([job.core.state for job, _ in ready], [p.tokens for _, p in ready])
+        except BaseException as e:
+            for job, _ in ready:
+                job.future.set_exception(e)
+            return
+        for (job, prepared), rows in zip(ready, logits, strict=True):
+            self._finish(job, prepared, lambda r=rows: r)
+
+    def _finish(self, job: _Job, prepared: PreparedBlock, logits: Callable[[], torch.Tensor]) -> None:
+        passes = job.core.passes
+        try:
+            job.future.set_result(job.core.finish(prepared, logits()))
+        except BaseException as e:
+            job.future.set_exception(e)
+        finally:
+            self.metrics.target_passes.inc(job.core.passes - passes)
+
+    async def close_session(self, session_id: str, reason: str = "closed") -> None:
         entry = self._sessions.get(session_id)
         if entry is None:
             raise SessionNotFoundError(f"unknown or expired session {session_id!r}")
-        self._drop(entry)
+        self._drop(entry, reason)
 
     def _forget(self, entry: _Session) -> None:
         if self._sessions.get(entry.id) is entry:
             del self._sessions[entry.id]
         self.metrics.open_sessions.set(len(self._sessions))
 
-    def _drop(self, entry: _Session) -> None:
+    def _drop(self, entry: _Session, reason: str = "closed") -> None:
         self._forget(entry)
+        entry.closed = True  # a Draft sent ahead and waiting for its turn gets session_not_found at once
+        with contextlib.suppress(RuntimeError):  # no running event loop: nobody can be waiting
+            task = asyncio.get_running_loop().create_task(_wake(entry))
+            self._wakers.add(task)
+            task.add_done_callback(self._wakers.discard)
+        self.metrics.sessions_closed.labels(reason=reason).inc()
         if entry.core is not None:
             self._submit_close(entry.core)
 
@@ -290,7 +403,7 @@ class ModelWorker:
         for entry in list(self._sessions.values()):
             if not entry.busy and entry.last_used < deadline:
                 log.info("session %s expired", entry.id)
-                self._drop(entry)
+                self._drop(entry, "expired")
 
     async def _sweep_forever(self) -> None:
         period = min(self.settings.session_ttl_s / 2, 5.0)
@@ -333,17 +446,21 @@ class Generation:
     async def __aiter__(self) -> AsyncIterator[VerifyResult]:
         session = self.session
         assert session is not None
-        while session.finish_reason is None:
-            # a zero-length block: the target's own next token
-            result = await self.worker._run(self.worker._verify, session, DraftBlock([]))
-            now = time.perf_counter()
-            if self._t_first is None and result.tokens:
-                self._t_first = now
-                self.worker.metrics.ttft.observe(now - self._t0)
-            self._t_last = now
-            self.tokens += len(result.tokens)
-            self.worker.metrics.generation_tokens.inc(len(result.tokens))
-            yield result
+        self.worker._generations += 1
+        try:
+            while session.finish_reason is None:
+                # a zero-length block: the target's own next token, batched with whatever else is waiting
+                result = await self.worker._step(session, DraftBlock([]))
+                now = time.perf_counter()
+                if self._t_first is None and result.tokens:
+                    self._t_first = now
+                    self.worker.metrics.ttft.observe(now - self._t0)
+                self._t_last = now
+                self.tokens += len(result.tokens)
+                self.worker.metrics.generation_tokens.inc(len(result.tokens))
+                yield result
+        finally:
+            self.worker._generations -= 1
 
     def close(self) -> None:
         if self._closed:

@@ -18,15 +18,19 @@ from typing import Annotated, Any, Literal
 
 import uvicorn
 from fastapi import APIRouter, Depends, FastAPI, Request
-from fastapi.responses import Response
+from fastapi.responses import PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from cloud_server.errors import BEARER_HEADER, require_bearer
 from cloud_server.http_app import (
+    API_ERRORS,
+    COMPLETION_RESPONSES,
+    BearerDep,
     chat_completion_prompt,
     check_model,
     completion_prompt,
     completion_response,
+    error_responses,
     install_error_handling,
     sampling_params,
 )
@@ -96,7 +100,11 @@ class EdgeGeneration:
     async def start(self) -> None:
         """Run the request; return once its first token (or its failure: a clear status) is known."""
         self._loop.run_in_executor(self.service.executor, self._job)
-        self._first = await self._queue.get()
+        try:
+            self._first = await self._queue.get()
+        except asyncio.CancelledError:  # the request was dropped before its first token: stop the draft thread too
+            self._cancel.set()
+            raise
         if self._first[0] == "error":
             raise self._first[1]
 
@@ -129,12 +137,13 @@ def get_service(request: Request) -> EdgeService:
 ServiceDep = Annotated[EdgeService, Depends(get_service)]
 
 
-async def require_api_key(request: Request, service: ServiceDep) -> None:
+async def require_api_key(request: Request, service: ServiceDep, _: BearerDep) -> None:
     require_bearer(request.headers.get("authorization", ""), service.settings.edge_api_keys, BEARER_HEADER)
 
 
 public = APIRouter()
-api = APIRouter(dependencies=[Depends(require_api_key)])
+# the cloud's errors, and 502 (the cloud's certificate refused) / 504 (no answer from the cloud in time)
+api = APIRouter(dependencies=[Depends(require_api_key)], responses=API_ERRORS | error_responses(502, 504))
 
 
 @public.get("/health")
@@ -142,7 +151,7 @@ async def health() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@public.get("/metrics")
+@public.get("/metrics", response_class=PlainTextResponse)
 async def metrics(service: ServiceDep) -> Response:
     return Response(service.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
@@ -154,13 +163,13 @@ async def models(service: ServiceDep, request: Request) -> dict[str, Any]:
     return {"object": "list", "data": [card]}
 
 
-@api.post("/v1/completions")
+@api.post("/v1/completions", responses=COMPLETION_RESPONSES)
 async def completions(body: CompletionRequest, service: ServiceDep) -> Response:
     ids = await completion_prompt(body, service.draft.tokenizer)
     return await _complete(service, body, ids, body.max_tokens, "text")
 
 
-@api.post("/v1/chat/completions")
+@api.post("/v1/chat/completions", responses=COMPLETION_RESPONSES)
 async def chat_completions(body: ChatRequest, service: ServiceDep) -> Response:
     ids = await chat_completion_prompt(body, service.draft.tokenizer)
     return await _complete(service, body, ids, body.max_completion_tokens or body.max_tokens, "chat")
@@ -180,7 +189,8 @@ async def _complete(service: EdgeService, body: CompletionRequest | ChatRequest,
     def stats() -> dict[str, Any]:
         return {"tandem": gen.result.stats.as_dict()} if gen.result is not None else {}
 
-    return await completion_response(gen, draft.tokenizer, body, kind, s.model_name, len(ids), extra=stats)
+    return await completion_response(gen, draft.tokenizer, body, kind, s.model_name, len(ids), extra=stats,
+                                     metrics=service.metrics)
 
 
 def create_app(settings: EdgeSettings, draft: LoadedModel) -> FastAPI:
@@ -202,10 +212,11 @@ def run(settings: EdgeSettings) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(settings.threads)
     draft = load_model(settings.draft)
-    log.info("edge endpoint on http://%s:%d (draft %s, cloud %s over %s, mode %s)", settings.host, settings.port,
-             draft.name, settings.cloud, settings.transport, settings.mode)
+    log.info("edge endpoint on %s://%s:%d (draft %s, cloud %s over %s, mode %s)",
+             "https" if settings.edge_tls_cert_file else "http", settings.host, settings.port, draft.name,
+             settings.cloud, settings.transport, settings.mode)
     uvicorn.run(create_app(settings, draft), host=settings.host, port=settings.port, log_level="warning",
-                access_log=False)
+                access_log=False, ssl_certfile=settings.edge_tls_cert_file, ssl_keyfile=settings.edge_tls_key_file)
 
 
 class BackgroundEdge:
@@ -213,7 +224,8 @@ class BackgroundEdge:
 
     def __init__(self, settings: EdgeSettings, draft: LoadedModel) -> None:
         config = uvicorn.Config(create_app(settings, draft), host=settings.host, port=settings.port,
-                                log_level="warning", access_log=False, lifespan="off")
+                                log_level="warning", access_log=False, lifespan="off",
+                                ssl_certfile=settings.edge_tls_cert_file, ssl_keyfile=settings.edge_tls_key_file)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, name="tandem-edge-http", daemon=True)
 

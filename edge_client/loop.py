@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+import uuid
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -30,16 +31,19 @@ from tandem.engine import (
     cut_at_finish,
     draft_block,
     draw_draft_token,
+    slice_block,
     validate_prompt,
 )
 from tandem.errors import InvalidRequestError
 from tandem.kv import SequenceState
 from tandem.models import LoadedModel
+from tandem.pool import OuroborosConfig, PhrasePool, PoolRegistry, draft_greedy, learn, ouroboros_block
 from tandem.sampling import SamplingParams, make_generator
 
 log = logging.getLogger(__name__)
 OnTokens = Callable[[list[int]], None]
 OnRound = Callable[[int, int], None]  # (drafted, accepted) per verified block
+_AUTO_REPROBE_EVERY = 8  # auto, after deciding for the cloud: every 8th request speculates (and measures) again
 # failures worth reconnecting for; anything else (bad input, a tokenizer mismatch, a bad key) is final
 _RETRYABLE = {"unavailable", "deadline_exceeded", "session_not_found", "internal_error", "over_capacity"}
 
@@ -96,6 +100,18 @@ class Drafter:
             self.state.tokens.append(tok)
             self.steps += 1
         return draft_block(tokens, rows)
+
+    def draft_ouroboros(self, n: int, pool: PhrasePool, cfg: OuroborosConfig, room: int, vocab: int) -> DraftBlock:
+        """n draft-model passes made an Ouroboros block (tandem.pool): under greedy the passes read pool phrases
+        and may go further; the block is lengthened from the pool and (greedy) carries candidates. `room`: the
+        block's tokens allowed in all. The context grows by the draft model's tokens only."""
+        context = list(self.state.tokens)
+        if not self.params.greedy:
+            return ouroboros_block(pool, context, self.draft(n), [], cfg, False, room, vocab)
+        tokens, _, parted, passes = draft_greedy(self.state, pool, n, min(max(n, cfg.max_draft), room))
+        self.state.tokens.extend(tokens)
+        self.steps += passes
+        return ouroboros_block(pool, context, DraftBlock(tokens), parted, cfg, True, room, vocab)
 
 
 @dataclass
@@ -160,6 +176,9 @@ class _Run:
     out: list[int] = field(default_factory=list)
     finish: FinishReason | None = None
     session_id: str | None = None  # the cloud's id for this generation; a resume reopens under it
+    # sent with every call of the generation's sessions, resumes included: a load balancer hashing it keeps the
+    # generation on one replica, and moves it whole when that replica is gone
+    affinity_key: str = field(default_factory=lambda: uuid.uuid4().hex)
 
     @property
     def ctx(self) -> list[int]:
@@ -196,6 +215,14 @@ class EdgeClient:
         # live measurements (acceptance, draft and verify times, RTT); kept across requests: a warm start
         self.model = AdaptiveGamma(max_gamma=settings.max_gamma)
         self._on_round: OnRound | None = None
+        # Ouroboros: one phrase pool per client id, kept across requests (a warm start)
+        self.pools = PoolRegistry(settings.pool_max_clients, settings.pool_max_tokens)
+        self.ouroboros = OuroborosConfig(extend=settings.ouroboros_extend, candidates=settings.ouroboros_candidates,
+                                         candidate_len=settings.ouroboros_candidate_len)
+        # auto's warm start: once measured rounds said "cloud", later requests go straight to the cloud's stream
+        # (a switch mid-request pays a second prefill), re-measuring every _AUTO_REPROBE_EVERY requests
+        self._auto_cloud = False
+        self._auto_skips = 0
 
     def generate(
         self, prompt: list[int], params: SamplingParams, on_tokens: OnTokens | None = None,
@@ -209,6 +236,9 @@ class EdgeClient:
             self._edge_alone(run)
         elif mode == "cloud":
             self._with_retries(run, self._cloud)
+        elif mode == "auto" and self._auto_prefers_cloud():
+            run.stats.switched_to_cloud = True
+            self._with_retries(run, self._cloud)
         elif mode in ("spec", "auto"):
             self._with_retries(run, lambda r, v: self._speculate(r, v, auto=mode == "auto"))
         else:
@@ -217,6 +247,15 @@ class EdgeClient:
         run.stats.wall_s = time.perf_counter() - run.t0
         assert run.finish is not None
         return EdgeResult(run.out, run.finish, run.stats)
+
+    def _auto_prefers_cloud(self) -> bool:
+        if not self._auto_cloud:
+            return False
+        self._auto_skips += 1
+        if self._auto_skips >= _AUTO_REPROBE_EVERY:  # speculate again: the network or the load may have changed
+            self._auto_skips = 0
+            return False
+        return True
 
     # --- faults: reconnect with backoff and resume from the context; or fall back to the draft alone
 
@@ -288,7 +327,8 @@ class EdgeClient:
     def _speculate(self, run: _Run, verifier: GrpcVerifier | HttpVerifier, auto: bool) -> None:
         s, stats = self.settings, run.stats
         t_open = time.perf_counter()
-        session: Session = verifier.open(run.ctx, self._resume_params(run), session_id=run.session_id)
+        session: Session = verifier.open(run.ctx, self._resume_params(run), session_id=run.session_id,
+                                         affinity_key=run.affinity_key)
         run.session_id = session.session_id
         opened = session.opened
         server_ms = float(opened["server_ms"] if isinstance(opened, dict) else opened.server_ms)
@@ -298,6 +338,9 @@ class EdgeClient:
         if not model.rtt_s.samples:  # connection set-up included: an upper bound, only until better samples come
             model.observe_rtt(time.perf_counter() - t_open - server_ms / 1e3)
         drafter = Drafter(self.draft, run.params, run.ctx, s.q_top_k)
+        pool = self.pools.get(s.client_id) if s.ouroboros else None
+        if pool is not None and stats.rounds == 0:
+            pool.feed(run.prompt)
         pipelined = s.pipeline
         inflight: deque[_Sent] = deque()
         probe = auto and stats.rounds == 0  # a first empty block measures one target step: the cloud's own pace
@@ -327,7 +370,11 @@ class EdgeClient:
                         t for e in live for t in e.block.tokens]
                     drafter.reset(spec_ctx)
                     t0 = time.perf_counter()
-                    block = drafter.draft(n)
+                    if pool is not None and n:  # Ouroboros: pool phrases read in the draft's passes, more appended
+                        block = drafter.draft_ouroboros(n, pool, self.ouroboros, max(n, room + (tail is not None)),
+                                                        self.draft.vocab_size)
+                    else:
+                        block = drafter.draft(n)
                     spent = time.perf_counter() - t0
                     for e in inflight:
                         e.clean = False
@@ -364,6 +411,8 @@ class EdgeClient:
                     stats.rtt_ms.append(rtt * 1e3)
                 if self._on_round is not None:
                     self._on_round(drafted, result.num_accepted)
+                if pool is not None:  # the verdict concerns the block as the server aligned it
+                    learn(pool, run.ctx, slice_block(sent.block, skipped, len(sent.block.tokens)), result)
                 run.emit(result.tokens, result.finish_reason)
                 # 4. what the server will make of the blocks still in flight (the same rule as the core's)
                 for e in inflight:
@@ -372,7 +421,8 @@ class EdgeClient:
                     spec_rate, cloud_rate = model.best_rate(pipelined), model.cloud_rate()
                     stats.estimate = {"spec_tok_s": spec_rate, "cloud_tok_s": cloud_rate,
                                       "rtt_ms": model.rtt_s.value * 1e3}
-                    if spec_rate < cloud_rate * s.auto_margin:
+                    self._auto_cloud = spec_rate < cloud_rate * s.auto_margin
+                    if self._auto_cloud:
                         raise _SwitchToCloud
         finally:
             stats.bytes_sent += session.bytes_sent
@@ -393,9 +443,11 @@ def _applies(e: _Sent, ctx: list[int]) -> bool:
 
 def make_verifier(settings: EdgeSettings, draft: LoadedModel) -> GrpcVerifier | HttpVerifier:
     s = settings
+    ca = None if s.tls_ca_file is None else str(s.tls_ca_file)
     common: dict[str, Any] = dict(timeout_s=s.timeout_s, api_key=s.api_key, draft_fingerprint=draft.fingerprint,
-                                  draft_name=draft.name, client_id=s.client_id)
+                                  draft_name=draft.name, client_id=s.client_id, tls_ca_file=ca)
     if s.transport == "http":
-        url = s.cloud if s.cloud.startswith(("http://", "https://")) else f"http://{s.cloud}"
+        scheme = "https" if s.cloud_tls else "http"
+        url = s.cloud if s.cloud.startswith(("http://", "https://")) else f"{scheme}://{s.cloud}"
         return HttpVerifier(url, **common)
-    return GrpcVerifier(s.cloud, streaming=s.transport == "grpc", **common)
+    return GrpcVerifier(s.cloud, streaming=s.transport == "grpc", tls=s.cloud_tls, **common)

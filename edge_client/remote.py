@@ -7,6 +7,10 @@ transport status.
 Resume after a cloud restart: open a new session with prompt = original prompt + tokens emitted so far and
 max_tokens reduced by their number (optionally under the old `session_id`).
 
+Behind a load balancer: `open(..., affinity_key=K)` sends K in the `x-tandem-session` header (gRPC metadata) on every
+call of that session; the balancer hashes it to keep the session on one replica (deploy/nginx). The edge uses one
+key per generation, kept across resumes (edge_client.loop).
+
 Pipelined rounds: every session also has `send(block, base_len)` and `recv()`, answered in order, so a block can be
 sent ahead while the previous one is being verified. Each session counts the payload bytes it sent and received.
 `generate` on a verifier is the cloud's own streaming generation (the target alone): the cloud-only baseline.
@@ -16,12 +20,14 @@ from __future__ import annotations
 
 import json
 import queue
+import ssl
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -68,10 +74,57 @@ class Step:
     finish_reason: FinishReason | None
 
 
+AFFINITY_HEADER = "x-tandem-session"  # HTTP header and gRPC metadata key (lowercase, as gRPC requires)
+_TLS_HINT = "TLS: the cloud's certificate was not accepted (is it signed by tls_ca_file's CA, for this host?)"
+
+
 def _from_rpc_error(e: grpc.RpcError) -> RemoteError:
     status = e.code() if isinstance(e, grpc.Call) else grpc.StatusCode.UNKNOWN
     details = (e.details() if isinstance(e, grpc.Call) else None) or str(e)
+    if status == grpc.StatusCode.UNAVAILABLE and _is_tls_failure(details):
+        # not retried: a certificate the edge refuses stays refused
+        return RemoteError("tls_error", f"{_TLS_HINT}: {details}", status.name)
     return RemoteError(_GRPC_CODE_NAMES.get(status, "internal_error"), details, status.name)
+
+
+def _is_tls_failure(text: str) -> bool:
+    text = text.lower()
+    return any(s in text for s in ("handshake", "certificate", "ssl_error", "tls"))
+
+
+def _from_transport_error(e: httpx.TransportError) -> RemoteError:
+    if isinstance(e, httpx.TimeoutException):
+        return RemoteError("deadline_exceeded", str(e) or "no answer in time", 504)
+    cause: BaseException | None = e
+    while cause is not None and not isinstance(cause, ssl.SSLError):
+        cause = cause.__cause__ or cause.__context__
+    if cause is not None or _is_tls_failure(str(e)):
+        return RemoteError("tls_error", f"{_TLS_HINT}: {cause or e}", 503)
+    return RemoteError("unavailable", str(e) or type(e).__name__, 503)
+
+
+def grpc_channel(address: str, options: list[tuple[str, Any]], tls: bool = False,
+                 ca_file: str | None = None) -> grpc.Channel:
+    """A channel to HOST:PORT (an https:// prefix means TLS); with TLS the server's certificate is verified against
+    `ca_file`, or the system's trusted CAs."""
+    if address.startswith("https://"):
+        address, tls = address.removeprefix("https://").rstrip("/"), True
+    if not tls and ca_file is None:
+        return grpc.insecure_channel(address, options=options)
+    root = None if ca_file is None else Path(ca_file).read_bytes()
+    return grpc.secure_channel(address, grpc.ssl_channel_credentials(root_certificates=root), options=options)
+
+
+def http_verify(ca_file: str | None) -> ssl.SSLContext | bool:
+    """httpx's `verify`: the system's trusted CAs, or a context trusting `ca_file` (hostnames are still checked)."""
+    return True if ca_file is None else ssl.create_default_context(cafile=ca_file)
+
+
+Metadata = tuple[tuple[str, str], ...]
+
+
+def _with_affinity(metadata: Metadata, key: str | None) -> Metadata:
+    return metadata if key is None else (*metadata, (AFFINITY_HEADER, key))
 
 
 def _open_msg(prompt: list[int], params: SamplingParams, fingerprint: str, draft_name: str, client_id: str,
@@ -89,12 +142,12 @@ class GrpcVerifier:
     def __init__(
         self, address: str, *, streaming: bool = True, timeout_s: float = 30.0, stream_timeout_s: float = 3600.0,
         api_key: str | None = None, draft_fingerprint: str = "", draft_name: str = "", client_id: str = "",
-        max_message_bytes: int = 4 * 1024 * 1024,
+        max_message_bytes: int = 4 * 1024 * 1024, tls: bool = False, tls_ca_file: str | None = None,
     ) -> None:
-        self.channel = grpc.insecure_channel(address, options=[
+        self.channel = grpc_channel(address, [
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
-        ])
+        ], tls, tls_ca_file)
         self.stub = pb_grpc.VerifierStub(self.channel)
         self.streaming = streaming
         self.timeout_s = timeout_s
@@ -106,16 +159,18 @@ class GrpcVerifier:
         self.bytes_sent = self.bytes_received = 0  # of `generate` calls
 
     def open(
-        self, prompt: list[int], params: SamplingParams, session_id: str | None = None
+        self, prompt: list[int], params: SamplingParams, session_id: str | None = None,
+        affinity_key: str | None = None,
     ) -> GrpcStreamSession | GrpcUnarySession:
         msg = _open_msg(prompt, params, self.draft_fingerprint, self.draft_name, self.client_id, session_id)
+        metadata = _with_affinity(self.metadata, affinity_key)
         if self.streaming:
-            return GrpcStreamSession(self, msg)
+            return GrpcStreamSession(self, msg, metadata)
         try:
-            opened = self.stub.OpenSession(msg, timeout=self.timeout_s, metadata=self.metadata)
+            opened = self.stub.OpenSession(msg, timeout=self.timeout_s, metadata=metadata)
         except grpc.RpcError as e:
             raise _from_rpc_error(e) from None
-        return GrpcUnarySession(self, opened)
+        return GrpcUnarySession(self, opened, metadata)
 
     def generate(self, prompt: list[int], params: SamplingParams) -> Iterator[Step]:
         """The target alone over the Generate stream; each step awaited at most `timeout_s`."""
@@ -174,10 +229,11 @@ class _Pipelined:
 
 
 class GrpcUnarySession(_Pipelined):
-    def __init__(self, verifier: GrpcVerifier, opened: pb.Opened) -> None:
+    def __init__(self, verifier: GrpcVerifier, opened: pb.Opened, metadata: Metadata | None = None) -> None:
         self.verifier = verifier
         self.opened = opened
         self.session_id = opened.session_id
+        self.metadata = verifier.metadata if metadata is None else metadata
         self._setup()
         self.bytes_received = opened.ByteSize()
 
@@ -186,7 +242,7 @@ class GrpcUnarySession(_Pipelined):
         request = pb.VerifyRequest(session_id=self.session_id, draft=wire.block_to_pb(block, seq, base_len))
         self.bytes_sent += request.ByteSize()
         try:
-            verdict = v.stub.Verify(request, timeout=v.timeout_s, metadata=v.metadata)
+            verdict = v.stub.Verify(request, timeout=v.timeout_s, metadata=self.metadata)
         except grpc.RpcError as e:
             raise _from_rpc_error(e) from None
         self.bytes_received += verdict.ByteSize()
@@ -196,7 +252,7 @@ class GrpcUnarySession(_Pipelined):
         self._shutdown()
         v = self.verifier
         try:
-            v.stub.CloseSession(pb.Close(session_id=self.session_id), timeout=v.timeout_s, metadata=v.metadata)
+            v.stub.CloseSession(pb.Close(session_id=self.session_id), timeout=v.timeout_s, metadata=self.metadata)
         except grpc.RpcError as e:
             if not (isinstance(e, grpc.Call) and e.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNAVAILABLE)):
                 raise _from_rpc_error(e) from None
@@ -205,7 +261,7 @@ class GrpcUnarySession(_Pipelined):
 class GrpcStreamSession:
     """One Session stream. The stream has a deadline; each answer is also awaited at most `timeout_s`."""
 
-    def __init__(self, verifier: GrpcVerifier, open_msg: pb.Open) -> None:
+    def __init__(self, verifier: GrpcVerifier, open_msg: pb.Open, metadata: Metadata | None = None) -> None:
         self.verifier = verifier
         self.seq = 0
         self.bytes_sent = open_msg.ByteSize()
@@ -213,7 +269,8 @@ class GrpcStreamSession:
         self._requests: queue.Queue[pb.ClientMessage | None] = queue.Queue()
         self._requests.put(pb.ClientMessage(open=open_msg))
         self._call = verifier.stub.Session(
-            iter(self._requests.get, None), timeout=verifier.stream_timeout_s, metadata=verifier.metadata
+            iter(self._requests.get, None), timeout=verifier.stream_timeout_s,
+            metadata=verifier.metadata if metadata is None else metadata,
         )
         self._replies: Iterator[pb.ServerMessage] = self._call
         first = self._next()
@@ -274,10 +331,11 @@ class HttpVerifier:
 
     def __init__(
         self, base_url: str, *, timeout_s: float = 30.0, api_key: str | None = None, draft_fingerprint: str = "",
-        draft_name: str = "", client_id: str = "",
+        draft_name: str = "", client_id: str = "", tls_ca_file: str | None = None,
     ) -> None:
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self.client = httpx.Client(base_url=base_url, headers=headers, timeout=timeout_s)
+        self.client = httpx.Client(base_url=base_url, headers=headers, timeout=timeout_s,
+                                   verify=http_verify(tls_ca_file))
         self.timeout_s = timeout_s
         self.draft_fingerprint = draft_fingerprint
         self.draft_name = draft_name
@@ -285,15 +343,15 @@ class HttpVerifier:
         self.bytes_sent = self.bytes_received = 0  # of `generate` calls
 
     def request(self, method: str, path: str, body: dict[str, Any] | None = None,
-                count: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+                count: Callable[[int, int], None] | None = None, affinity_key: str | None = None) -> dict[str, Any]:
         content = None if body is None else json.dumps(body).encode()
         headers = {} if body is None else {"Content-Type": "application/json"}
+        if affinity_key is not None:
+            headers[AFFINITY_HEADER] = affinity_key
         try:
             r = self.client.request(method, path, content=content, headers=headers, timeout=self.timeout_s)
-        except httpx.TimeoutException as e:
-            raise RemoteError("deadline_exceeded", str(e) or "no answer in time", 504) from None
         except httpx.TransportError as e:
-            raise RemoteError("unavailable", str(e) or type(e).__name__, 503) from None
+            raise _from_transport_error(e) from None
         if r.status_code >= 400:
             try:
                 err = r.json()["error"]
@@ -331,12 +389,11 @@ class HttpVerifier:
                         raise RemoteError(str(err.get("code")), str(err.get("message")), 200)
                     choice = event["choices"][0]
                     yield Step(list(choice.get("token_ids") or []), choice.get("finish_reason"))
-        except httpx.TimeoutException as e:
-            raise RemoteError("deadline_exceeded", str(e) or "no answer in time", 504) from None
         except httpx.TransportError as e:
-            raise RemoteError("unavailable", str(e) or type(e).__name__, 503) from None
+            raise _from_transport_error(e) from None
 
-    def open(self, prompt: list[int], params: SamplingParams, session_id: str | None = None) -> HttpSession:
+    def open(self, prompt: list[int], params: SamplingParams, session_id: str | None = None,
+             affinity_key: str | None = None) -> HttpSession:
         sampling = {
             "max_tokens": params.max_tokens, "temperature": params.temperature, "top_k": params.top_k,
             "top_p": params.top_p, "seed": params.seed, "stop_token_ids": list(params.stop_token_ids),
@@ -345,8 +402,9 @@ class HttpVerifier:
         body = {"prompt": list(prompt), "sampling": sampling, "draft_fingerprint": self.draft_fingerprint,
                 "draft_name": self.draft_name, "client_id": self.client_id, "session_id": session_id}
         sizes: list[int] = []
-        opened = self.request("POST", "/v1/sessions", body, lambda sent, received: sizes.extend((sent, received)))
-        session = HttpSession(self, opened)
+        opened = self.request("POST", "/v1/sessions", body, lambda sent, received: sizes.extend((sent, received)),
+                              affinity_key)
+        session = HttpSession(self, opened, affinity_key)
         session.bytes_sent, session.bytes_received = sizes
         return session
 
@@ -361,10 +419,11 @@ class HttpVerifier:
 
 
 class HttpSession(_Pipelined):
-    def __init__(self, verifier: HttpVerifier, opened: dict[str, Any]) -> None:
+    def __init__(self, verifier: HttpVerifier, opened: dict[str, Any], affinity_key: str | None = None) -> None:
         self.verifier = verifier
         self.opened = opened
         self.session_id: str = opened["session_id"]
+        self.affinity_key = affinity_key
         self._setup()
         self._lock = threading.Lock()
 
@@ -376,15 +435,19 @@ class HttpSession(_Pipelined):
     def _call(self, block: DraftBlock, seq: int, base_len: int | None) -> Reply:
         k, ids, probs = wire.block_to_sparse(block)
         body = {"seq": seq, "tokens": block.tokens, "q_k": k, "q_ids": ids, "q_probs": probs, "base_len": base_len}
-        v = self.verifier.request("POST", f"/v1/sessions/{self.session_id}/verify", body, self._count)
+        if block.candidates:  # only then: a server without multi-candidate verification refuses the field
+            body["candidates"] = [{"parent": c.parent, "tokens": c.tokens} for c in block.candidates]
+        v = self.verifier.request("POST", f"/v1/sessions/{self.session_id}/verify", body, self._count,
+                                  self.affinity_key)
         result = VerifyResult(v["num_accepted"], v["next_token"], v["kind"], v["tokens"], v["finish_reason"],
-                              v["target_tokens"], v.get("stale", False))
+                              v["target_tokens"], v.get("stale", False), v.get("candidate"),
+                              v.get("candidate_target_tokens") or [])
         return Reply(result, float(v.get("server_ms", 0.0)))
 
     def close(self) -> None:
         self._shutdown()
         try:
-            self.verifier.request("DELETE", f"/v1/sessions/{self.session_id}")
+            self.verifier.request("DELETE", f"/v1/sessions/{self.session_id}", affinity_key=self.affinity_key)
         except RemoteError as e:
             if e.code not in ("session_not_found", "unavailable"):
                 raise

@@ -1,5 +1,6 @@
-"""`tandem bench local`: the target alone, our speculative loop and HF transformers' assisted generation,
-on the same held-out prompts, pair and process, interleaved prompt by prompt. Greedy. Prints figures and ratios."""
+"""`tandem bench local`: the target alone, our speculative loop, Ouroboros-style drafting and HF transformers'
+assisted generation, on the same held-out prompts, pair and process, interleaved prompt by prompt. Greedy. Prints
+figures and ratios; `warm` adds a cold-vs-warm phrase pool comparison on a second pass over similar prompts."""
 
 from __future__ import annotations
 
@@ -18,10 +19,12 @@ from rich.table import Table
 from tandem.config import CoreSettings
 from tandem.engine import LocalVerifier, ModelDrafter, generate_autoregressive, generate_speculative
 from tandem.models import LoadedModel, check_pair, load_model
+from tandem.pool import OuroborosDrafter, PhrasePool, SourceCounts
 from tandem.sampling import SamplingParams
 from tandem.train.data import heldout_prompts
 
-MODES = ("ar", "spec", "hf-assisted", "hf-assisted-constant")
+MODES = ("ar", "spec", "ouroboros", "hf-assisted", "hf-assisted-constant")
+WARM_SHIFTS = {"repeat": 0, "shifted": 32}  # the warm start's second passes: each prompt again, or its window moved on
 
 
 @dataclass
@@ -36,6 +39,28 @@ class ModeFigures:
     per_prompt_tps: list[float] = field(default_factory=list)
     accepted_per_position: list[int] = field(default_factory=list)
     rounds: int = 0
+    sources: SourceCounts | None = None  # ouroboros: drafted and accepted tokens by source
+
+    def add(self, tokens: list[int], wall: float, stats: dict) -> None:  # type: ignore[type-arg]
+        self.tokens += len(tokens)
+        self.wall_s += wall
+        self.runs += 1
+        self.per_prompt_tps.append(len(tokens) / wall)
+        self.target_passes += int(stats.get("target_passes", 0))
+        self.drafted += int(stats.get("drafted", 0))
+        self.accepted += int(stats.get("accepted", 0))
+        self.rounds += int(stats.get("rounds", 0))
+        per_pos = self.accepted_per_position
+        for j, a in enumerate(stats.get("accepted_per_position", [])):
+            if j >= len(per_pos):
+                per_pos.append(0)
+            per_pos[j] += a
+        src = stats.get("sources")
+        if isinstance(src, SourceCounts):
+            self.sources = self.sources or SourceCounts()
+            for k in src.drafted:
+                self.sources.drafted[k] += src.drafted[k]
+                self.sources.accepted[k] += src.accepted[k]
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -47,6 +72,10 @@ class ModeFigures:
             "acceptance_per_position": [a / self.rounds for a in self.accepted_per_position] if self.rounds else None,
             "greedy_equal_to_target": f"{self.matches_ar}/{self.runs}",
             "median_prompt_tokens_per_s": statistics.median(self.per_prompt_tps) if self.per_prompt_tps else 0.0,
+            **({} if self.sources is None else {
+                "drafted_by_source": self.sources.drafted, "accepted_by_source": self.sources.accepted,
+                "accepted_share_by_source": {k: v / max(1, self.accepted) for k, v in self.sources.accepted.items()},
+            }),
         }
 
 
@@ -73,6 +102,7 @@ def run_bench_local(
     max_tokens: int,
     json_out: Path | None,
     console: Console | None = None,
+    warm: bool = False,
 ) -> dict[str, object]:
     console = console or Console()
     unknown = set(modes) - set(MODES)
@@ -96,6 +126,7 @@ def run_bench_local(
     runners: dict[str, Callable[[list[int]], tuple[list[int], float, dict]]] = {
         "ar": lambda p: _ours(generate_autoregressive(target, p, params)),
         "spec": lambda p: _ours(generate_speculative(ModelDrafter(draft), LocalVerifier(target), p, params, gamma)),
+        "ouroboros": lambda p: _ouroboros(OuroborosDrafter(draft), target, p, params, gamma),  # a cold pool
         "hf-assisted": lambda p: (*_hf_assisted(target, draft, p, max_tokens, None), {}),
         "hf-assisted-constant": lambda p: (*_hf_assisted(target, draft, p, max_tokens, gamma), {}),
     }
@@ -106,17 +137,7 @@ def run_bench_local(
         for mode in order:
             tokens, wall, stats = runners[mode](prompt)
             outputs[mode] = tokens
-            f = figs[mode]
-            f.tokens += len(tokens)
-            f.wall_s += wall
-            f.runs += 1
-            f.per_prompt_tps.append(len(tokens) / wall)
-            f.target_passes += int(stats.get("target_passes", 0))
-            f.drafted += int(stats.get("drafted", 0))
-            f.accepted += int(stats.get("accepted", 0))
-            f.rounds += int(stats.get("rounds", 0))
-            for j, a in enumerate(stats.get("accepted_per_position", [])):
-                f.accepted_per_position[j] += a
+            figs[mode].add(tokens, wall, stats)
         for mode in modes:
             figs[mode].matches_ar += outputs[mode] == outputs["ar"]
         console.print(f"  prompt {i + 1}/{len(prompts)} done", style="dim")
@@ -136,9 +157,17 @@ def run_bench_local(
             "-" if tpt is None else f"{tpt:.3f}", str(d["greedy_equal_to_target"]),
         )
     console.print(table)
-    if "spec" in results and results["spec"]["acceptance_per_position"]:
-        per_pos = ", ".join(f"{a:.2f}" for a in results["spec"]["acceptance_per_position"])  # type: ignore[union-attr]
-        console.print(f"spec acceptance per position (gamma {gamma}): {per_pos}")
+    for m in ("spec", "ouroboros"):
+        if m in results and results[m]["acceptance_per_position"]:
+            per_pos = ", ".join(f"{a:.2f}" for a in results[m]["acceptance_per_position"])  # type: ignore[union-attr]
+            console.print(f"{m} acceptance per position (gamma {gamma}): {per_pos}")
+    if "ouroboros" in results and figs["ouroboros"].sources is not None:
+        src = figs["ouroboros"].sources
+        console.print("ouroboros accepted tokens by source: " + ", ".join(
+            f"{k} {src.accepted[k]} of {src.drafted[k]} drafted" for k in src.accepted))
+        if "spec" in results:
+            ratio = float(results["ouroboros"]["tokens_per_s"]) / float(results["spec"]["tokens_per_s"])  # type: ignore[arg-type]
+            console.print(f"ouroboros / spec: {ratio:.2f}x")
     for m in ("hf-assisted", "hf-assisted-constant"):
         if m in results and "spec" in results:
             ratio = float(results["spec"]["tokens_per_s"]) / float(results[m]["tokens_per_s"])  # type: ignore[arg-type]
@@ -149,6 +178,8 @@ def run_bench_local(
         "machine": {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__},
         "results": results,
     }
+    if warm:
+        report["warm_start"] = _warm_start(target, draft, n_prompts, prompt_tokens, params, gamma, console)
     if json_out is not None:
         json_out.write_text(json.dumps(report, indent=2) + "\n")
     return report
@@ -156,3 +187,46 @@ def run_bench_local(
 
 def _ours(result) -> tuple[list[int], float, dict]:  # type: ignore[no-untyped-def]
     return result.tokens, result.stats.wall_s, result.stats.as_dict()
+
+
+def _ouroboros(
+    drafter: OuroborosDrafter, target: LoadedModel, prompt: list[int], params: SamplingParams, gamma: int
+) -> tuple[list[int], float, dict]:  # type: ignore[type-arg]
+    tokens, wall, stats = _ours(generate_speculative(drafter, LocalVerifier(target), prompt, params, gamma))
+    return tokens, wall, {**stats, "sources": drafter.sources}
+
+
+def _warm_start(
+    target: LoadedModel, draft: LoadedModel, n: int, prompt_tokens: int, params: SamplingParams, gamma: int,
+    console: Console,
+) -> dict[str, object]:
+    """A first pass over n prompts fills one pool (one client's); second passes over the same prompts again
+    ("repeat") and over similar ones (each window moved on by 32 tokens of its file: "shifted") run with that pool
+    carried over (warm; it keeps learning) and with a fresh pool each (cold). Every output is checked."""
+    shift = max(WARM_SHIFTS.values())
+    windows = heldout_prompts(n, prompt_tokens + shift, target.tokenizer)
+    out: dict[str, object] = {}
+    for name, at in WARM_SHIFTS.items():
+        pool = PhrasePool()
+        for w in windows:
+            generate_speculative(OuroborosDrafter(draft, pool), LocalVerifier(target), w[:prompt_tokens], params,
+                                 gamma)
+        figs = {"cold": ModeFigures(), "warm": ModeFigures()}
+        for i, w in enumerate(windows):
+            prompt = w[at : at + prompt_tokens]
+            ar = generate_autoregressive(target, prompt, params).tokens
+            for kind in (("cold", "warm") if i % 2 == 0 else ("warm", "cold")):
+                drafter = OuroborosDrafter(draft, pool if kind == "warm" else PhrasePool())
+                tokens, wall, stats = _ouroboros(drafter, target, prompt, params, gamma)
+                figs[kind].add(tokens, wall, stats)
+                figs[kind].matches_ar += tokens == ar
+        out[name] = {k: f.as_dict() for k, f in figs.items()}
+        for k, f in figs.items():
+            d = f.as_dict()
+            console.print(
+                f"ouroboros second pass ({name}, +{at} tokens), {k} pool: {float(d['tokens_per_s']):.1f} tok/s, "  # type: ignore[arg-type]
+                f"acceptance {float(d['acceptance_rate'] or 0):.3f}, "  # type: ignore[arg-type]
+                f"target passes/token {float(d['target_passes_per_token'] or 0):.3f}, == target alone "  # type: ignore[arg-type]
+                f"{d['greedy_equal_to_target']}"
+            )
+    return out

@@ -55,20 +55,126 @@ def train_demo_cmd(
 
 @bench_app.command("local")
 def bench_local(
-    modes: Annotated[str, typer.Option(help="comma-separated: ar, spec, hf-assisted")] = "ar,spec,hf-assisted",
+    modes: Annotated[str, typer.Option(help="comma-separated: ar, spec, ouroboros, hf-assisted, hf-assisted-constant")
+                     ] = "ar,spec,hf-assisted",
     prompts: Annotated[int, typer.Option(help="held-out stdlib prompts")] = 10,
     prompt_tokens: Annotated[int, typer.Option()] = 128,
     max_tokens: Annotated[int, typer.Option()] = 96,
     gamma: Annotated[int | None, typer.Option()] = None,
     threads: Annotated[int | None, typer.Option()] = None,
     json_out: Annotated[Path | None, typer.Option("--json", help="also write the figures here")] = None,
+    warm: Annotated[bool, typer.Option(help="ouroboros: a cold vs a warm phrase pool over similar prompts")] = False,
 ) -> None:
     """Target alone vs our speculative loop vs HF transformers' assisted generation, interleaved, greedy."""
     from tandem.bench_local import run_bench_local
     from tandem.config import CoreSettings
 
     settings = CoreSettings(**_overrides(gamma=gamma, threads=threads))
-    run_bench_local(settings, modes.split(","), prompts, prompt_tokens, max_tokens, json_out)
+    run_bench_local(settings, modes.split(","), prompts, prompt_tokens, max_tokens, json_out, warm=warm)
+
+
+@bench_app.command("replay")
+def bench_replay(
+    trace: Annotated[Path, typer.Option(help="JSON lines: prompt, max_tokens [, temperature, seed, arrival_s]")],
+    out: Annotated[Path, typer.Option(help="folder for results.json, summary.md, speedup_vs_rtt.png")],
+    cloud: Annotated[str | None, typer.Option(help="HOST:PORT (gRPC) of a running cloud; unset: start one")] = None,
+    rtt_ms: Annotated[str, typer.Option(help="comma-separated round-trip times to emulate")] = "0,10,20,50,100",
+    modes: Annotated[str, typer.Option(help="comma-separated: cloud, spec, spec-pipelined, ouroboros, auto")]
+    = "cloud,spec,spec-pipelined,ouroboros,auto",
+    gamma: Annotated[str, typer.Option(help="draft block length, or 'adaptive'")] = "4",
+    prompts: Annotated[int | None, typer.Option("--prompts", "--limit", help="replay only the first N lines")]
+    = None,
+    target: Annotated[str | None, typer.Option(help="target model of the cloud started here")] = None,
+    draft: Annotated[str | None, typer.Option(help="draft model of the edge")] = None,
+    threads: Annotated[int, typer.Option(help="torch threads of the edge (this process)")] = 1,
+    cloud_threads: Annotated[int, typer.Option(help="torch threads of the cloud started here")] = 1,
+) -> None:
+    """Replay a trace through the real edge client and cloud over emulated round-trip times, every mode side by side."""
+    import os
+
+    from tandem.bench_replay import ReplayConfig, run_replay
+
+    cfg = ReplayConfig(
+        trace=trace, out=out, cloud=cloud, rtts=[float(x) for x in rtt_ms.split(",") if x.strip()],
+        modes=[m.strip() for m in modes.split(",") if m.strip()],
+        gamma=int(gamma) if gamma.isdigit() else gamma,
+        limit=prompts, target=target or os.environ.get("TANDEM_TARGET", "demo-target"),
+        draft=draft or os.environ.get("TANDEM_DRAFT", "demo-draft"), edge_threads=threads,
+        cloud_threads=cloud_threads, api_key=os.environ.get("TANDEM_API_KEY") or None,
+    )
+    run_replay(cfg)
+
+
+@bench_app.command("load")
+def bench_load(
+    sessions: Annotated[int, typer.Option(help="concurrent sessions (threads here, each its own edge client)")] = 16,
+    duration: Annotated[float, typer.Option(help="seconds of load; requests in flight then run to their end")] = 300.0,
+    out: Annotated[Path, typer.Option(help="folder for load.json (and cloud.log of a cloud started here)")]
+    = Path("load-out"),
+    cloud: Annotated[str | None, typer.Option(help="HOST:PORT of a running cloud; unset: start one")] = None,
+    metrics: Annotated[str | None, typer.Option(help="URL of that cloud's /metrics (default: HOST:8000)")] = None,
+    transport: Annotated[str, typer.Option(help="grpc | grpc-unary | http (then --cloud is the HTTP port)")]
+    = "grpc",
+    prompts: Annotated[int, typer.Option(help="distinct prompts from the trace, each checked against a reference")]
+    = 12,
+    prompt_tokens: Annotated[int | None, typer.Option(help="keep the last N tokens of each prompt")] = None,
+    max_tokens: Annotated[int | None, typer.Option(help="per request; default: the trace's")] = None,
+    gamma: Annotated[str, typer.Option(help="draft block length, or 'adaptive'")] = "adaptive",
+    sample_s: Annotated[float, typer.Option(help="seconds between samples of the cloud's metrics and memory")] = 5.0,
+    warmup: Annotated[float | None, typer.Option(help="seconds left out of the memory slope")] = None,
+    target: Annotated[str, typer.Option(help="target model of the cloud started here")] = "demo-target",
+    draft: Annotated[str, typer.Option(help="draft model of the edge")] = "demo-draft",
+    cloud_threads: Annotated[int, typer.Option(help="torch threads of the cloud started here")] = 1,
+    trace: Annotated[Path | None, typer.Option(help="JSON lines with prompt, max_tokens")] = None,
+) -> None:
+    """Sustained load through the real edge client: throughput, latency, failures, memory, sessions freed."""
+    import os
+
+    from tandem.bench_load import DEFAULT_TRACE, LoadConfig, run_load
+
+    cloud_url = None
+    if cloud is not None and metrics is None:
+        cloud_url = f"http://{cloud.rpartition(':')[0] or '127.0.0.1'}:8000/metrics"
+    cfg = LoadConfig(
+        sessions=sessions, duration_s=duration, out=out, cloud=cloud, metrics_url=metrics or cloud_url,
+        trace=trace or DEFAULT_TRACE, prompts=prompts, prompt_tokens=prompt_tokens, max_tokens=max_tokens,
+        target=target, draft=draft, transport=transport, gamma=int(gamma) if gamma.isdigit() else gamma,
+        cloud_threads=cloud_threads, sample_s=sample_s, warmup_s=warmup,
+        api_key=os.environ.get("TANDEM_API_KEY") or None,
+    )
+    summary = run_load(cfg, echo=typer.echo)["summary"]
+    if summary["failed"] or summary["mismatched"] or not summary["sessions_freed"]:
+        raise typer.Exit(1)
+
+
+@bench_app.command("capacity")
+def bench_capacity(
+    clients: Annotated[str, typer.Option(help="comma-separated concurrencies")] = "1,2,4,8,16",
+    out: Annotated[Path, typer.Option(help="folder for capacity.json, capacity.png and the logs")]
+    = Path("capacity-out"),
+    max_tokens: Annotated[int, typer.Option(help="new tokens per request (ignore_eos: exactly this many)")] = 64,
+    prompt_tokens: Annotated[int, typer.Option(help="held-out prompt length")] = 128,
+    requests: Annotated[int, typer.Option(help="requests per client and mode, back to back")] = 2,
+    gamma: Annotated[str, typer.Option(help="draft block length, or 'adaptive'")] = "4",
+    target: Annotated[str, typer.Option(help="the cloud's target model")] = "demo-target",
+    draft: Annotated[str, typer.Option(help="the edges' draft model")] = "demo-draft",
+    cloud_threads: Annotated[int, typer.Option(help="torch threads of the cloud process")] = 1,
+    edge_threads: Annotated[int, typer.Option(help="torch threads of each edge process")] = 1,
+    edge_nice: Annotated[int, typer.Option(help="niceness of the edge processes (>0: the cloud goes first)")] = 0,
+    max_batch: Annotated[int, typer.Option(help="the cloud's max batch (1: no batching)")] = 32,
+    batch_window_ms: Annotated[float, typer.Option(help="the cloud's batch window")] = 2.0,
+    pipeline: Annotated[bool, typer.Option("--pipeline/--no-pipeline", help="edges send blocks ahead")] = True,
+) -> None:
+    """Cloud capacity: speculative sessions vs cloud-only clients at each concurrency, side by side (JSON + plot)."""
+    from tandem.bench_capacity import CapacityConfig, run_bench_capacity
+
+    cfg = CapacityConfig(
+        clients=tuple(int(c) for c in clients.split(",") if c.strip()), target=target, draft=draft, gamma=gamma,
+        max_tokens=max_tokens, prompt_tokens=prompt_tokens, requests=requests, cloud_threads=cloud_threads,
+        edge_threads=edge_threads, edge_nice=edge_nice, max_batch=max_batch, batch_window_ms=batch_window_ms,
+        pipeline=pipeline,
+    )
+    run_bench_capacity(cfg, out)
 
 
 @app.command()
@@ -108,6 +214,8 @@ def generate(
     fallback: Annotated[str | None, typer.Option(help="none | edge: the draft alone when the cloud is lost")] = None,
     threads: Annotated[int | None, typer.Option(help="torch threads for the draft")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="print one JSON object instead of streaming text")] = False,
+    ouroboros: Annotated[bool | None, typer.Option("--ouroboros/--no-ouroboros",
+                                                   help="lengthen drafts from a phrase pool, with candidates")] = None,
 ) -> None:
     """Draft here, verify in the cloud: the target model's output, streamed as tokens are accepted."""
     import json
@@ -122,7 +230,7 @@ def generate(
     from tandem.sampling import SamplingParams
 
     settings = _edge_settings(cloud=cloud, transport=transport, mode=mode, draft=draft, gamma=gamma,
-                              pipeline=pipeline, fallback=fallback, threads=threads)
+                              pipeline=pipeline, fallback=fallback, threads=threads, ouroboros=ouroboros)
     torch.set_num_threads(settings.threads)
     try:
         model = load_model(settings.draft)

@@ -18,19 +18,29 @@ from tandem.errors import ContextOverflowError, InvalidRequestError
 from tandem.kv import SequenceState
 from tandem.models import LoadedModel
 from tandem.sampling import SamplingParams, logits_to_probs, make_generator, sample
-from tandem.verify import TokenKind, Verdict, dense_q, verify_greedy, verify_stochastic
+from tandem.verify import TokenKind, Verdict, dense_q, verify_greedy, verify_stochastic, verify_tree_greedy
 
 FinishReason = Literal["stop", "length"]
 QForm = Literal["full", "sparse", "none"]
 OnTokens = Callable[[list[int]], None]
 
 
+@dataclass(frozen=True)
+class Candidate:
+    """A continuation verified beside the block's main path: `tokens` follow main token `parent` (-1: they follow
+    the committed context, as alternatives to the whole block). Greedy sessions only."""
+
+    parent: int
+    tokens: list[int]
+
+
 @dataclass
 class DraftBlock:
-    tokens: list[int]
+    tokens: list[int]  # the main path: the draft model's tokens, maybe lengthened from a phrase pool
     q_full: torch.Tensor | None = None  # [gamma, V]
     q_ids: torch.Tensor | None = None  # [gamma, k] int64
     q_probs: torch.Tensor | None = None  # [gamma, k]
+    candidates: list[Candidate] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -42,6 +52,19 @@ class VerifyResult:
     finish_reason: FinishReason | None
     target_tokens: list[int]  # the target's argmax from the first rejected position to the end of the block
     stale: bool = False  # a block sent ahead that no longer applies: nothing verified, nothing changed
+    candidate: int | None = None  # the index of the block's candidate on the accepted path, if any
+    # per candidate of the block as sent: the target's argmax after each of its tokens ([] for one not verified)
+    candidate_target_tokens: list[list[int]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class TreeLayout:
+    """The nodes of a block with candidates: the main path first (node i = main token i), then each candidate's
+    tokens in order. `spans[c]` is candidate c's (first node, length); length 0 for one dropped before the pass."""
+
+    parents: list[int]
+    nodes: list[int]
+    spans: list[tuple[int, int]]
 
 
 @dataclass(frozen=True)
@@ -51,6 +74,7 @@ class PreparedBlock:
     tokens: list[int]
     draft: torch.Tensor  # [gamma] int64
     q: torch.Tensor | None  # [gamma, V]; None under greedy
+    tree: TreeLayout | None = None  # set: the forward pass is over a tree (`TargetSession.forward`), not a line
 
 
 def validate_prompt(prompt: list[int], vocab_size: int, context_length: int) -> None:
@@ -117,7 +141,7 @@ class TargetSession:
             return None
         if block.tokens[:done] != self.state.tokens[base_len:]:
             return None
-        return _slice(block, done, len(block.tokens))
+        return slice_block(block, done, len(block.tokens))
 
     def verify(self, block: DraftBlock, base_len: int | None = None) -> VerifyResult:
         """`base_len` unset: the block starts at the current position. Set: see `align`; a stale block is answered
@@ -125,13 +149,20 @@ class TargetSession:
         prepared = self.prepare(block, base_len)
         if isinstance(prepared, VerifyResult):
             return prepared
-        return self.finish(prepared, self.state.forward(prepared.tokens))
+        return self.finish(prepared, self.forward(prepared))
+
+    def forward(self, prepared: PreparedBlock) -> torch.Tensor:
+        """The target's logits for `finish`: [1 + nodes, V] (nodes: the block's tokens, or its tree's nodes)."""
+        if prepared.tree is not None:
+            return self.state.forward_tree(prepared.tree.parents, prepared.tree.nodes)
+        return self.state.forward(prepared.tokens)
 
     def prepare(self, block: DraftBlock, base_len: int | None = None) -> PreparedBlock | VerifyResult:
         """Every check before the forward pass (a bad block changes nothing); a stale block's result at once.
 
         Split from `verify` so that a caller can run the forward pass itself (several sessions batched in one):
-        feed `state.tokens[state.cached:] + prepared.tokens`, then `finish` with the last len(tokens) + 1 rows.
+        feed `state.tokens[state.cached:] + prepared.tokens`, then `finish` with the last len(tokens) + 1 rows. A
+        block with candidates (`prepared.tree` set) needs its tree mask and positions: run it with `forward`.
         """
         if base_len is not None:
             current = None if self.finish_reason is not None else self.align(block, base_len)
@@ -140,18 +171,26 @@ class TargetSession:
             block = current
         if self.finish_reason is not None:
             raise InvalidRequestError(f"the session has finished ({self.finish_reason})")
-        if any((not isinstance(t, int)) or t < 0 or t >= self.target.vocab_size for t in block.tokens):
+        ids = [*block.tokens, *(t for c in block.candidates for t in c.tokens)]
+        if any((not isinstance(t, int)) or t < 0 or t >= self.target.vocab_size for t in ids):
             raise InvalidRequestError("the draft has token ids outside the vocabulary")
+        if block.candidates and not self.params.greedy:
+            # the clean restriction: a tree rule for sampling would need q over every branch
+            raise InvalidRequestError("candidates are verified under greedy sampling only (temperature 0)")
+        if any(not -1 <= c.parent < len(block.tokens) for c in block.candidates):
+            raise InvalidRequestError("a candidate's parent must be -1 or an index into the draft's tokens")
         room = self.target.context_length - len(self.state.tokens) - 1
-        if len(block.tokens) > room:  # near the context end: verify what fits, drop the rest
-            block = _truncate(block, room)
+        # near the context end: verify what fits, drop the rest
+        block = slice_block(block, 0, min(len(block.tokens), room), room)
         draft_t = torch.tensor(block.tokens, dtype=torch.long)  # [gamma]
         q = None if self.params.greedy else self._checked_q(draft_t, block)
-        return PreparedBlock(block.tokens, draft_t, q)
+        return PreparedBlock(block.tokens, draft_t, q, _tree(block) if block.candidates else None)
 
     def finish(self, prepared: PreparedBlock, logits: torch.Tensor) -> VerifyResult:
         """The verdict from the target's logits over the block ([gamma + 1, V]); commits and rolls the cache back."""
         self.passes += 1
+        if prepared.tree is not None:
+            return self._finish_tree(prepared, prepared.tree, logits)
         if prepared.q is None:
             verdict = verify_greedy(prepared.draft, logits)
         else:
@@ -166,6 +205,28 @@ class TargetSession:
             raise InvalidRequestError("q gives zero probability to a drafted token: the draft cannot have sampled it")
         # the draft's q went through its own copy of the sampling transformation; normalise away rounding
         return q / q.sum(-1, keepdim=True)
+
+    def _finish_tree(self, prepared: PreparedBlock, tree: TreeLayout, logits: torch.Tensor) -> VerifyResult:
+        argmax = logits.argmax(-1)  # [1 + nodes]
+        tv = verify_tree_greedy(tree.parents, tree.nodes, argmax)
+        gamma = len(prepared.tokens)
+        on_main = sum(1 for i in tv.path if i < gamma)  # the path is main[:on_main], then maybe one candidate
+        taken = None
+        if len(tv.path) > on_main:
+            taken = next(c for c, (start, n) in enumerate(tree.spans) if start <= tv.path[-1] < start + n)
+        accepted = [tree.nodes[i] for i in tv.path]
+        before = len(self.state.tokens)
+        emitted, finish = cut_at_finish(
+            [*accepted, tv.next_token], self.generated, before, self.params, self.stop_ids, self.target.context_length,
+        )
+        # the cache holds the main path first: keep its accepted part; a candidate's tokens go in uncached
+        self.state.commit(emitted, keep_cached=before + min(on_main, len(emitted)))
+        self.finish_reason = finish
+        rows = argmax.tolist()
+        return VerifyResult(
+            len(tv.path), tv.next_token, tv.kind, emitted, finish, rows[on_main : gamma + 1], candidate=taken,
+            candidate_target_tokens=[rows[start + 1 : start + 1 + n] for start, n in tree.spans],
+        )
 
     def _commit(self, draft: list[int], verdict: Verdict, logits: torch.Tensor) -> VerifyResult:
         n = verdict.num_accepted
@@ -183,14 +244,31 @@ class TargetSession:
         self.state.cache = None  # type: ignore[assignment]
 
 
-def _truncate(block: DraftBlock, n: int) -> DraftBlock:
-    return _slice(block, 0, n)
-
-
-def _slice(block: DraftBlock, start: int, end: int) -> DraftBlock:
-    """Tokens [start:end] of a block, with their q rows."""
+def slice_block(block: DraftBlock, start: int, end: int, room: int | None = None) -> DraftBlock:
+    """Tokens [start:end] of a block, with their q rows, and its candidates re-indexed: one branching off before
+    `start` (from a token now committed) is emptied, as is any part of one beyond `room` positions. Emptied, not
+    removed: a verdict reports on candidates by their index in the block as sent."""
     cut = (lambda t: None if t is None else t[start:end])  # noqa: E731
-    return DraftBlock(block.tokens[start:end], cut(block.q_full), cut(block.q_ids), cut(block.q_probs))
+    cands = []
+    for c in block.candidates:
+        parent = c.parent - start
+        keep = c.tokens if -1 <= parent < end - start else []
+        if room is not None:
+            keep = keep[: max(0, room - parent - 1)]
+        cands.append(Candidate(parent if keep else -1, list(keep)))
+    return DraftBlock(block.tokens[start:end], cut(block.q_full), cut(block.q_ids), cut(block.q_probs), cands)
+
+
+def _tree(block: DraftBlock) -> TreeLayout:
+    gamma = len(block.tokens)
+    parents, nodes = [*range(-1, gamma - 1)], list(block.tokens)
+    spans = []
+    for c in block.candidates:
+        spans.append((len(nodes), len(c.tokens)))
+        for i, tok in enumerate(c.tokens):
+            parents.append(c.parent if i == 0 else len(nodes) - 1)
+            nodes.append(tok)
+    return TreeLayout(parents, nodes, spans)
 
 
 class Verifier(Protocol):
@@ -216,19 +294,7 @@ class LocalVerifier:
 class Drafter(Protocol):
     def start(self, prompt: list[int], params: SamplingParams) -> None: ...
 
-    def propose(self, gamma: int) -> DraftBlock:
-        tokens: list[int] = []
-        rows: list[DraftRow] = []
-        logits = self.state.forward()[-1] if gamma else None  # [V]
-        for i in range(gamma):
-            assert logits is not None
-            tok, row = draw_draft_token(logits, self.params, self.q_form, self.q_top_k, self.generator)
-            tokens.append(tok)
-            rows.append(row)
-            self.passes += 1
-            if i < gamma - 1:
-                logits = self.state.run([tok])[-1]
-        return draft_block(tokens, rows)
+    def propose(self, gamma: int) -> DraftBlock: ...
 
     def commit(self, num_accepted: int, emitted: list[int]) -> None: ...
 
@@ -279,33 +345,17 @@ class ModelDrafter:
 
     def propose(self, gamma: int) -> DraftBlock:
         tokens: list[int] = []
-        qs: list[torch.Tensor] = []  # each [V] or [k]
-        ids: list[torch.Tensor] = []  # each [k]
+        rows: list[DraftRow] = []
         logits = self.state.forward()[-1] if gamma else None  # [V]
         for i in range(gamma):
             assert logits is not None
-            if self.params.greedy:
-                tok = int(logits.argmax())
-            else:
-                q = logits_to_probs(logits, self.params)  # [V]
-                if self.q_form == "sparse":
-                    top = torch.topk(q, min(self.q_top_k, q.shape[-1]))
-                    probs = top.values / top.values.sum()  # the truncated q the draft really samples from
-                    tok = int(top.indices[sample(probs, self.generator)])
-                    qs.append(probs)
-                    ids.append(top.indices)
-                else:
-                    tok = sample(q, self.generator)
-                    qs.append(q)
+            tok, row = draw_draft_token(logits, self.params, self.q_form, self.q_top_k, self.generator)
             tokens.append(tok)
+            rows.append(row)
             self.passes += 1
             if i < gamma - 1:
                 logits = self.state.run([tok])[-1]
-        if self.params.greedy or self.q_form == "none" or not tokens:
-            return DraftBlock(tokens)
-        if self.q_form == "sparse":
-            return DraftBlock(tokens, q_ids=torch.stack(ids), q_probs=torch.stack(qs))
-        return DraftBlock(tokens, q_full=torch.stack(qs))
+        return draft_block(tokens, rows)
 
     def commit(self, num_accepted: int, emitted: list[int]) -> None:
         # The draft never saw its own last token when the whole block was accepted: `forward` feeds it next round.
@@ -406,12 +456,17 @@ def generate_speculative(
             # 2. verify the block in one target pass
             result = session.verify(block)
             # 3. learn the verdict: roll the draft back to the accepted prefix
+            learn = getattr(drafter, "learn", None)  # a drafter that keeps the target's feedback (OuroborosDrafter)
+            if learn is not None:
+                learn(block, result)
             drafter.commit(result.num_accepted, result.tokens)
             stats.rounds += 1
-            stats.drafted += len(block.tokens)
+            stats.drafted += len(block.tokens) + sum(len(c.tokens) for c in block.candidates)
             stats.accepted += result.num_accepted
+            per_pos = stats.accepted_per_position
+            per_pos.extend([0] * (result.num_accepted - len(per_pos)))  # blocks lengthened beyond gamma
             for i in range(result.num_accepted):
-                stats.accepted_per_position[i] += 1
+                per_pos[i] += 1
             out.extend(result.tokens)
             if on_tokens is not None and result.tokens:
                 on_tokens(result.tokens)

@@ -46,6 +46,46 @@ class SequenceState:
         out = self.model(input_ids=feed, past_key_values=self.cache, position_ids=positions, use_cache=True)
         return out.logits[0].float()
 
+    def forward_tree(self, parents: list[int], nodes: list[int]) -> torch.Tensor:
+        """Feed the uncached tail of `tokens`, then a tree of draft nodes (not committed), in one pass.
+
+        Node i holds token `nodes[i]` and continues node `parents[i]` (-1: right after `tokens`); parents come before
+        their children. Each node attends to the committed sequence and its own ancestors only, at position
+        len(tokens) + depth. Returns [1 + len(nodes), V] logits: the row predicting the token after `tokens`, then the
+        row after each node. The cache afterwards holds `tokens` + the nodes in order; only a prefix of it is ever
+        kept (the caller lays a path it may keep first).
+        """
+        if not nodes:
+            return self.forward()
+        if self.cached > len(self.tokens):
+            raise CacheRollbackError("the cache runs past the committed tokens: commit or roll back first")
+        if self.cached == len(self.tokens):
+            self.rollback(self.cached - 1)
+        start, pending = self.cached, self.tokens[self.cached :]
+        p, n = len(pending), len(nodes)
+        depth: list[int] = []
+        allowed = torch.zeros(n, n, dtype=torch.bool)  # [n, n] node i sees node j
+        for i, parent in enumerate(parents):
+            if not -1 <= parent < i:
+                raise ValueError(f"node {i} has parent {parent}: parents must come before their children")
+            depth.append(0 if parent < 0 else depth[parent] + 1)
+            if parent >= 0:
+                allowed[i] = allowed[parent]
+            allowed[i, i] = True
+        q = p + n
+        see = torch.ones(q, start + q, dtype=torch.bool)  # [q, kv] everything cached is visible
+        see[:, start:] = torch.ones(q, q, dtype=torch.bool).tril()  # the pending tail is causal; nodes see all of it
+        see[p:, start + p :] = allowed
+        dtype = next(self.model.parameters()).dtype
+        # an additive float mask works for both sdpa and eager attention (a bool one only for sdpa)
+        mask = torch.zeros(q, start + q, dtype=dtype).masked_fill_(~see, torch.finfo(dtype).min)[None, None]
+        positions = torch.tensor(list(range(start, start + p)) + [start + p + d for d in depth])[None]  # [1, q]
+        feed = torch.tensor([pending + list(nodes)], dtype=torch.long)  # [1, q]
+        with torch.inference_mode():
+            out = self.model(input_ids=feed, attention_mask=mask, past_key_values=self.cache, position_ids=positions,
+                             use_cache=True)
+        return out.logits[0, p - 1 :].float()
+
     def rollback(self, length: int) -> None:
         """Forget cached positions from `length` on."""
         drop = self.cached - length

@@ -44,6 +44,43 @@ def verify_greedy(
     return Verdict(n, int(target_argmax[n]), "bonus" if n == gamma else "recovered")
 
 
+@dataclass(frozen=True)
+class TreeVerdict:
+    path: list[int]  # accepted node indices, root to leaf
+    next_token: int
+    kind: TokenKind
+
+
+def verify_tree_greedy(
+    parents: list[int],  # [n] node i continues node parents[i]; -1: the committed context; parents precede children
+    tokens: list[int],  # [n]
+    target_argmax: torch.Tensor,  # [1 + n] int64: the target's argmax after the context (row 0), after node i (i + 1)
+) -> TreeVerdict:
+    """Greedy over a tree of drafts: a node is accepted when its parent is and its token is the target's argmax
+    after the parent. The longest accepted root path wins; among equals the one ending at the lowest node index (lay
+    the main path first to prefer it). The next token is the argmax after the path's last node: a bonus when that
+    node is a leaf (nothing was drafted past it), recovered otherwise (a node continuing it was rejected)."""
+    argmax = target_argmax.tolist()
+    depth: list[int] = []
+    has_child = [False] * len(tokens)
+    best = -1  # the deepest accepted node (-1: none)
+    for i, (parent, tok) in enumerate(zip(parents, tokens, strict=True)):
+        if parent >= 0:
+            has_child[parent] = True
+        ok = (parent < 0 or depth[parent] > 0) and tok == argmax[parent + 1]
+        depth.append((1 if parent < 0 else depth[parent] + 1) if ok else 0)
+        if ok and (best < 0 or depth[i] > depth[best]):
+            best = i
+    path: list[int] = []
+    node = best
+    while node >= 0:
+        path.append(node)
+        node = parents[node]
+    path.reverse()
+    leaf = best >= 0 and not has_child[best]
+    return TreeVerdict(path, int(argmax[best + 1]), "bonus" if leaf or (best < 0 and not tokens) else "recovered")
+
+
 def verify_stochastic(
     draft_tokens: torch.Tensor,  # [gamma] int64
     q: torch.Tensor,  # [gamma, V] the distributions the draft sampled x_1..x_gamma from

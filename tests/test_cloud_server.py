@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import threading
@@ -26,7 +27,7 @@ from cloud_server.settings import ServerSettings
 from cloud_server.text import IncrementalText
 from edge_client.remote import GrpcVerifier, HttpVerifier, RemoteError
 from tandem.engine import DraftBlock, LocalVerifier, ModelDrafter, generate_autoregressive, generate_speculative
-from tandem.errors import CapacityError
+from tandem.errors import CapacityError, SessionNotFoundError
 from tandem.models import LoadedModel
 from tandem.sampling import SamplingParams
 
@@ -420,6 +421,24 @@ async def test_worker_bounds_session_memory_and_replaces_a_resumed_id(tiny_targe
     with pytest.raises(ShuttingDownError):
         await worker.open_session(OpenRequest(PROMPT, SamplingParams(max_tokens=8)))
 
+
+
+async def test_a_draft_sent_ahead_learns_at_once_that_its_session_closed(tiny_target: LoadedModel) -> None:
+    from cloud_server.metrics import Metrics
+    from cloud_server.worker import ModelWorker, OpenRequest
+
+    worker = ModelWorker(tiny_target, settings(), Metrics())
+    await worker.start()
+    try:
+        opened = await worker.open_session(OpenRequest(PROMPT, SamplingParams(max_tokens=8)))
+        ahead = asyncio.create_task(worker.verify(opened.session_id, 1, DraftBlock([]), base_len=len(PROMPT) + 1))
+        await asyncio.sleep(0.05)
+        assert not ahead.done()  # waiting for seq 0
+        await worker.close_session(opened.session_id)
+        with pytest.raises(SessionNotFoundError):
+            await asyncio.wait_for(ahead, 5)  # not the 30 s pipeline wait
+    finally:
+        await worker.shutdown()
 
 _scalars = st.one_of(st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.floats(), st.text(max_size=4))
 _values = st.recursive(_scalars, lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=3), c,

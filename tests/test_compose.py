@@ -114,7 +114,7 @@ def test_services_are_wired_as_documented() -> None:
     assert set(default_services(compose)) == {"cloud", "edge"}
     cloud, edge, netem, bench = (services[n] for n in ("cloud", "edge", "netem", "bench"))
     # one image, the service chooses the command
-    assert len({s["image"] for s in services.values()}) == 1
+    assert len({s["image"] for n, s in services.items() if n != "nginx"}) == 1  # nginx: its own (profile scale)
     assert cloud["command"][:2] == ["tandem", "serve"]
     assert {p.rsplit(":", 1)[-1] for p in cloud["ports"]} == {"8000", "50051"}
     assert "/ready" in " ".join(cloud["healthcheck"]["test"])
@@ -363,3 +363,72 @@ def test_edge_service_gives_the_clouds_greedy_text(local_stack: LocalCompose) ->
         stats = got.get("tandem")  # the edge's own figures: speculation against the cloud, not a fallback
         if stats is not None:
             assert stats["mode"] == "spec" and not stats["lossy"] and stats["target_passes"] >= 1, stats
+
+
+# --- profile scale: a second replica and nginx (deploy/nginx); tests/test_scale.py runs the real thing
+
+
+def _arg(command: list[str], flag: str) -> str:
+    return command[command.index(flag) + 1]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("hosts", [None, "127.0.0.1"], ids=["service-names", "host-network"])
+def test_scale_profile_puts_two_replicas_behind_nginx(hosts: str | None, tmp_path: Path) -> None:
+    env = {} if hosts is None else {"LB_REPLICA_1_HOST": hosts, "LB_REPLICA_2_HOST": hosts}
+    services = load_compose(env)["services"]
+    cloud, cloud2, nginx = services["cloud"], services["cloud-2"], services["nginx"]
+    assert cloud2["profiles"] == nginx["profiles"] == ["scale"]
+    assert cloud2["command"][:2] == ["tandem", "serve"] and cloud2["image"] == cloud["image"]
+    assert _arg(cloud2["command"], "--target") == _arg(cloud["command"], "--target")
+    ports = {p: (_arg(c["command"], "--http-port"), _arg(c["command"], "--grpc-port")) for p, c in
+             (("cloud", cloud), ("cloud-2", cloud2))}
+    assert len({q for pair in ports.values() for q in pair}) == 4, ports  # distinct: host networking works too
+    assert {k: v for k, v in cloud2["environment"].items()} == cloud["environment"]
+    # nginx reaches each replica on its own ports, and waits for both
+    e = nginx["environment"]
+    names = {"cloud": hosts or "cloud", "cloud-2": hosts or "cloud-2"}
+    assert e["TANDEM_LB_HTTP_REPLICAS"].split(",") == [f"{names[n]}:{ports[n][0]}" for n in ("cloud", "cloud-2")]
+    assert e["TANDEM_LB_GRPC_REPLICAS"].split(",") == [f"{names[n]}:{ports[n][1]}" for n in ("cloud", "cloud-2")]
+    assert nginx["depends_on"] == {n: {"condition": "service_healthy"} for n in ("cloud", "cloud-2")}
+    assert {p.rsplit(":", 1)[-1] for p in nginx["ports"]} == {e["TANDEM_LB_HTTP_PORT"], e["TANDEM_LB_GRPC_PORT"]}
+    assert e["TANDEM_LB_HTTP_PORT"] in " ".join(nginx["healthcheck"]["test"])
+    context = ROOT / nginx["build"]["context"]
+    assert (context / "Dockerfile").is_file() and (context / "tandem.conf.template").is_file()
+    # the image's start command renders the template from this environment: the same, here
+    rendered = subprocess.run(["sh", str(context / "render.sh")], env=os.environ | e, capture_output=True,
+                              text=True, timeout=30)
+    assert rendered.returncode == 0, rendered.stderr
+    conf = rendered.stdout
+    directives = "\n".join(line for line in conf.splitlines() if not line.lstrip().startswith("#"))
+    assert not re.search(r"@[A-Z_]+@", directives), directives  # every placeholder filled
+    assert conf.count("hash $http_x_tandem_session consistent;") == 2  # HTTP and gRPC upstreams alike
+    assert "grpc_pass grpc://tandem_grpc;" in conf and "proxy_pass http://tandem_http;" in conf
+    for addr in e["TANDEM_LB_HTTP_REPLICAS"].split(",") + e["TANDEM_LB_GRPC_REPLICAS"].split(","):
+        assert f"server {addr} " in conf, addr
+    assert f"listen 0.0.0.0:{e['TANDEM_LB_GRPC_PORT']} http2;" in conf
+    nginx_bin = shutil.which("nginx") or next((p for p in ("/usr/sbin/nginx",) if os.access(p, os.X_OK)), None)
+    if nginx_bin is not None and hosts is not None:  # service names do not resolve outside compose's network
+        (tmp_path / "tandem.conf").write_text(conf.replace("/dev/stdout", str(tmp_path / "access.log")))
+        (tmp_path / "nginx.conf").write_text(
+            f"pid {tmp_path / 'nginx.pid'};\nevents {{}}\nhttp {{ include {tmp_path / 'tandem.conf'}; }}\n")
+        check = subprocess.run([nginx_bin, "-t", "-e", str(tmp_path / "error.log"), "-p", str(tmp_path), "-c",
+                                str(tmp_path / "nginx.conf")], capture_output=True, text=True, timeout=30)
+        assert check.returncode == 0, check.stderr
+
+
+@pytest.mark.timeout(60)
+def test_compose_config_validates_with_the_scale_profile(tmp_path: Path) -> None:
+    client = _compose_client()
+    if client is None:
+        pytest.skip("no compose client (`docker compose` or `docker-compose`) on this machine")
+    env = {k: v for k, v in os.environ.items() if k not in compose_variables() and k != "COMPOSE_PROFILES"}
+    empty = tmp_path / "empty.env"
+    empty.write_text("")
+    done = subprocess.run([*client, "-f", str(COMPOSE_FILE), "--project-directory", str(ROOT), "--env-file",
+                           str(empty), "--profile", "scale", "config"], capture_output=True, text=True, env=env,
+                          timeout=50)
+    assert done.returncode == 0, done.stderr
+    services = yaml.safe_load(done.stdout)["services"]
+    assert {"cloud", "cloud-2", "nginx", "edge"} <= set(services)
+    assert services["nginx"]["depends_on"]["cloud-2"]["condition"] == "service_healthy"

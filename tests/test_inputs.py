@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from conftest import tiny_tokenizer, wrap
 
 from tandem.engine import LocalVerifier, ModelDrafter, TargetSession, generate_speculative
@@ -59,3 +60,12 @@ def test_generation_near_the_context_end(tiny_target: LoadedModel, tiny_draft: L
         ModelDrafter(tiny_draft), LocalVerifier(tiny_target), prompt, SamplingParams(max_tokens=50, ignore_eos=True), 8
     )
     assert result.finish_reason == "length" and len(result.tokens) == 3
+
+
+def test_a_tiny_top_p_keeps_the_top_token() -> None:
+    from tandem.sampling import logits_to_probs
+
+    logits = torch.randn(4, 64, generator=torch.Generator().manual_seed(0)) * 3  # [4, V]
+    probs = logits_to_probs(logits, SamplingParams(temperature=1.0, top_p=9.1e-129))
+    assert not probs.isnan().any()
+    assert torch.equal(probs.argmax(-1), logits.argmax(-1)) and torch.allclose(probs.max(-1).values, torch.ones(4))

@@ -104,23 +104,29 @@ class Opened(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., target_name: _Optional[str] = ..., target_fingerprint: _Optional[str] = ..., vocab_size: _Optional[int] = ..., context_length: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., max_draft_tokens: _Optional[int] = ..., resumed: _Optional[bool] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., server_ms: _Optional[float] = ...) -> None: ...
 
 class Draft(_message.Message):
-    __slots__ = ("seq", "tokens", "q_k", "q_ids", "q_probs", "base_len")
+    __slots__ = ("seq", "tokens", "q_k", "q_ids", "q_probs", "candidate_parents", "candidate_lengths", "candidate_tokens", "base_len")
     SEQ_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     Q_K_FIELD_NUMBER: _ClassVar[int]
     Q_IDS_FIELD_NUMBER: _ClassVar[int]
     Q_PROBS_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATE_PARENTS_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATE_LENGTHS_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATE_TOKENS_FIELD_NUMBER: _ClassVar[int]
     BASE_LEN_FIELD_NUMBER: _ClassVar[int]
     seq: int
     tokens: _containers.RepeatedScalarFieldContainer[int]
     q_k: int
     q_ids: _containers.RepeatedScalarFieldContainer[int]
     q_probs: _containers.RepeatedScalarFieldContainer[float]
+    candidate_parents: _containers.RepeatedScalarFieldContainer[int]
+    candidate_lengths: _containers.RepeatedScalarFieldContainer[int]
+    candidate_tokens: _containers.RepeatedScalarFieldContainer[int]
     base_len: int
-    def __init__(self, seq: _Optional[int] = ..., tokens: _Optional[_Iterable[int]] = ..., q_k: _Optional[int] = ..., q_ids: _Optional[_Iterable[int]] = ..., q_probs: _Optional[_Iterable[float]] = ..., base_len: _Optional[int] = ...) -> None: ...
+    def __init__(self, seq: _Optional[int] = ..., tokens: _Optional[_Iterable[int]] = ..., q_k: _Optional[int] = ..., q_ids: _Optional[_Iterable[int]] = ..., q_probs: _Optional[_Iterable[float]] = ..., candidate_parents: _Optional[_Iterable[int]] = ..., candidate_lengths: _Optional[_Iterable[int]] = ..., candidate_tokens: _Optional[_Iterable[int]] = ..., base_len: _Optional[int] = ...) -> None: ...
 
 class Verdict(_message.Message):
-    __slots__ = ("seq", "num_accepted", "next_token", "kind", "tokens", "finish_reason", "target_tokens", "generated", "stale", "server_ms")
+    __slots__ = ("seq", "num_accepted", "next_token", "kind", "tokens", "finish_reason", "target_tokens", "generated", "candidate", "candidate_target_lengths", "candidate_target_tokens", "stale", "server_ms")
     SEQ_FIELD_NUMBER: _ClassVar[int]
     NUM_ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     NEXT_TOKEN_FIELD_NUMBER: _ClassVar[int]
@@ -129,6 +135,9 @@ class Verdict(_message.Message):
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     TARGET_TOKENS_FIELD_NUMBER: _ClassVar[int]
     GENERATED_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATE_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATE_TARGET_LENGTHS_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATE_TARGET_TOKENS_FIELD_NUMBER: _ClassVar[int]
     STALE_FIELD_NUMBER: _ClassVar[int]
     SERVER_MS_FIELD_NUMBER: _ClassVar[int]
     seq: int
@@ -139,9 +148,12 @@ class Verdict(_message.Message):
     finish_reason: FinishReason
     target_tokens: _containers.RepeatedScalarFieldContainer[int]
     generated: int
+    candidate: int
+    candidate_target_lengths: _containers.RepeatedScalarFieldContainer[int]
+    candidate_target_tokens: _containers.RepeatedScalarFieldContainer[int]
     stale: bool
     server_ms: float
-    def __init__(self, seq: _Optional[int] = ..., num_accepted: _Optional[int] = ..., next_token: _Optional[int] = ..., kind: _Optional[_Union[TokenKind, str]] = ..., tokens: _Optional[_Iterable[int]] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., target_tokens: _Optional[_Iterable[int]] = ..., generated: _Optional[int] = ..., stale: _Optional[bool] = ..., server_ms: _Optional[float] = ...) -> None: ...
+    def __init__(self, seq: _Optional[int] = ..., num_accepted: _Optional[int] = ..., next_token: _Optional[int] = ..., kind: _Optional[_Union[TokenKind, str]] = ..., tokens: _Optional[_Iterable[int]] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., target_tokens: _Optional[_Iterable[int]] = ..., generated: _Optional[int] = ..., candidate: _Optional[int] = ..., candidate_target_lengths: _Optional[_Iterable[int]] = ..., candidate_target_tokens: _Optional[_Iterable[int]] = ..., stale: _Optional[bool] = ..., server_ms: _Optional[float] = ...) -> None: ...
 
 class VerifyRequest(_message.Message):
     __slots__ = ("session_id", "draft")

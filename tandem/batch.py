@@ -1,0 +1,141 @@
+"""One forward pass over several sequences' separate KV caches: batched verification across sessions.
+
+`forward_batch(states, extras)` returns what `[s.forward(x) for s, x in zip(states, extras)]` returns and leaves each
+cache as that solo pass would, up to floating-point summation order. The layout is packed, not padded: every row's
+fed tokens go side by side in one sequence [1, T] (T = the sum of the feeds) through the model's linear layers, each
+at its own positions; in attention, each row's queries attend to its own cache only, extended by its new keys and
+values (`_PackedCache` appends them to the row's own `SequenceState` cache, as a solo pass does). No padding, no
+copy of any cache into a batch, and rollback stays each state's one crop.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface, DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+from tandem.errors import CacheRollbackError
+from tandem.kv import SequenceState
+
+_ATTENTION = "tandem_packed"
+_SUPPORTED = ("sdpa", "eager")  # models whose attention goes through transformers' AttentionInterface
+_current = threading.local()  # the packed cache of the pass running on this thread
+
+
+def forward_batch(states: list[SequenceState], extras: list[list[int]]) -> list[torch.Tensor]:
+    """`[s.forward(extra) for s, extra in zip(states, extras)]` in one model call: the same logits, the same caches.
+
+    The states share one model. The pass switches the model's attention implementation while it runs; a plain,
+    unpadded forward of the same model on another thread meanwhile still gets causal attention over its own keys.
+    Returns per state [1 + len(extra), V] float32 logits.
+    """
+    if len(states) != len(extras):
+        raise ValueError(f"{len(states)} states but {len(extras)} blocks")
+    if len({id(s) for s in states}) != len(states):
+        raise ValueError("a state appears twice in one batch")
+    if len(states) == 1 or not _batchable(states):
+        return [s.forward(extra) for s, extra in zip(states, extras, strict=True)]
+    feeds: list[list[int]] = []
+    skips: list[int] = []  # rows of each feed before the one predicting the token after `tokens`
+    for s, extra in zip(states, extras, strict=True):
+        if s.cached > len(s.tokens):
+            raise CacheRollbackError("the cache runs past the committed tokens: commit or roll back first")
+        if s.cached == len(s.tokens):
+            s.rollback(s.cached - 1)  # as in `forward`: re-feed the last committed token for its logits
+        pending = s.tokens[s.cached :]
+        feeds.append(pending + list(extra))
+        skips.append(len(pending) - 1)
+    return _run_packed(states, feeds, skips)
+
+
+def _batchable(states: list[SequenceState]) -> bool:
+    """One model with a standard attention, and caches of plain growing layers (no sliding window, no quantising)."""
+    model = states[0].model
+    if getattr(model.config, "_attn_implementation", None) not in _SUPPORTED:
+        return False
+    return all(s.model is model and all(type(layer) is DynamicLayer for layer in s.cache.layers) for s in states)
+
+
+class _PackedCache(DynamicCache):
+    """Stands in for the batch's cache: splits each layer's new keys and values by row and appends them to the rows'
+    own caches; the attention reads the rows' whole keys and values from `full`."""
+
+    def __init__(self, states: list[SequenceState], lengths: list[int], config: Any) -> None:
+        super().__init__(config=config)
+        self.states, self.lengths = states, lengths
+        self.full: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}  # layer -> per row ([1, H, L_i, D]) x 2
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any,
+               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """key_states, value_states: [1, H, T, D], the rows side by side."""
+        full, start = [], 0
+        for s, n in zip(self.states, self.lengths, strict=True):
+            end = start + n
+            full.append(s.cache.update(key_states[:, :, start:end], value_states[:, :, start:end], layer_idx))
+            start = end
+        self.full[layer_idx] = full
+        return key_states, value_states
+
+
+def _packed_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                      attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
+                      **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """query: [1, Hq, T, D], the rows side by side; each row attends causally to its own cache. -> [1, T, Hq, D]"""
+    cache: _PackedCache | None = getattr(_current, "cache", None)
+    if cache is None:
+        # the same model object running on another thread meanwhile (a plain, unpadded forward): causal over its keys
+        return _causal(query, key, value, scaling).transpose(1, 2).contiguous(), None
+    outs, start = [], 0
+    for (k, v), n in zip(cache.full[module.layer_idx], cache.lengths, strict=True):  # k, v: [1, Hkv, L, D]
+        outs.append(_causal(query[:, :, start : start + n], k, v, scaling))
+        start += n
+    return torch.cat(outs, dim=2).transpose(1, 2).contiguous(), None
+
+
+def _causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float | None) -> torch.Tensor:
+    """q: [B, Hq, n, D] the last n positions of k, v: [B, Hkv, L, D]; each sees every key up to its own. -> like q"""
+    n, total = q.shape[-2], k.shape[-2]
+    mask = torch.ones(n, total, dtype=torch.bool).tril(total - n) if n > 1 else None  # [n, L]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, enable_gqa=k.shape[1] != q.shape[1])
+
+
+AttentionInterface.register(_ATTENTION, _packed_attention)
+
+
+@torch.inference_mode()
+def _run_packed(states: list[SequenceState], feeds: list[list[int]], skips: list[int]) -> list[torch.Tensor]:
+    model = states[0].model
+    lengths = [len(f) for f in feeds]
+    pasts = [s.cached for s in states]
+    ids = torch.tensor([[t for f in feeds for t in f]], dtype=torch.long)  # [1, T]
+    positions = torch.cat([torch.arange(p, p + n) for p, n in zip(pasts, lengths, strict=True)])[None]  # [1, T]
+    cache = _PackedCache(states, lengths, model.config)
+    saved = model.config._attn_implementation
+    _current.cache = cache
+    model.config._attn_implementation = _ATTENTION
+    try:
+        out = model(input_ids=ids, past_key_values=cache, position_ids=positions, use_cache=True)
+    except BaseException:
+        _restore(states, pasts)  # a pass cut short has grown some layers of some caches: undo it
+        raise
+    finally:
+        model.config._attn_implementation = saved
+        _current.cache = None
+    logits = out.logits[0].float()  # [T, V]
+    rows, start = [], 0
+    for n, skip in zip(lengths, skips, strict=True):
+        rows.append(logits[start + skip : start + n])
+        start += n
+    return rows
+
+
+def _restore(states: list[SequenceState], pasts: list[int]) -> None:
+    for s, past in zip(states, pasts, strict=True):
+        for layer in s.cache.layers:
+            extra = layer.get_seq_length() - past
+            if extra > 0:
+                layer.crop(-extra)

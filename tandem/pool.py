@@ -1,0 +1,346 @@
+"""Ouroboros-style drafting (Zhao et al. 2024): a phrase pool that lengthens drafts at no draft-model cost.
+
+- `PhrasePool`: bounded n-grams keyed by the one or two tokens before them, fed by the prompt, the accepted output
+  and the target's feedback (its tokens over a rejected tail, its outputs on candidate continuations).
+- `PoolRegistry`: one pool per client id, kept across requests (a warm start), bounded in total size.
+- `draft_greedy`: the draft model's greedy steps, each reading a pool phrase in the same pass and keeping the part it
+  agrees with (its own tokens, several per pass); the parts it disagreed with become candidates.
+- `OuroborosDrafter`: that block lengthened by pool phrases that continue it (the main path), plus up to k candidate
+  branches verified in the same target pass; learns every verdict into the pool. The edge uses the same functions.
+
+Lossless: greedy blocks carry candidates (the target takes the longest verified path). Under sampling no candidates
+are sent; pool tokens on the main path go with a point-mass q (accept with p(x), recover from p without x), which is
+exact because the pool chose them deterministically from the tokens before them.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import torch
+
+from tandem.engine import Candidate, DraftBlock, ModelDrafter, QForm, VerifyResult
+from tandem.kv import SequenceState
+from tandem.models import LoadedModel
+from tandem.sampling import SamplingParams
+
+Key = tuple[int, ...]
+Phrase = tuple[int, ...]
+
+
+class PhrasePool:
+    """n-grams keyed by the 1..key_len tokens before them; LRU over keys and over the phrases of a key."""
+
+    def __init__(self, max_keys: int = 16384, phrases_per_key: int = 4, phrase_len: int = 8, key_len: int = 3) -> None:
+        self.max_keys = max_keys
+        self.key_len = key_len
+        self.phrases_per_key = phrases_per_key
+        self.phrase_len = phrase_len
+        self._map: OrderedDict[Key, list[Phrase]] = OrderedDict()  # each list: most recent first
+
+    def __len__(self) -> int:
+        return len(self._map)
+
+    @property
+    def size(self) -> int:
+        """Tokens held (keys and phrases): the memory bound's unit."""
+        return sum(len(k) + sum(len(p) for p in ps) for k, ps in self._map.items())
+
+    def add(self, context: list[int] | tuple[int, ...], phrase: list[int] | tuple[int, ...]) -> None:
+        """`phrase` followed `context`: file it under the context's last 1..key_len tokens."""
+        phrase = tuple(phrase[: self.phrase_len])
+        if not phrase or not context:
+            return
+        for n in range(1, self.key_len + 1):
+            if len(context) >= n:
+                self._put(tuple(context[-n:]), phrase)
+
+    def _put(self, key: Key, phrase: Phrase) -> None:
+        phrases = self._map.pop(key, [])
+        longer = next((p for p in phrases if p[: len(phrase)] == phrase), None)
+        keep = longer or phrase  # a phrase already held whole is refreshed; one that a new phrase extends is replaced
+        phrases = [keep, *(p for p in phrases if p is not longer and p != phrase[: len(p)])][: self.phrases_per_key]
+        self._map[key] = phrases
+        while len(self._map) > self.max_keys:
+            self._map.popitem(last=False)
+
+    def feed(self, tokens: list[int], start: int = 0) -> None:
+        """Add the n-grams of a sequence that begin at `start` or later (their keys may reach back before it)."""
+        for i in range(max(start, 1), len(tokens)):
+            self.add(tokens[max(0, i - self.key_len) : i], tokens[i : i + self.phrase_len])
+
+    def lookup(self, context: list[int], max_len: int, k: int = 1) -> list[list[int]]:
+        """Up to k distinct phrases continuing `context`, best first (longest key first; recent first)."""
+        out: list[list[int]] = []
+        for n in range(self.key_len, 0, -1):
+            if len(context) < n or max_len <= 0:
+                continue
+            key = tuple(context[-n:])
+            for p in self._map.get(key, ()):
+                cut = list(p[:max_len])
+                if all(o[: len(cut)] != cut for o in out):
+                    out.append(cut)
+                if len(out) >= k:
+                    break
+            if key in self._map:
+                self._map.move_to_end(key)
+            if len(out) >= k:
+                break
+        return out
+
+
+class PoolRegistry:
+    """One pool per client id, LRU over clients, bounded in the tokens all pools hold together."""
+
+    def __init__(self, max_clients: int = 64, max_total_tokens: int = 2_000_000, **pool_kw: int) -> None:
+        self.max_clients = max_clients
+        self.max_total_tokens = max_total_tokens
+        self.pool_kw = pool_kw
+        self._pools: OrderedDict[str, PhrasePool] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._pools)
+
+    def get(self, client_id: str) -> PhrasePool:
+        pool = self._pools.pop(client_id, None) or PhrasePool(**self.pool_kw)
+        self._pools[client_id] = pool
+        self.trim()
+        return pool
+
+    def trim(self) -> None:
+        """Drop the least recently used clients' pools over either bound (never the most recent one)."""
+        while len(self._pools) > 1 and (
+            len(self._pools) > self.max_clients or sum(p.size for p in self._pools.values()) > self.max_total_tokens
+        ):
+            self._pools.popitem(last=False)
+
+
+SOURCES = ("draft", "vetted", "pool", "candidate")
+
+
+@dataclass
+class SourceCounts:
+    """Drafted and accepted tokens by where they came from: a draft-model step ("draft"); a pool phrase the draft
+    model read and agreed with in the same pass ("vetted": its own greedy tokens, without a step each); the pool
+    alone lengthening the main path ("pool"); a candidate branch ("candidate")."""
+
+    drafted: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SOURCES, 0))
+    accepted: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SOURCES, 0))
+
+
+@dataclass(frozen=True)
+class OuroborosConfig:
+    extend: int = 4  # pool tokens appended to the draft model's block, at most
+    candidates: int = 1  # candidate branches per block (greedy only)
+    candidate_len: int = 4
+    max_draft: int = 8  # greedy: draft-model tokens per block when pool phrases let its gamma steps go further
+    seed_prompt: bool = True  # feed the prompt's own n-grams into the pool
+
+
+def plan_block(
+    pool: PhrasePool, context: list[int], draft_tokens: list[int], cfg: OuroborosConfig, greedy: bool, room: int
+) -> tuple[list[int], list[Candidate]]:
+    """The pool's part of a block: tokens lengthening the draft model's, and candidate branches.
+
+    `room`: block tokens allowed in all (main path; a candidate may not reach further either). Candidates come from
+    the pool at the block's end (alternatives to the lengthening), after the committed context and after each draft
+    token, skipping any that begin like the main path there.
+    """
+    main = list(draft_tokens[:room])
+    while len(main) - len(draft_tokens) < cfg.extend and len(main) < room:
+        found = pool.lookup(context + main, min(cfg.extend - (len(main) - len(draft_tokens)), room - len(main)))
+        if not found:
+            break
+        main += found[0]
+    if not greedy or cfg.candidates <= 0:
+        return main, []
+    cands: list[Candidate] = []
+    anchors = [len(draft_tokens) - 1, -1, *range(len(draft_tokens) - 2, -1, -1)]
+    for parent in dict.fromkeys(a for a in anchors if a < len(main)):
+        limit = min(cfg.candidate_len, room - parent - 1)
+        for phrase in pool.lookup(context + main[: parent + 1], limit, k=cfg.candidates):
+            s = 0  # a phrase that begins like the main path branches off where they part
+            while s < len(phrase) and parent + 1 + s < len(main) and phrase[s] == main[parent + 1 + s]:
+                s += 1
+            c = Candidate(parent + s, phrase[s:])
+            if c.tokens and c not in cands:
+                cands.append(c)
+            if len(cands) >= cfg.candidates:
+                return main, cands
+    return main, cands
+
+
+def learn(pool: PhrasePool, context: list[int], block: DraftBlock, result: VerifyResult) -> None:
+    """Feed a verdict into the pool. `context`: the committed sequence before the block.
+
+    The emitted tokens (with a short tail of context for their keys); the target's own tokens over the rejected main
+    tail, filed under the draft tokens they followed; each candidate corrected by the target: its tokens up to where
+    the target disagreed, then the target's token there.
+    """
+    if result.stale:
+        return
+    seq = context + result.tokens
+    pool.feed(seq, start=len(context) - pool.phrase_len + 1)  # phrases cut at the old end grow too
+    main, n_main = block.tokens, result.num_accepted
+    if result.candidate is not None:
+        n_main = block.candidates[result.candidate].parent + 1
+
+    def target_after(j: int) -> int | None:  # the target's token after main[:j + 1]
+        i = j + 1 - n_main
+        return main[j + 1] if i < 0 else (result.target_tokens[i] if i < len(result.target_tokens) else None)
+
+    # target_tokens[i] follows main[:n_main + i]: after the first (emitted already) they follow rejected draft tokens
+    for i, tok in enumerate(result.target_tokens[1:], start=1):
+        at = n_main + i
+        pool.add(context + main[:at], [tok, *result.target_tokens[i + 1 :]])
+    for c, outs in zip(block.candidates, result.candidate_target_tokens, strict=False):
+        if not outs or c.parent >= len(main) or target_after(c.parent) != c.tokens[0]:
+            continue  # a candidate wrong from its first token: the target's token there is filed already
+        m = next((i for i in range(len(outs) - 1) if outs[i] != c.tokens[i + 1]), len(outs) - 1)
+        pool.add(context + main[: c.parent + 1], [*c.tokens[: m + 1], outs[m]])
+
+
+class OuroborosDrafter:
+    """A `Drafter`: the draft model's block lengthened from a phrase pool, with candidate branches; learns verdicts.
+
+    Pass a pool kept across requests for a warm start.
+    """
+
+    def __init__(self, draft: LoadedModel, pool: PhrasePool | None = None, cfg: OuroborosConfig | None = None,
+                 q_form: QForm = "sparse", q_top_k: int = 16) -> None:
+        self.inner = ModelDrafter(draft, q_form, q_top_k)
+        self.pool = pool if pool is not None else PhrasePool()
+        self.cfg = cfg or OuroborosConfig()
+        self.sources = SourceCounts()
+        self._block: DraftBlock | None = None
+        self._model_tokens = 0
+        self._origin: list[str] = []  # per main-path token of the last block: its source
+
+    @property
+    def passes(self) -> int:
+        return self.inner.passes
+
+    def start(self, prompt: list[int], params: SamplingParams) -> None:
+        self.inner.start(prompt, params)
+        self.params = params
+        self.prompt_len = len(prompt)
+        if self.cfg.seed_prompt:
+            self.pool.feed(prompt)
+
+    def propose(self, gamma: int) -> DraftBlock:
+        context = self.inner.state.tokens
+        room = self.params.max_tokens - (len(context) - self.prompt_len) - 1  # the target adds one token itself
+        room = min(room, self.inner.draft.context_length - len(context) - 1)
+        parted: list[Candidate] = []
+        if self.params.greedy and gamma:
+            limit = max(gamma, min(self.cfg.max_draft, room))
+            tokens, origin, parted, passes = draft_greedy(self.inner.state, self.pool, gamma, limit)
+            self.inner.passes += passes
+            block = DraftBlock(tokens)
+        else:
+            block = self.inner.propose(gamma)
+            origin = ["draft"] * len(block.tokens)
+        self._model_tokens = len(block.tokens)
+        block = ouroboros_block(self.pool, context, block, parted, self.cfg, self.params.greedy,
+                                max(room, len(block.tokens)), self.inner.draft.vocab_size)
+        self._block = block
+        self._origin = origin + ["pool"] * (len(block.tokens) - len(origin))
+        for src in self._origin:
+            self.sources.drafted[src] += 1
+        self.sources.drafted["candidate"] += sum(len(c.tokens) for c in block.candidates)
+        return block
+
+    def learn(self, block: DraftBlock, result: VerifyResult) -> None:
+        """The verdict's lessons for the pool, and the per-source counts. Call before `commit`."""
+        learn(self.pool, self.inner.state.tokens, block, result)
+        n = result.num_accepted
+        on_main = n if result.candidate is None else block.candidates[result.candidate].parent + 1
+        for src in self._origin[:on_main]:
+            self.sources.accepted[src] += 1
+        self.sources.accepted["candidate"] += n - on_main
+
+    def commit(self, num_accepted: int, emitted: list[int]) -> None:
+        drafted = self._block.tokens if self._block is not None else []
+        same = 0  # the draft model's cache holds its own tokens: keep them only as far as they were emitted
+        for a, b in zip(drafted[: self._model_tokens], emitted, strict=False):
+            if a != b:
+                break
+            same += 1
+        self.inner.commit(same, emitted)
+
+
+def draft_greedy(
+    state: SequenceState, pool: PhrasePool, steps: int, limit: int
+) -> tuple[list[int], list[str], list[Candidate], int]:
+    """The draft model's greedy tokens after `state.tokens`, up to `limit` of them in `steps` passes: where the pool
+    has a phrase, the draft model reads it in the same pass and keeps the part it agrees with (its own argmax each
+    time), so the tokens are exactly those of one-token steps. `state.tokens` is left as it was; the cache covers at
+    most it plus the tokens but the last.
+
+    Returns (tokens, each one's source "draft" or "vetted", the pool phrases' parts the draft model disagreed with as
+    candidates branching where they parted, passes run).
+    """
+    context = state.tokens
+    logits = state.forward()[-1:]  # [1, V]
+    tokens: list[int] = []
+    origin: list[str] = []
+    parted: list[Candidate] = []
+    passes = 1
+    while True:
+        tokens.append(int(logits[-1].argmax()))
+        origin.append("draft")
+        if len(tokens) >= limit or passes >= steps:
+            break
+        found = pool.lookup(context + tokens, limit - len(tokens) - 1)  # room for the draft's own next token
+        phrase = found[0] if found else []
+        rows = state.run([tokens[-1], *phrase])  # [1 + len(phrase), V]
+        passes += 1
+        agree = 0
+        while agree < len(phrase) and int(rows[agree].argmax()) == phrase[agree]:
+            agree += 1
+        tokens += phrase[:agree]
+        origin += ["vetted"] * agree
+        if agree < len(phrase):  # the pool and the draft model part here: the target will choose
+            parted.append(Candidate(len(tokens) - 1, phrase[agree:]))
+        state.rollback(len(context) + len(tokens))
+        logits = rows[agree : agree + 1]
+    return tokens, origin, parted, passes
+
+
+def ouroboros_block(
+    pool: PhrasePool, context: list[int], block: DraftBlock, parted: list[Candidate], cfg: OuroborosConfig,
+    greedy: bool, room: int, vocab: int,
+) -> DraftBlock:
+    """The draft model's block made an Ouroboros block: lengthened from the pool, and (greedy) with candidates, the
+    phrases the draft model parted from first. `room`: block tokens allowed in all."""
+    main, cands = plan_block(pool, context, block.tokens, cfg, greedy, room)
+    if greedy:
+        merged: list[Candidate] = []
+        for c in [*(Candidate(c.parent, c.tokens[: min(cfg.candidate_len, room - c.parent - 1)]) for c in parted),
+                  *cands]:
+            if c.tokens and c.parent < len(main) and c not in merged:
+                merged.append(c)
+        cands = merged[: cfg.candidates]
+    out = lengthen(block, main, vocab)
+    out.candidates = cands
+    return out
+
+
+def lengthen(block: DraftBlock, main: list[int], vocab: int) -> DraftBlock:
+    """The block with pool tokens appended; their q rows (under sampling) are point masses at the token."""
+    extra = main[len(block.tokens) :]
+    if not extra:
+        return DraftBlock(main, block.q_full, block.q_ids, block.q_probs)
+    x = torch.tensor(extra, dtype=torch.long)  # [e]
+    q_full = q_ids = q_probs = None
+    if block.q_full is not None:
+        rows = torch.zeros(len(extra), vocab).scatter_(1, x[:, None], 1.0)  # [e, V]
+        q_full = torch.cat([block.q_full, rows])
+    if block.q_ids is not None and block.q_probs is not None:
+        k = block.q_ids.shape[-1]
+        ids = (x[:, None] + torch.arange(k)[None]) % vocab  # [e, k] the token, then distinct ids at probability 0
+        probs = torch.zeros(len(extra), k)
+        probs[:, 0] = 1.0
+        q_ids, q_probs = torch.cat([block.q_ids, ids]), torch.cat([block.q_probs, probs])
+    return DraftBlock(main, q_full, q_ids, q_probs)

@@ -1,0 +1,182 @@
+"""Ouroboros-style drafting end to end: greedy output equal to the target alone in process and over the wire (gRPC
+and HTTP, synchronous and pipelined), the sampling restriction, and a warm pool beating a cold one."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+from cloud_server.main import BackgroundServer, ServerHandle
+from cloud_server.settings import ServerSettings
+from edge_client.loop import EdgeClient
+from edge_client.settings import EdgeSettings
+from tandem.engine import LocalVerifier, TargetSession, VerifyResult, generate_autoregressive, generate_speculative
+from tandem.models import LoadedModel
+from tandem.pool import OuroborosConfig, OuroborosDrafter, PhrasePool
+from tandem.sampling import SamplingParams
+from tandem.verify import verify_stochastic
+
+PROMPTS = [[10, 20, 30, 40, 50, 60, 70], [5, 9, 14, 3, 22, 40, 41, 5, 9, 14], [33] * 6 + [34, 35]]
+GREEDY = SamplingParams(max_tokens=40, ignore_eos=True)
+CONFIGS = [OuroborosConfig(), OuroborosConfig(extend=4, candidates=3, candidate_len=3, max_draft=6),
+           OuroborosConfig(extend=0, candidates=0)]
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=["default", "wide", "plain"])
+def test_greedy_equals_the_target_alone_in_process(tiny_target: LoadedModel, tiny_draft: LoadedModel,
+                                                   cfg: OuroborosConfig) -> None:
+    from_pool = 0
+    for prompt in PROMPTS:
+        for gamma in (0, 3):
+            want = generate_autoregressive(tiny_target, prompt, GREEDY).tokens
+            drafter = OuroborosDrafter(tiny_draft, cfg=cfg)
+            got = generate_speculative(drafter, LocalVerifier(tiny_target), prompt, GREEDY, gamma)
+            assert got.tokens == want
+            from_pool += sum(drafter.sources.accepted[k] for k in ("vetted", "pool", "candidate"))
+            assert sum(drafter.sources.accepted.values()) == got.stats.accepted
+    if cfg.extend:
+        assert from_pool > 0  # the pool's tokens were really on accepted paths
+
+
+def test_candidates_are_taken_and_stay_lossless(tiny_target: LoadedModel, tiny_draft: LoadedModel) -> None:
+    """A pool holding the target's own continuation, offered only as candidates (the draft model is cut off)."""
+    prompt = PROMPTS[1]
+    want = generate_autoregressive(tiny_target, prompt, GREEDY).tokens
+    pool = PhrasePool()
+    pool.feed(prompt + want)
+    cfg = OuroborosConfig(extend=0, candidates=2, candidate_len=4, seed_prompt=False)
+    drafter = OuroborosDrafter(tiny_draft, pool, cfg)
+    got = generate_speculative(drafter, LocalVerifier(tiny_target), prompt, GREEDY, 1)
+    assert got.tokens == want
+    assert drafter.sources.accepted["candidate"] > 0
+
+
+def test_sampling_sends_no_candidates_and_point_mass_pool_rows(tiny_target: LoadedModel,
+                                                               tiny_draft: LoadedModel) -> None:
+    params = SamplingParams(max_tokens=24, temperature=0.9, seed=3, ignore_eos=True)
+    blocks = []
+
+    class Spy(OuroborosDrafter):
+        def propose(self, gamma: int):  # type: ignore[no-untyped-def]
+            block = super().propose(gamma)
+            blocks.append(block)
+            return block
+
+    runs = []
+    for _ in range(2):
+        pool = PhrasePool()
+        pool.feed(PROMPTS[2] * 3)
+        runs.append(generate_speculative(Spy(tiny_draft, pool), LocalVerifier(tiny_target), PROMPTS[2], params, 3))
+    assert runs[0].tokens == runs[1].tokens  # seeded: reproducible
+    assert all(not b.candidates for b in blocks)
+    lengthened = [b for b in blocks if len(b.tokens) > 3]
+    assert lengthened
+    for b in lengthened:
+        assert b.q_ids is not None and b.q_probs is not None
+        assert b.q_ids[3:, 0].tolist() == b.tokens[3:]
+        assert b.q_probs[3:, 0].tolist() == [1.0] * (len(b.tokens) - 3) and float(b.q_probs[3:, 1:].sum()) == 0
+
+
+def test_point_mass_rows_keep_the_targets_distribution() -> None:
+    """A pool token x under sampling: accept with p(x), else recover from p without x. The emitted token is ~ p."""
+    p = torch.tensor([0.05, 0.4, 0.25, 0.2, 0.1])
+    x = torch.tensor([1])
+    q = torch.zeros(1, 5).scatter_(1, x[:, None], 1.0)  # [1, V] one-hot at the pool's token
+    gen = torch.Generator().manual_seed(0)
+    n = 8000
+    counts = torch.zeros(5)
+    for _ in range(n):
+        v = verify_stochastic(x, q, torch.stack([p, p]), gen)
+        counts[1 if v.num_accepted else v.next_token] += 1
+    expected = p * n
+    chi2 = float(((counts - expected) ** 2 / expected).sum())
+    assert chi2 < 18.5  # 4 degrees of freedom, p = 0.001
+
+
+def test_a_warm_pool_beats_a_cold_one(tiny_target: LoadedModel, tiny_draft: LoadedModel) -> None:
+    prompt = PROMPTS[0]
+    want = generate_autoregressive(tiny_target, prompt, GREEDY).tokens
+    warm = PhrasePool()
+    generate_speculative(OuroborosDrafter(tiny_draft, warm), LocalVerifier(tiny_target), prompt, GREEDY, 2)
+    runs = {}
+    for kind, pool in (("cold", PhrasePool()), ("warm", warm)):
+        runs[kind] = generate_speculative(OuroborosDrafter(tiny_draft, pool), LocalVerifier(tiny_target), prompt,
+                                          GREEDY, 2)
+        assert runs[kind].tokens == want
+    assert runs["warm"].stats.target_passes < runs["cold"].stats.target_passes
+
+
+# --- over the wire
+
+
+@pytest.fixture(scope="module")
+def server(tiny_target: LoadedModel) -> Iterator[ServerHandle]:
+    settings = ServerSettings(target="tiny-target", model_name="tiny", http_port=0, grpc_port=0, max_prompt_tokens=64,
+                              max_draft_tokens=16, max_tokens_limit=64, max_body_bytes=64 * 1024,
+                              shutdown_grace_s=0.5)
+    with BackgroundServer(settings, tiny_target) as handle:
+        yield handle
+
+
+@pytest.mark.parametrize("transport", ["grpc", "http"])
+@pytest.mark.parametrize("pipeline", [False, True], ids=["sync", "pipelined"])
+def test_greedy_equals_the_target_alone_over_the_wire(
+    server: ServerHandle, tiny_target: LoadedModel, tiny_draft: LoadedModel, transport: str, pipeline: bool,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    taken: list[int | None] = []  # the server runs in this process: watch its tree verdicts
+    finish_tree = TargetSession._finish_tree
+
+    def spy(self: TargetSession, *args: object) -> VerifyResult:
+        result = finish_tree(self, *args)  # type: ignore[arg-type]
+        taken.append(result.candidate)
+        return result
+
+    monkeypatch.setattr(TargetSession, "_finish_tree", spy)
+    port = server.http_port if transport == "http" else server.grpc_port
+    settings = EdgeSettings(cloud=f"127.0.0.1:{port}", transport=transport, timeout_s=10, retries=0, gamma=3,
+                            pipeline=pipeline, ouroboros=True, ouroboros_candidates=2, client_id="t")
+    client = EdgeClient(settings, tiny_draft)
+    for prompt in PROMPTS[:2]:
+        want = generate_autoregressive(tiny_target, prompt, GREEDY).tokens
+        for _ in range(2):  # the second time with the pool the first one filled: a warm start
+            assert client.generate(prompt, GREEDY).tokens == want
+    assert len(client.pools) == 1 and len(client.pools.get("t")) > 0
+    assert taken and any(c is not None for c in taken)  # candidates crossed the wire, and some were taken
+    sampled = SamplingParams(max_tokens=12, temperature=0.8, seed=1, ignore_eos=True)
+    assert len(client.generate(PROMPTS[0], sampled).tokens) == 12  # no candidates under sampling: accepted
+
+
+@pytest.mark.slow
+def test_demo_pair_greedy_equals_the_target_alone() -> None:
+    from tandem.models import load_model
+    from tandem.train.data import heldout_prompts
+
+    target, draft = load_model("demo-target"), load_model("demo-draft")
+    params = SamplingParams(max_tokens=48, ignore_eos=True)
+    for prompt in heldout_prompts(2, 64, target.tokenizer):
+        want = generate_autoregressive(target, prompt, params).tokens
+        drafter = OuroborosDrafter(draft)
+        got = generate_speculative(drafter, LocalVerifier(target), prompt, params, 4)
+        assert got.tokens == want
+        assert got.stats.target_passes < len(want) / 2
+
+
+def test_candidates_and_feedback_cross_the_wire_and_old_messages_carry_none() -> None:
+    from cloud_server import wire
+    from cloud_server.worker import SessionVerdict
+    from tandem.engine import Candidate, DraftBlock, VerifyResult
+
+    block = DraftBlock([4, 5, 6], candidates=[Candidate(-1, [7]), Candidate(1, [8, 9])])
+    back = wire.block_from_pb(wire.block_to_pb(block, seq=3, base_len=10))
+    assert back.tokens == block.tokens and back.candidates == block.candidates
+    assert wire.block_from_pb(wire.block_to_pb(DraftBlock([4]), seq=0)).candidates == []
+    result = VerifyResult(3, 2, "bonus", [4, 5, 8, 2], None, [6, 1], candidate=1,
+                          candidate_target_tokens=[[3], [9, 2]])
+    assert wire.result_from_pb(wire.verdict_to_pb(SessionVerdict(3, result, 4))) == result
+    plain = VerifyResult(1, 2, "recovered", [4, 2], None, [2, 0])
+    msg = wire.verdict_to_pb(SessionVerdict(0, plain, 2))
+    assert not msg.HasField("candidate") and not msg.candidate_target_tokens
+    assert wire.result_from_pb(msg) == plain
