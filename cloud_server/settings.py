@@ -8,6 +8,8 @@ from typing import Annotated, Any
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from tandem.config import merge_keys, read_keys_file, split_keys
+
 
 class ServerSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="TANDEM_", extra="ignore")
@@ -55,21 +57,3 @@ class ServerSettings(BaseSettings):
     @property
     def served_model_name(self) -> str:
         return self.model_name or self.target
-
-
-def split_keys(v: Any) -> Any:
-    """A comma-separated string of keys as a list; anything else unchanged."""
-    return [k.strip() for k in v.split(",") if k.strip()] if isinstance(v, str) else v
-
-
-def read_keys_file(path: Path) -> list[str]:
-    """One key a line; blank lines and lines starting with '#' are skipped. Read once, at start-up."""
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except OSError as e:
-        raise ValueError(f"cannot read the API keys file {str(path)!r}: {e.strerror or e}") from None
-    return [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
-
-
-def merge_keys(*lists: list[str]) -> list[str]:
-    return list(dict.fromkeys(k for keys in lists for k in keys))

@@ -340,7 +340,7 @@ class EdgeClient:
         drafter = Drafter(self.draft, run.params, run.ctx, s.q_top_k)
         pool = self.pools.get(s.client_id) if s.ouroboros else None
         if pool is not None and stats.rounds == 0:
-            pool.feed(run.prompt)
+            pool.feed(run.prompt, origin="prompt")
         pipelined = s.pipeline
         inflight: deque[_Sent] = deque()
         probe = auto and stats.rounds == 0  # a first empty block measures one target step: the cloud's own pace

@@ -9,8 +9,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from cloud_server.settings import merge_keys, read_keys_file, split_keys
-from tandem.config import Gamma
+from tandem.config import Gamma, merge_keys, read_keys_file, split_keys
 
 Mode = Literal["spec", "cloud", "edge", "auto"]
 Transport = Literal["grpc", "grpc-unary", "http"]

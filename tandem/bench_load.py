@@ -32,12 +32,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tandem.figures import percentiles
 from tandem.procs import CloudProcess
 
 log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_TRACE = ROOT / "benchmarks" / "traces" / "code-completion.jsonl"
-PERCENTILES = (50, 90, 99)
 _SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+(\S+)")
 
 
@@ -100,21 +100,6 @@ class Sample:
 
 
 # --- pure figures (tested on hand-made numbers)
-
-
-def percentile(xs: Sequence[float], p: float) -> float | None:
-    """Linear interpolation between closest ranks (numpy's default); None for no samples."""
-    if not xs:
-        return None
-    s = sorted(xs)
-    k = (len(s) - 1) * p / 100
-    lo = int(k)
-    hi = min(lo + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (k - lo)
-
-
-def percentiles(xs: Sequence[float], scale: float = 1.0) -> dict[str, float | None]:
-    return {f"p{p}": (None if (v := percentile(xs, p)) is None else v * scale) for p in PERCENTILES}
 
 
 def slope(ts: Sequence[float], ys: Sequence[float]) -> float | None:

@@ -58,9 +58,7 @@ class ModeFigures:
         src = stats.get("sources")
         if isinstance(src, SourceCounts):
             self.sources = self.sources or SourceCounts()
-            for k in src.drafted:
-                self.sources.drafted[k] += src.drafted[k]
-                self.sources.accepted[k] += src.accepted[k]
+            self.sources.merge(src)
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -75,6 +73,8 @@ class ModeFigures:
             **({} if self.sources is None else {
                 "drafted_by_source": self.sources.drafted, "accepted_by_source": self.sources.accepted,
                 "accepted_share_by_source": {k: v / max(1, self.accepted) for k, v in self.sources.accepted.items()},
+                "drafted_by_origin": self.sources.drafted_by_origin,
+                "accepted_by_origin": self.sources.accepted_by_origin,
             }),
         }
 
@@ -165,6 +165,8 @@ def run_bench_local(
         src = figs["ouroboros"].sources
         console.print("ouroboros accepted tokens by source: " + ", ".join(
             f"{k} {src.accepted[k]} of {src.drafted[k]} drafted" for k in src.accepted))
+        console.print("ouroboros accepted pool tokens by origin: " + ", ".join(
+            f"{k} {src.accepted_by_origin[k]} of {src.drafted_by_origin[k]} drafted" for k in src.accepted_by_origin))
         if "spec" in results:
             ratio = float(results["ouroboros"]["tokens_per_s"]) / float(results["spec"]["tokens_per_s"])  # type: ignore[arg-type]
             console.print(f"ouroboros / spec: {ratio:.2f}x")

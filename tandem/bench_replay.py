@@ -34,13 +34,13 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from tandem.figures import percentiles
 from tandem.procs import CloudProcess, free_port
 
 log = logging.getLogger(__name__)
 
 MODES = ("cloud", "spec", "spec-pipelined", "ouroboros", "auto")
 LOSSLESS = frozenset(MODES)  # every replay mode gives the target's own output (edge, the lossy one, is not offered)
-PERCENTILES = (50, 90, 99)
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -74,25 +74,6 @@ def load_trace(path: Path, limit: int | None = None) -> list[TraceRow]:
 
 
 # --- the figures (pure functions, tested on hand-made numbers)
-
-
-def percentile(xs: Sequence[float], p: float) -> float | None:
-    """Linear interpolation between closest ranks (numpy's default); None for no samples."""
-    if not xs:
-        return None
-    s = sorted(xs)
-    k = (len(s) - 1) * p / 100
-    lo = int(k)
-    hi = min(lo + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (k - lo)
-
-
-def percentiles(xs: Sequence[float], scale: float = 1.0) -> dict[str, float | None]:
-    out: dict[str, float | None] = {}
-    for p in PERCENTILES:
-        v = percentile(xs, p)
-        out[f"p{p}"] = None if v is None else v * scale
-    return out
 
 
 def leviathan_e(alpha: float, gamma: float) -> float:

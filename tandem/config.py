@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from pathlib import Path
+from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BeforeValidator, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -29,3 +30,22 @@ class CoreSettings(BaseSettings):
     draft: str = "demo-draft"
     threads: int = Field(default=2, ge=1, description="torch intra-op threads for this process")
     gamma: Gamma = Field(default=4, description="draft block length, or 'adaptive' (edge path)")
+
+
+# API keys, shared by the cloud's and the edge endpoint's settings
+def split_keys(v: Any) -> Any:
+    """A comma-separated string of keys as a list; anything else unchanged."""
+    return [k.strip() for k in v.split(",") if k.strip()] if isinstance(v, str) else v
+
+
+def read_keys_file(path: Path) -> list[str]:
+    """One key a line; blank lines and lines starting with '#' are skipped. Read once, at start-up."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as e:
+        raise ValueError(f"cannot read the API keys file {str(path)!r}: {e.strerror or e}") from None
+    return [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
+
+
+def merge_keys(*lists: list[str]) -> list[str]:
+    return list(dict.fromkeys(k for keys in lists for k in keys))

@@ -10,8 +10,9 @@ from typer.testing import CliRunner
 
 from cloud_server.main import BackgroundServer
 from cloud_server.settings import ServerSettings
-from tandem.bench_load import compare, parse_metrics, percentile, slope, slope_stderr, summarize, vm_rss_mib
+from tandem.bench_load import compare, parse_metrics, slope, slope_stderr, summarize, vm_rss_mib
 from tandem.cli import app
+from tandem.figures import percentile
 from tandem.models import LoadedModel
 
 

@@ -19,13 +19,12 @@ from tandem.bench_replay import (
     greedy_mismatches,
     leviathan_e,
     load_trace,
-    percentile,
-    percentiles,
     render_markdown,
     run_replay,
     summarize,
 )
 from tandem.engine import generate_autoregressive
+from tandem.figures import percentile, percentiles
 from tandem.models import LoadedModel
 from tandem.sampling import SamplingParams
 

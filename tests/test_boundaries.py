@@ -8,7 +8,7 @@ import sys
 CORE = ["tandem.engine", "tandem.verify", "tandem.kv", "tandem.models", "tandem.sampling", "tandem.bench_local",
         "tandem.demo_run", "tandem.cli", "tandem.config", "tandem.train.trainer", "tandem.netem",
         "tandem.procs", "tandem.bench_load", "tandem.bench_capacity", "tandem.batch",
-        "tandem.bench_replay"]
+        "tandem.bench_replay", "tandem.pool", "tandem.figures"]
 
 
 def test_core_imports_no_transport() -> None:

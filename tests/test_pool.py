@@ -117,3 +117,54 @@ def test_an_ouroboros_block_keeps_only_candidates_that_fit() -> None:
     block = ouroboros_block(PhrasePool(), [1, 2], DraftBlock([3, 4, 5]), parted, cfg, True, room=4, vocab=96)
     assert block.tokens == [3, 4, 5]
     assert block.candidates == [Candidate(1, [7, 8]), Candidate(2, [4])]  # trimmed to the room, the stray one gone
+
+
+def test_origins_are_kept_returned_and_the_first_one_stays() -> None:
+    pool = PhrasePool(phrase_len=4)
+    pool.add([1], [2, 3])  # default: "prompt" (text fed from outside a generation)
+    pool.feed([8, 9, 10], origin="output")
+    pool.add([5], [6, 7], origin="feedback")
+    assert pool.lookup_tagged([1], 4) == [([2, 3], "prompt")]
+    assert pool.lookup_tagged([8, 9], 4) == [([10], "output")]
+    assert pool.lookup([5], 4) == [[6, 7]]  # the plain lookup is unchanged
+    pool.add([5], [6], origin="output")  # held whole: refreshed, its origin kept
+    pool.add([1], [2, 3, 4], origin="feedback")  # extends a held phrase: replaces it, the first origin kept
+    assert pool.lookup_tagged([5], 4) == [([6, 7], "feedback")]
+    assert pool.lookup_tagged([1], 4) == [([2, 3, 4], "prompt")]
+    pool.add([1], [2, 9], origin="output")  # a different phrase: its own origin, most recent first
+    assert pool.lookup_tagged([1], 4, k=2) == [([2, 9], "output"), ([2, 3, 4], "prompt")]
+    size = pool.size
+    pool.add([1], [2, 9], origin="feedback")
+    assert pool.size == size  # the tag costs no tokens
+
+
+def test_learn_tags_output_and_feedback() -> None:
+    pool = PhrasePool(phrase_len=4)
+    block = DraftBlock([3, 4, 5])
+    learn(pool, [1, 2], block, VerifyResult(1, 6, "recovered", [3, 6], None, [6, 60, 61]))
+    assert pool.lookup_tagged([1, 2], 4) == [([3, 6], "output")]
+    assert pool.lookup_tagged([3, 4], 4) == [([60, 61], "feedback")]
+
+
+def test_drafter_counts_by_origin_sum_to_the_pools_accepted_tokens(tiny_target, tiny_draft) -> None:  # type: ignore[no-untyped-def]
+    from tandem.engine import LocalVerifier, generate_autoregressive, generate_speculative
+    from tandem.pool import ORIGINS, OuroborosDrafter
+    from tandem.sampling import SamplingParams
+
+    params = SamplingParams(max_tokens=40, ignore_eos=True)
+    prompt = [5, 9, 14, 3, 22, 40, 41, 5, 9, 14]
+    pool = PhrasePool()
+    cfg = OuroborosConfig(extend=4, candidates=3, candidate_len=3, max_draft=6)
+    totals = dict.fromkeys(ORIGINS, 0)
+    for gamma in (3, 0, 3):  # the same pool throughout: later runs read output and feedback phrases too
+        drafter = OuroborosDrafter(tiny_draft, pool, cfg)
+        got = generate_speculative(drafter, LocalVerifier(tiny_target), prompt, params, gamma)
+        assert got.tokens == generate_autoregressive(tiny_target, prompt, params).tokens
+        src = drafter.sources
+        from_pool = sum(src.accepted[k] for k in ("vetted", "pool", "candidate"))
+        assert sum(src.accepted_by_origin.values()) == from_pool
+        assert sum(src.drafted_by_origin.values()) == sum(src.drafted[k] for k in ("vetted", "pool", "candidate"))
+        assert all(src.accepted_by_origin[k] <= src.drafted_by_origin[k] for k in ORIGINS)
+        for k in ORIGINS:
+            totals[k] += src.accepted_by_origin[k]
+    assert sum(totals.values()) > 0 and totals["output"] + totals["feedback"] > 0
