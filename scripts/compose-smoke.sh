@@ -15,6 +15,9 @@
 #                          for machines where container networking is unavailable; the build uses it too)
 #   SMOKE_BUILD_NETWORK    the build's network (default: host with TANDEM_SMOKE_NETWORK=host, else Docker's own)
 #   SMOKE_NETEM=1          also start the netem profile and route the edge through it (NETEM_RTT_MS, default 20)
+#   SMOKE_BENCH=1          then run the bench profile (a short replay against the cloud service: BENCH_PROMPTS
+#                          default 1, BENCH_RTT_MS default 0,20, BENCH_MODES default cloud,spec,ouroboros) and check
+#                          its results.json (every mode and RTT measured, greedy outputs identical) and files
 #   SMOKE_NO_BUILD=1       use an existing TANDEM_IMAGE
 #   SMOKE_KEEP=1           leave the services running (and print how to stop them)
 #   SMOKE_TIMEOUT          seconds to wait for health (default 300)
@@ -88,6 +91,9 @@ if [ "${SMOKE_NETEM:-0}" = 1 ]; then
   export COMPOSE_PROFILES=netem EDGE_CLOUD=$netem_addr:$NETEM_PORT
 else
   export COMPOSE_PROFILES="" EDGE_CLOUD=$cloud_addr:$CLOUD_GRPC_PORT
+fi
+if [ "${SMOKE_BENCH:-0}" = 1 ]; then  # before `compose config`: the host-network file is resolved from it
+  export BENCH_PROMPTS=${BENCH_PROMPTS:-1} BENCH_RTT_MS=${BENCH_RTT_MS:-0,20} BENCH_MODES=${BENCH_MODES:-cloud,spec,ouroboros}
 fi
 compose() { "${compose_bin[@]}" -p "$project" --project-directory . "${files[@]}" "$@"; }
 
@@ -214,3 +220,26 @@ sys.exit(0 if rtt is None or rtt >= 0.8 * float(sys.argv[2]) else f"edge rtt_ms_
     "$tmp/edge-stats" "${NETEM_RTT_MS:-20}" || die 5 "the edge's round trips do not show netem's delay"
 fi
 say "PASS: the edge's greedy text equals the cloud's (edge -> ${EDGE_CLOUD})"
+
+if [ "${SMOKE_BENCH:-0}" = 1 ]; then
+  mkdir -p "$BENCH_RESULTS_DIR" && chmod 777 "$BENCH_RESULTS_DIR"
+  say "bench profile: replay of $BENCH_PROMPTS prompt(s), RTTs $BENCH_RTT_MS ms, modes $BENCH_MODES"
+  start=$SECONDS
+  compose --profile bench run --rm bench >"$tmp/bench.log" 2>&1 || { tail -30 "$tmp/bench.log"; die 5 "the bench service failed"; }
+  python3 - "$BENCH_RESULTS_DIR/results.json" "$BENCH_MODES" "$BENCH_RTT_MS" <<'EOF' || die 5 "the bench results are incomplete or show a mismatch"
+import json, sys
+res = json.load(open(sys.argv[1]))
+modes, rtts = sys.argv[2].split(","), [float(r) for r in sys.argv[3].split(",")]
+rows = {(r["mode"], float(r["rtt_ms"])) for r in res["summary"]}
+missing = [(m, r) for m in modes for r in rtts if (m, r) not in rows]
+if missing:
+    sys.exit(f"no summary for {missing}")
+if res["greedy_mismatches"]:
+    sys.exit(f"greedy mismatches: {res['greedy_mismatches']}")
+EOF
+  for f in results.json summary.md speedup_vs_rtt.png; do
+    [ -s "$BENCH_RESULTS_DIR/$f" ] || die 5 "the bench wrote no $f"
+  done
+  say "PASS: the bench profile wrote results.json, summary.md and speedup_vs_rtt.png in $((SECONDS - start))s"
+  grep '^| ' "$BENCH_RESULTS_DIR/summary.md" | cut -d'|' -f2-5 | sed 's/^/[compose-smoke]   /'
+fi
