@@ -107,12 +107,13 @@ class VerifierServicer(pb_grpc.VerifierServicer):
             self._count("Session", "UNAUTHENTICATED")
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(e))
         session_id: str | None = None
-        reason = "closed"
+        reason = "disconnected"  # until the client says Close: a stream that just ends, or is cancelled, left us
         me = object()
         try:
             async for msg in request_iterator:
                 kind = msg.WhichOneof("msg")
                 if kind == "close":
+                    reason = "closed"
                     break
                 try:
                     if kind == "open":
@@ -139,6 +140,9 @@ class VerifierServicer(pb_grpc.VerifierServicer):
                     if session_id is None:
                         break  # a failed Open ends the stream
             self._count("Session", "OK")
+            # a cancelled client's stream may end here (end of input) rather than in a CancelledError below
+            if reason == "disconnected" and session_id is not None:
+                self.worker.metrics.disconnects.labels(route="grpc Session").inc()
         except asyncio.CancelledError:  # the client cancelled or its connection dropped
             self.worker.metrics.disconnects.labels(route="grpc Session").inc()
             reason = "disconnected"
