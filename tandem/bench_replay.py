@@ -35,7 +35,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from tandem.figures import percentiles
-from tandem.procs import CloudProcess, free_port
+from tandem.procs import CloudProcess, free_port, stop_process
 
 log = logging.getLogger(__name__)
 
@@ -293,13 +293,7 @@ class NetemProcess:
         raise TimeoutError("tandem netem did not listen in time")
 
     def __exit__(self, *exc: object) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
+        stop_process(self.proc)
 
 
 # --- the run

@@ -18,6 +18,18 @@ from pathlib import Path
 from types import TracebackType
 
 
+def stop_process(proc: subprocess.Popen[bytes] | None, signum: int = signal.SIGTERM, timeout_s: float = 10.0) -> None:
+    """Ask a child to stop (SIGTERM by default), and kill it if it has not within `timeout_s`."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(signum)
+    try:
+        proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=timeout_s)
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
@@ -84,13 +96,7 @@ class CloudProcess:
             self.proc.wait(timeout=30)
 
     def stop(self, timeout_s: float = 30.0) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            self.kill()
+        stop_process(self.proc, timeout_s=timeout_s)
 
     def __enter__(self) -> CloudProcess:
         return self.start()

@@ -29,7 +29,7 @@ from edge_client.loop import EdgeClient
 from edge_client.settings import EdgeSettings
 from tandem.bench_load import parse_metrics
 from tandem.models import LoadedModel
-from tandem.procs import CloudProcess, free_port
+from tandem.procs import CloudProcess, free_port, stop_process
 from tandem.sampling import SamplingParams
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -94,13 +94,7 @@ class Nginx:
         raise TimeoutError(f"nginx did not answer within 15 s:\n{self.errors()}")
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
+        stop_process(self.proc)
 
     def errors(self) -> str:
         path = self.dir / "error.log"
