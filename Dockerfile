@@ -16,6 +16,8 @@ ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONDONTWRITEBYTECODE=1
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY tandem ./tandem
+COPY tandem_protocol ./tandem_protocol
+COPY tandem_tools ./tandem_tools
 COPY cloud_server ./cloud_server
 COPY edge_client ./edge_client
 RUN python -m pip wheel --no-deps --wheel-dir /wheels . \

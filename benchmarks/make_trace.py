@@ -12,7 +12,7 @@ import argparse
 import json
 from pathlib import Path
 
-from tandem.train.data import list_corpus, read_texts
+from tandem_tools.train.data import list_corpus, read_texts
 
 OUT = Path(__file__).parent / "traces" / "code-completion.jsonl"
 MIN_LINES, MAX_LINES = 10, 40

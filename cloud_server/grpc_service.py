@@ -12,13 +12,13 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from cloud_server import wire
-from cloud_server.errors import UnauthenticatedError, error_code, grpc_status, require_bearer
-from cloud_server.proto import verifier_pb2 as pb
-from cloud_server.proto import verifier_pb2_grpc as pb_grpc
 from cloud_server.settings import ServerSettings
 from cloud_server.worker import ModelWorker
 from tandem.errors import InvalidRequestError, SessionNotFoundError, TandemError
+from tandem_protocol import pb as wire
+from tandem_protocol.errors import UnauthenticatedError, error_code, grpc_status, require_bearer
+from tandem_protocol.proto import verifier_pb2 as pb
+from tandem_protocol.proto import verifier_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -16,10 +16,10 @@ import uvicorn
 
 from cloud_server.grpc_service import create_grpc_server, set_serving
 from cloud_server.http_app import create_app
-from cloud_server.metrics import Metrics
 from cloud_server.settings import ServerSettings
 from cloud_server.worker import ModelWorker
 from tandem.models import LoadedModel, load_model
+from tandem_protocol.metrics import Metrics
 
 log = logging.getLogger("cloud_server")
 
@@ -48,8 +48,8 @@ class ServerHandle:
     async def stop(self, grace: float | None = None) -> None:
         """Stop accepting, let in-flight requests finish (up to `grace` seconds), close sessions, stop the worker."""
         grace = self.worker.settings.shutdown_grace_s if grace is None else grace
-        await set_serving(self._health, False)  # type: ignore[arg-type]
-        self._http.config.timeout_graceful_shutdown = max(grace, 0.1)
+        await set_serving(self._health, False)
+        self._http.config.timeout_graceful_shutdown = max(grace, 0.1)  # type: ignore[assignment]  # float works
         self._http.should_exit = True
         await asyncio.gather(self._grpc.stop(grace), self._http_task, return_exceptions=True)
         await self.worker.shutdown()
@@ -88,7 +88,7 @@ async def start_servers(settings: ServerSettings, target: LoadedModel | None = N
         sock = _bind(settings.host, settings.http_port)
         config = uvicorn.Config(
             create_app(settings, worker), lifespan="off", log_level="warning", access_log=False,
-            timeout_graceful_shutdown=max(settings.shutdown_grace_s, 0.1),
+            timeout_graceful_shutdown=max(settings.shutdown_grace_s, 0.1),  # type: ignore[arg-type]  # float works
             ssl_certfile=settings.tls_cert_file, ssl_keyfile=settings.tls_key_file,
         )
         http = _Uvicorn(config)

@@ -1,19 +1,15 @@
 """`tandem edge serve`: an OpenAI-compatible endpoint on the device, served by the speculative loop.
 
-The request and response shapes, the text streaming and the error statuses are the cloud's own (cloud_server's
-http_app and schemas): a client cannot tell the two apart, except that the edge answers with the target's output
+The request and response shapes, the text streaming and the error statuses are the cloud's own (the protocol
+package's OpenAI API): a client cannot tell the two apart, except that the edge answers with the target's output
 drafted locally. The draft model runs on one worker thread; the event loop only relays its tokens.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 import uvicorn
@@ -21,8 +17,14 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from cloud_server.errors import BEARER_HEADER, require_bearer
-from cloud_server.http_app import (
+from edge_client.service import EdgeService
+from edge_client.settings import EdgeSettings
+from tandem.errors import InvalidRequestError
+from tandem.models import LoadedModel
+from tandem.session import validate_prompt
+from tandem_protocol.errors import BEARER_HEADER, require_bearer
+from tandem_protocol.openai_api.middleware import install_error_handling
+from tandem_protocol.openai_api.responses import (
     API_ERRORS,
     COMPLETION_RESPONSES,
     BearerDep,
@@ -31,103 +33,11 @@ from cloud_server.http_app import (
     completion_prompt,
     completion_response,
     error_responses,
-    install_error_handling,
     sampling_params,
 )
-from cloud_server.metrics import Metrics
-from cloud_server.schemas import ChatRequest, CompletionRequest
-from edge_client.loop import EdgeClient, EdgeResult
-from edge_client.settings import EdgeSettings
-from tandem.engine import FinishReason, validate_prompt
-from tandem.errors import InvalidRequestError
-from tandem.models import LoadedModel
-from tandem.sampling import SamplingParams
+from tandem_protocol.openai_api.schemas import ChatRequest, CompletionRequest
 
 log = logging.getLogger("edge_client")
-
-
-@dataclass(frozen=True)
-class _Step:
-    tokens: list[int]
-    finish_reason: FinishReason | None
-
-
-class EdgeService:
-    """The draft model, its one thread, and the client that talks to the cloud."""
-
-    def __init__(self, settings: EdgeSettings, draft: LoadedModel) -> None:
-        self.settings = settings
-        self.draft = draft
-        self.client = EdgeClient(settings, draft)
-        self.metrics = Metrics()
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tandem-edge-draft")
-
-    async def start(self, prompt: list[int], params: SamplingParams) -> EdgeGeneration:
-        gen = EdgeGeneration(self, prompt, params)
-        await gen.start()
-        return gen
-
-
-class EdgeGeneration:
-    """One request on the draft thread; its tokens reach the event loop through a queue."""
-
-    def __init__(self, service: EdgeService, prompt: list[int], params: SamplingParams) -> None:
-        self.service = service
-        self.prompt = prompt
-        self.params = params
-        self.tokens = 0
-        self.result: EdgeResult | None = None
-        self._loop = asyncio.get_running_loop()
-        self._queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
-        self._first: tuple[str, Any] | None = None
-        self._cancel = threading.Event()
-        self._t0 = time.perf_counter()
-
-    def _put(self, kind: str, value: Any) -> None:
-        self._loop.call_soon_threadsafe(self._queue.put_nowait, (kind, value))
-
-    def _job(self) -> None:
-        m = self.service.metrics
-        try:
-            result = self.service.client.generate(
-                self.prompt, self.params, on_tokens=lambda t: self._put("tokens", t),
-                on_round=m.observe_verify, cancelled=self._cancel.is_set,
-            )
-            self._put("done", result)
-        except BaseException as e:
-            self._put("error", e)
-
-    async def start(self) -> None:
-        """Run the request; return once its first token (or its failure: a clear status) is known."""
-        self._loop.run_in_executor(self.service.executor, self._job)
-        try:
-            self._first = await self._queue.get()
-        except asyncio.CancelledError:  # the request was dropped before its first token: stop the draft thread too
-            self._cancel.set()
-            raise
-        if self._first[0] == "error":
-            raise self._first[1]
-
-    async def __aiter__(self) -> AsyncIterator[_Step]:
-        m = self.service.metrics
-        while True:
-            kind, value = self._first or await self._queue.get()
-            self._first = None
-            if kind == "tokens":
-                if self.tokens == 0:
-                    m.ttft.observe(time.perf_counter() - self._t0)
-                self.tokens += len(value)
-                m.generation_tokens.inc(len(value))
-                yield _Step(value, None)
-            elif kind == "done":
-                self.result = value
-                yield _Step([], value.finish_reason)
-                return
-            else:
-                raise value
-
-    def close(self) -> None:
-        self._cancel.set()  # the draft thread stops at its next token
 
 
 def get_service(request: Request) -> EdgeService:

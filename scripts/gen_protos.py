@@ -1,9 +1,9 @@
-"""Regenerate the Python stubs of protos/ into cloud_server/proto/ (committed; a test checks they are current).
+"""Regenerate the Python stubs of protos/ into tandem_protocol/proto/ (committed; a test checks they are current).
 
     python scripts/gen_protos.py [--out DIR]
 
 The stubs are flattened into one package, and the generated gRPC module's import of its message module is rewritten
-to that package, so `cloud_server.proto` imports like any other package (and never shadows `tandem`).
+to that package, so `tandem_protocol.proto` imports like any other package (and never shadows `tandem`).
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from grpc_tools import protoc
 ROOT = Path(__file__).resolve().parent.parent
 PROTO_ROOT = ROOT / "protos"
 PROTOS = ["tandem/v1/verifier.proto"]
-PACKAGE = "cloud_server.proto"
-DEFAULT_OUT = ROOT / "cloud_server" / "proto"
+PACKAGE = "tandem_protocol.proto"
+DEFAULT_OUT = ROOT / "tandem_protocol" / "proto"
 
 
 def generate(out: Path) -> list[Path]:

@@ -90,7 +90,8 @@ def _packed_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.T
         # the same model object running on another thread meanwhile (a plain, unpadded forward): causal over its keys
         return _causal(query, key, value, scaling).transpose(1, 2).contiguous(), None
     outs, start = [], 0
-    for (k, v), n in zip(cache.full[module.layer_idx], cache.lengths, strict=True):  # k, v: [1, Hkv, L, D]
+    layer = int(module.layer_idx)  # type: ignore[arg-type]
+    for (k, v), n in zip(cache.full[layer], cache.lengths, strict=True):  # k, v: [1, Hkv, L, D]
         outs.append(_causal(query[:, :, start : start + n], k, v, scaling))
         start += n
     return torch.cat(outs, dim=2).transpose(1, 2).contiguous(), None
@@ -136,6 +137,6 @@ def _run_packed(states: list[SequenceState], feeds: list[list[int]], skips: list
 def _restore(states: list[SequenceState], pasts: list[int]) -> None:
     for s, past in zip(states, pasts, strict=True):
         for layer in s.cache.layers:
-            extra = layer.get_seq_length() - past
+            extra = layer.get_seq_length() - past  # type: ignore[union-attr]
             if extra > 0:
-                layer.crop(-extra)
+                layer.crop(-extra)  # type: ignore[union-attr]

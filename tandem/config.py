@@ -23,6 +23,37 @@ def _check_gamma(v: int | str) -> int | str:
 Gamma = Annotated[int | Literal["adaptive"], BeforeValidator(_parse_gamma), AfterValidator(_check_gamma)]
 
 
+Mode = Literal["spec", "cloud", "edge", "auto"]
+
+
+class SpeculationSettings(BaseSettings):
+    """How the speculative loop drafts and talks to its verifier (the edge's settings extend these)."""
+
+    model_config = SettingsConfigDict(env_prefix="TANDEM_", extra="ignore")
+
+    cloud: str = Field(default="127.0.0.1:50051", description="HOST:PORT of the cloud (gRPC or HTTP per transport)")
+    mode: Mode = "spec"
+    gamma: Gamma = Field(default="adaptive", description="draft block length, or adaptive")
+    max_gamma: int = Field(default=12, ge=1, description="the largest block adaptive gamma may choose")
+    pipeline: bool = Field(default=True, description="draft the next block while the current one is verified")
+    q_top_k: int = Field(default=16, ge=1, description="sampling: the draft samples from its top-k and sends them")
+    fallback: Literal["none", "edge"] = "none"
+    retries: int = Field(default=5, ge=0, description="reconnect attempts after a lost cloud, per loss")
+    backoff_s: float = Field(default=0.2, gt=0, description="first reconnect delay; doubles each attempt")
+    backoff_max_s: float = Field(default=5.0, gt=0)
+    auto_probe_rounds: int = Field(default=3, ge=1, description="auto mode: speculative rounds measured first")
+    auto_margin: float = Field(default=1.1, ge=1.0, description="auto: speculate only when its rate beats cloud x this")
+    client_id: str = "tandem-edge"
+    # Ouroboros-style drafting: blocks lengthened from a phrase pool kept per client id (a warm start), candidate
+    # continuations verified in the same target pass (greedy only), the cloud's feedback learnt into the pool
+    ouroboros: bool = Field(default=False, description="lengthen drafts from a phrase pool, with candidates")
+    ouroboros_extend: int = Field(default=8, ge=0, description="pool tokens appended to a drafted block, at most")
+    ouroboros_candidates: int = Field(default=1, ge=0, description="candidate continuations per block (greedy)")
+    ouroboros_candidate_len: int = Field(default=4, ge=1)
+    pool_max_clients: int = Field(default=64, ge=1, description="phrase pools kept (one per client id), LRU")
+    pool_max_tokens: int = Field(default=2_000_000, ge=1, description="tokens all phrase pools hold together")
+
+
 class CoreSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="TANDEM_", extra="ignore")
 

@@ -45,3 +45,12 @@ class SessionNotFoundError(TandemError):
 
 class CapacityError(TandemError):
     code = "over_capacity"
+
+
+class RemoteError(TandemError):
+    """A failure reported by (or on the way to) a remote verifier: its error code and the transport's status."""
+
+    def __init__(self, code: str, message: str, status: str | int) -> None:
+        super().__init__(f"{message} ({status})")
+        self.code = code
+        self.status = status

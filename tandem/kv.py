@@ -44,7 +44,8 @@ class SequenceState:
         feed = torch.tensor([ids], dtype=torch.long)  # [1, n]
         positions = torch.arange(start, start + len(ids))[None]  # [1, n]
         out = self.model(input_ids=feed, past_key_values=self.cache, position_ids=positions, use_cache=True)
-        return out.logits[0].float()
+        logits: torch.Tensor = out.logits[0].float()
+        return logits
 
     def forward_tree(self, parents: list[int], nodes: list[int]) -> torch.Tensor:
         """Feed the uncached tail of `tokens`, then a tree of draft nodes (not committed), in one pass.
@@ -84,7 +85,8 @@ class SequenceState:
         with torch.inference_mode():
             out = self.model(input_ids=feed, attention_mask=mask, past_key_values=self.cache, position_ids=positions,
                              use_cache=True)
-        return out.logits[0, p - 1 :].float()
+        logits: torch.Tensor = out.logits[0, p - 1 :].float()
+        return logits
 
     def rollback(self, length: int) -> None:
         """Forget cached positions from `length` on."""

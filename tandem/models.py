@@ -63,7 +63,7 @@ def load_model(name_or_path: str, dtype: torch.dtype = torch.float32) -> LoadedM
     """Weights are cast to `dtype` (float32 by default: exact greedy equality needs stable argmaxes)."""
     from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()
+    hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
     source = resolve(name_or_path)
     local = Path(source).is_dir()
     try:
@@ -72,7 +72,7 @@ def load_model(name_or_path: str, dtype: torch.dtype = torch.float32) -> LoadedM
     except (OSError, ValueError) as e:
         hint = "" if local else " (not a local folder; a hub id needs network access and HF_HUB_OFFLINE unset)"
         raise ModelLoadError(f"cannot load model {name_or_path!r}{hint}: {e}") from e
-    model.eval().requires_grad_(False)
+    model.eval().requires_grad_(False)  # type: ignore[no-untyped-call]
     return LoadedModel(name_or_path, model, tokenizer, tokenizer_fingerprint(tokenizer))
 
 

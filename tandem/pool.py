@@ -6,8 +6,9 @@
 - `PoolRegistry`: one pool per client id, kept across requests (a warm start), bounded in total size.
 - `draft_greedy`: the draft model's greedy steps, each reading a pool phrase in the same pass and keeping the part it
   agrees with (its own tokens, several per pass); the parts it disagreed with become candidates.
-- `OuroborosDrafter`: that block lengthened by pool phrases that continue it (the main path), plus up to k candidate
-  branches verified in the same target pass; learns every verdict into the pool. The edge uses the same functions.
+- `ouroboros_block`: that block lengthened by pool phrases that continue it (the main path), plus up to k
+  candidate branches verified in the same target pass; `learn` files every verdict into the pool. The drafter that
+  puts them together is `tandem.ouroboros.OuroborosDrafter`.
 
 Lossless: greedy blocks carry candidates (the target takes the longest verified path). Under sampling no candidates
 are sent; pool tokens on the main path go with a point-mass q (accept with p(x), recover from p without x), which is
@@ -22,10 +23,8 @@ from typing import Literal
 
 import torch
 
-from tandem.engine import Candidate, DraftBlock, ModelDrafter, QForm, VerifyResult
+from tandem.blocks import Candidate, DraftBlock, VerifyResult
 from tandem.kv import SequenceState
-from tandem.models import LoadedModel
-from tandem.sampling import SamplingParams
 
 Key = tuple[int, ...]
 Phrase = tuple[int, ...]
@@ -135,32 +134,6 @@ class PoolRegistry:
             self._pools.popitem(last=False)
 
 
-SOURCES = ("draft", "vetted", "pool", "candidate")
-
-
-@dataclass
-class SourceCounts:
-    """Drafted and accepted tokens by where they came from: a draft-model step ("draft"); a pool phrase the draft
-    model read and agreed with in the same pass ("vetted": its own greedy tokens, without a step each); the pool
-    alone lengthening the main path ("pool"); a candidate branch ("candidate").
-
-    The pool's tokens ("vetted", "pool", "candidate") are counted by their phrase's origin too ("prompt", "output",
-    "feedback"; see `PhrasePool`): per origin sums to those three sources together."""
-
-    drafted: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SOURCES, 0))
-    accepted: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SOURCES, 0))
-    drafted_by_origin: dict[str, int] = field(default_factory=lambda: dict.fromkeys(ORIGINS, 0))
-    accepted_by_origin: dict[str, int] = field(default_factory=lambda: dict.fromkeys(ORIGINS, 0))
-
-    def merge(self, other: SourceCounts) -> None:
-        """Add another run's counts to these."""
-        for mine, theirs in ((self.drafted, other.drafted), (self.accepted, other.accepted),
-                             (self.drafted_by_origin, other.drafted_by_origin),
-                             (self.accepted_by_origin, other.accepted_by_origin)):
-            for k, v in theirs.items():
-                mine[k] = mine.get(k, 0) + v
-
-
 @dataclass
 class BlockOrigins:
     """Where a block's pool tokens came from, filled in place by `draft_greedy`, `plan_block` and `ouroboros_block`
@@ -250,87 +223,6 @@ def learn(pool: PhrasePool, context: list[int], block: DraftBlock, result: Verif
             continue  # a candidate wrong from its first token: the target's token there is filed already
         m = next((i for i in range(len(outs) - 1) if outs[i] != c.tokens[i + 1]), len(outs) - 1)
         pool.add(context + main[: c.parent + 1], [*c.tokens[: m + 1], outs[m]], origin="feedback")
-
-
-class OuroborosDrafter:
-    """A `Drafter`: the draft model's block lengthened from a phrase pool, with candidate branches; learns verdicts.
-
-    Pass a pool kept across requests for a warm start.
-    """
-
-    def __init__(self, draft: LoadedModel, pool: PhrasePool | None = None, cfg: OuroborosConfig | None = None,
-                 q_form: QForm = "sparse", q_top_k: int = 16) -> None:
-        self.inner = ModelDrafter(draft, q_form, q_top_k)
-        self.pool = pool if pool is not None else PhrasePool()
-        self.cfg = cfg or OuroborosConfig()
-        self.sources = SourceCounts()
-        self._block: DraftBlock | None = None
-        self._model_tokens = 0
-        self._origin: list[str] = []  # per main-path token of the last block: its source
-        self._tags = BlockOrigins()  # the last block's pool tokens: their phrases' origins
-
-    @property
-    def passes(self) -> int:
-        return self.inner.passes
-
-    def start(self, prompt: list[int], params: SamplingParams) -> None:
-        self.inner.start(prompt, params)
-        self.params = params
-        self.prompt_len = len(prompt)
-        if self.cfg.seed_prompt:
-            self.pool.feed(prompt, origin="prompt")
-
-    def propose(self, gamma: int) -> DraftBlock:
-        context = self.inner.state.tokens
-        room = self.params.max_tokens - (len(context) - self.prompt_len) - 1  # the target adds one token itself
-        room = min(room, self.inner.draft.context_length - len(context) - 1)
-        parted: list[Candidate] = []
-        tags = BlockOrigins()
-        if self.params.greedy and gamma:
-            limit = max(gamma, min(self.cfg.max_draft, room))
-            tokens, origin, parted, passes = draft_greedy(self.inner.state, self.pool, gamma, limit, tags)
-            self.inner.passes += passes
-            block = DraftBlock(tokens)
-        else:
-            block = self.inner.propose(gamma)
-            origin = ["draft"] * len(block.tokens)
-        self._model_tokens = len(block.tokens)
-        block = ouroboros_block(self.pool, context, block, parted, self.cfg, self.params.greedy,
-                                max(room, len(block.tokens)), self.inner.draft.vocab_size, tags)
-        self._block, self._tags = block, tags
-        self._origin = origin + ["pool"] * (len(block.tokens) - len(origin))
-        for src in self._origin:
-            self.sources.drafted[src] += 1
-        self.sources.drafted["candidate"] += sum(len(c.tokens) for c in block.candidates)
-        for o in tags.main:
-            if o is not None:
-                self.sources.drafted_by_origin[o] += 1
-        for c, o in zip(block.candidates, tags.candidates, strict=True):
-            self.sources.drafted_by_origin[o] += len(c.tokens)
-        return block
-
-    def learn(self, block: DraftBlock, result: VerifyResult) -> None:
-        """The verdict's lessons for the pool, and the per-source counts. Call before `commit`."""
-        learn(self.pool, self.inner.state.tokens, block, result)
-        n = result.num_accepted
-        on_main = n if result.candidate is None else block.candidates[result.candidate].parent + 1
-        for src in self._origin[:on_main]:
-            self.sources.accepted[src] += 1
-        self.sources.accepted["candidate"] += n - on_main
-        for o in self._tags.main[:on_main]:
-            if o is not None:
-                self.sources.accepted_by_origin[o] += 1
-        if result.candidate is not None and n > on_main:
-            self.sources.accepted_by_origin[self._tags.candidates[result.candidate]] += n - on_main
-
-    def commit(self, num_accepted: int, emitted: list[int]) -> None:
-        drafted = self._block.tokens if self._block is not None else []
-        same = 0  # the draft model's cache holds its own tokens: keep them only as far as they were emitted
-        for a, b in zip(drafted[: self._model_tokens], emitted, strict=False):
-            if a != b:
-                break
-            same += 1
-        self.inner.commit(same, emitted)
 
 
 def draft_greedy(

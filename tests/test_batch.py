@@ -14,11 +14,14 @@ from cloud_server.main import BackgroundServer, ServerHandle
 from cloud_server.settings import ServerSettings
 from edge_client.remote import GrpcVerifier
 from tandem.batch import forward_batch
-from tandem.engine import LocalVerifier, ModelDrafter, generate_autoregressive, generate_speculative
+from tandem.drafting import ModelDrafter
 from tandem.errors import InvalidRequestError
 from tandem.kv import SequenceState
+from tandem.local import LocalVerifier
 from tandem.models import LoadedModel
 from tandem.sampling import SamplingParams
+from tandem.session import generate_autoregressive
+from tandem.speculate import generate_speculative
 
 
 def _ids(n: int, seed: int) -> list[int]:
@@ -117,9 +120,10 @@ async def test_the_worker_batches_plain_blocks_and_verifies_candidate_trees_besi
     every verdict is the one a solo TargetSession gives."""
     import asyncio
 
-    from cloud_server.metrics import Metrics
     from cloud_server.worker import ModelWorker, OpenRequest
-    from tandem.engine import Candidate, DraftBlock, TargetSession
+    from tandem.blocks import Candidate, DraftBlock
+    from tandem.session import TargetSession
+    from tandem_protocol.metrics import Metrics
 
     params = SamplingParams(max_tokens=16, ignore_eos=True)
     prompts = [_ids(n, 50 + n) for n in (3, 40, 90)]

@@ -8,7 +8,7 @@ from pathlib import Path
 from conftest import noisy_copy, tiny_model, tiny_tokenizer
 from rich.console import Console
 
-from tandem.bench_capacity import CapacityConfig, parse_metrics, percentile, run_bench_capacity
+from tandem_tools.bench_capacity import CapacityConfig, parse_metrics, percentile, run_bench_capacity
 
 
 def test_percentile_and_metrics_parsing() -> None:

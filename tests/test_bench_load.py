@@ -10,10 +10,10 @@ from typer.testing import CliRunner
 
 from cloud_server.main import BackgroundServer
 from cloud_server.settings import ServerSettings
-from tandem.bench_load import compare, parse_metrics, slope, slope_stderr, summarize, vm_rss_mib
-from tandem.cli import app
-from tandem.figures import percentile
 from tandem.models import LoadedModel
+from tandem_tools.bench_load import compare, parse_metrics, slope, slope_stderr, summarize, vm_rss_mib
+from tandem_tools.cli import app
+from tandem_tools.figures import percentile
 
 
 def test_slope_is_least_squares() -> None:
@@ -44,7 +44,7 @@ def test_parse_metrics_reads_labelled_and_plain_samples() -> None:
 
 
 def test_summarize_reports_the_slope_after_warm_up_only() -> None:
-    from tandem.bench_load import RequestRecord, Sample
+    from tandem_tools.bench_load import RequestRecord, Sample
 
     samples = [Sample(t, 0, 0, 0, 0.0, 0.0, rss, 0.0, None) for t, rss in
                [(0, 100.0), (30, 400.0), (60, 500.0), (120, 502.0), (180, 504.0)]]

@@ -11,22 +11,21 @@ import pytest
 
 from cloud_server.main import BackgroundServer, ServerHandle
 from cloud_server.settings import ServerSettings
-from edge_client.loop import EdgeClient
+from edge_client.client import EdgeClient
 from edge_client.settings import EdgeSettings
-from tandem.bench_replay import (
-    ReplayConfig,
+from tandem.models import LoadedModel
+from tandem.sampling import SamplingParams
+from tandem.session import generate_autoregressive
+from tandem_tools.bench_replay import ReplayConfig, run_replay
+from tandem_tools.figures import percentile, percentiles
+from tandem_tools.replay_summary import (
     RequestRecord,
     greedy_mismatches,
     leviathan_e,
     load_trace,
     render_markdown,
-    run_replay,
     summarize,
 )
-from tandem.engine import generate_autoregressive
-from tandem.figures import percentile, percentiles
-from tandem.models import LoadedModel
-from tandem.sampling import SamplingParams
 
 # --- the figures
 
@@ -214,14 +213,14 @@ def test_the_compose_bench_command_parses(monkeypatch: pytest.MonkeyPatch) -> No
     import yaml
     from typer.testing import CliRunner
 
-    import tandem.bench_replay
-    from tandem.cli import app
+    import tandem_tools.bench_replay
+    from tandem_tools.cli import app
 
     root = Path(__file__).resolve().parents[1]
     command = yaml.safe_load((root / "docker-compose.yml").read_text())["services"]["bench"]["command"]
     args = [re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", str(a)) for a in command]
     seen: list[ReplayConfig] = []
-    monkeypatch.setattr(tandem.bench_replay, "run_replay", lambda cfg: seen.append(cfg))
+    monkeypatch.setattr(tandem_tools.bench_replay, "run_replay", lambda cfg: seen.append(cfg))
     result = CliRunner().invoke(app, args[1:])
     assert result.exit_code == 0, result.output
     (cfg,) = seen

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-STUBS = ROOT / "cloud_server" / "proto"
+STUBS = ROOT / "tandem_protocol" / "proto"
 
 
 def test_regenerating_the_stubs_gives_identical_files(tmp_path: Path) -> None:
@@ -21,8 +21,8 @@ def test_regenerating_the_stubs_gives_identical_files(tmp_path: Path) -> None:
 
 
 def test_stubs_import_as_a_package_and_describe_the_service() -> None:
-    from cloud_server.proto import verifier_pb2 as pb
-    from cloud_server.proto import verifier_pb2_grpc as pb_grpc
+    from tandem_protocol.proto import verifier_pb2 as pb
+    from tandem_protocol.proto import verifier_pb2_grpc as pb_grpc
 
     service = pb.DESCRIPTOR.services_by_name["Verifier"]
     assert service.full_name == "tandem.v1.Verifier"

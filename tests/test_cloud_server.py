@@ -19,17 +19,21 @@ from hypothesis import HealthCheck, given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
-from cloud_server.errors import ShuttingDownError
 from cloud_server.main import BackgroundServer, ServerHandle
-from cloud_server.proto import verifier_pb2 as pb
-from cloud_server.proto import verifier_pb2_grpc as pb_grpc
 from cloud_server.settings import ServerSettings
-from cloud_server.text import IncrementalText
 from edge_client.remote import GrpcVerifier, HttpVerifier, RemoteError
-from tandem.engine import DraftBlock, LocalVerifier, ModelDrafter, generate_autoregressive, generate_speculative
+from tandem.blocks import DraftBlock
+from tandem.drafting import ModelDrafter
 from tandem.errors import CapacityError, SessionNotFoundError
+from tandem.local import LocalVerifier
 from tandem.models import LoadedModel
 from tandem.sampling import SamplingParams
+from tandem.session import generate_autoregressive
+from tandem.speculate import generate_speculative
+from tandem_protocol.errors import ShuttingDownError
+from tandem_protocol.openai_api.text import IncrementalText
+from tandem_protocol.proto import verifier_pb2 as pb
+from tandem_protocol.proto import verifier_pb2_grpc as pb_grpc
 
 KEY = "test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -214,7 +218,7 @@ def test_metrics_move_when_work_is_done(server: ServerHandle, tiny_target: Loade
         assert metric(server, "tandem_open_sessions") == 1
         drafter = ModelDrafter(tiny_draft)
         drafter.start(PROMPT, SamplingParams(max_tokens=8))
-        result = session.verify(drafter.propose(4))
+        result = session.verify(drafter.propose(PROMPT, 4))
         session.close()
     assert metric(server, "tandem_open_sessions") == 0
     httpx.post(http(server) + "/v1/completions", headers=AUTH, timeout=30,
@@ -373,13 +377,13 @@ def test_resume_after_restart_gives_identical_output(tiny_target: LoadedModel, t
     drafter.start(PROMPT, params)
     out: list[int] = []
     for _ in range(3):
-        block = drafter.propose(3)
+        block = drafter.propose(PROMPT + out, 3)
         result = session.verify(block)
-        drafter.commit(result.num_accepted, result.tokens)
+        drafter.learn(PROMPT + out, block, result)
         out.extend(result.tokens)
     first.stop(grace=0.2)  # the cloud goes away mid-session
     with pytest.raises(RemoteError):
-        session.verify(drafter.propose(3))
+        session.verify(drafter.propose(PROMPT + out, 3))
     verifier.close()
     assert 0 < len(out) < params.max_tokens
 
@@ -395,14 +399,14 @@ def test_resume_after_restart_gives_identical_output(tiny_target: LoadedModel, t
         # resuming under the old id
         with HttpVerifier(http(h2), api_key=KEY) as hv:
             resumed = hv.open(PROMPT + out, rest_params, session_id="edge-1")
-            assert resumed.opened["resumed"] and resumed.session_id == "edge-1"
+            assert resumed.opened.resumed and resumed.session_id == "edge-1"
             resumed.close()
 
 
 async def test_worker_bounds_session_memory_and_replaces_a_resumed_id(tiny_target: LoadedModel) -> None:
     """The worker alone, no transport: the KV-memory bound, and a resume replacing a live session of that id."""
-    from cloud_server.metrics import Metrics
     from cloud_server.worker import ModelWorker, OpenRequest, kv_bytes_per_token
+    from tandem_protocol.metrics import Metrics
 
     per_session = (len(PROMPT) + 8 + 8 + 1) * kv_bytes_per_token(tiny_target)  # prompt + max_tokens + draft + 1
     worker = ModelWorker(tiny_target, settings(max_session_memory_mb=1.5 * per_session / 2**20), Metrics())
@@ -424,8 +428,8 @@ async def test_worker_bounds_session_memory_and_replaces_a_resumed_id(tiny_targe
 
 
 async def test_a_draft_sent_ahead_learns_at_once_that_its_session_closed(tiny_target: LoadedModel) -> None:
-    from cloud_server.metrics import Metrics
     from cloud_server.worker import ModelWorker, OpenRequest
+    from tandem_protocol.metrics import Metrics
 
     worker = ModelWorker(tiny_target, settings(), Metrics())
     await worker.start()

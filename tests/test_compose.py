@@ -215,7 +215,7 @@ def free_port() -> int:
 def local_argv(argv: list[str]) -> list[str]:
     """The image's `tandem` and `python` are this checkout's."""
     if argv[0] == "tandem":
-        return [sys.executable, "-m", "tandem.cli", *argv[1:]]
+        return [sys.executable, "-m", "tandem_tools.cli", *argv[1:]]
     if argv[0] == "python":
         return [sys.executable, *argv[1:]]
     return argv
@@ -231,7 +231,7 @@ def healthcheck_argv(svc: dict[str, Any]) -> list[str]:
 
 def edge_command_available() -> str | None:
     """None when `tandem edge serve` exists in this checkout; otherwise why not."""
-    done = subprocess.run([sys.executable, "-m", "tandem.cli", "edge", "serve", "--help"], capture_output=True,
+    done = subprocess.run([sys.executable, "-m", "tandem_tools.cli", "edge", "serve", "--help"], capture_output=True,
                           text=True, cwd=ROOT, timeout=60)
     if done.returncode != 0:
         return f"`tandem edge serve` does not exist yet: {(done.stderr or done.stdout).strip().splitlines()[-1:]}"

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from tandem.engine import LocalVerifier, ModelDrafter, generate_autoregressive, generate_speculative
+from tandem.drafting import ModelDrafter
+from tandem.local import LocalVerifier
 from tandem.models import LoadedModel, check_pair, load_model
 from tandem.sampling import SamplingParams
-from tandem.train.data import heldout_prompts
+from tandem.session import generate_autoregressive
+from tandem.speculate import generate_speculative
+from tandem_tools.train.data import heldout_prompts
 
 pytestmark = pytest.mark.slow
 N_PROMPTS, MAX_TOKENS = 20, 40

@@ -12,10 +12,10 @@ from typer.testing import CliRunner
 
 from cloud_server.main import BackgroundServer
 from cloud_server.settings import ServerSettings
-from tandem.cli import app
-from tandem.engine import generate_autoregressive
 from tandem.models import load_model
 from tandem.sampling import SamplingParams
+from tandem.session import generate_autoregressive
+from tandem_tools.cli import app
 
 PROMPT = "def fibonacci(n):\n    "
 
@@ -27,7 +27,7 @@ def test_generate_json_streams_the_targets_output() -> None:
     expected = generate_autoregressive(target, ids, SamplingParams(max_tokens=24)).tokens
     env = os.environ | {"HF_HUB_OFFLINE": "1"}
     with BackgroundServer(ServerSettings(http_port=0, grpc_port=0, threads=1), target) as h:
-        cmd = [sys.executable, "-m", "tandem.cli", "generate", "--cloud", f"127.0.0.1:{h.grpc_port}",
+        cmd = [sys.executable, "-m", "tandem_tools.cli", "generate", "--cloud", f"127.0.0.1:{h.grpc_port}",
                "--max-tokens", "24", "--threads", "1", "--json", "--gamma", "adaptive", PROMPT]
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
         assert done.returncode == 0, done.stderr

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 from conftest import bigram, chain_table
 
-from edge_client.loop import Drafter
 from tandem.adaptive import AdaptiveGamma, _Ewma
-from tandem.engine import DraftBlock, TargetSession, generate_autoregressive
+from tandem.blocks import DraftBlock, pending_part
+from tandem.drafting import ModelDrafter
 from tandem.models import LoadedModel
 from tandem.sampling import SamplingParams
+from tandem.session import TargetSession, generate_autoregressive
 
 PROMPT = [3, 4, 5]
 
@@ -46,6 +49,23 @@ def test_stale_blocks_change_nothing(chain: LoadedModel, block: list[int], base_
     result = s.verify(DraftBlock(block), base_len=base_len)
     assert result.stale and result.tokens == [], why
     assert s.state.tokens == tokens and s.passes == passes  # no forward pass, no state change
+
+
+def test_the_loop_and_the_target_apply_one_pipelining_rule(chain: LoadedModel) -> None:
+    """What the loop predicts (`pending_part`, which it applies to the blocks in flight) is what the target does."""
+    rng = random.Random(0)
+    for _ in range(300):
+        s = TargetSession(chain, PROMPT, SamplingParams(max_tokens=20))
+        s.verify(DraftBlock([6, 7]), base_len=3)  # committed: 3 4 5 6 7 8
+        committed = list(s.state.tokens)
+        base = rng.randint(0, len(committed) + 2)
+        block = [rng.choice([committed[base + i] if base + i < len(committed) else 9, 9, 10, 11])
+                 for i in range(rng.randint(0, 4))]
+        predicted = pending_part(committed, base, block)
+        result = s.verify(DraftBlock(block), base_len=base)
+        assert result.stale == (predicted is None), (base, block)
+        if predicted is not None:  # verified from the committed position on: the overlap is skipped
+            assert s.state.tokens[: len(committed)] == committed and len(s.state.tokens) > len(committed)
 
 
 def test_zero_overlap_and_unset_base_len_verify_as_before(chain: LoadedModel) -> None:
@@ -134,12 +154,14 @@ def test_cloud_rate_is_one_target_step_per_token() -> None:
 
 def test_drafter_reset_keeps_the_common_prefix_cached(tiny_target: LoadedModel) -> None:
     params = SamplingParams(max_tokens=16)
-    d = Drafter(tiny_target, params, [10, 20, 30], q_top_k=8)
-    first = d.draft(4).tokens
+    d = ModelDrafter(tiny_target, q_top_k=8)
+    d.start([10, 20, 30], params)
+    first = d.propose([10, 20, 30], 4).tokens
     reference = generate_autoregressive(tiny_target, [10, 20, 30], SamplingParams(max_tokens=4, ignore_eos=True))
     assert first == reference.tokens  # the drafter's greedy tokens are the model's own
     d.reset([10, 20, 30, first[0], 77])
     assert d.state.cached <= 4
-    again = d.draft(2).tokens
-    fresh = Drafter(tiny_target, params, [10, 20, 30, first[0], 77], q_top_k=8).draft(2).tokens
-    assert again == fresh
+    again = d.draft_tokens(2).tokens
+    fresh = ModelDrafter(tiny_target, q_top_k=8)
+    fresh.start([10, 20, 30, first[0], 77], params)
+    assert again == fresh.draft_tokens(2).tokens

@@ -13,14 +13,14 @@ import pytest
 
 from cloud_server.main import BackgroundServer, ServerHandle
 from cloud_server.settings import ServerSettings
+from edge_client.client import EdgeClient
 from edge_client.http_app import BackgroundEdge
-from edge_client.loop import EdgeClient
 from edge_client.remote import RemoteError
 from edge_client.settings import EdgeSettings
-from tandem.engine import generate_autoregressive
 from tandem.models import LoadedModel
-from tandem.netem import NetemConfig, start_in_thread
 from tandem.sampling import SamplingParams
+from tandem.session import generate_autoregressive
+from tandem_tools.netem import NetemConfig, start_in_thread
 
 PROMPT = [10, 20, 30, 40, 50, 60, 70]
 GREEDY = SamplingParams(max_tokens=40, ignore_eos=True)

@@ -6,16 +6,13 @@ import pytest
 import torch
 from conftest import bigram, chain_table
 
-from tandem.engine import (
-    DraftBlock,
-    LocalVerifier,
-    ModelDrafter,
-    TargetSession,
-    generate_autoregressive,
-    generate_speculative,
-)
+from tandem.blocks import DraftBlock
+from tandem.drafting import ModelDrafter
+from tandem.local import LocalVerifier
 from tandem.models import LoadedModel
 from tandem.sampling import SamplingParams
+from tandem.session import TargetSession, generate_autoregressive
+from tandem.speculate import generate_speculative
 
 PROMPTS = [[(7 * i + 3 * j) % 90 + 2 for j in range(5 + i % 7)] for i in range(20)]
 

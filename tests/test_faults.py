@@ -13,21 +13,22 @@ import grpc
 import httpx
 import pytest
 
-from cloud_server import wire
 from cloud_server.main import BackgroundServer, ServerHandle
-from cloud_server.proto import verifier_pb2 as pb
-from cloud_server.proto import verifier_pb2_grpc as pb_grpc
 from cloud_server.settings import ServerSettings
+from edge_client.client import EdgeClient
 from edge_client.http_app import BackgroundEdge
-from edge_client.loop import EdgeClient
 from edge_client.remote import GrpcVerifier, RemoteError
 from edge_client.settings import EdgeSettings
-from tandem.bench_load import parse_metrics
-from tandem.engine import DraftBlock, generate_autoregressive
+from tandem.blocks import DraftBlock
 from tandem.models import LoadedModel
-from tandem.netem import NetemConfig, ThreadedProxy, start_in_thread
-from tandem.procs import CloudProcess
 from tandem.sampling import SamplingParams
+from tandem.session import generate_autoregressive
+from tandem_protocol import pb as wire
+from tandem_protocol.proto import verifier_pb2 as pb
+from tandem_protocol.proto import verifier_pb2_grpc as pb_grpc
+from tandem_tools.bench_load import parse_metrics
+from tandem_tools.netem import NetemConfig, ThreadedProxy, start_in_thread
+from tandem_tools.procs import CloudProcess
 from tests.conftest import tiny_model, wrap
 
 PROMPT = [10, 20, 30, 40, 50, 60, 70]
@@ -229,7 +230,7 @@ def test_leaving_the_sse_completion_stream_frees_the_generation(slow_server: Ser
         lines = r.iter_lines()
         assert next(lines).startswith("data: ")  # the generation runs; then the client leaves
     wait_for(lambda: metric(h, 'tandem_client_disconnects_total{route="http sse"}') >= 1, 10, "a counted disconnect")
-    wait_for(lambda: h.worker._inflight == 0, 5, "the admission slot freed")
+    wait_for(lambda: h.worker.inflight == 0, 5, "the admission slot freed")
     time.sleep(10 * STEP_S)
     generated = metric(h, "tandem_generation_tokens_total") - before
     assert generated < 30, generated  # the model stopped well short of 60 tokens
@@ -245,7 +246,7 @@ def test_leaving_the_grpc_generate_stream_frees_the_generation(slow_server: Serv
         call.cancel()
     wait_for(lambda: metric(h, 'tandem_client_disconnects_total{route="grpc Generate"}') >= 1, 10,
              "a counted disconnect")
-    wait_for(lambda: h.worker._inflight == 0, 5, "the admission slot freed")
+    wait_for(lambda: h.worker.inflight == 0, 5, "the admission slot freed")
     time.sleep(10 * STEP_S)
     assert metric(h, "tandem_generation_tokens_total") - before < 30
 
@@ -265,7 +266,7 @@ def test_leaving_the_grpc_session_stream_closes_the_session(slow_server: ServerH
     wait_for(lambda: h.worker.open_sessions == 0, 10, "the session closed")
     assert metric(h, 'tandem_sessions_closed_total{reason="disconnected"}') >= 1
     assert metric(h, 'tandem_client_disconnects_total{route="grpc Session"}') >= 1
-    assert metric(h, "tandem_open_sessions") == 0 and h.worker._inflight == 0
+    assert metric(h, "tandem_open_sessions") == 0 and h.worker.inflight == 0
 
 
 def test_leaving_the_edge_endpoints_stream_cancels_the_generation(slow_server: ServerHandle,

@@ -28,12 +28,12 @@ from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
 from cloud_server.main import BackgroundServer, ServerHandle
-from cloud_server.proto import verifier_pb2 as pb
-from cloud_server.proto import verifier_pb2_grpc as pb_grpc
 from cloud_server.settings import ServerSettings
-from tandem.engine import generate_autoregressive
 from tandem.models import LoadedModel
 from tandem.sampling import SamplingParams
+from tandem.session import generate_autoregressive
+from tandem_protocol.proto import verifier_pb2 as pb
+from tandem_protocol.proto import verifier_pb2_grpc as pb_grpc
 
 CASES = int(os.environ.get("TANDEM_FUZZ_GRPC_CASES", "25"))
 RANDOM = os.environ.get("TANDEM_FUZZ_RANDOM")  # set (to anything): fresh cases each run; unset: the same

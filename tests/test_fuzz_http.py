@@ -32,9 +32,9 @@ from cloud_server.main import BackgroundServer, ServerHandle
 from cloud_server.settings import ServerSettings
 from edge_client.http_app import BackgroundEdge
 from edge_client.settings import EdgeSettings
-from tandem.engine import generate_autoregressive
 from tandem.models import LoadedModel
 from tandem.sampling import SamplingParams
+from tandem.session import generate_autoregressive
 
 CASES = int(os.environ.get("TANDEM_FUZZ_CASES", "60"))  # per API
 RANDOM = os.environ.get("TANDEM_FUZZ_RANDOM")  # set (to anything): fresh cases each run; unset: the same

@@ -6,10 +6,13 @@ import pytest
 import torch
 from conftest import tiny_tokenizer, wrap
 
-from tandem.engine import LocalVerifier, ModelDrafter, TargetSession, generate_speculative
+from tandem.drafting import ModelDrafter
 from tandem.errors import ContextOverflowError, InvalidRequestError, TokenizerMismatchError
+from tandem.local import LocalVerifier
 from tandem.models import LoadedModel, check_pair, tokenizer_fingerprint
 from tandem.sampling import SamplingParams
+from tandem.session import TargetSession
+from tandem.speculate import generate_speculative
 
 
 @pytest.mark.parametrize(

@@ -12,12 +12,12 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from cloud_server.main import BackgroundServer, ServerHandle
-from cloud_server.proto import verifier_pb2 as pb
-from cloud_server.proto import verifier_pb2_grpc as pb_grpc
 from cloud_server.settings import ServerSettings
 from edge_client.http_app import BackgroundEdge
 from edge_client.settings import EdgeSettings
 from tandem.models import LoadedModel
+from tandem_protocol.proto import verifier_pb2 as pb
+from tandem_protocol.proto import verifier_pb2_grpc as pb_grpc
 
 PROMPT = [10, 20, 30, 40]
 ENV_KEYS = ["env-key-1", "env-key-2"]

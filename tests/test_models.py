@@ -8,10 +8,13 @@ import pytest
 import torch
 from conftest import tiny_model, tiny_tokenizer
 
-from tandem.engine import LocalVerifier, ModelDrafter, generate_autoregressive, generate_speculative
+from tandem.drafting import ModelDrafter
 from tandem.errors import ModelLoadError
+from tandem.local import LocalVerifier
 from tandem.models import check_pair, load_model
 from tandem.sampling import SamplingParams
+from tandem.session import generate_autoregressive
+from tandem.speculate import generate_speculative
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import httpx
 import pytest
 
-from tandem.netem import NetemConfig, NetemProxy, _Link, parse_hostport, start_in_thread
+from tandem_tools.netem import NetemConfig, NetemProxy, _Link, parse_hostport, start_in_thread
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -325,7 +325,7 @@ def test_grpc_through_proxy() -> None:
 
 
 def test_netem_module_is_transport_free() -> None:
-    code = "import sys, tandem.netem\nassert not {'grpc', 'fastapi', 'uvicorn'} & set(sys.modules)\n"
+    code = "import sys, tandem_tools.netem\nassert not {'grpc', 'fastapi', 'uvicorn'} & set(sys.modules)\n"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=20)
 
 
@@ -347,7 +347,7 @@ def test_run_netem_serves_until_sigterm() -> None:
     with socket.create_server((LOCAL, 0)) as probe:
         free = probe.getsockname()[1]
     with socket.create_server((LOCAL, 0)) as upstream:
-        code = (f"from tandem.netem import run_netem\n"
+        code = (f"from tandem_tools.netem import run_netem\n"
                 f"run_netem('{LOCAL}:{free}', '{LOCAL}:{upstream.getsockname()[1]}', 10, 0, None, 0)\n")
         with subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True) as proc:
             try:

@@ -10,12 +10,16 @@ import torch
 
 from cloud_server.main import BackgroundServer, ServerHandle
 from cloud_server.settings import ServerSettings
-from edge_client.loop import EdgeClient
+from edge_client.client import EdgeClient
 from edge_client.settings import EdgeSettings
-from tandem.engine import LocalVerifier, TargetSession, VerifyResult, generate_autoregressive, generate_speculative
+from tandem.blocks import VerifyResult
+from tandem.local import LocalVerifier
 from tandem.models import LoadedModel
-from tandem.pool import OuroborosConfig, OuroborosDrafter, PhrasePool
+from tandem.ouroboros import OuroborosDrafter
+from tandem.pool import OuroborosConfig, PhrasePool
 from tandem.sampling import SamplingParams
+from tandem.session import TargetSession, generate_autoregressive
+from tandem.speculate import generate_speculative
 from tandem.verify import verify_stochastic
 
 PROMPTS = [[10, 20, 30, 40, 50, 60, 70], [5, 9, 14, 3, 22, 40, 41, 5, 9, 14], [33] * 6 + [34, 35]]
@@ -59,8 +63,8 @@ def test_sampling_sends_no_candidates_and_point_mass_pool_rows(tiny_target: Load
     blocks = []
 
     class Spy(OuroborosDrafter):
-        def propose(self, gamma: int):  # type: ignore[no-untyped-def]
-            block = super().propose(gamma)
+        def propose(self, *args):  # type: ignore[no-untyped-def]
+            block = super().propose(*args)
             blocks.append(block)
             return block
 
@@ -152,7 +156,7 @@ def test_greedy_equals_the_target_alone_over_the_wire(
 @pytest.mark.slow
 def test_demo_pair_greedy_equals_the_target_alone() -> None:
     from tandem.models import load_model
-    from tandem.train.data import heldout_prompts
+    from tandem_tools.train.data import heldout_prompts
 
     target, draft = load_model("demo-target"), load_model("demo-draft")
     params = SamplingParams(max_tokens=48, ignore_eos=True)
@@ -165,9 +169,9 @@ def test_demo_pair_greedy_equals_the_target_alone() -> None:
 
 
 def test_candidates_and_feedback_cross_the_wire_and_old_messages_carry_none() -> None:
-    from cloud_server import wire
     from cloud_server.worker import SessionVerdict
-    from tandem.engine import Candidate, DraftBlock, VerifyResult
+    from tandem.blocks import Candidate, DraftBlock, VerifyResult
+    from tandem_protocol import pb as wire
 
     block = DraftBlock([4, 5, 6], candidates=[Candidate(-1, [7]), Candidate(1, [8, 9])])
     back = wire.block_from_pb(wire.block_to_pb(block, seq=3, base_len=10))

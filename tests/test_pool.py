@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tandem.engine import Candidate, DraftBlock, VerifyResult
+from tandem.blocks import Candidate, DraftBlock, VerifyResult
 from tandem.pool import OuroborosConfig, PhrasePool, PoolRegistry, learn, plan_block
 
 
@@ -91,10 +91,10 @@ def test_learn_files_emitted_tokens_and_the_targets_feedback() -> None:
 
 
 def test_reading_pool_phrases_gives_the_draft_models_own_greedy_tokens(tiny_draft) -> None:  # type: ignore[no-untyped-def]
-    from tandem.engine import generate_autoregressive
     from tandem.kv import SequenceState
     from tandem.pool import draft_greedy
     from tandem.sampling import SamplingParams
+    from tandem.session import generate_autoregressive
 
     context = [5, 9, 14, 3, 22]
     want = generate_autoregressive(tiny_draft, context, SamplingParams(max_tokens=10, ignore_eos=True)).tokens
@@ -147,9 +147,12 @@ def test_learn_tags_output_and_feedback() -> None:
 
 
 def test_drafter_counts_by_origin_sum_to_the_pools_accepted_tokens(tiny_target, tiny_draft) -> None:  # type: ignore[no-untyped-def]
-    from tandem.engine import LocalVerifier, generate_autoregressive, generate_speculative
-    from tandem.pool import ORIGINS, OuroborosDrafter
+    from tandem.local import LocalVerifier
+    from tandem.ouroboros import OuroborosDrafter
+    from tandem.pool import ORIGINS
     from tandem.sampling import SamplingParams
+    from tandem.session import generate_autoregressive
+    from tandem.speculate import generate_speculative
 
     params = SamplingParams(max_tokens=40, ignore_eos=True)
     prompt = [5, 9, 14, 3, 22, 40, 41, 5, 9, 14]

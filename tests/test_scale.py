@@ -25,12 +25,12 @@ from pathlib import Path
 import httpx
 import pytest
 
-from edge_client.loop import EdgeClient
+from edge_client.client import EdgeClient
 from edge_client.settings import EdgeSettings
-from tandem.bench_load import parse_metrics
 from tandem.models import LoadedModel
-from tandem.procs import CloudProcess, free_port, stop_process
 from tandem.sampling import SamplingParams
+from tandem_tools.bench_load import parse_metrics
+from tandem_tools.procs import CloudProcess, free_port, stop_process
 
 ROOT = Path(__file__).resolve().parents[1]
 RENDER = ROOT / "deploy" / "nginx" / "render.sh"

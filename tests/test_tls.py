@@ -13,16 +13,16 @@ import pytest
 from certs import Certs, make_certs
 
 from cloud_server.main import BackgroundServer, ServerHandle
-from cloud_server.proto import verifier_pb2 as pb
-from cloud_server.proto import verifier_pb2_grpc as pb_grpc
 from cloud_server.settings import ServerSettings
+from edge_client.client import EdgeClient
 from edge_client.http_app import BackgroundEdge
-from edge_client.loop import EdgeClient
 from edge_client.remote import GrpcVerifier, RemoteError
 from edge_client.settings import EdgeSettings
-from tandem.engine import generate_autoregressive
 from tandem.models import LoadedModel
 from tandem.sampling import SamplingParams
+from tandem.session import generate_autoregressive
+from tandem_protocol.proto import verifier_pb2 as pb
+from tandem_protocol.proto import verifier_pb2_grpc as pb_grpc
 
 PROMPT = [10, 20, 30, 40, 50, 60, 70]
 GREEDY = SamplingParams(max_tokens=12, ignore_eos=True)

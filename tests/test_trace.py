@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tandem.train.data import split_of, stdlib_root
+from tandem_tools.train.data import split_of, stdlib_root
 
 ROOT = Path(__file__).resolve().parents[1]
 TRACE = ROOT / "benchmarks" / "traces" / "code-completion.jsonl"

@@ -6,11 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tandem.engine import Candidate, DraftBlock, TargetSession, generate_autoregressive, slice_block
+from tandem.blocks import Candidate, DraftBlock, slice_block
 from tandem.errors import InvalidRequestError
 from tandem.kv import SequenceState
 from tandem.models import LoadedModel
 from tandem.sampling import SamplingParams
+from tandem.session import TargetSession, generate_autoregressive
 from tandem.verify import verify_greedy, verify_tree_greedy
 
 

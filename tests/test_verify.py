@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tandem.engine import cut_at_finish
+from tandem.blocks import cut_at_finish
 from tandem.errors import InvalidRequestError
 from tandem.sampling import SamplingParams
 from tandem.verify import dense_q, verify_greedy, verify_stochastic
@@ -42,19 +42,22 @@ def test_greedy_empty_block_is_the_target_step() -> None:
 
 def test_eos_inside_the_block_ends_the_output() -> None:
     params = SamplingParams(max_tokens=10)
-    out, finish = cut_at_finish([3, 0, 7, 9], generated=0, total=5, params=params, stop_ids=(0,), context=64)
+    out, finish = cut_at_finish([3, 0, 7, 9], generated=0, total=5, max_tokens=params.max_tokens,
+                                  stop_ids=(0,), context=64)
     assert (out, finish) == ([3, 0], "stop")
 
 
 def test_max_tokens_reached_mid_block() -> None:
     params = SamplingParams(max_tokens=6)
-    out, finish = cut_at_finish([3, 5, 7, 9], generated=4, total=9, params=params, stop_ids=(0,), context=64)
+    out, finish = cut_at_finish([3, 5, 7, 9], generated=4, total=9, max_tokens=params.max_tokens,
+                                  stop_ids=(0,), context=64)
     assert (out, finish) == ([3, 5], "length")
 
 
 def test_context_end_reached_mid_block() -> None:
     params = SamplingParams(max_tokens=60)
-    out, finish = cut_at_finish([3, 5, 7, 9], generated=0, total=61, params=params, stop_ids=(), context=64)
+    out, finish = cut_at_finish([3, 5, 7, 9], generated=0, total=61, max_tokens=params.max_tokens,
+                                  stop_ids=(), context=64)
     assert (out, finish) == ([3, 5, 7], "length")
 
 

@@ -8,17 +8,17 @@ import torch
 from rich.console import Console
 
 from tandem.config import CoreSettings
-from tandem.engine import generate_autoregressive
 from tandem.models import check_pair, load_model
 from tandem.sampling import SamplingParams
-from tandem.train.data import heldout_prompts
+from tandem.session import generate_autoregressive
+from tandem_tools.train.data import heldout_prompts
 
 
 def run_demo(settings: CoreSettings, prompt: str | None, max_tokens: int, console: Console | None = None) -> None:
     # transports load here, not at import: the core stays transport-free
     from cloud_server.main import BackgroundServer
     from cloud_server.settings import ServerSettings
-    from edge_client.loop import EdgeClient
+    from edge_client.client import EdgeClient
     from edge_client.settings import EdgeSettings
 
     console = console or Console()

@@ -28,7 +28,7 @@ def demo(
 ) -> None:
     """Run the demo pair end to end: completion, acceptance, tokens per target pass, speedup over the target alone."""
     from tandem.config import CoreSettings
-    from tandem.demo_run import run_demo
+    from tandem_tools.demo_run import run_demo
 
     run_demo(CoreSettings(**_overrides(gamma=gamma, threads=threads)), prompt, max_tokens)
 
@@ -44,7 +44,7 @@ def train_demo_cmd(
     """Reproduce the demo pair from the standard library's own sources (resumable)."""
     import torch
 
-    from tandem.train.trainer import TrainConfig, train_demo
+    from tandem_tools.train.trainer import TrainConfig, train_demo
 
     torch.set_num_threads(threads)
     cfg = TrainConfig(**_overrides(target_steps=target_steps, draft_steps=draft_steps))
@@ -66,8 +66,8 @@ def bench_local(
     warm: Annotated[bool, typer.Option(help="ouroboros: a cold vs a warm phrase pool over similar prompts")] = False,
 ) -> None:
     """Target alone vs our speculative loop vs HF transformers' assisted generation, interleaved, greedy."""
-    from tandem.bench_local import run_bench_local
     from tandem.config import CoreSettings
+    from tandem_tools.bench_local import run_bench_local
 
     settings = CoreSettings(**_overrides(gamma=gamma, threads=threads))
     run_bench_local(settings, modes.split(","), prompts, prompt_tokens, max_tokens, json_out, warm=warm)
@@ -92,7 +92,7 @@ def bench_replay(
     """Replay a trace through the real edge client and cloud over emulated round-trip times, every mode side by side."""
     import os
 
-    from tandem.bench_replay import ReplayConfig, run_replay
+    from tandem_tools.bench_replay import ReplayConfig, run_replay
 
     cfg = ReplayConfig(
         trace=trace, out=out, cloud=cloud, rtts=[float(x) for x in rtt_ms.split(",") if x.strip()],
@@ -130,7 +130,7 @@ def bench_load(
     """Sustained load through the real edge client: throughput, latency, failures, memory, sessions freed."""
     import os
 
-    from tandem.bench_load import DEFAULT_TRACE, LoadConfig, run_load
+    from tandem_tools.bench_load import DEFAULT_TRACE, LoadConfig, run_load
 
     cloud_url = None
     if cloud is not None and metrics is None:
@@ -166,7 +166,7 @@ def bench_capacity(
     pipeline: Annotated[bool, typer.Option("--pipeline/--no-pipeline", help="edges send blocks ahead")] = True,
 ) -> None:
     """Cloud capacity: speculative sessions vs cloud-only clients at each concurrency, side by side (JSON + plot)."""
-    from tandem.bench_capacity import CapacityConfig, run_bench_capacity
+    from tandem_tools.bench_capacity import CapacityConfig, run_bench_capacity
 
     cfg = CapacityConfig(
         clients=tuple(int(c) for c in clients.split(",") if c.strip()), target=target, draft=draft, gamma=gamma,
@@ -223,11 +223,11 @@ def generate(
 
     import torch
 
-    from cloud_server.text import IncrementalText, encode
-    from edge_client.loop import EdgeClient
+    from edge_client.client import EdgeClient
     from tandem.errors import TandemError
     from tandem.models import load_model
     from tandem.sampling import SamplingParams
+    from tandem_protocol.openai_api.text import IncrementalText, encode
 
     settings = _edge_settings(cloud=cloud, transport=transport, mode=mode, draft=draft, gamma=gamma,
                               pipeline=pipeline, fallback=fallback, threads=threads, ouroboros=ouroboros)
@@ -286,7 +286,7 @@ def netem(
     loss_pct: Annotated[float, typer.Option(help="chance per chunk that the connection is reset")] = 0.0,
 ) -> None:
     """A user-space network emulator: a TCP proxy adding delay, jitter, a bandwidth cap and connection drops."""
-    from tandem.netem import run_netem
+    from tandem_tools.netem import run_netem
 
     run_netem(listen, upstream, rtt_ms, jitter_ms, bandwidth_mbps, loss_pct)
 

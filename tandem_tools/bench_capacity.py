@@ -1,7 +1,7 @@
 """`tandem bench capacity`: how much the cloud serves as clients are added, speculative sessions vs cloud-only.
 
 A real cloud (`tandem serve` in a child process, batching verify blocks and completion steps) and real edge clients,
-each its own process (`python -m tandem.bench_capacity --worker ...`, the edge client over gRPC with its own torch
+each its own process (`python -m tandem_tools.bench_capacity --worker ...`, the edge client over gRPC with its own torch
 threads). At each concurrency c, c clients run the same held-out prompts in speculative mode (draft here, verify
 there) and in cloud-only mode (the cloud's own streaming generation), one mode after the other, the order alternating
 between concurrencies. Greedy, `ignore_eos`: every request generates exactly `max_tokens`, and the two modes' outputs
@@ -63,7 +63,7 @@ def worker_main(cloud: str, draft_name: str, gamma: str, threads: int, nice: int
     """One edge device: load the draft, say ready, then run each job line (JSON) and answer one JSON line."""
     import torch
 
-    from edge_client.loop import EdgeClient
+    from edge_client.client import EdgeClient
     from edge_client.settings import EdgeSettings
     from tandem.models import load_model
     from tandem.sampling import SamplingParams
@@ -72,8 +72,8 @@ def worker_main(cloud: str, draft_name: str, gamma: str, threads: int, nice: int
         os.nice(nice)
     torch.set_num_threads(threads)
     draft = load_model(draft_name)
-    settings = EdgeSettings(cloud=cloud, transport="grpc", draft=draft_name, gamma=gamma, threads=threads,
-                            pipeline=pipeline, retries=0, timeout_s=300.0)
+    settings = EdgeSettings.model_validate(dict(cloud=cloud, transport="grpc", draft=draft_name, gamma=gamma,
+                                                threads=threads, pipeline=pipeline, retries=0, timeout_s=300.0))
     client = EdgeClient(settings, draft)
     if not inp.readline():  # the cloud is up (it started while this process loaded); nothing: the run was stopped
         return
@@ -88,9 +88,11 @@ def worker_main(cloud: str, draft_name: str, gamma: str, threads: int, nice: int
         for prompt in job["prompts"]:
             stamps: list[tuple[float, int]] = []
             t0 = time.perf_counter()
+            def stamp(new: list[int], s: list[tuple[float, int]] = stamps) -> None:
+                s.append((time.perf_counter(), len(new)))
+
             result = client.generate(prompt, SamplingParams(max_tokens=job["max_tokens"], ignore_eos=True),
-                                     on_tokens=lambda new, s=stamps: s.append((time.perf_counter(), len(new))),
-                                     mode=job["mode"])
+                                     on_tokens=stamp, mode=job["mode"])
             end = time.perf_counter()
             records.append({"tokens": result.tokens, "wall_s": end - t0,
                             "ttft_s": stamps[0][0] - t0 if stamps else None,
@@ -108,7 +110,7 @@ class EdgeProcess:
     """An edge client in a child process, driven over its stdin/stdout with JSON lines."""
 
     def __init__(self, cloud: str, cfg: CapacityConfig, log_path: Path | None) -> None:
-        args = [sys.executable, "-m", "tandem.bench_capacity", "--worker", "--cloud", cloud, "--draft", cfg.draft,
+        args = [sys.executable, "-m", "tandem_tools.bench_capacity", "--worker", "--cloud", cloud, "--draft", cfg.draft,
                 "--gamma", cfg.gamma, "--threads", str(cfg.edge_threads), "--nice", str(cfg.edge_nice)]
         if not cfg.pipeline:
             args.append("--no-pipeline")
@@ -117,7 +119,7 @@ class EdgeProcess:
         err = open(log_path, "ab") if log_path else subprocess.DEVNULL  # noqa: SIM115
         self.proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True,
                                      bufsize=1, env=env)
-        if log_path:
+        if not isinstance(err, int):
             err.close()  # the child holds its own copy
 
     def send(self, obj: dict[str, Any]) -> None:
@@ -219,8 +221,8 @@ def run_bench_capacity(cfg: CapacityConfig, out_dir: Path, console: Any = None,
     from rich.table import Table
 
     from tandem.models import load_model
-    from tandem.procs import CloudProcess
-    from tandem.train.data import heldout_prompts
+    from tandem_tools.procs import CloudProcess
+    from tandem_tools.train.data import heldout_prompts
 
     console = console or Console(width=max(Console().width, 150))  # the table is wide
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -366,7 +368,7 @@ def plot_capacity(phases: list[dict[str, Any]], path: Path, cfg: CapacityConfig)
 
 
 def _worker_cli(argv: list[str]) -> None:
-    p = argparse.ArgumentParser(prog="python -m tandem.bench_capacity", description="one edge client process")
+    p = argparse.ArgumentParser(prog="python -m tandem_tools.bench_capacity", description="one edge client process")
     p.add_argument("--worker", action="store_true", required=True)
     p.add_argument("--cloud", required=True)
     p.add_argument("--draft", default="demo-draft")

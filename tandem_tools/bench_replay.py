@@ -8,7 +8,8 @@ started at their arrival times, each in its own thread with its own EdgeClient (
 weights are shared read-only).
 
 Every request's timings and counters go to `results.json`; per mode x RTT summaries (percentiles, throughput,
-acceptance, target passes and bytes per token, speedup over cloud-only at the same RTT) to `summary.md` and a plot.
+acceptance, target passes and bytes per token, speedup over cloud-only at the same RTT) to `summary.md` and a plot
+(`tandem_tools.replay_summary`).
 """
 
 from __future__ import annotations
@@ -25,8 +26,8 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,234 +35,21 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from tandem.figures import percentiles
-from tandem.procs import CloudProcess, free_port, stop_process
+from tandem_tools.procs import CloudProcess, free_port, stop_process
+from tandem_tools.replay_summary import (
+    MODES,
+    RequestRecord,
+    TraceRow,
+    greedy_mismatches,
+    load_trace,
+    plot,
+    render_markdown,
+    summarize,
+)
 
 log = logging.getLogger(__name__)
 
-MODES = ("cloud", "spec", "spec-pipelined", "ouroboros", "auto")
-LOSSLESS = frozenset(MODES)  # every replay mode gives the target's own output (edge, the lossy one, is not offered)
 ROOT = Path(__file__).resolve().parents[1]
-
-
-# --- the trace
-
-
-@dataclass(frozen=True)
-class TraceRow:
-    prompt: str
-    max_tokens: int
-    temperature: float = 0.0
-    seed: int | None = None
-    arrival_s: float | None = None
-
-
-def load_trace(path: Path, limit: int | None = None) -> list[TraceRow]:
-    rows: list[TraceRow] = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        d = json.loads(line)
-        if not isinstance(d.get("prompt"), str) or not isinstance(d.get("max_tokens"), int) or d["max_tokens"] < 1:
-            raise ValueError(f"{path}:{n}: each line needs a string 'prompt' and a positive integer 'max_tokens'")
-        rows.append(TraceRow(d["prompt"], d["max_tokens"], float(d.get("temperature", 0.0)), d.get("seed"),
-                             None if d.get("arrival_s") is None else float(d["arrival_s"])))
-        if limit is not None and len(rows) >= limit:
-            break
-    if not rows:
-        raise ValueError(f"{path}: no requests")
-    return rows
-
-
-# --- the figures (pure functions, tested on hand-made numbers)
-
-
-def leviathan_e(alpha: float, gamma: float) -> float:
-    """Expected tokens per round, E(alpha, gamma) = (1 - alpha^(gamma+1)) / (1 - alpha) (Leviathan et al. 2023)."""
-    if alpha >= 1.0:
-        return gamma + 1.0
-    return (1.0 - alpha ** (gamma + 1)) / (1.0 - alpha)
-
-
-@dataclass
-class RequestRecord:
-    mode: str
-    rtt_ms: float
-    prompt_index: int
-    prompt_tokens: int
-    max_tokens: int
-    tokens: int = 0
-    finish_reason: str | None = None
-    start_s: float = 0.0  # since the RTT's replay began
-    ttft_s: float | None = None
-    tpot_s: float | None = None  # (e2e - ttft) / (tokens - 1)
-    e2e_s: float = 0.0
-    itl_s: list[float] = field(default_factory=list)  # gaps between deliveries; a verified block arrives at once
-    rounds: int = 0
-    drafted: int = 0
-    accepted: int = 0
-    rejected_rounds: int = 0  # verified blocks that ended in a rejection (accepted < drafted)
-    target_passes: int = 0
-    bytes_sent: int = 0
-    bytes_received: int = 0
-    stale: int = 0
-    gamma_mean: float | None = None
-    measured_rtt_ms: float | None = None  # the edge's own round-trip samples (speculative modes)
-    switched_to_cloud: bool = False
-    output_sha: str = ""
-    error: str | None = None
-
-
-def summarize(records: Sequence[RequestRecord], modes: Sequence[str], rtts: Sequence[float]) -> list[dict[str, Any]]:
-    """One row per mode x RTT. Throughput is total tokens / total end-to-end time over the requests that succeeded
-    in this mode and in cloud mode at the same RTT; the speedup is its ratio to cloud mode's over those requests."""
-    by: dict[tuple[str, float], dict[int, RequestRecord]] = {}
-    for r in records:
-        by.setdefault((r.mode, r.rtt_ms), {})[r.prompt_index] = r
-    rows: list[dict[str, Any]] = []
-    for rtt in rtts:
-        cloud = {i: r for i, r in by.get(("cloud", rtt), {}).items() if r.error is None}
-        for mode in modes:
-            mine = by.get((mode, rtt), {})
-            ok = [r for r in mine.values() if r.error is None]
-            if not mine:
-                continue
-            tokens = sum(r.tokens for r in ok)
-            e2e = sum(r.e2e_s for r in ok)
-            drafted, accepted = sum(r.drafted for r in ok), sum(r.accepted for r in ok)
-            passes, rounds = sum(r.target_passes for r in ok), sum(r.rounds for r in ok)
-            # tokens per verified block: requests that speculated throughout (auto may have switched to cloud)
-            spec_only = [r for r in ok if r.rounds and not r.switched_to_cloud]
-            spec_tokens, spec_rounds = sum(r.tokens for r in spec_only), sum(r.rounds for r in spec_only)
-            gammas = [r.gamma_mean for r in ok if r.gamma_mean is not None]
-            # vLLM's acceptance rate counts drafted positions after a rejection, never reached, as failures; the
-            # alpha of E(alpha, gamma) is the chance a reached position is accepted
-            rejected = sum(r.rejected_rounds for r in ok)
-            alpha = accepted / (accepted + rejected) if accepted + rejected else None
-            gamma = sum(gammas) / len(gammas) if gammas else None
-            common = [i for i in cloud if i in mine and mine[i].error is None] if "cloud" in modes else []
-            speedup = None
-            if common:
-                mode_rate = sum(mine[i].tokens for i in common) / sum(mine[i].e2e_s for i in common)
-                cloud_rate = sum(cloud[i].tokens for i in common) / sum(cloud[i].e2e_s for i in common)
-                speedup = mode_rate / cloud_rate if cloud_rate else None
-            rtts_seen = [r.measured_rtt_ms for r in ok if r.measured_rtt_ms is not None]
-            rows.append({
-                "mode": mode, "rtt_ms": rtt, "requests": len(ok), "errors": len(mine) - len(ok), "tokens": tokens,
-                "ttft_ms": percentiles([r.ttft_s for r in ok if r.ttft_s is not None], 1e3),
-                "tpot_ms": percentiles([r.tpot_s for r in ok if r.tpot_s is not None], 1e3),
-                "itl_ms": percentiles([x for r in ok for x in r.itl_s], 1e3),
-                "e2e_ms": percentiles([r.e2e_s for r in ok], 1e3),
-                "tokens_per_s": tokens / e2e if e2e else None,
-                "speedup_vs_cloud": speedup,
-                "acceptance_rate": accepted / drafted if drafted else None,
-                "alpha": alpha,
-                "target_passes_per_token": passes / tokens if tokens else None,
-                "bytes_per_token": sum(r.bytes_sent + r.bytes_received for r in ok) / tokens if tokens else None,
-                "tokens_per_round": spec_tokens / spec_rounds if spec_rounds else None,
-                "gamma_mean": gamma,
-                "leviathan_e": leviathan_e(alpha, gamma) if alpha is not None and gamma is not None else None,
-                "stale_per_round": sum(r.stale for r in ok) / rounds if rounds else None,
-                "measured_rtt_ms": sum(rtts_seen) / len(rtts_seen) if rtts_seen else None,
-                "switched_to_cloud": sum(r.switched_to_cloud for r in ok),
-            })
-    return rows
-
-
-def greedy_mismatches(records: Sequence[RequestRecord], greedy: set[int]) -> list[dict[str, Any]]:
-    """Lossless modes must give identical greedy output for a prompt (at every RTT): every disagreement."""
-    outputs: dict[int, dict[str, str]] = {}
-    for r in records:
-        if r.error is None and r.prompt_index in greedy and r.mode in LOSSLESS:
-            outputs.setdefault(r.prompt_index, {})[f"{r.mode}@{r.rtt_ms:g}ms"] = r.output_sha
-    return [{"prompt_index": i, "outputs": o} for i, o in sorted(outputs.items()) if len(set(o.values())) > 1]
-
-
-def _f(v: float | None, fmt: str) -> str:
-    return "-" if v is None else format(v, fmt)
-
-
-def render_markdown(results: dict[str, Any]) -> str:
-    meta, rows = results["meta"], results["summary"]
-    lines = [
-        "# tandem bench replay",
-        "",
-        f"Trace `{meta['trace']}`, {meta['prompts']} requests, greedy unless the trace says otherwise; target "
-        f"`{meta['target']}`, draft `{meta['draft']}`, gamma {meta['settings']['gamma']}; torch threads: edge "
-        f"{meta['threads']['edge']}, cloud {meta['threads']['cloud']}; {meta['machine']['cpu']} "
-        f"({meta['machine']['cpu_count']} CPUs); revision {meta['git_revision']}.",
-        "",
-        "| mode | RTT ms | tok/s | speedup vs cloud | TTFT p50 / p90 / p99 ms | TPOT p50 / p90 ms | ITL p50 / p99 ms "
-        "| e2e p50 / p90 ms | acceptance (alpha) | tokens / round (E(a,g)) | target passes / token | bytes / token |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        t, tp, it, e = r["ttft_ms"], r["tpot_ms"], r["itl_ms"], r["e2e_ms"]
-        per_round = "-" if r["tokens_per_round"] is None else (
-            f"{r['tokens_per_round']:.2f} ({_f(r['leviathan_e'], '.2f')})")
-        lines.append(
-            f"| {r['mode']} | {r['rtt_ms']:g} | {_f(r['tokens_per_s'], '.1f')} | "
-            f"{_f(r['speedup_vs_cloud'], '.2f')}x | {_f(t['p50'], '.0f')} / {_f(t['p90'], '.0f')} / "
-            f"{_f(t['p99'], '.0f')} | {_f(tp['p50'], '.1f')} / {_f(tp['p90'], '.1f')} | {_f(it['p50'], '.1f')} / "
-            f"{_f(it['p99'], '.1f')} | {_f(e['p50'], '.0f')} / {_f(e['p90'], '.0f')} | "
-            f"{_f(r['acceptance_rate'], '.3f')} ({_f(r['alpha'], '.3f')}) | {per_round} | "
-            f"{_f(r['target_passes_per_token'], '.3f')} | "
-            f"{_f(r['bytes_per_token'], '.0f')} |"
-        )
-    lines += [
-        "",
-        "- **tok/s**: total tokens / total end-to-end time of the mode's requests. **Speedup vs cloud**: that rate "
-        "divided by cloud-only's at the same RTT, over the same prompts, measured in the same run.",
-        "- **TTFT**: request start to the first token; **TPOT**: (e2e - TTFT) / (tokens - 1); **ITL**: gaps between "
-        "successive deliveries (a verified block arrives at once, so speculative ITLs are per block).",
-        "- **acceptance**: accepted / drafted tokens (vLLM's rate); **alpha**: accepted / (accepted + rejections), "
-        "the chance that a drafted position, once reached, is accepted.",
-        "- **tokens / round**: tokens per verified block, beside Leviathan's E(a, g) = (1 - a^(g+1)) / (1 - a) from "
-        "the measured alpha a and mean block length g (a pipelined block sent ahead counts only its part beyond "
-        "what was accepted).",
-        "- Every RTT goes through the `tandem netem` proxy (RTT 0 too), so the proxy's own cost is in every figure.",
-    ]
-    if meta.get("target_step_ms") is not None:
-        lines.append(f"- One target step (cloud-only TPOT p50 at the lowest RTT): {meta['target_step_ms']:.1f} ms.")
-    for w in results["warnings"]:
-        lines.append(f"- **warning**: {w}")
-    mism = results["greedy_mismatches"]
-    lines.append(f"- Greedy outputs identical across modes and RTTs: "
-                 f"{'yes' if not mism else f'NO, {len(mism)} prompts differ (see results.json)'}.")
-    return "\n".join(lines) + "\n"
-
-
-def plot(results: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = results["summary"]
-    modes = list(dict.fromkeys(r["mode"] for r in rows))
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for mode in modes:
-        mine = [r for r in rows if r["mode"] == mode and r["tokens_per_s"] is not None]
-        xs = [r["rtt_ms"] for r in mine]
-        ax1.plot(xs, [r["speedup_vs_cloud"] or 0.0 for r in mine], marker="o", label=mode)
-        ax2.plot(xs, [r["tokens_per_s"] for r in mine], marker="o", label=mode)
-    ax1.axhline(1.0, color="grey", lw=0.8, ls="--")
-    ax1.set(xlabel="round-trip time (ms)", ylabel="speedup vs cloud-only (same RTT, same run)",
-            title="speedup vs RTT")
-    ax2.set(xlabel="round-trip time (ms)", ylabel="tokens / s", title="throughput per request")
-    for ax in (ax1, ax2):
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    meta = results["meta"]
-    fig.suptitle(f"tandem bench replay: {meta['target']} / {meta['draft']}, {meta['prompts']} requests, "
-                 f"gamma {meta['settings']['gamma']}, threads edge {meta['threads']['edge']} / cloud "
-                 f"{meta['threads']['cloud']}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-# --- the processes
 
 
 class NetemProcess:
@@ -278,7 +66,7 @@ class NetemProcess:
 
     def __enter__(self) -> NetemProcess:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tandem.cli", "netem", "--listen", self.address, "--upstream", self.upstream,
+            [sys.executable, "-m", "tandem_tools.cli", "netem", "--listen", self.address, "--upstream", self.upstream,
              "--rtt-ms", str(self.rtt_ms)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + self.ready_timeout_s
         while time.monotonic() < deadline:
@@ -403,11 +191,11 @@ def _one(client: Any, mode: str, rtt: float, index: int, ids: list[int], row: Tr
 
 def run_replay(cfg: ReplayConfig, console: Console | None = None) -> dict[str, Any]:
     # transports load here, not at import: the core stays transport-free
-    from cloud_server.text import encode
-    from edge_client.loop import EdgeClient, make_verifier
+    from edge_client.client import EdgeClient, make_verifier
     from edge_client.settings import EdgeSettings
     from tandem.models import load_model
     from tandem.sampling import SamplingParams
+    from tandem_protocol.openai_api.text import encode
 
     console = console or Console()
     torch.set_num_threads(cfg.edge_threads)
@@ -518,7 +306,7 @@ def run_replay(cfg: ReplayConfig, console: Console | None = None) -> dict[str, A
 def _open_loop(cfg: ReplayConfig, mode: str, rtt: float, address: str, draft: Any, prompts: list[list[int]],
                rows: list[TraceRow], advance: Callable[[], None]) -> list[RequestRecord]:
     """Each request starts at its arrival time in its own thread, with its own EdgeClient (its own draft state)."""
-    from edge_client.loop import EdgeClient
+    from edge_client.client import EdgeClient
 
     out: list[RequestRecord] = []
     lock = threading.Lock()

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from tandem.train import data
+from tandem_tools.train import data
 
 EOS = "<|endoftext|>"
 PAD = "<|pad|>"
@@ -226,7 +226,8 @@ def train_demo(out_dir: Path, work_dir: Path, cfg: TrainConfig, echo: Callable[[
     }
     tokenizer.save_pretrained(out_dir / "tokenizer")
     for name, model in (("target", target), ("draft", draft)):
-        model.to(torch.bfloat16).save_pretrained(out_dir / name, safe_serialization=True)
+        model.to(torch.bfloat16).save_pretrained(  # type: ignore[arg-type]
+            out_dir / name, safe_serialization=True)
         tokenizer.save_pretrained(out_dir / name)
     (out_dir / "train_report.json").write_text(json.dumps(report, indent=2) + "\n")
     log(stage="export", **{k: v for k, v in report.items() if k != "config"})

@@ -64,7 +64,7 @@ class CloudProcess:
         env |= self.extra_env
         out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tandem.cli", "serve", "--host", self.host,
+            [sys.executable, "-m", "tandem_tools.cli", "serve", "--host", self.host,
              "--http-port", str(self.http_port), "--grpc-port", str(self.grpc_port)],
             env=env, stdout=out, stderr=subprocess.STDOUT,
         )

@@ -3,7 +3,7 @@
 N sessions run at once, each a thread here with its own `EdgeClient` (its own draft state and connection; the draft
 weights are shared read-only). Threads, not processes: N processes would each load torch and the draft, and on a
 small machine the edge's draft models would then crowd out the cloud they are meant to load. Torch runs one intra-op
-thread here; the cloud (started here with `tandem.procs.CloudProcess`, or `--cloud`) has its own.
+thread here; the cloud (started here with `tandem_tools.procs.CloudProcess`, or `--cloud`) has its own.
 
 Each session loops over held-out prompts of the trace (greedy) until the duration ends; every output, as streamed and
 as returned, is checked against the cloud's own greedy output of the same prompt (gRPC `Generate`, computed once per
@@ -32,8 +32,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tandem.figures import percentiles
-from tandem.procs import CloudProcess
+from tandem_tools.figures import percentiles
+from tandem_tools.procs import CloudProcess
 
 log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parents[1]
@@ -216,14 +216,16 @@ class _Cloud:
 
 
 def _edge_settings(cfg: LoadConfig, address: str, mode: str = "spec") -> Any:
+    """Validated from the run's plain strings (a bad mode or transport fails here, clearly)."""
     from edge_client.settings import EdgeSettings
 
-    return EdgeSettings(cloud=address, transport=cfg.transport, mode=mode, draft=cfg.draft, gamma=cfg.gamma,
-                        threads=cfg.edge_threads, timeout_s=cfg.timeout_s, retries=cfg.retries, api_key=cfg.api_key)
+    return EdgeSettings.model_validate(dict(
+        cloud=address, transport=cfg.transport, mode=mode, draft=cfg.draft, gamma=cfg.gamma, threads=cfg.edge_threads,
+        timeout_s=cfg.timeout_s, retries=cfg.retries, api_key=cfg.api_key))
 
 
 def _prompts(cfg: LoadConfig, tokenizer: Any) -> tuple[list[list[int]], list[int]]:
-    from cloud_server.text import encode
+    from tandem_protocol.openai_api.text import encode
 
     rows = [json.loads(line) for line in cfg.trace.read_text(encoding="utf-8").splitlines() if line.strip()]
     rows = rows[: cfg.prompts]
@@ -273,7 +275,7 @@ def run_load(cfg: LoadConfig, echo: Callable[[str], None] = print) -> dict[str, 
     # transports load here, not at import: the core stays transport-free
     import torch
 
-    from edge_client.loop import EdgeClient
+    from edge_client.client import EdgeClient
     from tandem.models import load_model
 
     torch.set_num_threads(cfg.edge_threads)

@@ -11,17 +11,23 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from rich.console import Console
 from rich.table import Table
 
 from tandem.config import CoreSettings
-from tandem.engine import LocalVerifier, ModelDrafter, generate_autoregressive, generate_speculative
+from tandem.drafting import ModelDrafter
+from tandem.local import LocalVerifier
 from tandem.models import LoadedModel, check_pair, load_model
-from tandem.pool import OuroborosDrafter, PhrasePool, SourceCounts
+from tandem.ouroboros import OuroborosDrafter, SourceCounts
+from tandem.pool import PhrasePool
 from tandem.sampling import SamplingParams
-from tandem.train.data import heldout_prompts
+from tandem.session import generate_autoregressive
+from tandem.speculate import generate_speculative
+from tandem.stats import GenerationResult
+from tandem_tools.train.data import heldout_prompts
 
 MODES = ("ar", "spec", "ouroboros", "hf-assisted", "hf-assisted-constant")
 WARM_SHIFTS = {"repeat": 0, "shifted": 32}  # the warm start's second passes: each prompt again, or its window moved on
@@ -41,7 +47,7 @@ class ModeFigures:
     rounds: int = 0
     sources: SourceCounts | None = None  # ouroboros: drafted and accepted tokens by source
 
-    def add(self, tokens: list[int], wall: float, stats: dict) -> None:  # type: ignore[type-arg]
+    def add(self, tokens: list[int], wall: float, stats: dict[str, Any]) -> None:
         self.tokens += len(tokens)
         self.wall_s += wall
         self.runs += 1
@@ -87,7 +93,7 @@ def _hf_assisted(target: LoadedModel, draft: LoadedModel, prompt: list[int], max
     ids = torch.tensor([prompt])
     t0 = time.perf_counter()
     with torch.inference_mode():
-        out = target.model.generate(
+        out = target.model.generate(  # type: ignore[operator]
             ids, attention_mask=torch.ones_like(ids), assistant_model=draft.model, do_sample=False,
             max_new_tokens=max_tokens, min_new_tokens=max_tokens, pad_token_id=target.tokenizer.pad_token_id, **kwargs,
         )
@@ -159,7 +165,7 @@ def run_bench_local(
     console.print(table)
     for m in ("spec", "ouroboros"):
         if m in results and results[m]["acceptance_per_position"]:
-            per_pos = ", ".join(f"{a:.2f}" for a in results[m]["acceptance_per_position"])  # type: ignore[union-attr]
+            per_pos = ", ".join(f"{a:.2f}" for a in results[m]["acceptance_per_position"])  # type: ignore[attr-defined]
             console.print(f"{m} acceptance per position (gamma {gamma}): {per_pos}")
     if "ouroboros" in results and figs["ouroboros"].sources is not None:
         src = figs["ouroboros"].sources
@@ -187,13 +193,13 @@ def run_bench_local(
     return report
 
 
-def _ours(result) -> tuple[list[int], float, dict]:  # type: ignore[no-untyped-def]
+def _ours(result: GenerationResult) -> tuple[list[int], float, dict[str, Any]]:
     return result.tokens, result.stats.wall_s, result.stats.as_dict()
 
 
 def _ouroboros(
     drafter: OuroborosDrafter, target: LoadedModel, prompt: list[int], params: SamplingParams, gamma: int
-) -> tuple[list[int], float, dict]:  # type: ignore[type-arg]
+) -> tuple[list[int], float, dict[str, Any]]:
     tokens, wall, stats = _ours(generate_speculative(drafter, LocalVerifier(target), prompt, params, gamma))
     return tokens, wall, {**stats, "sources": drafter.sources}
 

@@ -1,4 +1,7 @@
-"""Server-side errors and the one map from an error code to an HTTP status, a gRPC code and a JSON body."""
+"""Error codes both ways: a code to an HTTP status, a gRPC status and a JSON body (servers), and back (clients).
+
+Plus the errors only a server raises, and the bearer-key check both servers apply.
+"""
 
 from __future__ import annotations
 
@@ -12,10 +15,6 @@ from tandem.errors import TandemError
 
 class UnauthenticatedError(TandemError):
     code = "unauthenticated"
-
-
-class RequestTooLargeError(TandemError):
-    code = "request_too_large"
 
 
 class ModelNotFoundError(TandemError):
@@ -49,6 +48,22 @@ def http_status(code: str) -> int:
 
 def grpc_status(code: str) -> grpc.StatusCode:
     return _STATUS.get(code, _INTERNAL)[1]
+
+
+# a gRPC status received -> the error code it carries (the inverse of grpc_status where it is one to one)
+_FROM_GRPC = {
+    grpc.StatusCode.INVALID_ARGUMENT: "invalid_request",
+    grpc.StatusCode.NOT_FOUND: "session_not_found",
+    grpc.StatusCode.FAILED_PRECONDITION: "tokenizer_mismatch",
+    grpc.StatusCode.RESOURCE_EXHAUSTED: "over_capacity",
+    grpc.StatusCode.UNAUTHENTICATED: "unauthenticated",
+    grpc.StatusCode.UNAVAILABLE: "unavailable",
+    grpc.StatusCode.DEADLINE_EXCEEDED: "deadline_exceeded",
+}
+
+
+def code_from_grpc(status: grpc.StatusCode) -> str:
+    return _FROM_GRPC.get(status, "internal_error")
 
 
 def error_code(exc: BaseException) -> str:

@@ -71,7 +71,7 @@ def heldout_prompts(
     texts = read_texts(files, "heldout", root)
     ids = [tokenizer.encode(t) for t in texts]
     ids = [x for x in ids if len(x) > prompt_tokens + 64]
-    prompts = []
+    prompts: list[list[int]] = []
     i = 0
     while len(prompts) < n and ids:
         doc = ids[i % len(ids)]

@@ -1,22 +1,28 @@
-"""Conversions between the protobuf messages and the engine's types. Protobuf types stop here.
+"""Conversions between the protobuf messages and the core's types, both directions. Protobuf types stop here.
 
-Both ends use it: the server (messages in, engine calls, messages out) and the edge's remote verifiers.
+Both ends use it: the cloud's servicer (messages in, worker calls, messages out) and the edge's gRPC verifier.
 """
 
 from __future__ import annotations
 
-import torch
-
-from cloud_server.proto import verifier_pb2 as pb
-from cloud_server.worker import OpenRequest, SessionInfo, SessionVerdict
-from tandem.engine import Candidate, DraftBlock, FinishReason, VerifyResult
-from tandem.errors import InvalidRequestError
+from tandem.blocks import DraftBlock, FinishReason, VerifyResult
+from tandem.messages import OpenRequest, SessionInfo, SessionVerdict
 from tandem.sampling import SamplingParams
 from tandem.verify import TokenKind
+from tandem_protocol.flat import (
+    block_to_sparse,
+    candidates_from_flat,
+    candidates_to_flat,
+    feedback_from_flat,
+    sparse_block,
+)
+from tandem_protocol.proto import verifier_pb2 as pb
 
 _KIND_TO_PB = {"recovered": pb.TOKEN_KIND_RECOVERED, "bonus": pb.TOKEN_KIND_BONUS}
 _KIND_FROM_PB: dict[int, TokenKind] = {pb.TOKEN_KIND_RECOVERED: "recovered", pb.TOKEN_KIND_BONUS: "bonus"}
-_FINISH_TO_PB = {None: pb.FINISH_REASON_UNSPECIFIED, "stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH}
+_FINISH_TO_PB: dict[FinishReason | None, pb.FinishReason] = {
+    None: pb.FINISH_REASON_UNSPECIFIED, "stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH,
+}
 _FINISH_FROM_PB: dict[int, FinishReason | None] = {v: k for k, v in _FINISH_TO_PB.items()}
 
 
@@ -47,6 +53,23 @@ def open_from_pb(msg: pb.Open) -> OpenRequest:
     )
 
 
+def open_to_pb(req: OpenRequest) -> pb.Open:
+    msg = pb.Open(prompt=req.prompt, sampling=params_to_pb(req.params), draft_fingerprint=req.draft_fingerprint,
+                  draft_name=req.draft_name, client_id=req.client_id)
+    if req.session_id is not None:
+        msg.session_id = req.session_id
+    return msg
+
+
+def opened_from_pb(msg: pb.Opened) -> SessionInfo:
+    return SessionInfo(
+        session_id=msg.session_id, target_name=msg.target_name, target_fingerprint=msg.target_fingerprint,
+        vocab_size=msg.vocab_size, context_length=msg.context_length, prompt_tokens=msg.prompt_tokens,
+        max_draft_tokens=msg.max_draft_tokens, resumed=msg.resumed, eos_token_ids=tuple(msg.eos_token_ids),
+        server_ms=msg.server_ms,
+    )
+
+
 def opened_to_pb(info: SessionInfo) -> pb.Opened:
     return pb.Opened(
         session_id=info.session_id, target_name=info.target_name, target_fingerprint=info.target_fingerprint,
@@ -56,62 +79,11 @@ def opened_to_pb(info: SessionInfo) -> pb.Opened:
     )
 
 
-def sparse_block(tokens: list[int], q_k: int, q_ids: list[int], q_probs: list[float]) -> DraftBlock:
-    """A DraftBlock from the flattened wire form of q: q_ids[i * q_k + j] for position i."""
-    n = len(tokens)
-    if q_k == 0:
-        if q_ids or q_probs:
-            raise InvalidRequestError("q_ids and q_probs need q_k > 0")
-        return DraftBlock(list(tokens))
-    if len(q_ids) != n * q_k or len(q_probs) != n * q_k:
-        raise InvalidRequestError(f"q_ids and q_probs must each hold len(tokens) * q_k = {n * q_k} values")
-    ids = torch.tensor(q_ids, dtype=torch.long).reshape(n, q_k)  # [gamma, k]
-    probs = torch.tensor(q_probs, dtype=torch.float32).reshape(n, q_k)  # [gamma, k]
-    return DraftBlock(list(tokens), q_ids=ids, q_probs=probs)
-
-
-def block_to_sparse(block: DraftBlock) -> tuple[int, list[int], list[float]]:
-    """(q_k, q_ids, q_probs) flattened; a dense q is sent whole, as k = V."""
-    ids, probs = block.q_ids, block.q_probs
-    if block.q_full is not None:
-        probs = block.q_full  # [gamma, V]
-        ids = torch.arange(probs.shape[-1]).expand(probs.shape[0], -1)
-    if ids is None or probs is None or not block.tokens:
-        return 0, [], []
-    return int(ids.shape[-1]), ids.reshape(-1).tolist(), probs.float().reshape(-1).tolist()
-
-
 def block_from_pb(msg: pb.Draft) -> DraftBlock:
     block = sparse_block(list(msg.tokens), msg.q_k, list(msg.q_ids), list(msg.q_probs))
     block.candidates = candidates_from_flat(list(msg.candidate_parents), list(msg.candidate_lengths),
                                             list(msg.candidate_tokens))
     return block
-
-
-def candidates_from_flat(parents: list[int], lengths: list[int], tokens: list[int]) -> list[Candidate]:
-    """Candidates from their flattened wire form (HTTP and gRPC alike)."""
-    if len(parents) != len(lengths) or sum(lengths) != len(tokens):
-        raise InvalidRequestError("candidate_parents and candidate_lengths must pair up, and candidate_tokens hold "
-                                  "sum(candidate_lengths) ids")
-    out, at = [], 0
-    for parent, n in zip(parents, lengths, strict=True):
-        out.append(Candidate(parent, list(tokens[at : at + n])))
-        at += n
-    return out
-
-
-def candidates_to_flat(block: DraftBlock) -> tuple[list[int], list[int], list[int]]:
-    """(parents, lengths, tokens) of a block's candidates."""
-    c = block.candidates
-    return [x.parent for x in c], [len(x.tokens) for x in c], [t for x in c for t in x.tokens]
-
-
-def feedback_from_flat(lengths: list[int], tokens: list[int]) -> list[list[int]]:
-    out, at = [], 0
-    for n in lengths:
-        out.append(list(tokens[at : at + n]))
-        at += n
-    return out
 
 
 def base_len_from_pb(msg: pb.Draft) -> int | None:
@@ -141,12 +113,16 @@ def verdict_to_pb(v: SessionVerdict) -> pb.Verdict:
     return msg
 
 
-def finish_to_pb(reason: FinishReason | None) -> int:
+def finish_to_pb(reason: FinishReason | None) -> pb.FinishReason:
     return _FINISH_TO_PB[reason]
 
 
 def finish_from_pb(value: int) -> FinishReason | None:
     return _FINISH_FROM_PB.get(value)
+
+
+def verdict_from_pb(msg: pb.Verdict) -> SessionVerdict:
+    return SessionVerdict(msg.seq, result_from_pb(msg), msg.generated, msg.server_ms)
 
 
 def result_from_pb(msg: pb.Verdict) -> VerifyResult:

@@ -1,0 +1,149 @@
+"""Continuous batching on the model thread.
+
+Verify blocks and completion steps queue as jobs; the model thread takes everything waiting (up to `max_batch`,
+waiting at most `batch_window_ms` for more), checks each (`prepare`: errors and stale blocks resolve their own job),
+runs one batched forward pass over the sessions' separate caches (`tandem.batch.forward_batch`) and finishes each.
+A session has at most one job in flight (seq order), so a batch never holds a session twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import torch
+
+from tandem.batch import forward_batch
+from tandem.blocks import DraftBlock, VerifyResult
+from tandem.session import PreparedBlock, TargetSession
+from tandem_protocol.errors import ShuttingDownError
+from tandem_protocol.metrics import Metrics
+
+
+def _same(rows: torch.Tensor) -> torch.Tensor:
+    return rows
+
+
+@dataclass(eq=False)  # compared by identity: a block's q tensors have no truth value
+class _Job:
+    """One block (or completion step) waiting for the model thread."""
+
+    core: TargetSession
+    block: DraftBlock
+    base_len: int | None
+    future: Future[VerifyResult] = field(default_factory=Future)
+
+
+class Batcher:
+    """`step` queues a job and awaits its verdict; the model thread (`executor`, one worker) drains the queue.
+
+    `expected` says how many streams may send soon (open sessions + running completions): a batch waits for them
+    within the window, never longer.
+    """
+
+    def __init__(self, executor: ThreadPoolExecutor, max_batch: int, window_ms: float, metrics: Metrics,
+                 expected: Callable[[], int]) -> None:
+        self._executor = executor
+        self.max_batch = max_batch
+        self.window_s = window_ms / 1e3
+        self.metrics = metrics
+        self._expected = expected
+        self._pending: list[_Job] = []  # guarded by _queued
+        self._queued = threading.Condition()
+        self.streams = 0  # completion streams running, counted in `expected` by the worker
+
+    @contextlib.contextmanager
+    def stream(self) -> Iterator[None]:
+        """A completion stream is running: its next steps are worth waiting for."""
+        self.streams += 1
+        try:
+            yield
+        finally:
+            self.streams -= 1
+
+    async def step(self, core: TargetSession, block: DraftBlock, base_len: int | None = None) -> VerifyResult:
+        """Verify one block (an empty one: the target's next token) in the next batch the model thread runs."""
+        job = _Job(core, block, base_len)
+        with self._queued:
+            self._pending.append(job)
+            self._queued.notify()
+        try:
+            self._executor.submit(self._drain)  # one drain per job: a drain that finds nothing returns at once
+        except RuntimeError:  # the executor is shut down
+            with self._queued:
+                if job in self._pending:
+                    self._pending.remove(job)
+            raise ShuttingDownError("the server is shutting down") from None
+        return await asyncio.wrap_future(job.future)
+
+    def _drain(self) -> None:
+        """On the model thread: take what is waiting (waiting up to the window for the rest), run it as one batch."""
+        limit = self.max_batch
+        with self._queued:
+            if not self._pending:
+                return
+            deadline = time.monotonic() + self.window_s
+            # wait only while some stream that may send soon has not (read racily: a hint)
+            while len(self._pending) < min(limit, self._expected()):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._queued.wait(left)
+            jobs: list[_Job] = []
+            seen: set[int] = set()
+            for job in self._pending:
+                if len(jobs) < limit and id(job.core) not in seen:
+                    seen.add(id(job.core))
+                    jobs.append(job)
+            self._pending = [job for job in self._pending if job not in jobs]
+        # a job whose caller went away (its future cancelled) is dropped unverified: its session is unchanged
+        jobs = [job for job in jobs if job.future.set_running_or_notify_cancel()]
+        try:
+            self._run_batch(jobs)
+        except BaseException as e:  # never leave a caller waiting
+            for job in jobs:
+                if not job.future.done():
+                    job.future.set_exception(e)
+            raise
+
+    def _run_batch(self, jobs: list[_Job]) -> None:
+        ready: list[tuple[_Job, PreparedBlock]] = []
+        for job in jobs:
+            try:
+                prepared = job.core.prepare(job.block, job.base_len)
+            except BaseException as e:
+                job.future.set_exception(e)
+                continue
+            if isinstance(prepared, VerifyResult):  # stale: nothing verified
+                job.future.set_result(prepared)
+            elif prepared.tree is not None:  # candidates need their own tree mask: verified alone
+                self.metrics.batch_size.observe(1)
+                self._finish(job, prepared, functools.partial(job.core.forward, prepared))
+            else:
+                ready.append((job, prepared))
+        if not ready:
+            return
+        self.metrics.batch_size.observe(len(ready))
+        try:
+            logits = forward_batch([job.core.state for job, _ in ready], [p.tokens for _, p in ready])
+        except BaseException as e:
+            for job, _ in ready:
+                job.future.set_exception(e)
+            return
+        for (job, prepared), rows in zip(ready, logits, strict=True):
+            self._finish(job, prepared, functools.partial(_same, rows))
+
+    def _finish(self, job: _Job, prepared: PreparedBlock, logits: Callable[[], torch.Tensor]) -> None:
+        passes = job.core.passes
+        try:
+            job.future.set_result(job.core.finish(prepared, logits()))
+        except BaseException as e:
+            job.future.set_exception(e)
+        finally:
+            self.metrics.target_passes.inc(job.core.passes - passes)

@@ -1,0 +1,50 @@
+"""What the gRPC and HTTP verifiers share: the affinity header, TLS failure detection, pipelined unary calls."""
+
+from __future__ import annotations
+
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+
+from tandem.blocks import DraftBlock, VerifyResult
+from tandem.messages import SessionVerdict
+
+AFFINITY_HEADER = "x-tandem-session"  # HTTP header and gRPC metadata key (lowercase, as gRPC requires)
+TLS_HINT = "TLS: the cloud's certificate was not accepted (is it signed by tls_ca_file's CA, for this host?)"
+
+
+def is_tls_failure(text: str) -> bool:
+    text = text.lower()
+    return any(s in text for s in ("handshake", "certificate", "ssl_error", "tls"))
+
+
+class Pipelined:
+    """send/recv over unary calls: each block is one call on a small thread pool; answers are taken in order."""
+
+    seq: int
+    bytes_sent: int
+    bytes_received: int
+
+    def _call(self, block: DraftBlock, seq: int, base_len: int | None) -> SessionVerdict:
+        raise NotImplementedError
+
+    def _setup(self) -> None:
+        self.seq = 0
+        self.bytes_sent = self.bytes_received = 0
+        self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tandem-remote")
+        self._pending: deque[Future[SessionVerdict]] = deque()
+
+    def send(self, block: DraftBlock, base_len: int | None = None) -> None:
+        self._pending.append(self._pool.submit(self._call, block, self.seq, base_len))
+        self.seq += 1
+
+    def recv(self) -> SessionVerdict:
+        return self._pending.popleft().result()
+
+    def verify(self, block: DraftBlock) -> VerifyResult:
+        self.send(block)
+        return self.recv().result
+
+    def _shutdown(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+

@@ -1,0 +1,230 @@
+"""The cloud over gRPC: one bidirectional stream per session, or unary calls; the Generate stream (cloud-only)."""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from edge_client.remote.common import AFFINITY_HEADER, TLS_HINT, Pipelined, is_tls_failure
+from tandem.blocks import DraftBlock, VerifyResult
+from tandem.errors import RemoteError
+from tandem.messages import OpenRequest, SessionVerdict, Step
+from tandem.sampling import SamplingParams
+from tandem_protocol import pb as wire
+from tandem_protocol.errors import code_from_grpc
+from tandem_protocol.proto import verifier_pb2 as pb
+from tandem_protocol.proto import verifier_pb2_grpc as pb_grpc
+
+
+def _from_rpc_error(e: grpc.RpcError) -> RemoteError:
+    status = e.code() if isinstance(e, grpc.Call) else grpc.StatusCode.UNKNOWN
+    details = (e.details() if isinstance(e, grpc.Call) else None) or str(e)
+    if status == grpc.StatusCode.UNAVAILABLE and is_tls_failure(details):
+        # not retried: a certificate the edge refuses stays refused
+        return RemoteError("tls_error", f"{TLS_HINT}: {details}", status.name)
+    return RemoteError(code_from_grpc(status), details, status.name)
+
+
+def grpc_channel(address: str, options: list[tuple[str, Any]], tls: bool = False,
+                 ca_file: str | None = None) -> grpc.Channel:
+    """A channel to HOST:PORT (an https:// prefix means TLS); with TLS the server's certificate is verified against
+    `ca_file`, or the system's trusted CAs."""
+    if address.startswith("https://"):
+        address, tls = address.removeprefix("https://").rstrip("/"), True
+    if not tls and ca_file is None:
+        return grpc.insecure_channel(address, options=options)
+    root = None if ca_file is None else Path(ca_file).read_bytes()
+    return grpc.secure_channel(address, grpc.ssl_channel_credentials(root_certificates=root), options=options)
+
+
+Metadata = tuple[tuple[str, str], ...]
+
+
+def _with_affinity(metadata: Metadata, key: str | None) -> Metadata:
+    return metadata if key is None else (*metadata, (AFFINITY_HEADER, key))
+
+
+
+
+class GrpcVerifier:
+    """`streaming=True`: one bidirectional stream per session; False: unary calls (OpenSession, Verify, ...)."""
+
+    def __init__(
+        self, address: str, *, streaming: bool = True, timeout_s: float = 30.0, stream_timeout_s: float = 3600.0,
+        api_key: str | None = None, draft_fingerprint: str = "", draft_name: str = "", client_id: str = "",
+        max_message_bytes: int = 4 * 1024 * 1024, tls: bool = False, tls_ca_file: str | None = None,
+    ) -> None:
+        self.channel = grpc_channel(address, [
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes),
+        ], tls, tls_ca_file)
+        self.stub = pb_grpc.VerifierStub(self.channel)
+        self.streaming = streaming
+        self.timeout_s = timeout_s
+        self.stream_timeout_s = stream_timeout_s
+        self.metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
+        self.draft_fingerprint = draft_fingerprint
+        self.draft_name = draft_name
+        self.client_id = client_id
+        self.bytes_sent = self.bytes_received = 0  # of `generate` calls
+
+    def open(
+        self, prompt: list[int], params: SamplingParams, session_id: str | None = None,
+        affinity_key: str | None = None,
+    ) -> GrpcStreamSession | GrpcUnarySession:
+        msg = wire.open_to_pb(OpenRequest(prompt, params, self.draft_fingerprint, self.draft_name, self.client_id,
+                                          session_id))
+        metadata = _with_affinity(self.metadata, affinity_key)
+        if self.streaming:
+            return GrpcStreamSession(self, msg, metadata)
+        try:
+            opened = self.stub.OpenSession(msg, timeout=self.timeout_s, metadata=metadata)
+        except grpc.RpcError as e:
+            raise _from_rpc_error(e) from None
+        return GrpcUnarySession(self, opened, metadata)
+
+    def generate(self, prompt: list[int], params: SamplingParams) -> Iterator[Step]:
+        """The target alone over the Generate stream; each step awaited at most `timeout_s`."""
+        msg = wire.open_to_pb(OpenRequest(prompt, params, "", self.draft_name, self.client_id))
+        self.bytes_sent += msg.ByteSize()
+        call = self.stub.Generate(msg, timeout=self.stream_timeout_s, metadata=self.metadata)
+        try:
+            while True:
+                verdict = _next_with_deadline(call, call.cancel, self.timeout_s)
+                if verdict is None:
+                    return
+                self.bytes_received += verdict.ByteSize()
+                yield Step(list(verdict.tokens), wire.finish_from_pb(verdict.finish_reason))
+        finally:
+            call.cancel()
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> GrpcVerifier:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class GrpcUnarySession(Pipelined):
+    def __init__(self, verifier: GrpcVerifier, opened: pb.Opened, metadata: Metadata | None = None) -> None:
+        self.verifier = verifier
+        self.opened = wire.opened_from_pb(opened)
+        self.session_id = opened.session_id
+        self.metadata = verifier.metadata if metadata is None else metadata
+        self._setup()
+        self.bytes_received = opened.ByteSize()
+
+    def _call(self, block: DraftBlock, seq: int, base_len: int | None) -> SessionVerdict:
+        v = self.verifier
+        request = pb.VerifyRequest(session_id=self.session_id, draft=wire.block_to_pb(block, seq, base_len))
+        self.bytes_sent += request.ByteSize()
+        try:
+            verdict = v.stub.Verify(request, timeout=v.timeout_s, metadata=self.metadata)
+        except grpc.RpcError as e:
+            raise _from_rpc_error(e) from None
+        self.bytes_received += verdict.ByteSize()
+        return wire.verdict_from_pb(verdict)
+
+    def close(self) -> None:
+        self._shutdown()
+        v = self.verifier
+        try:
+            v.stub.CloseSession(pb.Close(session_id=self.session_id), timeout=v.timeout_s, metadata=self.metadata)
+        except grpc.RpcError as e:
+            if not (isinstance(e, grpc.Call) and e.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNAVAILABLE)):
+                raise _from_rpc_error(e) from None
+
+
+class GrpcStreamSession:
+    """One Session stream. The stream has a deadline; each answer is also awaited at most `timeout_s`."""
+
+    def __init__(self, verifier: GrpcVerifier, open_msg: pb.Open, metadata: Metadata | None = None) -> None:
+        self.verifier = verifier
+        self.seq = 0
+        self.bytes_sent = open_msg.ByteSize()
+        self.bytes_received = 0
+        self._requests: queue.Queue[pb.ClientMessage | None] = queue.Queue()
+        self._requests.put(pb.ClientMessage(open=open_msg))
+        self._call = verifier.stub.Session(
+            iter(self._requests.get, None), timeout=verifier.stream_timeout_s,
+            metadata=verifier.metadata if metadata is None else metadata,
+        )
+        self._replies: Iterator[pb.ServerMessage] = self._call
+        first = self._next()
+        if first.WhichOneof("msg") != "opened":
+            self._finish()
+            raise self._error(first)
+        self.opened = wire.opened_from_pb(first.opened)
+        self.session_id = first.opened.session_id
+
+    def _next(self) -> pb.ServerMessage:
+        reply = _next_with_deadline(self._replies, self._call.cancel, self.verifier.timeout_s)
+        if reply is None:
+            raise RemoteError("unavailable", "the server ended the session stream", "OK")
+        self.bytes_received += reply.ByteSize()
+        return reply
+
+    @staticmethod
+    def _error(msg: pb.ServerMessage) -> RemoteError:
+        if msg.WhichOneof("msg") == "error":
+            return RemoteError(msg.error.code, msg.error.message, msg.error.grpc_status)
+        return RemoteError("internal_error", f"unexpected message {msg.WhichOneof('msg')!r}", "UNKNOWN")
+
+    def send(self, block: DraftBlock, base_len: int | None = None) -> None:
+        msg = pb.ClientMessage(draft=wire.block_to_pb(block, self.seq, base_len))
+        self.bytes_sent += msg.ByteSize()
+        self._requests.put(msg)
+        self.seq += 1
+
+    def recv(self) -> SessionVerdict:
+        reply = self._next()
+        if reply.WhichOneof("msg") != "verdict":
+            raise self._error(reply)
+        return wire.verdict_from_pb(reply.verdict)
+
+    def verify(self, block: DraftBlock) -> VerifyResult:
+        self.send(block)
+        return self.recv().result
+
+    def _finish(self) -> None:
+        self._requests.put(None)  # half-close: the server ends the stream and closes the session
+        timer = threading.Timer(self.verifier.timeout_s, self._call.cancel)
+        timer.start()
+        try:
+            for _ in self._replies:
+                pass
+        except grpc.RpcError:
+            pass
+        finally:
+            timer.cancel()
+
+    def close(self) -> None:
+        self._requests.put(pb.ClientMessage(close=pb.Close()))
+        self._finish()
+
+
+def _next_with_deadline(replies: Iterator[Any], cancel: Callable[[], Any], timeout_s: float) -> Any:
+    """The next message of a gRPC stream, or None at its end; the stream is cancelled if none comes in time."""
+    timer = threading.Timer(timeout_s, cancel)
+    timer.start()
+    t0 = time.monotonic()
+    try:
+        return next(replies)
+    except StopIteration:
+        return None
+    except grpc.RpcError as e:
+        timed_out = not timer.is_alive() and time.monotonic() - t0 >= timeout_s
+        if timed_out and isinstance(e, grpc.Call) and e.code() == grpc.StatusCode.CANCELLED:
+            raise RemoteError("deadline_exceeded", "no answer in time", "DEADLINE_EXCEEDED") from None
+        raise _from_rpc_error(e) from None
+    finally:
+        timer.cancel()

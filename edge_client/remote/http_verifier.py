@@ -1,0 +1,152 @@
+"""The cloud over HTTP: the session API (POST /v1/sessions, .../verify, DELETE) and /v1/completions (cloud-only)."""
+
+from __future__ import annotations
+
+import json
+import ssl
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import httpx
+
+from edge_client.remote.common import AFFINITY_HEADER, TLS_HINT, Pipelined, is_tls_failure
+from tandem.blocks import DraftBlock
+from tandem.errors import RemoteError
+from tandem.messages import OpenRequest, SessionVerdict, Step
+from tandem.sampling import SamplingParams
+from tandem_protocol import bodies
+
+
+def _from_transport_error(e: httpx.TransportError) -> RemoteError:
+    if isinstance(e, httpx.TimeoutException):
+        return RemoteError("deadline_exceeded", str(e) or "no answer in time", 504)
+    cause: BaseException | None = e
+    while cause is not None and not isinstance(cause, ssl.SSLError):
+        cause = cause.__cause__ or cause.__context__
+    if cause is not None or is_tls_failure(str(e)):
+        return RemoteError("tls_error", f"{TLS_HINT}: {cause or e}", 503)
+    return RemoteError("unavailable", str(e) or type(e).__name__, 503)
+
+
+def http_verify(ca_file: str | None) -> ssl.SSLContext | bool:
+    """httpx's `verify`: the system's trusted CAs, or a context trusting `ca_file` (hostnames are still checked)."""
+    return True if ca_file is None else ssl.create_default_context(cafile=ca_file)
+
+
+class HttpVerifier:
+    """The session API over HTTP: POST /v1/sessions, POST /v1/sessions/{id}/verify, DELETE /v1/sessions/{id}."""
+
+    def __init__(
+        self, base_url: str, *, timeout_s: float = 30.0, api_key: str | None = None, draft_fingerprint: str = "",
+        draft_name: str = "", client_id: str = "", tls_ca_file: str | None = None,
+    ) -> None:
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.client = httpx.Client(base_url=base_url, headers=headers, timeout=timeout_s,
+                                   verify=http_verify(tls_ca_file))
+        self.timeout_s = timeout_s
+        self.draft_fingerprint = draft_fingerprint
+        self.draft_name = draft_name
+        self.client_id = client_id
+        self.bytes_sent = self.bytes_received = 0  # of `generate` calls
+
+    def request(self, method: str, path: str, body: dict[str, Any] | None = None,
+                count: Callable[[int, int], None] | None = None, affinity_key: str | None = None) -> dict[str, Any]:
+        content = None if body is None else json.dumps(body).encode()
+        headers = {} if body is None else {"Content-Type": "application/json"}
+        if affinity_key is not None:
+            headers[AFFINITY_HEADER] = affinity_key
+        try:
+            r = self.client.request(method, path, content=content, headers=headers, timeout=self.timeout_s)
+        except httpx.TransportError as e:
+            raise _from_transport_error(e) from None
+        if r.status_code >= 400:
+            try:
+                err = r.json()["error"]
+                code, message = str(err["code"]), str(err["message"])
+            except (ValueError, KeyError, TypeError):
+                code, message = "internal_error", r.text[:200]
+            raise RemoteError(code, message, r.status_code)
+        if count is not None:
+            count(len(content or b""), len(r.content))
+        return r.json()
+
+    def generate(self, prompt: list[int], params: SamplingParams) -> Iterator[Step]:
+        """The target alone: the cloud's /v1/completions SSE stream, token ids included (`return_token_ids`)."""
+        model = self.request("GET", "/v1/models")["data"][0]["id"]
+        body = {"model": model, "prompt": list(prompt), "max_tokens": params.max_tokens, "stream": True,
+                "temperature": params.temperature, "top_p": params.top_p, "top_k": params.top_k, "seed": params.seed,
+                "ignore_eos": params.ignore_eos, "return_token_ids": True}
+        if params.stop_token_ids:
+            raise RemoteError("invalid_request", "stop_token_ids are not supported in cloud mode over HTTP", 400)
+        self.bytes_sent += len(json.dumps(body))
+        try:
+            with self.client.stream("POST", "/v1/completions", json=body, timeout=self.timeout_s) as r:
+                if r.status_code >= 400:
+                    r.read()
+                    err = r.json().get("error", {})
+                    raise RemoteError(str(err.get("code", "internal_error")), str(err.get("message", "")),
+                                      r.status_code)
+                for line in r.iter_lines():
+                    self.bytes_received += len(line) + 1
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    event = json.loads(line[6:])
+                    if "error" in event:
+                        err = event["error"]
+                        raise RemoteError(str(err.get("code")), str(err.get("message")), 200)
+                    choice = event["choices"][0]
+                    yield Step(list(choice.get("token_ids") or []), choice.get("finish_reason"))
+        except httpx.TransportError as e:
+            raise _from_transport_error(e) from None
+
+    def open(self, prompt: list[int], params: SamplingParams, session_id: str | None = None,
+             affinity_key: str | None = None) -> HttpSession:
+        body = bodies.open_to_json(OpenRequest(list(prompt), params, self.draft_fingerprint, self.draft_name,
+                                               self.client_id, session_id))
+        sizes: list[int] = []
+        opened = self.request("POST", "/v1/sessions", body, lambda sent, received: sizes.extend((sent, received)),
+                              affinity_key)
+        session = HttpSession(self, opened, affinity_key)
+        session.bytes_sent, session.bytes_received = sizes
+        return session
+
+    def close(self) -> None:
+        self.client.close()
+
+    def __enter__(self) -> HttpVerifier:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class HttpSession(Pipelined):
+    def __init__(self, verifier: HttpVerifier, opened: dict[str, Any], affinity_key: str | None = None) -> None:
+        self.verifier = verifier
+        self.opened = bodies.opened_from_json(opened)
+        self.session_id = self.opened.session_id
+        self.affinity_key = affinity_key
+        self._setup()
+        self._lock = threading.Lock()
+
+    def _count(self, sent: int, received: int) -> None:
+        with self._lock:
+            self.bytes_sent += sent
+            self.bytes_received += received
+
+    def _call(self, block: DraftBlock, seq: int, base_len: int | None) -> SessionVerdict:
+        body = bodies.draft_to_json(block, seq, base_len)
+        v = self.verifier.request("POST", f"/v1/sessions/{self.session_id}/verify", body, self._count,
+                                  self.affinity_key)
+        return bodies.verdict_from_json(v)
+
+    def close(self) -> None:
+        self._shutdown()
+        try:
+            self.verifier.request("DELETE", f"/v1/sessions/{self.session_id}", affinity_key=self.affinity_key)
+        except RemoteError as e:
+            if e.code not in ("session_not_found", "unavailable"):
+                raise
+
+

@@ -1,0 +1,99 @@
+"""What crosses between a drafter and a verifier, in core types: a drafted block, and the verdict on it.
+
+Also the one statement of the pipelining rule (`pending_part`): which part of a block drafted ahead the target still
+verifies once the sequence has moved on. The target session applies it; the speculative loop applies the same
+function to know what the target will do with the blocks it has in flight.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from tandem.verify import TokenKind
+
+FinishReason = Literal["stop", "length"]
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A continuation verified beside the block's main path: `tokens` follow main token `parent` (-1: they follow
+    the committed context, as alternatives to the whole block). Greedy sessions only."""
+
+    parent: int
+    tokens: list[int]
+
+
+@dataclass
+class DraftBlock:
+    tokens: list[int]  # the main path: the draft model's tokens, maybe lengthened from a phrase pool
+    q_full: torch.Tensor | None = None  # [gamma, V]
+    q_ids: torch.Tensor | None = None  # [gamma, k] int64
+    q_probs: torch.Tensor | None = None  # [gamma, k]
+    candidates: list[Candidate] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    num_accepted: int
+    next_token: int
+    kind: TokenKind
+    tokens: list[int]  # emitted this round: accepted draft tokens + next token, cut at a stop token or max_tokens
+    finish_reason: FinishReason | None
+    target_tokens: list[int]  # the target's argmax from the first rejected position to the end of the block
+    stale: bool = False  # a block sent ahead that no longer applies: nothing verified, nothing changed
+    candidate: int | None = None  # the index of the block's candidate on the accepted path, if any
+    # per candidate of the block as sent: the target's argmax after each of its tokens ([] for one not verified)
+    candidate_target_tokens: list[list[int]] = field(default_factory=list)
+
+
+def pending_part(committed: list[int], base_len: int, block_tokens: list[int]) -> int | None:
+    """How many of a block's leading tokens are already committed, or None if the block is stale.
+
+    A block drafted ahead has its first token at position `base_len`. With len(committed) = L tokens committed it
+    still applies if it starts at or before L, its first L - base_len tokens are the committed ones, and something
+    remains (a block starting at L applies even when empty). Exact even when the remainder was drafted on a prefix
+    that was then rejected: the rule is lossless for any q the drafted tokens were really sampled from.
+    """
+    done = len(committed) - base_len
+    if base_len < 0 or done < 0 or (done > 0 and done >= len(block_tokens)):
+        return None
+    if block_tokens[:done] != committed[base_len:]:
+        return None
+    return done
+
+
+def slice_block(block: DraftBlock, start: int, end: int, room: int | None = None) -> DraftBlock:
+    """Tokens [start:end] of a block, with their q rows, and its candidates re-indexed: one branching off before
+    `start` (from a token now committed) is emptied, as is any part of one beyond `room` positions. Emptied, not
+    removed: a verdict reports on candidates by their index in the block as sent."""
+
+    def cut(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t[start:end]
+
+    cands = []
+    for c in block.candidates:
+        parent = c.parent - start
+        keep = c.tokens if -1 <= parent < end - start else []
+        if room is not None:
+            keep = keep[: max(0, room - parent - 1)]
+        cands.append(Candidate(parent if keep else -1, list(keep)))
+    return DraftBlock(block.tokens[start:end], cut(block.q_full), cut(block.q_ids), cut(block.q_probs), cands)
+
+
+def cut_at_finish(
+    emitted: list[int], generated: int, total: int, max_tokens: int, stop_ids: tuple[int, ...], context: int
+) -> tuple[list[int], FinishReason | None]:
+    """Cut a round's tokens at the first stop token, at max_tokens or at the context end.
+
+    `generated` tokens were emitted before this round; `total` is the sequence length before it.
+    """
+    room = min(max_tokens - generated, context - total)
+    out = []
+    for tok in emitted[:room]:
+        out.append(tok)
+        if tok in stop_ids:
+            return out, "stop"
+    return out, ("length" if len(out) == room else None)

@@ -1,0 +1,116 @@
+"""The drafter seam and the draft-model drafter.
+
+A `Drafter` proposes a block continuing a context (which may run ahead of what the target has committed: a block
+drafted while the previous one is being verified) and learns each verdict. `ModelDrafter` drafts with a small causal
+LM; `tandem.pool.OuroborosDrafter` lengthens its blocks from a phrase pool. The speculative loop (`tandem.speculate`)
+uses either, in process and on the edge alike.
+
+Under sampling the draft samples from q and sends q in the chosen form: exactly the distribution it drew from.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Protocol
+
+import torch
+
+from tandem.blocks import DraftBlock, VerifyResult
+from tandem.kv import SequenceState
+from tandem.models import LoadedModel
+from tandem.sampling import SamplingParams, logits_to_probs, make_generator, sample
+
+QForm = Literal["full", "sparse", "none"]
+DraftRow = tuple[torch.Tensor, torch.Tensor] | torch.Tensor | None  # sparse (ids [k], probs [k]) | full q [V] | none
+
+
+class Drafter(Protocol):
+    @property
+    def draft(self) -> LoadedModel: ...
+
+    @property
+    def steps(self) -> int:
+        """Draft-model passes run so far."""
+
+    def start(self, context: list[int], params: SamplingParams) -> None:
+        """A new session over `context` (a new generation, or a resume)."""
+
+    def propose(self, context: list[int], n: int, room: int | None = None) -> DraftBlock:
+        """A block continuing `context` from `n` draft-model passes; `room`: block tokens allowed in all."""
+
+    def learn(self, context: list[int], block: DraftBlock, result: VerifyResult, skipped: int = 0) -> None:
+        """The verdict on `block` as proposed, whose first `skipped` tokens were committed before it was verified
+        (a block sent ahead); `context`: the committed sequence before the rest."""
+
+
+def draw_draft_token(
+    logits: torch.Tensor,  # [V]
+    params: SamplingParams,
+    q_form: QForm,
+    q_top_k: int,
+    generator: torch.Generator,
+) -> tuple[int, DraftRow]:
+    """The draft's next token, and the q row to send with it: exactly the distribution it was drawn from."""
+    if params.greedy:
+        return int(logits.argmax()), None
+    q = logits_to_probs(logits, params)  # [V]
+    if q_form == "sparse":
+        top = torch.topk(q, min(q_top_k, q.shape[-1]))
+        probs = top.values / top.values.sum()  # the truncated q the draft really samples from
+        return int(top.indices[sample(probs, generator)]), (top.indices, probs)
+    return sample(q, generator), (q if q_form == "full" else None)
+
+
+def draft_block(tokens: list[int], rows: list[DraftRow]) -> DraftBlock:
+    first = rows[0] if rows else None
+    if first is None:
+        return DraftBlock(tokens)
+    if isinstance(first, tuple):
+        pairs = [r for r in rows if isinstance(r, tuple)]
+        return DraftBlock(tokens, q_ids=torch.stack([r[0] for r in pairs]), q_probs=torch.stack([r[1] for r in pairs]))
+    return DraftBlock(tokens, q_full=torch.stack([r for r in rows if isinstance(r, torch.Tensor)]))
+
+
+class ModelDrafter:
+    """Drafts with a small causal LM over one growing context; `reset` moves it to another context, keeping the
+    cache over the common prefix (one crop)."""
+
+    def __init__(self, draft: LoadedModel, q_form: QForm = "sparse", q_top_k: int = 16) -> None:
+        self.draft = draft
+        self.q_form: QForm = q_form
+        self.q_top_k = q_top_k
+        self.steps = 0
+
+    def start(self, context: list[int], params: SamplingParams) -> None:
+        self.params = params
+        self.state = SequenceState(self.draft.model, context)
+        self.generator = make_generator(None if params.seed is None else params.seed + 1)
+
+    def reset(self, context: list[int]) -> None:
+        common = 0
+        for a, b in zip(self.state.tokens, context, strict=False):
+            if a != b:
+                break
+            common += 1
+        self.state.tokens = list(context)
+        self.state.rollback(min(self.state.cached, common))
+
+    def propose(self, context: list[int], n: int, room: int | None = None) -> DraftBlock:
+        self.reset(context)
+        return self.draft_tokens(n)
+
+    def draft_tokens(self, n: int) -> DraftBlock:
+        """n tokens continuing the current context, which grows by them."""
+        tokens: list[int] = []
+        rows: list[DraftRow] = []
+        for _ in range(n):
+            # a block accepted whole: the draft never saw its own last token; `forward` feeds it here
+            logits = self.state.forward()[-1]  # [V]
+            tok, row = draw_draft_token(logits, self.params, self.q_form, self.q_top_k, self.generator)
+            tokens.append(tok)
+            rows.append(row)
+            self.state.tokens.append(tok)
+            self.steps += 1
+        return draft_block(tokens, rows)
+
+    def learn(self, context: list[int], block: DraftBlock, result: VerifyResult, skipped: int = 0) -> None:
+        """Nothing to learn: the next `propose` rolls the cache back to what was emitted."""

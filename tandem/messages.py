@@ -1,0 +1,85 @@
+"""The verification session protocol in core types, and the verifier seam the speculative loop talks to.
+
+A session: `open` (the context and sampling parameters; the target prefills) -> `SessionInfo`; then blocks, each sent
+with its `seq` and, when drafted ahead, its `base_len` (`send`), answered in order (`recv` -> `SessionVerdict`); then
+`close`. A verifier also streams the target alone (`generate` -> `Step`s): the cloud-only baseline.
+
+`tandem.local.LocalVerifier` implements it in this process; the edge's remote verifiers (gRPC, HTTP) over the wire,
+converting with the protocol package. The loop cannot tell them apart.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Protocol
+
+from tandem.blocks import DraftBlock, FinishReason, VerifyResult
+from tandem.sampling import SamplingParams
+
+
+@dataclass(frozen=True)
+class OpenRequest:
+    prompt: list[int]  # the full context: original prompt + tokens already emitted when resuming
+    params: SamplingParams
+    draft_fingerprint: str = ""
+    draft_name: str = ""
+    client_id: str = ""
+    session_id: str | None = None  # resume under this id
+
+
+@dataclass(frozen=True)
+class SessionInfo:
+    session_id: str
+    target_name: str
+    target_fingerprint: str
+    vocab_size: int
+    context_length: int
+    prompt_tokens: int
+    max_draft_tokens: int
+    resumed: bool
+    eos_token_ids: tuple[int, ...]
+    server_ms: float = 0.0
+
+
+@dataclass(frozen=True)
+class SessionVerdict:
+    seq: int
+    result: VerifyResult
+    generated: int  # tokens emitted in the session so far
+    server_ms: float = 0.0  # the verifier's own time on the block; the rest of the wait is the network (and queueing)
+
+
+@dataclass(frozen=True)
+class Step:
+    """One step of the target alone."""
+
+    tokens: list[int]
+    finish_reason: FinishReason | None
+
+
+class VerifierSession(Protocol):
+    opened: SessionInfo
+    session_id: str
+    bytes_sent: int
+    bytes_received: int
+
+    def send(self, block: DraftBlock, base_len: int | None = None) -> None: ...
+
+    def recv(self) -> SessionVerdict: ...
+
+    def verify(self, block: DraftBlock) -> VerifyResult: ...
+
+    def close(self) -> None: ...
+
+
+class Verifier(Protocol):
+    bytes_sent: int  # of `generate` calls
+    bytes_received: int
+
+    def open(self, prompt: list[int], params: SamplingParams, session_id: str | None = None,
+             affinity_key: str | None = None) -> VerifierSession: ...
+
+    def generate(self, prompt: list[int], params: SamplingParams) -> Iterator[Step]: ...
+
+    def close(self) -> None: ...

@@ -1,0 +1,221 @@
+"""The target's side of a generation: its KV cache, sampler and progress; verifies drafted blocks.
+
+`TargetSession` checks a block (`prepare`), runs the target over it (`forward`, or the caller batches several
+sessions in one pass) and turns the logits into the verdict (`finish`, the rule of `tandem.verify`), committing the
+emitted tokens and rolling the cache back to them. `generate_autoregressive` is the target alone, the baseline every
+speculative mode must reproduce.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from tandem.blocks import DraftBlock, FinishReason, VerifyResult, cut_at_finish, pending_part, slice_block
+from tandem.errors import ContextOverflowError, InvalidRequestError
+from tandem.kv import SequenceState
+from tandem.models import LoadedModel
+from tandem.sampling import SamplingParams, logits_to_probs, make_generator
+from tandem.stats import GenerationResult, GenerationStats, OnTokens
+from tandem.verify import Verdict, dense_q, verify_greedy, verify_stochastic, verify_tree_greedy
+
+
+@dataclass(frozen=True)
+class TreeLayout:
+    """The nodes of a block with candidates: the main path first (node i = main token i), then each candidate's
+    tokens in order. `spans[c]` is candidate c's (first node, length); length 0 for one dropped before the pass."""
+
+    parents: list[int]
+    nodes: list[int]
+    spans: list[tuple[int, int]]
+
+
+@dataclass(frozen=True)
+class PreparedBlock:
+    """A block checked and ready for the target's forward pass."""
+
+    tokens: list[int]
+    draft: torch.Tensor  # [gamma] int64
+    q: torch.Tensor | None  # [gamma, V]; None under greedy
+    tree: TreeLayout | None = None  # set: the forward pass is over a tree (`TargetSession.forward`), not a line
+
+
+def validate_prompt(prompt: list[int], vocab_size: int, context_length: int) -> None:
+    if not prompt:
+        raise InvalidRequestError("the prompt is empty")
+    if any((not isinstance(t, int)) or t < 0 or t >= vocab_size for t in prompt):
+        raise InvalidRequestError(f"the prompt has token ids outside the vocabulary [0, {vocab_size})")
+    if len(prompt) >= context_length:
+        raise ContextOverflowError(
+            f"the prompt has {len(prompt)} tokens; the model's context holds {context_length} (prompt + output)"
+        )
+
+
+class TargetSession:
+    """The target's side of one generation: its KV cache, sampler and progress; verifies drafted blocks."""
+
+    def __init__(self, target: LoadedModel, prompt: list[int], params: SamplingParams) -> None:
+        validate_prompt(prompt, target.vocab_size, target.context_length)
+        self.target = target
+        self.params = params
+        self.state = SequenceState(target.model, prompt)
+        self.prompt_len = len(prompt)
+        self.generator = make_generator(params.seed)
+        self.stop_ids = () if params.ignore_eos else tuple(set(params.stop_token_ids) | set(target.eos_token_ids))
+        self.finish_reason: FinishReason | None = None
+        self.passes = 0
+
+    @property
+    def generated(self) -> int:
+        return len(self.state.tokens) - self.prompt_len
+
+    def prefill(self) -> None:
+        """Cache the prompt (all but its last token) ahead of the first block."""
+        if self.state.cached < len(self.state.tokens) - 1:
+            self.state.run(self.state.tokens[self.state.cached : -1])
+            self.passes += 1
+
+    def align(self, block: DraftBlock, base_len: int) -> DraftBlock | None:
+        """The part of a block drafted ahead (its first token at position `base_len`) still to verify; None if stale
+        (the rule: `tandem.blocks.pending_part`)."""
+        done = pending_part(self.state.tokens, base_len, block.tokens)
+        return None if done is None else slice_block(block, done, len(block.tokens))
+
+    def verify(self, block: DraftBlock, base_len: int | None = None) -> VerifyResult:
+        """`base_len` unset: the block starts at the current position. Set: see `align`; a stale block is answered
+        with a stale result and changes nothing (no forward pass)."""
+        prepared = self.prepare(block, base_len)
+        if isinstance(prepared, VerifyResult):
+            return prepared
+        return self.finish(prepared, self.forward(prepared))
+
+    def forward(self, prepared: PreparedBlock) -> torch.Tensor:
+        """The target's logits for `finish`: [1 + nodes, V] (nodes: the block's tokens, or its tree's nodes)."""
+        if prepared.tree is not None:
+            return self.state.forward_tree(prepared.tree.parents, prepared.tree.nodes)
+        return self.state.forward(prepared.tokens)
+
+    def prepare(self, block: DraftBlock, base_len: int | None = None) -> PreparedBlock | VerifyResult:
+        """Every check before the forward pass (a bad block changes nothing); a stale block's result at once.
+
+        Split from `verify` so that a caller can run the forward pass itself (several sessions batched in one):
+        feed `state.tokens[state.cached:] + prepared.tokens`, then `finish` with the last len(tokens) + 1 rows. A
+        block with candidates (`prepared.tree` set) needs its tree mask and positions: run it with `forward`.
+        """
+        if base_len is not None:
+            current = None if self.finish_reason is not None else self.align(block, base_len)
+            if current is None:
+                return VerifyResult(0, 0, "recovered", [], self.finish_reason, [], stale=True)
+            block = current
+        if self.finish_reason is not None:
+            raise InvalidRequestError(f"the session has finished ({self.finish_reason})")
+        ids = [*block.tokens, *(t for c in block.candidates for t in c.tokens)]
+        if any((not isinstance(t, int)) or t < 0 or t >= self.target.vocab_size for t in ids):
+            raise InvalidRequestError("the draft has token ids outside the vocabulary")
+        if block.candidates and not self.params.greedy:
+            # the clean restriction: a tree rule for sampling would need q over every branch
+            raise InvalidRequestError("candidates are verified under greedy sampling only (temperature 0)")
+        if any(not -1 <= c.parent < len(block.tokens) for c in block.candidates):
+            raise InvalidRequestError("a candidate's parent must be -1 or an index into the draft's tokens")
+        room = self.target.context_length - len(self.state.tokens) - 1
+        # near the context end: verify what fits, drop the rest
+        block = slice_block(block, 0, min(len(block.tokens), room), room)
+        draft_t = torch.tensor(block.tokens, dtype=torch.long)  # [gamma]
+        q = None if self.params.greedy else self._checked_q(draft_t, block)
+        return PreparedBlock(block.tokens, draft_t, q, _tree(block) if block.candidates else None)
+
+    def finish(self, prepared: PreparedBlock, logits: torch.Tensor) -> VerifyResult:
+        """The verdict from the target's logits over the block ([gamma + 1, V]); commits and rolls the cache back."""
+        self.passes += 1
+        if prepared.tree is not None:
+            return self._finish_tree(prepared, prepared.tree, logits)
+        if prepared.q is None:
+            verdict = verify_greedy(prepared.draft, logits)
+        else:
+            verdict = verify_stochastic(prepared.draft, prepared.q, logits_to_probs(logits, self.params),
+                                        self.generator)
+        return self._commit(prepared.tokens, verdict, logits)
+
+    def _checked_q(self, draft: torch.Tensor, block: DraftBlock) -> torch.Tensor:
+        """[gamma, V] q in dense form; raises InvalidRequestError for a q the draft cannot have sampled from."""
+        q = dense_q(draft, self.target.vocab_size, block.q_full, block.q_ids, block.q_probs)
+        if len(draft) and bool((q[torch.arange(len(draft)), draft] <= 0).any()):
+            raise InvalidRequestError("q gives zero probability to a drafted token: the draft cannot have sampled it")
+        # the draft's q went through its own copy of the sampling transformation; normalise away rounding
+        return q / q.sum(-1, keepdim=True)
+
+    def _finish_tree(self, prepared: PreparedBlock, tree: TreeLayout, logits: torch.Tensor) -> VerifyResult:
+        argmax = logits.argmax(-1)  # [1 + nodes]
+        tv = verify_tree_greedy(tree.parents, tree.nodes, argmax)
+        gamma = len(prepared.tokens)
+        on_main = sum(1 for i in tv.path if i < gamma)  # the path is main[:on_main], then maybe one candidate
+        taken = None
+        if len(tv.path) > on_main:
+            taken = next(c for c, (start, n) in enumerate(tree.spans) if start <= tv.path[-1] < start + n)
+        accepted = [tree.nodes[i] for i in tv.path]
+        before = len(self.state.tokens)
+        emitted, finish = cut_at_finish(
+            [*accepted, tv.next_token], self.generated, before, self.params.max_tokens, self.stop_ids,
+            self.target.context_length,
+        )
+        # the cache holds the main path first: keep its accepted part; a candidate's tokens go in uncached
+        self.state.commit(emitted, keep_cached=before + min(on_main, len(emitted)))
+        self.finish_reason = finish
+        rows = argmax.tolist()
+        return VerifyResult(
+            len(tv.path), tv.next_token, tv.kind, emitted, finish, rows[on_main : gamma + 1], candidate=taken,
+            candidate_target_tokens=[rows[start + 1 : start + 1 + n] for start, n in tree.spans],
+        )
+
+    def _commit(self, draft: list[int], verdict: Verdict, logits: torch.Tensor) -> VerifyResult:
+        n = verdict.num_accepted
+        before = len(self.state.tokens)
+        emitted, finish = cut_at_finish(
+            [*draft[:n], verdict.next_token], self.generated, before, self.params.max_tokens, self.stop_ids,
+            self.target.context_length,
+        )
+        self.state.commit(emitted, keep_cached=before + min(n, len(emitted)))
+        self.finish_reason = finish
+        target_tokens = logits[n:].argmax(-1).tolist()
+        return VerifyResult(n, verdict.next_token, verdict.kind, emitted, finish, target_tokens)
+
+    def close(self) -> None:
+        self.state.cache = None  # type: ignore[assignment]
+
+
+def _tree(block: DraftBlock) -> TreeLayout:
+    gamma = len(block.tokens)
+    parents, nodes = [*range(-1, gamma - 1)], list(block.tokens)
+    spans = []
+    for c in block.candidates:
+        spans.append((len(nodes), len(c.tokens)))
+        for i, tok in enumerate(c.tokens):
+            parents.append(c.parent if i == 0 else len(nodes) - 1)
+            nodes.append(tok)
+    return TreeLayout(parents, nodes, spans)
+
+
+def generate_autoregressive(
+    target: LoadedModel, prompt: list[int], params: SamplingParams, on_tokens: OnTokens | None = None
+) -> GenerationResult:
+    """The target alone, one forward pass per token: the baseline every speculative mode must reproduce."""
+    t0 = time.perf_counter()
+    session = TargetSession(target, prompt, params)
+    stats = GenerationStats(mode="ar")
+    out: list[int] = []
+    while session.finish_reason is None:
+        # a zero-length block: verify emits exactly the target's own next token (the "bonus")
+        result = session.verify(DraftBlock([]))
+        out.extend(result.tokens)
+        if on_tokens is not None:
+            on_tokens(result.tokens)
+        if len(out) == len(result.tokens):
+            stats.ttft_s = time.perf_counter() - t0
+    stats.target_passes = session.passes
+    stats.tokens = len(out)
+    stats.wall_s = time.perf_counter() - t0
+    session.close()
+    assert session.finish_reason is not None
+    return GenerationResult(out, session.finish_reason, stats)

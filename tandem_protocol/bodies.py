@@ -1,0 +1,164 @@
+"""The verification session as JSON (the proto's semantics): request and response bodies, and their conversions to
+and from the core's types, both directions. The cloud's routes and the edge's HTTP verifier both use them.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from tandem.blocks import Candidate, DraftBlock, VerifyResult
+from tandem.messages import OpenRequest, SessionInfo, SessionVerdict
+from tandem.sampling import SamplingParams
+from tandem_protocol.flat import block_to_sparse, sparse_block
+
+TokenId = Annotated[int, Field(ge=0, lt=2**31)]
+
+
+class SamplingBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    max_tokens: int = 64
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: Annotated[int, Field(ge=0, lt=2**64)] | None = None
+    stop_token_ids: list[TokenId] = Field(default_factory=list)
+    ignore_eos: bool = False
+
+
+class OpenBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: list[TokenId]
+    sampling: SamplingBody = Field(default_factory=SamplingBody)
+    draft_fingerprint: str = ""
+    draft_name: str = ""
+    client_id: str = ""
+    session_id: str | None = None
+
+
+class OpenedBody(BaseModel):
+    session_id: str
+    target_name: str
+    target_fingerprint: str
+    vocab_size: int
+    context_length: int
+    prompt_tokens: int
+    max_draft_tokens: int
+    resumed: bool
+    eos_token_ids: list[int]
+    server_ms: float = 0.0
+
+
+class CandidateBody(BaseModel):
+    """A continuation verified beside the draft (greedy only): it follows tokens[parent] (-1: the context)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    parent: Annotated[int, Field(ge=-1)]
+    tokens: list[TokenId]
+
+
+class DraftBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    seq: Annotated[int, Field(ge=0)]
+    tokens: list[TokenId] = Field(default_factory=list)
+    q_k: Annotated[int, Field(ge=0)] = 0
+    q_ids: list[TokenId] = Field(default_factory=list)
+    q_probs: list[float] = Field(default_factory=list)
+    base_len: Annotated[int, Field(ge=0)] | None = None  # pipelined rounds: see the proto's Draft.base_len
+    candidates: list[CandidateBody] = Field(default_factory=list)  # see the proto's Draft.candidate_parents
+
+
+class VerdictBody(BaseModel):
+    seq: int
+    num_accepted: int
+    next_token: int
+    kind: Literal["recovered", "bonus"]
+    tokens: list[int]
+    finish_reason: Literal["stop", "length"] | None
+    target_tokens: list[int]
+    generated: int
+    stale: bool = False
+    server_ms: float = 0.0
+    candidate: int | None = None  # the index of the draft's candidate on the accepted path
+    candidate_target_tokens: list[list[int]] = Field(default_factory=list)  # per candidate: the target's argmax
+
+
+class ClosedBody(BaseModel):
+    session_id: str
+    closed: bool = True
+
+
+# --- conversions: the cloud reads requests and writes answers; the edge writes requests and reads answers
+
+
+def params_to_body(params: SamplingParams) -> SamplingBody:
+    return SamplingBody(max_tokens=params.max_tokens, temperature=params.temperature, top_k=params.top_k,
+                        top_p=params.top_p, seed=params.seed, stop_token_ids=list(params.stop_token_ids),
+                        ignore_eos=params.ignore_eos)
+
+
+def params_from_body(s: SamplingBody) -> SamplingParams:
+    return SamplingParams(max_tokens=s.max_tokens, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
+                          seed=s.seed, stop_token_ids=tuple(s.stop_token_ids), ignore_eos=s.ignore_eos)
+
+
+def open_to_json(req: OpenRequest) -> dict[str, Any]:
+    body = OpenBody(prompt=req.prompt, sampling=params_to_body(req.params), draft_fingerprint=req.draft_fingerprint,
+                    draft_name=req.draft_name, client_id=req.client_id, session_id=req.session_id)
+    return body.model_dump(mode="json")
+
+
+def open_from_body(body: OpenBody) -> OpenRequest:
+    return OpenRequest(body.prompt, params_from_body(body.sampling), body.draft_fingerprint, body.draft_name,
+                       body.client_id, body.session_id)
+
+
+def opened_to_body(info: SessionInfo) -> OpenedBody:
+    return OpenedBody(
+        session_id=info.session_id, target_name=info.target_name, target_fingerprint=info.target_fingerprint,
+        vocab_size=info.vocab_size, context_length=info.context_length, prompt_tokens=info.prompt_tokens,
+        max_draft_tokens=info.max_draft_tokens, resumed=info.resumed, eos_token_ids=list(info.eos_token_ids),
+        server_ms=info.server_ms,
+    )
+
+
+def opened_from_json(obj: dict[str, Any]) -> SessionInfo:
+    b = OpenedBody.model_validate(obj)
+    return SessionInfo(b.session_id, b.target_name, b.target_fingerprint, b.vocab_size, b.context_length,
+                       b.prompt_tokens, b.max_draft_tokens, b.resumed, tuple(b.eos_token_ids), b.server_ms)
+
+
+def draft_to_json(block: DraftBlock, seq: int, base_len: int | None) -> dict[str, Any]:
+    k, ids, probs = block_to_sparse(block)
+    body: dict[str, Any] = {"seq": seq, "tokens": block.tokens, "q_k": k, "q_ids": ids, "q_probs": probs,
+                            "base_len": base_len}
+    if block.candidates:  # only then: a server without multi-candidate verification refuses the field
+        body["candidates"] = [{"parent": c.parent, "tokens": c.tokens} for c in block.candidates]
+    return body
+
+
+def draft_from_body(body: DraftBody) -> DraftBlock:
+    block = sparse_block(body.tokens, body.q_k, body.q_ids, body.q_probs)
+    block.candidates = [Candidate(c.parent, c.tokens) for c in body.candidates]
+    return block
+
+
+def verdict_to_body(v: SessionVerdict) -> VerdictBody:
+    r = v.result
+    return VerdictBody(
+        seq=v.seq, num_accepted=r.num_accepted, next_token=r.next_token, kind=r.kind, tokens=r.tokens,
+        finish_reason=r.finish_reason, target_tokens=r.target_tokens, generated=v.generated, stale=r.stale,
+        server_ms=v.server_ms, candidate=r.candidate, candidate_target_tokens=r.candidate_target_tokens,
+    )
+
+
+def verdict_from_json(obj: dict[str, Any]) -> SessionVerdict:
+    b = VerdictBody.model_validate(obj)
+    result = VerifyResult(b.num_accepted, b.next_token, b.kind, b.tokens, b.finish_reason, b.target_tokens, b.stale,
+                          b.candidate, b.candidate_target_tokens)
+    return SessionVerdict(b.seq, result, b.generated, b.server_ms)

@@ -1,0 +1,1 @@
+"""The OpenAI-compatible HTTP API both servers speak: schemas, responses, text, the error contract."""

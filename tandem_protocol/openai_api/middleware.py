@@ -1,0 +1,115 @@
+"""The HTTP error contract both servers keep: JSON errors with clear statuses, a body limit, request counting."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from tandem.errors import TandemError
+from tandem_protocol.errors import error_body, http_status
+from tandem_protocol.metrics import Metrics
+
+
+def _json_error(code: str, message: str, status: int | None = None) -> JSONResponse:
+    return JSONResponse(error_body(code, message), status_code=status or http_status(code))
+
+
+class BodyLimit:
+    """413 for a request body over the limit, declared or streamed; the body is read once and replayed."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        too_large = _json_error("request_too_large", f"the request body exceeds {self.max_bytes} bytes")
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.max_bytes:
+            return await too_large(scope, receive, send)
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.max_bytes:
+                return await too_large(scope, receive, send)
+            if not message.get("more_body", False):
+                break
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+
+        return await self.app(scope, replay, send)
+
+
+class RequestMetrics:
+    """Counts requests by route template and status."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        status = 500
+
+        async def send_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            path = getattr(scope.get("route"), "path", "unmatched")
+            self.metrics.requests.labels(route=f"{scope['method']} {path}", status=str(status)).inc()
+
+
+async def _on_tandem_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, TandemError)
+    return _json_error(exc.code, str(exc))
+
+
+async def _on_validation_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    parts = [f"{'.'.join(str(x) for x in e.get('loc', ()))}: {e.get('msg', '')}" for e in exc.errors()[:5]]
+    return _json_error("invalid_request", "invalid request: " + "; ".join(parts))
+
+
+async def _on_http_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    code = {400: "invalid_request", 404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+    body = error_body(code, str(exc.detail))
+    if exc.status_code < 500:  # not an "internal_error" type: e.g. a body that is not JSON
+        body["error"]["type"] = "invalid_request_error"
+    return JSONResponse(body, status_code=exc.status_code)
+
+
+async def _on_internal_error(request: Request, exc: Exception) -> JSONResponse:
+    return _json_error("internal_error", f"internal error: {type(exc).__name__}")
+
+
+def install_error_handling(app: FastAPI, max_body_bytes: int, metrics: Metrics) -> None:
+    """JSON errors with clear statuses, the body limit and request counting (shared with the edge's endpoint)."""
+    app.add_exception_handler(TandemError, _on_tandem_error)
+    app.add_exception_handler(RequestValidationError, _on_validation_error)
+    app.add_exception_handler(StarletteHTTPException, _on_http_error)
+    app.add_exception_handler(Exception, _on_internal_error)
+    app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
+    app.add_middleware(RequestMetrics, metrics=metrics)  # outermost: counts the 413s too
+
+
