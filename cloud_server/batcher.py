@@ -38,6 +38,8 @@ class _Job:
     block: DraftBlock
     base_len: int | None
     future: Future[VerifyResult] = field(default_factory=Future)
+    queued: float = field(default_factory=time.perf_counter)
+    started: float | None = None  # when the model thread took it
 
 
 class Batcher:
@@ -67,8 +69,10 @@ class Batcher:
         finally:
             self.streams -= 1
 
-    async def step(self, core: TargetSession, block: DraftBlock, base_len: int | None = None) -> VerifyResult:
-        """Verify one block (an empty one: the target's next token) in the next batch the model thread runs."""
+    async def step(self, core: TargetSession, block: DraftBlock,
+                   base_len: int | None = None) -> tuple[VerifyResult, float]:
+        """Verify one block (an empty one: the target's next token) in the next batch the model thread runs.
+        Returns the verdict and the seconds it waited for the model thread."""
         job = _Job(core, block, base_len)
         with self._queued:
             self._pending.append(job)
@@ -80,7 +84,8 @@ class Batcher:
                 if job in self._pending:
                     self._pending.remove(job)
             raise ShuttingDownError("the server is shutting down") from None
-        return await asyncio.wrap_future(job.future)
+        result = await asyncio.wrap_future(job.future)
+        return result, (job.started or job.queued) - job.queued
 
     def _drain(self) -> None:
         """On the model thread: take what is waiting (waiting up to the window for the rest), run it as one batch."""
@@ -104,6 +109,9 @@ class Batcher:
             self._pending = [job for job in self._pending if job not in jobs]
         # a job whose caller went away (its future cancelled) is dropped unverified: its session is unchanged
         jobs = [job for job in jobs if job.future.set_running_or_notify_cancel()]
+        now = time.perf_counter()
+        for job in jobs:
+            job.started = now
         try:
             self._run_batch(jobs)
         except BaseException as e:  # never leave a caller waiting

@@ -173,7 +173,7 @@ class ModelWorker:
             t0 = time.perf_counter()
             skipped = 0 if base_len is None else max(0, len(core.state.tokens) - base_len)
             try:
-                result = await self.batcher.step(core, block, base_len)
+                result, queued_s = await self.batcher.step(core, block, base_len)
             finally:
                 entry.busy = False
                 entry.last_used = time.monotonic()
@@ -184,7 +184,7 @@ class ModelWorker:
                 self.metrics.observe_verify(len(block.tokens) - skipped + candidates, result.num_accepted)
                 self.metrics.generation_tokens.inc(len(result.tokens))
             entry.next_seq += 1
-            entry.last = SessionVerdict(seq, result, core.generated, elapsed * 1e3)
+            entry.last = SessionVerdict(seq, result, core.generated, elapsed * 1e3, queued_s * 1e3)
             async with entry.turn:
                 entry.turn.notify_all()
             return entry.last
@@ -227,7 +227,7 @@ class Generation:
         with self.worker.batcher.stream():
             while session.finish_reason is None:
                 # a zero-length block: the target's own next token, batched with whatever else is waiting
-                result = await self.worker.batcher.step(session, DraftBlock([]))
+                result, _ = await self.worker.batcher.step(session, DraftBlock([]))
                 now = time.perf_counter()
                 if self._t_first is None and result.tokens:
                     self._t_first = now

@@ -47,7 +47,8 @@ class SessionVerdict:
     seq: int
     result: VerifyResult
     generated: int  # tokens emitted in the session so far
-    server_ms: float = 0.0  # the verifier's own time on the block; the rest of the wait is the network (and queueing)
+    server_ms: float = 0.0  # the verifier's own time on the block; the rest of the wait is the network
+    queue_ms: float = 0.0  # of server_ms: waiting for the model (batching); the rest is the verification itself
 
 
 @dataclass(frozen=True)

@@ -301,7 +301,8 @@ class SpeculativeDecoder:
                 # 3. learn: acceptance, the server's time, the round trip; the drafter learns the verdict
                 stats.count_round(drafted + candidates, result.num_accepted)
                 model.observe_round(drafted, result.num_accepted)
-                model.observe_verify(drafted + 1, reply.server_ms / 1e3)
+                # the pass's cost, without its wait for the model thread (other sessions' batches)
+                model.observe_verify(drafted + 1, (reply.server_ms - reply.queue_ms) / 1e3)
                 if sent.clean:
                     rtt = time.perf_counter() - sent.t_sent - reply.server_ms / 1e3
                     model.observe_rtt(rtt)

@@ -84,6 +84,7 @@ class VerdictBody(BaseModel):
     generated: int
     stale: bool = False
     server_ms: float = 0.0
+    queue_ms: float = 0.0  # of server_ms: waiting for the model thread (batching), not computing
     candidate: int | None = None  # the index of the draft's candidate on the accepted path
     candidate_target_tokens: list[list[int]] = Field(default_factory=list)  # per candidate: the target's argmax
 
@@ -153,7 +154,8 @@ def verdict_to_body(v: SessionVerdict) -> VerdictBody:
     return VerdictBody(
         seq=v.seq, num_accepted=r.num_accepted, next_token=r.next_token, kind=r.kind, tokens=r.tokens,
         finish_reason=r.finish_reason, target_tokens=r.target_tokens, generated=v.generated, stale=r.stale,
-        server_ms=v.server_ms, candidate=r.candidate, candidate_target_tokens=r.candidate_target_tokens,
+        server_ms=v.server_ms, queue_ms=v.queue_ms, candidate=r.candidate,
+        candidate_target_tokens=r.candidate_target_tokens,
     )
 
 
@@ -161,4 +163,4 @@ def verdict_from_json(obj: dict[str, Any]) -> SessionVerdict:
     b = VerdictBody.model_validate(obj)
     result = VerifyResult(b.num_accepted, b.next_token, b.kind, b.tokens, b.finish_reason, b.target_tokens, b.stale,
                           b.candidate, b.candidate_target_tokens)
-    return SessionVerdict(b.seq, result, b.generated, b.server_ms)
+    return SessionVerdict(b.seq, result, b.generated, b.server_ms, b.queue_ms)

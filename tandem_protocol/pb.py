@@ -105,7 +105,8 @@ def verdict_to_pb(v: SessionVerdict) -> pb.Verdict:
     msg = pb.Verdict(
         seq=v.seq, num_accepted=r.num_accepted, next_token=r.next_token, kind=_KIND_TO_PB[r.kind], tokens=r.tokens,
         finish_reason=_FINISH_TO_PB[r.finish_reason], target_tokens=r.target_tokens, generated=v.generated,
-        stale=r.stale, server_ms=v.server_ms, candidate_target_lengths=[len(c) for c in r.candidate_target_tokens],
+        stale=r.stale, server_ms=v.server_ms, queue_ms=v.queue_ms,
+        candidate_target_lengths=[len(c) for c in r.candidate_target_tokens],
         candidate_target_tokens=[t for c in r.candidate_target_tokens for t in c],
     )
     if r.candidate is not None:
@@ -122,7 +123,7 @@ def finish_from_pb(value: int) -> FinishReason | None:
 
 
 def verdict_from_pb(msg: pb.Verdict) -> SessionVerdict:
-    return SessionVerdict(msg.seq, result_from_pb(msg), msg.generated, msg.server_ms)
+    return SessionVerdict(msg.seq, result_from_pb(msg), msg.generated, msg.server_ms, msg.queue_ms)
 
 
 def result_from_pb(msg: pb.Verdict) -> VerifyResult:

@@ -206,6 +206,16 @@ def make_verifier(h: ServerHandle, transport: str, fingerprint: str = "") -> Grp
                         draft_fingerprint=fingerprint, client_id="test")
 
 
+@pytest.mark.parametrize("transport", ["grpc-stream", "grpc-unary", "http"])
+def test_a_verdict_says_how_long_it_waited_for_the_model(server: ServerHandle, transport: str) -> None:
+    with make_verifier(server, transport) as verifier:
+        session = verifier.open(PROMPT, SamplingParams(max_tokens=8, ignore_eos=True))
+        session.send(DraftBlock([5, 6]))
+        verdict = session.recv()
+        session.close()
+    assert verdict.server_ms > 0 and 0 <= verdict.queue_ms <= verdict.server_ms
+
+
 def test_metrics_move_when_work_is_done(server: ServerHandle, tiny_target: LoadedModel,
                                         tiny_draft: LoadedModel) -> None:
     names = ["tandem_spec_decode_num_drafts_total", "tandem_spec_decode_num_draft_tokens_total",

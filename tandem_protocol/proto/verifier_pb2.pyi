@@ -126,7 +126,7 @@ class Draft(_message.Message):
     def __init__(self, seq: _Optional[int] = ..., tokens: _Optional[_Iterable[int]] = ..., q_k: _Optional[int] = ..., q_ids: _Optional[_Iterable[int]] = ..., q_probs: _Optional[_Iterable[float]] = ..., candidate_parents: _Optional[_Iterable[int]] = ..., candidate_lengths: _Optional[_Iterable[int]] = ..., candidate_tokens: _Optional[_Iterable[int]] = ..., base_len: _Optional[int] = ...) -> None: ...
 
 class Verdict(_message.Message):
-    __slots__ = ("seq", "num_accepted", "next_token", "kind", "tokens", "finish_reason", "target_tokens", "generated", "candidate", "candidate_target_lengths", "candidate_target_tokens", "stale", "server_ms")
+    __slots__ = ("seq", "num_accepted", "next_token", "kind", "tokens", "finish_reason", "target_tokens", "generated", "candidate", "candidate_target_lengths", "candidate_target_tokens", "stale", "server_ms", "queue_ms")
     SEQ_FIELD_NUMBER: _ClassVar[int]
     NUM_ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     NEXT_TOKEN_FIELD_NUMBER: _ClassVar[int]
@@ -140,6 +140,7 @@ class Verdict(_message.Message):
     CANDIDATE_TARGET_TOKENS_FIELD_NUMBER: _ClassVar[int]
     STALE_FIELD_NUMBER: _ClassVar[int]
     SERVER_MS_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_MS_FIELD_NUMBER: _ClassVar[int]
     seq: int
     num_accepted: int
     next_token: int
@@ -153,7 +154,8 @@ class Verdict(_message.Message):
     candidate_target_tokens: _containers.RepeatedScalarFieldContainer[int]
     stale: bool
     server_ms: float
-    def __init__(self, seq: _Optional[int] = ..., num_accepted: _Optional[int] = ..., next_token: _Optional[int] = ..., kind: _Optional[_Union[TokenKind, str]] = ..., tokens: _Optional[_Iterable[int]] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., target_tokens: _Optional[_Iterable[int]] = ..., generated: _Optional[int] = ..., candidate: _Optional[int] = ..., candidate_target_lengths: _Optional[_Iterable[int]] = ..., candidate_target_tokens: _Optional[_Iterable[int]] = ..., stale: _Optional[bool] = ..., server_ms: _Optional[float] = ...) -> None: ...
+    queue_ms: float
+    def __init__(self, seq: _Optional[int] = ..., num_accepted: _Optional[int] = ..., next_token: _Optional[int] = ..., kind: _Optional[_Union[TokenKind, str]] = ..., tokens: _Optional[_Iterable[int]] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., target_tokens: _Optional[_Iterable[int]] = ..., generated: _Optional[int] = ..., candidate: _Optional[int] = ..., candidate_target_lengths: _Optional[_Iterable[int]] = ..., candidate_target_tokens: _Optional[_Iterable[int]] = ..., stale: _Optional[bool] = ..., server_ms: _Optional[float] = ..., queue_ms: _Optional[float] = ...) -> None: ...
 
 class VerifyRequest(_message.Message):
     __slots__ = ("session_id", "draft")
