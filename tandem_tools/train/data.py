@@ -59,10 +59,6 @@ def write_manifest(files: list[CorpusFile], path: Path, python_version: str) -> 
     path.write_text(json.dumps(payload, indent=0) + "\n")
 
 
-def load_manifest(path: Path) -> list[CorpusFile]:
-    return [CorpusFile(**f) for f in json.loads(path.read_text())["files"]]
-
-
 def heldout_prompts(
     n: int, prompt_tokens: int, tokenizer, files: list[CorpusFile] | None = None, root: Path | None = None
 ) -> list[list[int]]:
