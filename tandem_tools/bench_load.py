@@ -34,6 +34,7 @@ from typing import Any
 
 from tandem_tools.figures import percentiles
 from tandem_tools.procs import CloudProcess
+from tandem_tools.replay_summary import load_trace
 
 log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parents[1]
@@ -225,16 +226,11 @@ def _edge_settings(cfg: LoadConfig, address: str, mode: str = "spec") -> Any:
 
 
 def _prompts(cfg: LoadConfig, tokenizer: Any) -> tuple[list[list[int]], list[int]]:
-    from tandem_protocol.openai_api.text import encode
-
-    rows = [json.loads(line) for line in cfg.trace.read_text(encoding="utf-8").splitlines() if line.strip()]
-    rows = rows[: cfg.prompts]
-    if not rows:
-        raise ValueError(f"{cfg.trace}: no prompts")
-    ids = [encode(tokenizer, str(r["prompt"])) for r in rows]
+    rows = load_trace(cfg.trace, cfg.prompts)
+    ids = [r.ids(tokenizer) for r in rows]
     if cfg.prompt_tokens is not None:
         ids = [p[-cfg.prompt_tokens:] for p in ids]
-    return ids, [int(cfg.max_tokens or r["max_tokens"]) for r in rows]
+    return ids, [int(cfg.max_tokens or r.max_tokens) for r in rows]
 
 
 def _one(client: Any, session: int, index: int, ids: list[int], max_tokens: int, reference: list[int],

@@ -195,7 +195,6 @@ def run_replay(cfg: ReplayConfig, console: Console | None = None) -> dict[str, A
     from edge_client.settings import EdgeSettings
     from tandem.models import load_model
     from tandem.sampling import SamplingParams
-    from tandem_protocol.openai_api.text import encode
 
     console = console or Console()
     torch.set_num_threads(cfg.edge_threads)
@@ -210,7 +209,7 @@ def run_replay(cfg: ReplayConfig, console: Console | None = None) -> dict[str, A
     if not modes:
         raise ValueError("no mode left to run")
     draft = load_model(cfg.draft)
-    prompts = [encode(draft.tokenizer, r.prompt) for r in rows]
+    prompts = [r.ids(draft.tokenizer) for r in rows]
     greedy = {i for i, r in enumerate(rows) if r.temperature == 0}
     open_loop = any(r.arrival_s is not None for r in rows)
     cfg.out.mkdir(parents=True, exist_ok=True)

@@ -20,11 +20,21 @@ LOSSLESS = frozenset(MODES)  # every replay mode gives the target's own output (
 
 @dataclass(frozen=True)
 class TraceRow:
+    """A request: a `prompt` to complete, or chat `messages` (the model's chat template makes the prompt)."""
+
     prompt: str
     max_tokens: int
     temperature: float = 0.0
     seed: int | None = None
     arrival_s: float | None = None
+    messages: tuple[dict[str, str], ...] | None = None
+
+    def ids(self, tokenizer: Any) -> list[int]:
+        from tandem_protocol.openai_api.text import chat_prompt, encode
+
+        if self.messages is not None:
+            return chat_prompt(tokenizer, [dict(m) for m in self.messages])
+        return encode(tokenizer, self.prompt)
 
 
 def load_trace(path: Path, limit: int | None = None) -> list[TraceRow]:
@@ -33,10 +43,17 @@ def load_trace(path: Path, limit: int | None = None) -> list[TraceRow]:
         if not line.strip():
             continue
         d = json.loads(line)
-        if not isinstance(d.get("prompt"), str) or not isinstance(d.get("max_tokens"), int) or d["max_tokens"] < 1:
-            raise ValueError(f"{path}:{n}: each line needs a string 'prompt' and a positive integer 'max_tokens'")
-        rows.append(TraceRow(d["prompt"], d["max_tokens"], float(d.get("temperature", 0.0)), d.get("seed"),
-                             None if d.get("arrival_s") is None else float(d["arrival_s"])))
+        messages = d.get("messages")
+        chat = isinstance(messages, list) and messages and all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in messages)
+        if not (isinstance(d.get("prompt"), str) or chat) or not isinstance(d.get("max_tokens"), int) \
+                or d["max_tokens"] < 1:
+            raise ValueError(f"{path}:{n}: each line needs a string 'prompt' (or chat 'messages': role and content "
+                             "strings) and a positive integer 'max_tokens'")
+        rows.append(TraceRow(str(d.get("prompt") or ""), d["max_tokens"], float(d.get("temperature", 0.0)),
+                             d.get("seed"), None if d.get("arrival_s") is None else float(d["arrival_s"]),
+                             tuple({"role": m["role"], "content": m["content"]} for m in messages) if chat else None))
         if limit is not None and len(rows) >= limit:
             break
     if not rows:

@@ -61,3 +61,30 @@ def test_trace_regenerates_from_this_stdlib(rows: list[dict]) -> None:
     make_trace = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(make_trace)
     assert make_trace.make_trace(len(rows)) == rows
+
+
+CHAT = ROOT / "benchmarks" / "traces" / "chat.jsonl"
+
+
+def test_the_chat_trace_is_hand_written_chat_and_loads() -> None:
+    from tandem_tools.replay_summary import load_trace
+
+    raw = [json.loads(line) for line in CHAT.read_text().splitlines()]
+    assert len(raw) >= 40 and all(r["source"] == "hand-written" for r in raw)
+    assert sum(len(r["messages"]) > 1 for r in raw) >= 5  # multi-turn requests too
+    rows = load_trace(CHAT)
+    assert len(rows) == len(raw) and all(r.messages and r.messages[-1]["role"] == "user" for r in rows)
+    assert len({json.dumps(r["messages"]) for r in raw}) == len(raw)
+
+
+def test_chat_rows_use_the_chat_template(tmp_path: Path) -> None:
+    from tandem.models import load_model
+    from tandem_tools.replay_summary import load_trace
+
+    tok = load_model("demo-target").tokenizer  # no chat template: the messages' text, joined
+    row = load_trace(CHAT)[0]
+    assert row.ids(tok) == tok.encode("\n".join(m["content"] for m in row.messages or ()), add_special_tokens=False)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"messages": [{"role": "user"}], "max_tokens": 8}) + "\n")
+    with pytest.raises(ValueError, match="messages"):
+        load_trace(bad)
