@@ -8,11 +8,12 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from tandem import gguf
+from tandem import frspec, gguf
 from tandem.errors import ModelLoadError, TokenizerMismatchError
 
 DEMO_DIR = Path(__file__).parent / "demo"
@@ -77,7 +78,11 @@ def load_model(name_or_path: str, dtype: torch.dtype = torch.float32) -> LoadedM
     local = Path(source).is_dir()
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local or _offline())
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, local_files_only=local or _offline())
+        if local and frspec.is_frspec(source):  # a draft whose head scores only the most frequent tokens
+            # it answers what the core asks of a causal LM: forward with a DynamicCache, config, parameters
+            model = cast(PreTrainedModel, frspec.load_frspec(source, dtype))
+        else:
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, local_files_only=local or _offline())
     except (OSError, ValueError) as e:
         hint = "" if local else " (not a local folder; a hub id needs network access and HF_HUB_OFFLINE unset)"
         raise ModelLoadError(f"cannot load model {name_or_path!r}{hint}: {e}") from e
