@@ -21,16 +21,24 @@ def _overrides(**kw: Any) -> dict[str, Any]:
 
 @app.command()
 def demo(
-    prompt: Annotated[str | None, typer.Argument(help="code to complete; default: a held-out stdlib excerpt")] = None,
+    prompt: Annotated[str | None, typer.Argument(help="a question (chat model) or code to complete (code model)")]
+    = None,
     max_tokens: Annotated[int, typer.Option(help="tokens to generate")] = 96,
     gamma: Annotated[str | None, typer.Option(help="draft block length, or 'adaptive'")] = None,
     threads: Annotated[int, typer.Option(help="torch threads for each of the cloud and the edge (one core each)")] = 1,
+    mode: Annotated[str, typer.Option(help="the mode streamed first: ouroboros, spec or cloud")] = "ouroboros",
+    target: Annotated[str | None, typer.Option(help="the cloud's target model")] = None,
+    draft: Annotated[str | None, typer.Option(help="the edge's draft model")] = None,
 ) -> None:
-    """Run the demo pair end to end: completion, acceptance, tokens per target pass, speedup over the target alone."""
+    """A pair end to end on the real path (the cloud in its own process, the edge here over gRPC): the answer
+    streamed as it is accepted, then acceptance, tokens per target pass and every mode against the target alone."""
     from tandem.config import CoreSettings
-    from tandem_tools.demo_run import run_demo
+    from tandem_tools.demo_run import MODES, run_demo
 
-    run_demo(CoreSettings(**_overrides(gamma=gamma, threads=threads)), prompt, max_tokens)
+    if mode not in MODES:
+        raise typer.BadParameter(f"choose from {', '.join(MODES)}", param_hint="--mode")
+    settings = CoreSettings(**_overrides(gamma=gamma, threads=threads, target=target, draft=draft))
+    run_demo(settings, prompt, max_tokens, mode)
 
 
 @app.command("train-demo")

@@ -1,69 +1,110 @@
-"""`tandem demo`: the demo pair end to end on the real path — a cloud server on free loopback ports holding the
-target, the edge client drafting here and verifying there — with the cloud-only mode and the target alone measured
-in the same run."""
+"""`tandem demo`: a pair end to end on the real path — `tandem serve` in its own process holding the target, the edge
+client here drafting and verifying there over gRPC — streaming the answer as it is accepted, then the figures of this
+run: acceptance, tokens per target pass, and each mode (speculative, Ouroboros, cloud-only) against the target alone.
+
+A chat model gets a chat question (its chat template applied); a code model (the standard-library pair) a held-out
+code excerpt to complete.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from rich.console import Console
+from rich.table import Table
 
 from tandem.config import CoreSettings
-from tandem.models import check_pair, load_model
+from tandem.models import LoadedModel, check_pair, load_model
 from tandem.sampling import SamplingParams
 from tandem.session import generate_autoregressive
-from tandem_tools.train.data import heldout_prompts
+from tandem.stats import GenerationResult
+from tandem_tools.procs import CloudProcess
+
+QUESTION = "Why is the sky blue? Answer in a few sentences."
+MODES = ("ouroboros", "spec", "cloud")  # streamed first: the fastest on this machine (README, Performance)
 
 
-def run_demo(settings: CoreSettings, prompt: str | None, max_tokens: int, console: Console | None = None) -> None:
-    # transports load here, not at import: the core stays transport-free
-    from cloud_server.main import BackgroundServer
-    from cloud_server.settings import ServerSettings
+@dataclass(frozen=True)
+class DemoRun:
+    mode: str
+    result: GenerationResult
+
+    @property
+    def rate(self) -> float:
+        return self.result.stats.tokens / self.result.stats.wall_s if self.result.stats.wall_s else 0.0
+
+
+def demo_prompt(draft: LoadedModel, prompt: str | None) -> list[int]:
+    from tandem_protocol.openai_api.text import chat_prompt, encode
+    from tandem_tools.train.data import heldout_prompts
+
+    if getattr(draft.tokenizer, "chat_template", None):
+        return chat_prompt(draft.tokenizer, [{"role": "user", "content": prompt or QUESTION}])
+    return encode(draft.tokenizer, prompt) if prompt else heldout_prompts(1, 96, draft.tokenizer)[0]
+
+
+def run_demo(settings: CoreSettings, prompt: str | None, max_tokens: int, mode: str = MODES[0],
+             console: Console | None = None) -> list[DemoRun]:
+    # transports load here, not at import: `tandem --help` loads no server
     from edge_client.client import EdgeClient
     from edge_client.settings import EdgeSettings
 
     console = console or Console()
     torch.set_num_threads(settings.threads)
-    target, draft = load_model(settings.target), load_model(settings.draft)
-    check_pair(draft, target)
-    tok = target.tokenizer
-    ids = tok.encode(prompt) if prompt else heldout_prompts(1, 96, tok)[0]
+    draft = load_model(settings.draft)
+    ids = demo_prompt(draft, prompt)
     params = SamplingParams(max_tokens=max_tokens)
-    server = BackgroundServer(ServerSettings(target=settings.target, http_port=0, grpc_port=0,
-                                             threads=settings.threads, max_draft_tokens=64), target)
-    with server as handle:
-        edge = EdgeSettings(cloud=f"127.0.0.1:{handle.grpc_port}", transport="grpc", draft=settings.draft,
-                            gamma=settings.gamma, threads=settings.threads, retries=0)
-        client = EdgeClient(edge, draft)
-        console.print(
-            f"[bold]tandem demo[/bold]: target {target.name} ({target.n_params / 1e6:.1f}M params) in a cloud server "
-            f"on 127.0.0.1:{handle.grpc_port} (gRPC), draft {draft.name} ({draft.n_params / 1e6:.1f}M) on the edge, "
-            f"gamma {settings.gamma}, greedy, torch threads {torch.get_num_threads()}"
-        )
+    env = {"TANDEM_TARGET": settings.target, "TANDEM_MAX_DRAFT_TOKENS": "64"}
+    console.print(f"[bold]tandem demo[/bold]: starting `tandem serve` with {settings.target} in its own process "
+                  f"({settings.threads} torch thread); the draft {draft.name} ({draft.n_params / 1e6:.1f}M params) "
+                  f"runs here ({torch.get_num_threads()} torch thread)")
+    runs: list[DemoRun] = []
+    with CloudProcess(threads=settings.threads, env=env, ready_timeout_s=300) as cloud:
+        def client(m: str) -> EdgeClient:
+            edge = EdgeSettings(cloud=cloud.grpc_target, transport="grpc", draft=settings.draft, gamma=settings.gamma,
+                                threads=settings.threads, retries=0, ouroboros=m == "ouroboros")
+            return EdgeClient(edge, draft)
+
+        clients = {m: client(m) for m in MODES}
+        for m, c in clients.items():  # warm-up, not timed: connections, first-call allocations
+            c.generate(ids[:16], SamplingParams(max_tokens=4), mode="cloud" if m == "cloud" else "spec")
         console.rule("prompt")
-        console.print(tok.decode(ids), markup=False, highlight=False)
-        console.rule("completion (speculative: the edge drafts, the cloud verifies)")
+        console.print(draft.tokenizer.decode(ids), markup=False, highlight=False)
+        console.rule(f"answer ({mode}: streamed as the cloud accepts it)")
 
         def show(new: list[int]) -> None:
-            console.print(tok.decode(new), end="", markup=False, highlight=False, soft_wrap=True)
+            console.print(draft.tokenizer.decode(new), end="", markup=False, highlight=False, soft_wrap=True)
 
-        client.generate(ids[:8], SamplingParams(max_tokens=4))  # warm-up, not timed
-        client.generate(ids[:8], SamplingParams(max_tokens=4), mode="cloud")
-        spec = client.generate(ids, params, on_tokens=show)
-        console.print()
-        cloud = client.generate(ids, params, mode="cloud")
-    ar = generate_autoregressive(target, ids, params)
-    s = spec.stats
-    rate = s.tokens / s.wall_s
-    cloud_rate = cloud.stats.tokens / cloud.stats.wall_s
-    console.rule("figures (measured in this run)")
-    console.print(f"tokens generated        {s.tokens} ({spec.finish_reason})")
-    acceptance = s.accepted / s.drafted if s.drafted else 0.0
-    console.print(f"acceptance rate         {acceptance:.3f} ({s.accepted}/{s.drafted} drafted tokens)")
-    console.print(f"tokens per target pass  {s.tokens / max(s.target_passes, 1):.2f} (target alone: 1.00)")
-    console.print(f"speculative (edge+cloud) {rate:.1f} tok/s, ttft {s.ttft_s * 1e3:.0f} ms")
-    console.print(f"cloud-only mode         {cloud_rate:.1f} tok/s, ttft {cloud.stats.ttft_s * 1e3:.0f} ms")
-    console.print(f"target alone            {ar.stats.tokens_per_s:.1f} tok/s (in process, no network)")
-    console.print(f"speedup                 {rate / ar.stats.tokens_per_s:.2f}x over the target alone")
-    console.print(f"speedup vs cloud-only   {rate / cloud_rate:.2f}x")
-    same = spec.tokens == ar.tokens == cloud.tokens
-    console.print(f"output vs target alone  {'identical' if same else 'DIFFERENT (a bug: please report it)'}")
+        order = [mode, *(m for m in MODES if m != mode)]
+        for m in order:
+            spec_mode = "cloud" if m == "cloud" else "spec"
+            result = clients[m].generate(ids, params, on_tokens=show if m == mode else None, mode=spec_mode)
+            runs.append(DemoRun(m, result))
+            if m == mode:
+                console.print()
+    target = load_model(settings.target)  # the target alone, in this process, after the cloud has stopped
+    check_pair(draft, target)
+    alone = generate_autoregressive(target, ids, params)
+    report(console, runs, alone)
+    return runs
+
+
+def report(console: Console, runs: list[DemoRun], alone: GenerationResult) -> None:
+    base = alone.stats.tokens_per_s
+    cloud = next((r.rate for r in runs if r.mode == "cloud"), 0.0)
+    table = Table(title="this run, greedy (ratios side by side, same prompt)")
+    for col in ("mode", "tok/s", "vs target alone", "vs cloud-only", "acceptance", "tokens / target pass",
+                "== target alone"):
+        table.add_column(col)
+    for r in runs:
+        s = r.result.stats
+        acc = f"{s.acceptance_rate:.3f}" if s.drafted else "-"
+        same = "yes" if r.result.tokens == alone.tokens else "NO (a bug)"
+        table.add_row(r.mode, f"{r.rate:.1f}", f"{r.rate / base:.2f}x", f"{r.rate / cloud:.2f}x" if cloud else "-",
+                      acc, f"{s.tokens_per_target_pass:.2f}", same)
+    table.add_row("target alone (in process)", f"{base:.1f}", "1.00x", "-", "-", "1.00", "yes")
+    console.print(table)
+    best = max(runs, key=lambda r: r.rate)
+    console.print(f"fastest here: {best.mode}, {best.rate / base:.2f}x the target alone"
+                  + (f", {best.rate / cloud:.2f}x cloud-only" if cloud else ""))
