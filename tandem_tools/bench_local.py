@@ -27,6 +27,7 @@ from tandem.sampling import SamplingParams
 from tandem.session import generate_autoregressive
 from tandem.speculate import generate_speculative
 from tandem.stats import GenerationResult
+from tandem_tools.replay_summary import load_trace
 from tandem_tools.train.data import heldout_prompts
 
 MODES = ("ar", "spec", "ouroboros", "hf-assisted", "hf-assisted-constant")
@@ -109,7 +110,10 @@ def run_bench_local(
     json_out: Path | None,
     console: Console | None = None,
     warm: bool = False,
+    trace: Path | None = None,
 ) -> dict[str, object]:
+    """`trace`: its first `n_prompts` requests (chat messages through the chat template) instead of held-out code,
+    each generating `max_tokens`."""
     console = console or Console()
     unknown = set(modes) - set(MODES)
     if unknown:
@@ -120,13 +124,18 @@ def run_bench_local(
     torch.set_num_threads(settings.threads)
     target, draft = load_model(settings.target), load_model(settings.draft)
     check_pair(draft, target)
-    prompts = heldout_prompts(n_prompts, prompt_tokens, target.tokenizer)
-    params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
+    if trace is not None:
+        prompts = [r.ids(target.tokenizer) for r in load_trace(trace, n_prompts)]
+    else:
+        prompts = heldout_prompts(n_prompts, prompt_tokens, target.tokenizer)
+    # held-out code runs to max_tokens; a chat answer ends where the target ends it
+    params = SamplingParams(max_tokens=max_tokens, ignore_eos=trace is None)
     gamma = settings.gamma
     console.print(
         f"target {target.name} ({target.n_params / 1e6:.1f}M params), draft {draft.name} "
-        f"({draft.n_params / 1e6:.1f}M), gamma {gamma}, {len(prompts)} held-out prompts x {prompt_tokens} tokens, "
-        f"{max_tokens} new tokens each, greedy, torch threads {torch.get_num_threads()}, one process"
+        f"({draft.n_params / 1e6:.1f}M), gamma {gamma}, {len(prompts)} "
+        + (f"requests of {trace.name}, " if trace else f"held-out prompts x {prompt_tokens} tokens, ")
+        + f"{max_tokens} new tokens each, greedy, torch threads {torch.get_num_threads()}, one process"
     )
     figs = {m: ModeFigures(accepted_per_position=[0] * gamma) for m in modes}
     runners: dict[str, Callable[[list[int]], tuple[list[int], float, dict]]] = {
@@ -149,7 +158,7 @@ def run_bench_local(
         console.print(f"  prompt {i + 1}/{len(prompts)} done", style="dim")
 
     base = figs["ar"].tokens / figs["ar"].wall_s
-    table = Table(title="bench local (greedy, held-out stdlib prompts)")
+    table = Table(title=f"bench local (greedy, {trace.name if trace else 'held-out stdlib prompts'})")
     for col in ("mode", "tok/s", "vs target alone", "acceptance", "target passes/token", "== target alone"):
         table.add_column(col)
     results = {}

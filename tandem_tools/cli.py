@@ -72,13 +72,17 @@ def bench_local(
     threads: Annotated[int | None, typer.Option()] = None,
     json_out: Annotated[Path | None, typer.Option("--json", help="also write the figures here")] = None,
     warm: Annotated[bool, typer.Option(help="ouroboros: a cold vs a warm phrase pool over similar prompts")] = False,
+    trace: Annotated[Path | None, typer.Option(help="prompts from a trace (e.g. benchmarks/traces/chat.jsonl)")]
+    = None,
+    target: Annotated[str | None, typer.Option(help="target model")] = None,
+    draft: Annotated[str | None, typer.Option(help="draft model")] = None,
 ) -> None:
     """Target alone vs our speculative loop vs HF transformers' assisted generation, interleaved, greedy."""
     from tandem.config import CoreSettings
     from tandem_tools.bench_local import run_bench_local
 
-    settings = CoreSettings(**_overrides(gamma=gamma, threads=threads))
-    run_bench_local(settings, modes.split(","), prompts, prompt_tokens, max_tokens, json_out, warm=warm)
+    settings = CoreSettings(**_overrides(gamma=gamma, threads=threads, target=target, draft=draft))
+    run_bench_local(settings, modes.split(","), prompts, prompt_tokens, max_tokens, json_out, warm=warm, trace=trace)
 
 
 @bench_app.command("replay")
