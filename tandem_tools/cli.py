@@ -41,6 +41,25 @@ def demo(
     run_demo(settings, prompt, max_tokens, mode)
 
 
+_PASSTHROUGH = {"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []}
+
+
+@app.command("distill-data", context_settings=_PASSTHROUGH, add_help_option=False)
+def distill_data(ctx: typer.Context) -> None:
+    """Generate the target's answers to the distillation prompts (resumable; `--help` for the options)."""
+    from tandem_tools.distill.generate import main
+
+    main(ctx.args)
+
+
+@app.command("train-draft", context_settings=_PASSTHROUGH, add_help_option=False)
+def train_draft(ctx: typer.Context) -> None:
+    """Train the FR-Spec draft on the distillation data (resumable; `--help` for the options)."""
+    from tandem_tools.draft.train import main
+
+    main(ctx.args)
+
+
 @app.command("train-demo")
 def train_demo_cmd(
     out: Annotated[Path, typer.Option(help="where the tokenizer and both models are written")] = Path("demo-out"),
