@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import DynamicCache, LlamaConfig, LlamaModel
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, LlamaModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 FORMAT = 1
@@ -187,3 +187,23 @@ def load_frspec(folder: str | Path, dtype: torch.dtype = torch.float32) -> FRSpe
         prm.data = prm.data.to(dtype)
     model.eval().requires_grad_(False)
     return model
+
+
+def as_llama(model: FRSpecDraft) -> LlamaForCausalLM:
+    """The same draft as a plain `LlamaForCausalLM`, for tools that need one (HF transformers' assisted generation):
+    the low-rank embedding multiplied out to [V, hidden], and a full-vocabulary head whose rows outside `token_ids`
+    score -1e9 (same argmax, and softmax 0 to float precision). It costs a full [V, hidden] head per step."""
+    cfg = LlamaConfig.from_dict(model.config.to_dict())
+    llama = LlamaForCausalLM(cfg)
+    llama.to(next(model.parameters()).dtype)  # type: ignore[arg-type]
+    llama.model.load_state_dict(model.backbone.state_dict(), strict=False)  # all but embed_tokens
+    with torch.no_grad():
+        llama.model.embed_tokens.weight.copy_(model.embed_low.weight @ model.embed_up.weight.T)  # [V, hidden]
+        head = torch.nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=True).to(llama.model.embed_tokens.weight.dtype)
+        head.weight.zero_()
+        head.bias.fill_(-1e9)
+        head.weight[model.token_ids] = model.lm_head.weight
+        head.bias[model.token_ids] = model.lm_head.bias
+    llama.lm_head = head
+    llama.config.tie_word_embeddings = False
+    return llama.eval().requires_grad_(False)  # type: ignore[no-any-return, no-untyped-call]

@@ -19,6 +19,7 @@ from rich.table import Table
 
 from tandem.config import CoreSettings
 from tandem.drafting import ModelDrafter
+from tandem.frspec import FRSpecDraft, as_llama
 from tandem.local import LocalVerifier
 from tandem.models import LoadedModel, check_pair, load_model
 from tandem.ouroboros import OuroborosDrafter, SourceCounts
@@ -86,17 +87,25 @@ class ModeFigures:
         }
 
 
-def _hf_assisted(target: LoadedModel, draft: LoadedModel, prompt: list[int], max_tokens: int, gamma: int | None):
+def hf_assistant(draft: LoadedModel) -> Any:
+    """The draft as HF transformers' assisted generation takes it: an FR-Spec draft as an equivalent plain Llama."""
+    return as_llama(draft.model) if isinstance(draft.model, FRSpecDraft) else draft.model
+
+
+def _hf_assisted(target: LoadedModel, assistant: Any, prompt: list[int], params: SamplingParams,
+                 gamma: int | None) -> tuple[list[int], float]:
     kwargs: dict[str, object] = {}
+    if params.ignore_eos:  # run to max_tokens, as ours does
+        kwargs["min_new_tokens"] = params.max_tokens
     if gamma is not None:  # our block length, every round, no early stop
-        kwargs = {"num_assistant_tokens": gamma, "num_assistant_tokens_schedule": "constant",
-                  "assistant_confidence_threshold": 0.0}
+        kwargs |= {"num_assistant_tokens": gamma, "num_assistant_tokens_schedule": "constant",
+                   "assistant_confidence_threshold": 0.0}
     ids = torch.tensor([prompt])
     t0 = time.perf_counter()
     with torch.inference_mode():
         out = target.model.generate(  # type: ignore[operator]
-            ids, attention_mask=torch.ones_like(ids), assistant_model=draft.model, do_sample=False,
-            max_new_tokens=max_tokens, min_new_tokens=max_tokens, pad_token_id=target.tokenizer.pad_token_id, **kwargs,
+            ids, attention_mask=torch.ones_like(ids), assistant_model=assistant, do_sample=False,
+            max_new_tokens=params.max_tokens, pad_token_id=target.tokenizer.pad_token_id, **kwargs,
         )
     return out[0, len(prompt) :].tolist(), time.perf_counter() - t0
 
@@ -138,12 +147,13 @@ def run_bench_local(
         + f"{max_tokens} new tokens each, greedy, torch threads {torch.get_num_threads()}, one process"
     )
     figs = {m: ModeFigures(accepted_per_position=[0] * gamma) for m in modes}
+    assistant = hf_assistant(draft) if any(m.startswith("hf-") for m in modes) else None
     runners: dict[str, Callable[[list[int]], tuple[list[int], float, dict]]] = {
         "ar": lambda p: _ours(generate_autoregressive(target, p, params)),
         "spec": lambda p: _ours(generate_speculative(ModelDrafter(draft), LocalVerifier(target), p, params, gamma)),
         "ouroboros": lambda p: _ouroboros(OuroborosDrafter(draft), target, p, params, gamma),  # a cold pool
-        "hf-assisted": lambda p: (*_hf_assisted(target, draft, p, max_tokens, None), {}),
-        "hf-assisted-constant": lambda p: (*_hf_assisted(target, draft, p, max_tokens, gamma), {}),
+        "hf-assisted": lambda p: (*_hf_assisted(target, assistant, p, params, None), {}),
+        "hf-assisted-constant": lambda p: (*_hf_assisted(target, assistant, p, params, gamma), {}),
     }
     runners["ar"](prompts[0][:16])  # warm-up: first-call allocations would land on one mode only
     for i, prompt in enumerate(prompts):

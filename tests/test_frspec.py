@@ -233,3 +233,17 @@ def test_train_smoke_resumes_and_exports(tmp_path: Path) -> None:
         sampled = SamplingParams(max_tokens=24, ignore_eos=True, temperature=0.9, top_p=0.95, seed=3)
         result = generate_speculative(ModelDrafter(draft, q_form=q_form), LocalVerifier(tgt), prompt, sampled, 4)
         assert len(result.tokens) == 24
+
+
+def test_the_plain_llama_form_drafts_the_same_greedy_tokens(draft: FRSpecDraft) -> None:
+    """For HF transformers' assisted generation: the same draft as a LlamaForCausalLM, same argmax everywhere."""
+    from tandem.frspec import as_llama
+
+    llama = as_llama(draft)
+    ids = torch.randint(0, draft.vocab_size, (2, 9), generator=torch.Generator().manual_seed(4))
+    with torch.inference_mode():
+        ours = draft(input_ids=ids, use_cache=False).logits  # [2, 9, V]
+        theirs = llama(input_ids=ids, use_cache=False).logits  # [2, 9, V]
+    assert torch.equal(ours.argmax(-1), theirs.argmax(-1))
+    inside = draft.token_ids
+    torch.testing.assert_close(theirs[..., inside], ours[..., inside], rtol=1e-4, atol=1e-4)
