@@ -8,13 +8,13 @@ from typing import Annotated, Any
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from tandem.config import merge_keys, read_keys_file, split_keys
+from tandem.config import DEFAULT_TARGET, merge_keys, read_keys_file, split_keys
 
 
 class ServerSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="TANDEM_", extra="ignore")
 
-    target: str = "demo-target"
+    target: str = DEFAULT_TARGET
     model_name: str = Field(default="", description="the model id served on /v1/models; empty: `target`")
     host: str = "127.0.0.1"
     http_port: int = Field(default=8000, ge=0, le=65535, description="0: any free port")

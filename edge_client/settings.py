@@ -9,7 +9,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import NoDecode
 
-from tandem.config import SpeculationSettings, merge_keys, read_keys_file, split_keys
+from tandem.config import DEFAULT_DRAFT, SpeculationSettings, merge_keys, read_keys_file, split_keys
 
 Transport = Literal["grpc", "grpc-unary", "http"]
 
@@ -18,7 +18,7 @@ class EdgeSettings(SpeculationSettings):
     """The speculative loop's settings, plus how to reach the cloud and the edge's own endpoint."""
 
     transport: Transport = "grpc"
-    draft: str = "demo-draft"
+    draft: str = DEFAULT_DRAFT
     threads: int = Field(default=2, ge=1, description="torch intra-op threads for the draft")
     api_key: str | None = None
     tls: bool = Field(default=False, description="TLS to the cloud (also on with an https:// cloud or tls_ca_file)")

@@ -8,6 +8,10 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BeforeValidator, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+# the pair every command uses unless told otherwise (names `tandem.models.load_model` resolves)
+DEFAULT_TARGET = "demo-target"
+DEFAULT_DRAFT = "demo-draft"
+
 
 def _parse_gamma(v: object) -> object:
     return int(v) if isinstance(v, str) and v != "adaptive" else v
@@ -57,8 +61,8 @@ class SpeculationSettings(BaseSettings):
 class CoreSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="TANDEM_", extra="ignore")
 
-    target: str = "demo-target"
-    draft: str = "demo-draft"
+    target: str = DEFAULT_TARGET
+    draft: str = DEFAULT_DRAFT
     threads: int = Field(default=2, ge=1, description="torch intra-op threads for this process")
     gamma: Gamma = Field(default=4, description="draft block length, or 'adaptive' (edge path)")
 

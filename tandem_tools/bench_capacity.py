@@ -30,6 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from tandem.config import DEFAULT_DRAFT, DEFAULT_TARGET
+
 MODES = ("spec", "cloud")
 NOTE_SHARED_CORES = (
     "The edge clients run on the cloud's machine here: their draft models compete with the cloud for the same CPU "
@@ -41,8 +43,8 @@ NOTE_SHARED_CORES = (
 @dataclass(frozen=True)
 class CapacityConfig:
     clients: tuple[int, ...] = (1, 2, 4, 8, 16)
-    target: str = "demo-target"
-    draft: str = "demo-draft"
+    target: str = DEFAULT_TARGET
+    draft: str = DEFAULT_DRAFT
     gamma: str = "4"
     max_tokens: int = 64
     prompt_tokens: int = 128
@@ -371,7 +373,7 @@ def _worker_cli(argv: list[str]) -> None:
     p = argparse.ArgumentParser(prog="python -m tandem_tools.bench_capacity", description="one edge client process")
     p.add_argument("--worker", action="store_true", required=True)
     p.add_argument("--cloud", required=True)
-    p.add_argument("--draft", default="demo-draft")
+    p.add_argument("--draft", default=DEFAULT_DRAFT)
     p.add_argument("--gamma", default="4")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--nice", type=int, default=0)

@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tandem.config import DEFAULT_DRAFT, DEFAULT_TARGET
 from tandem_tools.figures import percentiles
 from tandem_tools.procs import CloudProcess
 from tandem_tools.replay_summary import load_trace
@@ -53,8 +54,8 @@ class LoadConfig:
     prompts: int = 12  # distinct prompts (the trace's first ones); a reference output is computed for each
     prompt_tokens: int | None = None  # keep at most the last N tokens of each prompt
     max_tokens: int | None = None  # per request; None: the trace's
-    target: str = "demo-target"
-    draft: str = "demo-draft"
+    target: str = DEFAULT_TARGET
+    draft: str = DEFAULT_DRAFT
     transport: str = "grpc"
     gamma: int | str = "adaptive"
     timeout_s: float = 30.0

@@ -35,6 +35,7 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from tandem.config import DEFAULT_DRAFT, DEFAULT_TARGET
 from tandem_tools.procs import CloudProcess, free_port, stop_process
 from tandem_tools.replay_summary import (
     MODES,
@@ -94,8 +95,8 @@ class ReplayConfig:
     rtts: list[float]
     modes: list[str]
     cloud: str | None = None  # HOST:PORT (gRPC) of a running cloud; None: start one
-    target: str = "demo-target"
-    draft: str = "demo-draft"
+    target: str = DEFAULT_TARGET
+    draft: str = DEFAULT_DRAFT
     gamma: int | str = 4  # fixed 4 measured better than adaptive here (adaptive collapses to ~1 under noise)
     limit: int | None = None
     edge_threads: int = 1

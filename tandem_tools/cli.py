@@ -7,6 +7,8 @@ from typing import Annotated, Any
 
 import typer
 
+from tandem.config import DEFAULT_DRAFT, DEFAULT_TARGET
+
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="tandem: edge-cloud speculative decoding.")
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks (figures printed, ratios measured side by side).")
 app.add_typer(bench_app, name="bench")
@@ -129,8 +131,8 @@ def bench_replay(
         trace=trace, out=out, cloud=cloud, rtts=[float(x) for x in rtt_ms.split(",") if x.strip()],
         modes=[m.strip() for m in modes.split(",") if m.strip()],
         gamma=int(gamma) if gamma.isdigit() else gamma,
-        limit=prompts, target=target or os.environ.get("TANDEM_TARGET", "demo-target"),
-        draft=draft or os.environ.get("TANDEM_DRAFT", "demo-draft"), edge_threads=threads,
+        limit=prompts, target=target or os.environ.get("TANDEM_TARGET", DEFAULT_TARGET),
+        draft=draft or os.environ.get("TANDEM_DRAFT", DEFAULT_DRAFT), edge_threads=threads,
         cloud_threads=cloud_threads, api_key=os.environ.get("TANDEM_API_KEY") or None,
     )
     run_replay(cfg)
@@ -153,8 +155,8 @@ def bench_load(
     gamma: Annotated[str, typer.Option(help="draft block length, or 'adaptive'")] = "adaptive",
     sample_s: Annotated[float, typer.Option(help="seconds between samples of the cloud's metrics and memory")] = 5.0,
     warmup: Annotated[float | None, typer.Option(help="seconds left out of the memory slope")] = None,
-    target: Annotated[str, typer.Option(help="target model of the cloud started here")] = "demo-target",
-    draft: Annotated[str, typer.Option(help="draft model of the edge")] = "demo-draft",
+    target: Annotated[str, typer.Option(help="target model of the cloud started here")] = DEFAULT_TARGET,
+    draft: Annotated[str, typer.Option(help="draft model of the edge")] = DEFAULT_DRAFT,
     cloud_threads: Annotated[int, typer.Option(help="torch threads of the cloud started here")] = 1,
     trace: Annotated[Path | None, typer.Option(help="JSON lines with prompt, max_tokens")] = None,
 ) -> None:
@@ -187,8 +189,8 @@ def bench_capacity(
     prompt_tokens: Annotated[int, typer.Option(help="held-out prompt length")] = 128,
     requests: Annotated[int, typer.Option(help="requests per client and mode, back to back")] = 2,
     gamma: Annotated[str, typer.Option(help="draft block length, or 'adaptive'")] = "4",
-    target: Annotated[str, typer.Option(help="the cloud's target model")] = "demo-target",
-    draft: Annotated[str, typer.Option(help="the edges' draft model")] = "demo-draft",
+    target: Annotated[str, typer.Option(help="the cloud's target model")] = DEFAULT_TARGET,
+    draft: Annotated[str, typer.Option(help="the edges' draft model")] = DEFAULT_DRAFT,
     cloud_threads: Annotated[int, typer.Option(help="torch threads of the cloud process")] = 1,
     edge_threads: Annotated[int, typer.Option(help="torch threads of each edge process")] = 1,
     edge_nice: Annotated[int, typer.Option(help="niceness of the edge processes (>0: the cloud goes first)")] = 0,
