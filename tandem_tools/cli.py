@@ -232,7 +232,8 @@ def _edge_settings(**kw: Any) -> Any:
 
 @app.command()
 def generate(
-    prompt: Annotated[str, typer.Argument(help="the text to continue")],
+    prompt: Annotated[str, typer.Argument(help="a question for a chat model (its chat template is applied), or the "
+                                                "text to continue (a model without one, or --raw)")],
     cloud: Annotated[str | None, typer.Option(help="HOST:PORT of the cloud (its gRPC or HTTP port, per --transport)")]
     = None,
     transport: Annotated[str | None, typer.Option(help="grpc | grpc-unary | http")] = None,
@@ -249,6 +250,7 @@ def generate(
     json_out: Annotated[bool, typer.Option("--json", help="print one JSON object instead of streaming text")] = False,
     ouroboros: Annotated[bool | None, typer.Option("--ouroboros/--no-ouroboros",
                                                    help="lengthen drafts from a phrase pool, with candidates")] = None,
+    raw: Annotated[bool, typer.Option("--raw", help="continue the text as is, even with a chat model")] = False,
 ) -> None:
     """Draft here, verify in the cloud: the target model's output, streamed as tokens are accepted."""
     import json
@@ -260,14 +262,16 @@ def generate(
     from tandem.errors import TandemError
     from tandem.models import load_model
     from tandem.sampling import SamplingParams
-    from tandem_protocol.openai_api.text import IncrementalText, encode
+    from tandem_protocol.openai_api.text import IncrementalText, chat_prompt, encode
 
     settings = _edge_settings(cloud=cloud, transport=transport, mode=mode, draft=draft, gamma=gamma,
                               pipeline=pipeline, fallback=fallback, threads=threads, ouroboros=ouroboros)
     torch.set_num_threads(settings.threads)
     try:
         model = load_model(settings.draft)
-        ids = encode(model.tokenizer, prompt)
+        chat = not raw and getattr(model.tokenizer, "chat_template", None)
+        ids = chat_prompt(model.tokenizer, [{"role": "user", "content": prompt}]) if chat else encode(model.tokenizer,
+                                                                                                    prompt)
         params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
         text = IncrementalText(model.tokenizer)
 
