@@ -6,19 +6,13 @@ python -m tandem_tools.distill.check --threads 1 --n 12 --new 96
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 import torch
 
-if __name__ == "__main__" and not __package__:  # run as a file path: make the relative imports below work
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    __package__ = "distill"
-
-from .decode import RowSpec, decode_batch
-from .generate import encode_chat
-from .prompts import build_prompts
-from .target import load_target
+from tandem_protocol.openai_api.text import chat_prompt
+from tandem_tools.distill.decode import RowSpec, decode_batch
+from tandem_tools.distill.prompts import build_prompts
+from tandem_tools.distill.target import load_target
 
 READ = ("Why is the sky blue?", "Write a haiku about the first snow of winter.", "What is 15% of 240?")
 
@@ -41,7 +35,7 @@ def main() -> None:
     model, tok = load_target()
     eos, pad = {tok.eos_token_id}, tok.pad_token_id
 
-    reads = [encode_chat(tok, [{"role": "user", "content": q}]) for q in READ]
+    reads = [chat_prompt(tok, [{"role": "user", "content": q}]) for q in READ]
     for q, res in zip(READ, decode_batch(model, [RowSpec(r) for r in reads], 200, eos, pad), strict=True):
         print(f"\n### {q}\n{tok.decode(res.output_ids, skip_special_tokens=True)}")  # noqa: T201
 
@@ -52,7 +46,7 @@ def main() -> None:
             seen.add(p.category)
             picked.append(p)
     picked += [p for p in prompts if not p.lazy and p not in picked][: max(0, args.n - len(picked))]
-    ids = [encode_chat(tok, p.messages) for p in picked[: args.n]]
+    ids = [chat_prompt(tok, p.messages) for p in picked[: args.n]]
     print(f"\nbatched greedy (batch {len(ids)}, prompt lengths {sorted(len(i) for i in ids)}) vs unbatched generate")  # noqa: T201
     batched = decode_batch(model, [RowSpec(i) for i in ids], args.new, eos, pad)
     same = 0

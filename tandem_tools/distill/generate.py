@@ -1,7 +1,6 @@
 """Resumable background job: the target's own answers (greedy or seeded samples) to the distillation prompts.
 
     cd /work/main && nice -n 19 python -m tandem_tools.distill.generate --out ~/.cache/tandem/distill-data --threads 1
-    (or: python tandem_tools/distill/generate.py ...)
 
 Output folder:
   shard-NNNNN.jsonl  one line per prompt: {"id", "category", "split", "mode": "greedy"|"sample", "temperature",
@@ -34,13 +33,10 @@ from typing import Any, BinaryIO
 import numpy as np
 import torch
 
-if __name__ == "__main__" and not __package__:  # run as a file path: make the relative imports below work
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    __package__ = "distill"
-
-from .decode import RowResult, RowSpec, decode_batch
-from .prompts import Prompt, build_prompts, hash_int
-from .target import load_target
+from tandem_protocol.openai_api.text import chat_prompt
+from tandem_tools.distill.decode import RowResult, RowSpec, decode_batch
+from tandem_tools.distill.prompts import Prompt, build_prompts, hash_int
+from tandem_tools.distill.target import load_target
 
 log = logging.getLogger("distill.generate")
 TEMPERATURES = (0.7, 0.8, 0.9, 1.0)
@@ -58,13 +54,6 @@ def decoding_settings(pid: str) -> dict[str, Any]:
         "top_p": TOP_P,
         "seed": hash_int("seed:" + pid),
     }
-
-
-def encode_chat(tok: Any, messages: list[dict[str, str]]) -> list[int]:
-    out = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-    if not isinstance(out, list):
-        out = out["input_ids"]
-    return [int(t) for t in out]
 
 
 def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
@@ -133,7 +122,7 @@ class QuestionBank:
         todo = [p for p in prompts if p.lazy and p.id not in self.questions]
         if not todo:
             return
-        specs = [RowSpec(encode_chat(self.tok, p.messages), "sample", 0.8, TOP_P, hash_int("q:" + p.id)) for p in todo]
+        specs = [RowSpec(chat_prompt(self.tok, p.messages), "sample", 0.8, TOP_P, hash_int("q:" + p.id)) for p in todo]
         results = decode_batch(self.model, specs, self.max_tokens, self.eos, self.tok.pad_token_id)
         lines = []
         for prompt, res in zip(todo, results, strict=True):
@@ -229,7 +218,7 @@ def main(argv: list[str] | None = None) -> None:
         bank.resolve(window)
         encoded = []
         for p in window:
-            ids = encode_chat(tok, bank.user_messages(p) if p.lazy else p.messages)
+            ids = chat_prompt(tok, bank.user_messages(p) if p.lazy else p.messages)
             if len(ids) <= args.max_prompt_tokens:
                 encoded.append((p, ids))
             else:

@@ -16,9 +16,10 @@ import random
 from collections import defaultdict
 from dataclasses import dataclass, field
 
+from tandem_tools.distill.sources import documentation_paragraphs, stdlib_signatures
+from tandem_tools.distill.tasks import code_task, math_problem, reasoning_puzzle
+
 from . import vocab as v
-from .sources import documentation_paragraphs, stdlib_signatures
-from .tasks import code_task, math_problem, reasoning_puzzle
 
 EVAL_PER_MILLE = 30
 Content = str | list[dict[str, str]]

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import random
 
-from .vocab import NAMES
+from tandem_tools.distill.vocab import NAMES
 
 ITEMS = (("notebooks", 2.5), ("pens", 1.2), ("apples", 0.4), ("coffees", 3.75), ("sandwiches", 5.5), ("tickets", 12.0))
 DAYS = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday")
