@@ -1,6 +1,6 @@
 """Resumable background job: the target's own answers (greedy or seeded samples) to the distillation prompts.
 
-    tandem distill-data --out ~/.cache/tandem/distill-data --threads 1   (or: python -m tandem_tools.distill.generate ...)
+    tandem distill-data --out ~/.cache/tandem/distill-data --threads 1
 
 Output folder:
   shard-NNNNN.jsonl  one line per prompt: {"id", "category", "split", "mode": "greedy"|"sample", "temperature",
