@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import queue
 import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -214,16 +213,20 @@ class GrpcStreamSession:
 
 def _next_with_deadline(replies: Iterator[Any], cancel: Callable[[], Any], timeout_s: float) -> Any:
     """The next message of a gRPC stream, or None at its end; the stream is cancelled if none comes in time."""
-    timer = threading.Timer(timeout_s, cancel)
+    expired = threading.Event()
+
+    def expire() -> None:
+        expired.set()  # before cancelling: the cancelled call may raise while this thread is still running
+        cancel()
+
+    timer = threading.Timer(timeout_s, expire)
     timer.start()
-    t0 = time.monotonic()
     try:
         return next(replies)
     except StopIteration:
         return None
     except grpc.RpcError as e:
-        timed_out = not timer.is_alive() and time.monotonic() - t0 >= timeout_s
-        if timed_out and isinstance(e, grpc.Call) and e.code() == grpc.StatusCode.CANCELLED:
+        if expired.is_set() and isinstance(e, grpc.Call) and e.code() == grpc.StatusCode.CANCELLED:
             raise RemoteError("deadline_exceeded", "no answer in time", "DEADLINE_EXCEEDED") from None
         raise _from_rpc_error(e) from None
     finally:
