@@ -61,6 +61,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ckpt-every", type=int, default=100)
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--init-from", type=Path, default=None,
+                   help="a work dir (or its checkpoint.pt) of an earlier run: start from its weights and head tokens "
+                        "(a fresh optimiser and schedule); ignored when this work dir already has a checkpoint")
     p.add_argument("--export", choices=("best", "last"), default="best",
                    help="ship the weights with the lowest eval loss seen (best.pt in the work dir) or the last ones")
     return p.parse_args(argv)
@@ -157,6 +160,16 @@ def fresh_model(args: argparse.Namespace, train_rows: list[data.Row], eval_rows:
     return model, info
 
 
+def warm_model(source: Path) -> tuple[FRSpecDraft, dict[str, Any]]:
+    """An earlier run's draft: its checkpoint's config and head, with best.pt's weights when it has them."""
+    folder = source if source.is_dir() else source.parent
+    ckpt = torch.load(folder / "checkpoint.pt", weights_only=False)
+    model = FRSpecDraft(LlamaConfig.from_dict(ckpt["config"]), ckpt["rank"], ckpt["model"]["token_ids"])
+    best = folder / "best.pt"
+    model.load_state_dict(torch.load(best, weights_only=False)["model"] if best.exists() else ckpt["model"])
+    return model, {**ckpt["build_info"], "init_from_step": ckpt["step"]}
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     logging.basicConfig(stream=sys.stdout, level=logging.INFO, format="%(asctime)s %(message)s")
@@ -180,6 +193,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             kept = [line for line in log_path.read_text().splitlines()
                     if line.strip() and json.loads(line).get("step", 0) <= state["step"]]
             log_path.write_text("".join(line + "\n" for line in kept))
+    elif args.init_from is not None:
+        model, build_info = warm_model(args.init_from.expanduser())
+        log.info("starting from the weights in %s", args.init_from)
     else:
         model, build_info = fresh_model(args, train_rows, eval_rows)
         log.info("head K=%d, coverage of generated tokens by K (eval): %s", model.k, build_info["k_coverage_eval"])
@@ -283,6 +299,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     })
 
 
+def portable(path: Path) -> str:
+    """A path as the report ships it: under the home folder as `~/...`, elsewhere by its name alone."""
+    path = path.expanduser()
+    try:
+        return "~/" + str(path.resolve().relative_to(Path.home().resolve()))
+    except ValueError:
+        return path.name
+
+
 def export(args: argparse.Namespace, model: FRSpecDraft, out: Path, work: Path, facts: dict[str, Any]) -> dict[
         str, Any]:
     """The shippable folder: the draft, the target's tokenizer files, the log and the report."""
@@ -305,7 +330,7 @@ def export(args: argparse.Namespace, model: FRSpecDraft, out: Path, work: Path, 
     target_fp = tokenizer_fingerprint(AutoTokenizer.from_pretrained(str(src)))
     draft_fp = tokenizer_fingerprint(AutoTokenizer.from_pretrained(str(tmp)))
     report = {
-        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "args": {k: portable(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "dims": {"layers": model.config.num_hidden_layers, "hidden": model.config.hidden_size,
                  "intermediate": model.config.intermediate_size, "rank": model.rank, "k": model.k,
                  "vocab": model.vocab_size},
