@@ -48,3 +48,28 @@ def test_the_targets_own_questions_are_cleaned() -> None:
         "What makes a bridge stable in strong wind?"
     assert clean_question("Question: Why do cats purr? More text") == "Why do cats purr?"
     assert clean_question("ok") == ""
+
+
+def test_rebuilt_topk_matches_what_generation_kept(tiny_target: LoadedModel, tmp_path: Path) -> None:
+    import gzip
+
+    from tandem_tools.distill.generate import write_shard
+    from tandem_tools.distill.rebuild import rebuild_shard
+
+    specs = [RowSpec([5, 9, 14]), RowSpec([8, 9, 10], "sample", 0.9, 0.95, seed=3), RowSpec([33] * 7 + [34])]
+    results = decode_batch(tiny_target.model, specs, 10, eos_ids=set(), pad_id=0)
+    records = [{"id": f"r{i}", "prompt_ids": s.prompt_ids} for i, s in enumerate(specs)]
+    records = [r | {"output_ids": res.output_ids} for r, res in zip(records, results, strict=True)]
+    kept, src, out = tmp_path / "kept", tmp_path / "src", tmp_path / "out"
+    for d in (kept, src, out):
+        d.mkdir()
+    write_shard(kept, 0, records, results)
+    with gzip.open(src / "shard-00000.jsonl.gz", "wb") as f:
+        f.write((kept / "shard-00000.jsonl").read_bytes())
+    assert rebuild_shard(tiny_target.model, src / "shard-00000.jsonl.gz", out) == 30
+    assert (out / "shard-00000.jsonl").read_bytes() == (kept / "shard-00000.jsonl").read_bytes()
+    with np.load(kept / "shard-00000.npz") as a, np.load(out / "shard-00000.npz") as b:
+        assert a["ids"].tolist() == b["ids"].tolist() and a["offsets"].tolist() == b["offsets"].tolist()
+        assert (a["top_ids"][:, 0] == b["top_ids"][:, 0]).all()
+        assert (a["top_ids"][:, :8] == b["top_ids"][:, :8]).mean() > 0.95  # near-ties lower down may swap
+        assert np.allclose(a["top_logprobs"].astype(np.float32), b["top_logprobs"].astype(np.float32), atol=0.02)
