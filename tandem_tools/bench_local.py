@@ -28,7 +28,7 @@ from tandem.sampling import SamplingParams
 from tandem.session import generate_autoregressive
 from tandem.speculate import generate_speculative
 from tandem.stats import GenerationResult
-from tandem_tools.replay_summary import load_trace
+from tandem_tools.replay_summary import CHAT_TRACE, load_trace
 from tandem_tools.train.data import heldout_prompts
 
 MODES = ("ar", "spec", "ouroboros", "hf-assisted", "hf-assisted-constant")
@@ -122,7 +122,7 @@ def run_bench_local(
     trace: Path | None = None,
 ) -> dict[str, object]:
     """`trace`: its first `n_prompts` requests (chat messages through the chat template) instead of held-out code,
-    each generating `max_tokens`."""
+    each generating up to `max_tokens`; a target with a chat template takes the chat trace by default."""
     console = console or Console()
     unknown = set(modes) - set(MODES)
     if unknown:
@@ -133,6 +133,8 @@ def run_bench_local(
     torch.set_num_threads(settings.threads)
     target, draft = load_model(settings.target), load_model(settings.draft)
     check_pair(draft, target)
+    if trace is None and getattr(target.tokenizer, "chat_template", None) and CHAT_TRACE.is_file():
+        trace = CHAT_TRACE  # a chat model gets chat requests unless told otherwise
     if trace is not None:
         prompts = [r.ids(target.tokenizer) for r in load_trace(trace, n_prompts)]
     else:

@@ -22,7 +22,7 @@ from tandem.stats import GenerationResult
 from tandem_tools.procs import CloudProcess
 
 QUESTION = "Why is the sky blue? Answer in a few sentences."
-MODES = ("ouroboros", "spec", "cloud")  # streamed first: the fastest on this machine (README, Performance)
+MODES = ("spec", "ouroboros", "cloud")  # streamed first: the fastest on this machine (README, "The real pair")
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,10 @@ class TraceRow:
         return encode(tokenizer, self.prompt)
 
 
+TRACES = Path(__file__).resolve().parent.parent / "benchmarks" / "traces"
+CHAT_TRACE, CODE_TRACE = TRACES / "chat.jsonl", TRACES / "code-completion.jsonl"
+
+
 def load_trace(path: Path, limit: int | None = None) -> list[TraceRow]:
     rows: list[TraceRow] = []
     for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):

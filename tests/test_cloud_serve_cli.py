@@ -28,8 +28,8 @@ def test_tandem_serve_answers_openai_client_and_stops_gracefully() -> None:
     http_port, grpc_port = free_port(), free_port()
     env = os.environ | {"HF_HUB_OFFLINE": "1", "TANDEM_THREADS": "1", "TANDEM_SHUTDOWN_GRACE_S": "20"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tandem_tools.cli", "serve", "--http-port", str(http_port), "--grpc-port",
-         str(grpc_port)],
+        [sys.executable, "-m", "tandem_tools.cli", "serve", "--target", "demo-target", "--http-port", str(http_port),
+         "--grpc-port", str(grpc_port)],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     base = f"http://127.0.0.1:{http_port}"

@@ -28,7 +28,7 @@ def test_generate_json_streams_the_targets_output() -> None:
     env = os.environ | {"HF_HUB_OFFLINE": "1"}
     with BackgroundServer(ServerSettings(http_port=0, grpc_port=0, threads=1), target) as h:
         cmd = [sys.executable, "-m", "tandem_tools.cli", "generate", "--cloud", f"127.0.0.1:{h.grpc_port}",
-               "--max-tokens", "24", "--threads", "1", "--json", "--gamma", "adaptive", PROMPT]
+               "--max-tokens", "24", "--threads", "1", "--json", "--gamma", "adaptive", "--draft", "demo-draft", PROMPT]
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
         assert done.returncode == 0, done.stderr
         out = json.loads(done.stdout)
@@ -40,7 +40,8 @@ def test_generate_json_streams_the_targets_output() -> None:
         assert stats["mode"] == "spec" and stats["target_passes"] < len(expected)
 
         # the same command in process (no interpreter start-up): text streamed, the figures on stderr
-        args = ["generate", "--cloud", f"127.0.0.1:{h.grpc_port}", "--max-tokens", "24", "--threads", "1"]
+        args = ["generate", "--cloud", f"127.0.0.1:{h.grpc_port}", "--max-tokens", "24", "--threads", "1", "--draft",
+                "demo-draft"]
         streamed = CliRunner().invoke(app, [*args, "--mode", "cloud", PROMPT])
         assert streamed.exit_code == 0, streamed.output
         assert streamed.stdout.rstrip("\n") == out["text"]

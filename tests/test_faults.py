@@ -99,7 +99,7 @@ def test_sessions_survive_a_killed_and_restarted_cloud(tmp_path: object) -> None
     prompts = [draft.tokenizer.encode(p, add_special_tokens=False) for p in
                ("import os\nimport sys\n\n\ndef main(", "class Stack:\n    def __init__(self", "def parse_args(argv")]
     params = SamplingParams(max_tokens=24, ignore_eos=True)
-    with CloudProcess(threads=1) as cloud:
+    with CloudProcess(threads=1, env={"TANDEM_TARGET": "demo-target"}) as cloud:
         settings = EdgeSettings(cloud=cloud.grpc_target, gamma=3, timeout_s=10, retries=10, backoff_s=0.2,
                                 backoff_max_s=2.0)
         undisturbed = [EdgeClient(settings, draft).generate(p, params).tokens for p in prompts]

