@@ -10,7 +10,8 @@
 #   UID              the uid of the non-root user `tandem` (default 1000).
 ARG BASE_IMAGE=python:3.11-slim
 
-# --- stage 1: build the project's wheel (the demo models ship inside the package, under tandem/demo/)
+# --- stage 1: build the project's wheel (the code pair and the distilled draft ship inside the package:
+# tandem/demo/, tandem/drafts/)
 FROM ${BASE_IMAGE} AS wheel
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONDONTWRITEBYTECODE=1
 WORKDIR /src
@@ -23,7 +24,8 @@ COPY edge_client ./edge_client
 RUN python -m pip wheel --no-deps --wheel-dir /wheels . \
  && python -c "import sys, zipfile, glob; names = zipfile.ZipFile(glob.glob('/wheels/tandem-*.whl')[0]).namelist(); \
 sys.exit(0 if any(n.startswith('tandem/demo/target/') and n.endswith('.safetensors') for n in names) \
-else 'the wheel lacks the demo models (tandem/demo/): are they in the build context?')"
+and 'tandem/drafts/smollm2-135m-draft/frspec.safetensors' in names \
+else 'the wheel lacks the shipped models (tandem/demo/, tandem/drafts/): are they in the build context?')"
 
 # --- stage 2: the runtime image
 FROM ${BASE_IMAGE}
