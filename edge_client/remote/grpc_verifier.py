@@ -62,6 +62,10 @@ class GrpcVerifier:
         self.channel = grpc_channel(address, [
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
+            # Trap: channels to one address share a process-wide subchannel, and with it the reconnect backoff a
+            # failed handshake left behind (1 s, 1.6 s, 2.6 s, ...): a reconnect after a blackholed link would wait
+            # it out and time out again. Each verifier (one per attempt) gets its own connection instead.
+            ("grpc.use_local_subchannel_pool", 1),
         ], tls, tls_ca_file)
         self.stub = pb_grpc.VerifierStub(self.channel)
         self.streaming = streaming
