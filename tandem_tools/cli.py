@@ -36,13 +36,13 @@ def demo(
 ) -> None:
     """A pair end to end on the real path (the cloud in its own process, the edge here over gRPC): the answer
     streamed as it is accepted, then acceptance, tokens per target pass and every mode against the target alone."""
+    import os
+
     from tandem.config import CoreSettings
     from tandem_tools.demo_run import MODES, run_demo
 
     if mode not in MODES:
         raise typer.BadParameter(f"choose from {', '.join(MODES)}", param_hint="--mode")
-    import os
-
     gamma = gamma or os.environ.get("TANDEM_GAMMA") or "2"
     settings = CoreSettings(**_overrides(gamma=gamma, threads=threads, target=target, draft=draft))
     run_demo(settings, prompt, max_tokens, mode)
