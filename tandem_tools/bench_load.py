@@ -35,11 +35,10 @@ from typing import Any
 from tandem.config import DEFAULT_DRAFT, DEFAULT_TARGET
 from tandem_tools.figures import percentiles
 from tandem_tools.procs import CloudProcess
-from tandem_tools.replay_summary import load_trace
+from tandem_tools.replay_summary import CODE_TRACE, load_trace
 
 log = logging.getLogger(__name__)
-ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_TRACE = ROOT / "benchmarks" / "traces" / "code-completion.jsonl"
+DEFAULT_TRACE = CODE_TRACE
 _SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+(\S+)")
 
 

@@ -23,8 +23,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from tandem_tools.distill.decode import TOP_K
-from tandem_tools.distill.generate import atomic_write
+from tandem_tools.distill.decode import TOP_K, RowResult
+from tandem_tools.distill.generate import write_shard
 from tandem_tools.distill.target import TARGET
 
 log = logging.getLogger("distill.rebuild")
@@ -41,23 +41,16 @@ def teacher_forced_topk(model: Any, prompt_ids: list[int], output_ids: list[int]
 
 
 def rebuild_shard(model: Any, src: Path, out: Path) -> int:
-    """One shard: its jsonl copied, its npz recomputed; the answer tokens it covered."""
-    name = src.name.removesuffix(".gz")
+    """One shard: its jsonl as it was, its npz recomputed (written as the generating job writes them); the answer
+    tokens it covered."""
     with gzip.open(src, "rt") as f:
         records = [json.loads(line) for line in f if line.strip()]
-    tops = [teacher_forced_topk(model, r["prompt_ids"], r["output_ids"]) if r["output_ids"] else
-            (np.zeros((0, TOP_K), np.uint16), np.zeros((0, TOP_K), np.float16)) for r in records]
-    arrays = {
-        "ids": np.array([r["id"] for r in records]),
-        "offsets": np.cumsum([0] + [len(r["output_ids"]) for r in records]).astype(np.int64),
-        "top_ids": np.concatenate([t[0] for t in tops]),
-        "top_logprobs": np.concatenate([t[1] for t in tops]),
-    }
-    stem = out / Path(name).stem
-    atomic_write(stem.with_suffix(".npz"), lambda h: np.savez_compressed(h, **arrays))  # type: ignore[arg-type]
-    body = "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in records)
-    atomic_write(stem.with_suffix(".jsonl"), lambda h: h.write(body.encode()))
-    return int(arrays["offsets"][-1])
+    empty = (np.zeros((0, TOP_K), np.uint16), np.zeros((0, TOP_K), np.float16))
+    results = [RowResult(r["output_ids"], r.get("finish", "length"),
+                         *(teacher_forced_topk(model, r["prompt_ids"], r["output_ids"]) if r["output_ids"] else empty))
+               for r in records]
+    write_shard(out, int(src.name.split(".")[0].removeprefix("shard-")), records, results)
+    return sum(len(r.output_ids) for r in results)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -68,9 +68,9 @@ def main(argv: list[str] | None = None) -> None:
     target_ms = None
     verify: list[dict[str, object]] = []
     trained: dict[str, object] = {}
-    if args.target:
-        from tandem.models import load_model
+    from tandem.models import load_model
 
+    if args.target:
         target = load_model(args.target)
         target_ms = step_ms(target.model, target.vocab_size, steps=20, warmup=3)
         log.info("target %s: %.2f ms/step", args.target, target_ms)
@@ -80,8 +80,6 @@ def main(argv: list[str] | None = None) -> None:
             log.info(json.dumps(verify[-1]))
         del target
     if args.draft:
-        from tandem.models import load_model
-
         draft = load_model(args.draft)
         ms = step_ms(draft.model, draft.vocab_size)
         trained = {"draft": args.draft, "ms": round(ms, 3), "ratio": round(ms / target_ms, 4) if target_ms else None}
