@@ -77,7 +77,8 @@ def _add_port(server: grpc.aio.Server, settings: ServerSettings) -> int:
 async def start_servers(settings: ServerSettings, target: LoadedModel | None = None) -> ServerHandle:
     """Load the target (unless given), start the worker, gRPC and HTTP; ports 0 are bound to free ports."""
     if target is None:
-        target = await asyncio.to_thread(load_model, settings.target)
+        target = await asyncio.to_thread(load_model, settings.target, settings.dtype, settings.device, settings.compile,
+                                         settings.compile_sizes)
     worker = ModelWorker(target, settings, Metrics())
     await worker.start()
     grpc_server, health_servicer = create_grpc_server(settings, worker)
@@ -111,7 +112,8 @@ async def _serve(settings: ServerSettings) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    log.info("serving %s: %s on %s:%d, gRPC%s on %s:%d", handle.worker.target.name,
+    log.info("serving %s (%d torch threads): %s on %s:%d, gRPC%s on %s:%d", handle.worker.target.describe(),
+             settings.threads,
              "HTTPS" if settings.tls else "HTTP", settings.host, handle.http_port,
              " over TLS" if settings.tls else "", settings.host, handle.grpc_port)
     await stop.wait()

@@ -6,12 +6,12 @@ from pathlib import Path
 from typing import Annotated, Any
 
 from pydantic import Field, field_validator, model_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic_settings import NoDecode, SettingsConfigDict
 
-from tandem.config import DEFAULT_TARGET, merge_keys, read_keys_file, split_keys
+from tandem.config import DEFAULT_TARGET, TargetPlacement, merge_keys, read_keys_file, split_keys
 
 
-class ServerSettings(BaseSettings):
+class ServerSettings(TargetPlacement):
     model_config = SettingsConfigDict(env_prefix="TANDEM_", extra="ignore")
 
     target: str = DEFAULT_TARGET

@@ -117,13 +117,16 @@ def create_app(settings: EdgeSettings, draft: LoadedModel) -> FastAPI:
 def run(settings: EdgeSettings) -> None:
     import torch
 
+    from tandem.fastlm import DRAFT_BUCKETS
     from tandem.models import load_model
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(settings.threads)
-    draft = load_model(settings.draft)
-    log.info("edge endpoint on %s://%s:%d (draft %s, cloud %s over %s, mode %s)",
-             "https" if settings.edge_tls_cert_file else "http", settings.host, settings.port, draft.name,
+    draft = load_model(settings.draft, settings.draft_dtype, settings.draft_device, settings.draft_compile,
+                       DRAFT_BUCKETS)
+    log.info("edge endpoint on %s://%s:%d (draft %s, %d torch threads; cloud %s over %s, mode %s)",
+             "https" if settings.edge_tls_cert_file else "http", settings.host, settings.port, draft.describe(),
+             settings.threads,
              settings.cloud, settings.transport, settings.mode)
     uvicorn.run(create_app(settings, draft), host=settings.host, port=settings.port, log_level="warning",
                 access_log=False, ssl_certfile=settings.edge_tls_cert_file, ssl_keyfile=settings.edge_tls_key_file)

@@ -9,12 +9,12 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import NoDecode
 
-from tandem.config import DEFAULT_DRAFT, SpeculationSettings, merge_keys, read_keys_file, split_keys
+from tandem.config import DEFAULT_DRAFT, DraftPlacement, SpeculationSettings, merge_keys, read_keys_file, split_keys
 
 Transport = Literal["grpc", "grpc-unary", "http"]
 
 
-class EdgeSettings(SpeculationSettings):
+class EdgeSettings(SpeculationSettings, DraftPlacement):
     """The speculative loop's settings, plus how to reach the cloud and the edge's own endpoint."""
 
     transport: Transport = "grpc"

@@ -11,7 +11,8 @@ model loading, no tokenizer. The other floors build on it and it imports none of
 - `drafting`: the drafter seam and the draft-model drafter; `pool` and `ouroboros`: phrase-pool drafting.
 - `messages`: the session protocol in core types and the verifier seam; `local`: the target in this process.
 - `speculate`: the one speculative loop (pipelining, Ouroboros, adaptive gamma, auto, resume, fallback);
-  `adaptive`: the block-length model; `stats`: what a generation reports.
+  `adaptive`: the block-length model; `costs`: the target's measured pass time by positions, and the block shape it
+  pays for; `stats`: what a generation reports.
 - `models`: loading and tokenizer fingerprints; `config`: settings; `errors`: typed errors with codes.
 """
 

@@ -1,70 +1,35 @@
 """Choosing the draft length from live measurements.
 
 A round drafts gamma tokens (gamma draft steps of `draft_s` each), sends them (a round trip `rtt_s`) and has the
-target verify gamma + 1 positions in one pass (`verify_s(gamma + 1)`, a line fitted to what the server reports). It
+target verify gamma + 1 positions in one pass (`verify_time(gamma + 1)`, read from `costs`: a `tandem.costs.CostCurve`
+of what the server reports per position count, not a line: a pass's cost is not linear in its positions). It
 emits E(gamma) = 1 + a_0 + a_0 a_1 + ... + a_0...a_{gamma-1} tokens, a_i being the chance that position i is accepted
 once reached (an EWMA per position; with one alpha everywhere this is (1 - alpha^(gamma+1)) / (1 - alpha)).
 
-Synchronous rounds cost sync = gamma * draft_s + rtt_s + verify_s(gamma + 1). Pipelined rounds (one block sent
-ahead) cost max(verify_s(gamma + 1), sync / 2) while blocks keep being accepted whole; a rejection flushes the
+Synchronous rounds cost sync = gamma * draft_s + rtt_s + verify_time(gamma + 1). Pipelined rounds (one block sent
+ahead) cost max(verify_time(gamma + 1), sync / 2) while blocks keep being accepted whole; a rejection flushes the
 pipeline and that round costs a synchronous one.
 
-The cloud alone streams a token per target step: `cloud_rate()` = 1 / verify_s(1); its round trip is paid once.
+The cloud alone streams a token per target step: `cloud_rate()` = 1 / verify_time(1); its round trip is paid once.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-
-@dataclass
-class _Ewma:
-    value: float
-    weight: float = 0.3
-    samples: int = 0
-
-    def update(self, x: float) -> None:
-        self.value = x if self.samples == 0 else (1 - self.weight) * self.value + self.weight * x
-        self.samples += 1
-
-
-@dataclass
-class _DecayedLine:
-    """y = a + b * x by least squares over decayed samples."""
-
-    decay: float = 0.9
-    sw: float = 0.0
-    sx: float = 0.0
-    sy: float = 0.0
-    sxx: float = 0.0
-    sxy: float = 0.0
-    min_y: float = float("inf")
-
-    def update(self, x: float, y: float) -> None:
-        self.min_y = min(self.min_y, y)
-        d = self.decay
-        self.sw, self.sx, self.sy = d * self.sw + 1, d * self.sx + x, d * self.sy + y
-        self.sxx, self.sxy = d * self.sxx + x * x, d * self.sxy + x * y
-
-    def __call__(self, x: float, default: float) -> float:
-        if self.sw == 0:
-            return default
-        mean_x, mean_y = self.sx / self.sw, self.sy / self.sw
-        var = self.sxx / self.sw - mean_x**2
-        slope = max(0.0, (self.sxy / self.sw - mean_x * mean_y) / var) if var > 1e-9 else 0.0
-        # extrapolating below the samples must not promise a pass faster than any seen
-        return max(min(self.min_y, mean_y), mean_y + slope * (x - mean_x), 1e-6)
+from tandem.costs import CostCurve, Ewma
 
 
 @dataclass
 class AdaptiveGamma:
     max_gamma: int = 16
     prior_acceptance: float = 0.6
-    draft_s: _Ewma = field(default_factory=lambda: _Ewma(0.002))
-    rtt_s: _Ewma = field(default_factory=lambda: _Ewma(0.0))
-    verify_s: _DecayedLine = field(default_factory=_DecayedLine)
-    step_s: _Ewma = field(default_factory=lambda: _Ewma(0.0))  # passes over one position: the cloud's own step
-    acceptance: list[_Ewma] = field(default_factory=list)
+    draft_s: Ewma = field(default_factory=lambda: Ewma(0.002))
+    rtt_s: Ewma = field(default_factory=lambda: Ewma(0.0))
+    # the target's pass time by positions; pass `CostCurve(prior)` to start from a curve measured at start-up, and
+    # share it with an `OuroborosDrafter(costs=...)` so that both learn from the same passes
+    costs: CostCurve = field(default_factory=CostCurve)
+    acceptance: list[Ewma] = field(default_factory=list)
     chosen: list[int] = field(default_factory=list)
 
     # --- measurements
@@ -73,17 +38,15 @@ class AdaptiveGamma:
         """A verified block: positions 0..accepted-1 accepted, position `accepted` rejected (if it was drafted)."""
         for i in range(min(accepted + 1, drafted)):
             while len(self.acceptance) <= i:
-                self.acceptance.append(_Ewma(self.prior_acceptance))
+                self.acceptance.append(Ewma(self.prior_acceptance))
             self.acceptance[i].update(1.0 if i < accepted else 0.0)
 
     def observe_draft_step(self, seconds: float) -> None:
         self.draft_s.update(seconds)
 
     def observe_verify(self, positions: int, seconds: float) -> None:
-        """The server's time for a pass over `positions` = drafted + 1 positions."""
-        self.verify_s.update(positions, seconds)
-        if positions == 1:
-            self.step_s.update(seconds)
+        """The server's time for a pass over `positions`: the block's tokens + 1 (+ its candidates' tokens)."""
+        self.costs.observe(positions, seconds)
 
     def observe_rtt(self, seconds: float) -> None:
         self.rtt_s.update(max(0.0, seconds))
@@ -112,7 +75,7 @@ class AdaptiveGamma:
         return p
 
     def verify_time(self, positions: int) -> float:
-        return self.verify_s(positions, default=0.01)
+        return self.costs.time(positions)
 
     def round_time(self, gamma: int, pipelined: bool) -> float:
         sync = gamma * self.draft_s.value + self.rtt_s.value + self.verify_time(gamma + 1)
@@ -140,4 +103,4 @@ class AdaptiveGamma:
 
     def cloud_rate(self) -> float:
         """Tokens per second of the cloud streaming alone: one target step per token."""
-        return 1.0 / (self.step_s.value if self.step_s.samples else self.verify_time(1))
+        return 1.0 / self.verify_time(1)

@@ -57,7 +57,11 @@ def _batchable(states: list[SequenceState]) -> bool:
     model = states[0].model
     if getattr(model.config, "_attn_implementation", None) not in _SUPPORTED:
         return False
-    return all(s.model is model and all(type(layer) is DynamicLayer for layer in s.cache.layers) for s in states)
+    return all(
+        s.model is model and isinstance(s.cache, DynamicCache)
+        and all(type(layer) is DynamicLayer for layer in s.cache.layers)
+        for s in states
+    )
 
 
 class _PackedCache(DynamicCache):
@@ -75,6 +79,7 @@ class _PackedCache(DynamicCache):
         full, start = [], 0
         for s, n in zip(self.states, self.lengths, strict=True):
             end = start + n
+            assert isinstance(s.cache, DynamicCache)  # `_batchable` let only these through
             full.append(s.cache.update(key_states[:, :, start:end], value_states[:, :, start:end], layer_idx))
             start = end
         self.full[layer_idx] = full
@@ -100,7 +105,7 @@ def _packed_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.T
 def _causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float | None) -> torch.Tensor:
     """q: [B, Hq, n, D] the last n positions of k, v: [B, Hkv, L, D]; each sees every key up to its own. -> like q"""
     n, total = q.shape[-2], k.shape[-2]
-    mask = torch.ones(n, total, dtype=torch.bool).tril(total - n) if n > 1 else None  # [n, L]
+    mask = torch.ones(n, total, dtype=torch.bool, device=q.device).tril(total - n) if n > 1 else None  # [n, L]
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, enable_gqa=k.shape[1] != q.shape[1])
 
 
@@ -112,8 +117,10 @@ def _run_packed(states: list[SequenceState], feeds: list[list[int]], skips: list
     model = states[0].model
     lengths = [len(f) for f in feeds]
     pasts = [s.cached for s in states]
-    ids = torch.tensor([[t for f in feeds for t in f]], dtype=torch.long)  # [1, T]
+    device = states[0].device
+    ids = torch.tensor([[t for f in feeds for t in f]], dtype=torch.long, device=device)  # [1, T]
     positions = torch.cat([torch.arange(p, p + n) for p, n in zip(pasts, lengths, strict=True)])[None]  # [1, T]
+    positions = positions.to(device)
     cache = _PackedCache(states, lengths, model.config)
     saved = model.config._attn_implementation
     _current.cache = cache
@@ -136,6 +143,7 @@ def _run_packed(states: list[SequenceState], feeds: list[list[int]], skips: list
 
 def _restore(states: list[SequenceState], pasts: list[int]) -> None:
     for s, past in zip(states, pasts, strict=True):
+        assert isinstance(s.cache, DynamicCache)
         for layer in s.cache.layers:
             extra = layer.get_seq_length() - past  # type: ignore[union-attr]
             if extra > 0:

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BeforeValidator, Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 # the pair every command uses unless told otherwise (names `tandem.models.load_model` resolves): SmolLM2-135M-Instruct
 # (the GGUF shipped on PyPI, converted once) and the FR-Spec draft distilled from it, shipped in this package
@@ -32,6 +32,43 @@ Gamma = Annotated[int | Literal["adaptive"], BeforeValidator(_parse_gamma), Afte
 
 
 Mode = Literal["spec", "cloud", "edge", "auto"]
+DtypeName = Literal["float32", "bfloat16", "float16"]
+DEVICE_HELP = "auto (CUDA, else MPS, else CPU), cpu, cuda[:N] or mps"
+DTYPE_HELP = "float32 is exactly lossless; bfloat16/float16 can flip near-tied argmaxes (bench local reports how often)"
+COMPILE_HELP = "the fast path: compiled decode and verify steps over a preallocated cache (plain Llama models)"
+SIZES_HELP = "pass lengths compiled at start-up (a pass pads up to the next; longer ones run eager); comma-separated"
+
+
+def _parse_sizes(v: object) -> object:
+    if isinstance(v, str):
+        v = [int(x) for x in v.split(",") if x.strip()]
+    if isinstance(v, list | tuple):
+        if not v or any(not isinstance(x, int) or not 1 <= x <= 256 for x in v):
+            raise ValueError("compile sizes are pass lengths in [1, 256]")
+        return tuple(sorted(set(v)))
+    return v
+
+
+class TargetPlacement(BaseSettings):
+    """Where and how the target runs (TANDEM_DEVICE, TANDEM_DTYPE, TANDEM_COMPILE)."""
+
+    model_config = SettingsConfigDict(env_prefix="TANDEM_", extra="ignore")
+
+    device: str = Field(default="auto", description=DEVICE_HELP)
+    dtype: DtypeName = Field(default="float32", description=DTYPE_HELP)
+    compile: bool = Field(default=False, description=COMPILE_HELP)
+    compile_sizes: Annotated[tuple[int, ...], NoDecode, BeforeValidator(_parse_sizes)] = Field(
+        default=(1, 2, 3, 4, 5, 6, 8, 12, 16), description=SIZES_HELP)  # = tandem.fastlm.BUCKETS
+
+
+class DraftPlacement(BaseSettings):
+    """Where and how the draft runs (TANDEM_DRAFT_DEVICE, TANDEM_DRAFT_DTYPE, TANDEM_DRAFT_COMPILE)."""
+
+    model_config = SettingsConfigDict(env_prefix="TANDEM_", extra="ignore")
+
+    draft_device: str = Field(default="auto", description=DEVICE_HELP)
+    draft_dtype: DtypeName = Field(default="float32", description=DTYPE_HELP)
+    draft_compile: bool = Field(default=False, description=COMPILE_HELP)
 
 
 class SpeculationSettings(BaseSettings):
@@ -62,7 +99,7 @@ class SpeculationSettings(BaseSettings):
     pool_max_tokens: int = Field(default=2_000_000, ge=1, description="tokens all phrase pools hold together")
 
 
-class CoreSettings(BaseSettings):
+class CoreSettings(TargetPlacement, DraftPlacement):
     model_config = SettingsConfigDict(env_prefix="TANDEM_", extra="ignore")
 
     target: str = DEFAULT_TARGET

@@ -61,13 +61,15 @@ def draw_draft_token(
 
 
 def draft_block(tokens: list[int], rows: list[DraftRow]) -> DraftBlock:
+    """The block as it goes on the wire: q rows on the CPU, wherever the draft ran."""
     first = rows[0] if rows else None
     if first is None:
         return DraftBlock(tokens)
     if isinstance(first, tuple):
         pairs = [r for r in rows if isinstance(r, tuple)]
-        return DraftBlock(tokens, q_ids=torch.stack([r[0] for r in pairs]), q_probs=torch.stack([r[1] for r in pairs]))
-    return DraftBlock(tokens, q_full=torch.stack([r for r in rows if isinstance(r, torch.Tensor)]))
+        return DraftBlock(tokens, q_ids=torch.stack([r[0] for r in pairs]).cpu(),
+                          q_probs=torch.stack([r[1] for r in pairs]).cpu())
+    return DraftBlock(tokens, q_full=torch.stack([r for r in rows if isinstance(r, torch.Tensor)]).cpu())
 
 
 class ModelDrafter:
@@ -83,7 +85,7 @@ class ModelDrafter:
     def start(self, context: list[int], params: SamplingParams) -> None:
         self.params = params
         self.state = SequenceState(self.draft.model, context)
-        self.generator = make_generator(None if params.seed is None else params.seed + 1)
+        self.generator = make_generator(None if params.seed is None else params.seed + 1, self.state.device)
 
     def reset(self, context: list[int]) -> None:
         common = 0

@@ -1,6 +1,8 @@
 """A causal LM's state over one token sequence: the ids, and the KV cache over a prefix of them.
 
-This module alone knows the cache layout. Rollback is a position counter and one cache crop.
+This module alone knows the cache layout: HF's `DynamicCache`, or, for a model with the fast path on
+(`tandem.fastlm`), `StaticKV`, preallocated tensors indexed by slot. Rollback is a position counter and one cache
+crop, for both.
 """
 
 from __future__ import annotations
@@ -8,7 +10,46 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
+from tandem import fastlm
 from tandem.errors import CacheRollbackError
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """Where the model's weights are (a weightless stand-in: the CPU)."""
+    p = next(model.parameters(), None)
+    return torch.device("cpu") if p is None else p.device
+
+
+class StaticKV:
+    """The fast path's cache: per layer a [kv_heads, capacity, head_dim] key and value tensor; slots [0, length) hold
+    the sequence's positions in order. Capacity grows in steps of `fastlm.CACHE_STEP` (a copy), never shrinks."""
+
+    def __init__(self, fast: fastlm.FastLM, capacity: int) -> None:
+        self.fast = fast
+        self.k, self.v = fast.new_cache(capacity)
+        self.length = 0
+
+    @property
+    def capacity(self) -> int:
+        return int(self.k[0].shape[1])
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def crop(self, max_length: int) -> None:
+        """DynamicCache's crop: a negative `max_length` drops that many positions; here, only the length moves."""
+        self.length = self.length + max_length if max_length < 0 else min(self.length, max_length)
+
+    def reserve(self, slots: int) -> None:
+        """Room for `slots` slots (plus a compiled bucket's padding rows)."""
+        need = slots + max(fastlm.BUCKETS)
+        if need <= self.capacity:
+            return
+        capacity = -(-need // fastlm.CACHE_STEP) * fastlm.CACHE_STEP
+        k, v = self.fast.new_cache(capacity)
+        for old, new in zip((*self.k, *self.v), (*k, *v), strict=True):
+            new[:, : self.length] = old[:, : self.length]
+        self.k, self.v = k, v
 
 
 class SequenceState:
@@ -17,7 +58,11 @@ class SequenceState:
     def __init__(self, model: PreTrainedModel, tokens: list[int]) -> None:
         self.model = model
         self.tokens = list(tokens)
-        self.cache = DynamicCache(config=model.config)
+        self.fast = fastlm.of(model)
+        self.cache: DynamicCache | StaticKV = (
+            DynamicCache(config=model.config) if self.fast is None else StaticKV(self.fast, fastlm.CACHE_STEP)
+        )
+        self.device = model_device(model)
 
     @property
     def cached(self) -> int:
@@ -41,8 +86,11 @@ class SequenceState:
     def run(self, ids: list[int]) -> torch.Tensor:
         """Feed `ids` at the next uncached positions; [len(ids), V] float32 logits."""
         start = self.cached
-        feed = torch.tensor([ids], dtype=torch.long)  # [1, n]
-        positions = torch.arange(start, start + len(ids))[None]  # [1, n]
+        if self.fast is not None:
+            slots = torch.arange(start, start + len(ids), device=self.device)  # [n]
+            return self._run_fast(ids, slots.clone(), slots, None)
+        feed = torch.tensor([ids], dtype=torch.long, device=self.device)  # [1, n]
+        positions = torch.arange(start, start + len(ids), device=self.device)[None]  # [1, n]
         out = self.model(input_ids=feed, past_key_values=self.cache, position_ids=positions, use_cache=True)
         logits: torch.Tensor = out.logits[0].float()
         return logits
@@ -77,15 +125,38 @@ class SequenceState:
         see = torch.ones(q, start + q, dtype=torch.bool)  # [q, kv] everything cached is visible
         see[:, start:] = torch.ones(q, q, dtype=torch.bool).tril()  # the pending tail is causal; nodes see all of it
         see[p:, start + p :] = allowed
+        positions = torch.tensor(list(range(start, start + p)) + [start + p + d for d in depth])  # [q]
+        if self.fast is not None:
+            with torch.inference_mode():
+                rows = self._run_fast(pending + list(nodes), positions.to(self.device),
+                                      torch.arange(start, start + q, device=self.device), see.to(self.device))
+            return rows[p - 1 :]
         dtype = next(self.model.parameters()).dtype
         # an additive float mask works for both sdpa and eager attention (a bool one only for sdpa)
         mask = torch.zeros(q, start + q, dtype=dtype).masked_fill_(~see, torch.finfo(dtype).min)[None, None]
-        positions = torch.tensor(list(range(start, start + p)) + [start + p + d for d in depth])[None]  # [1, q]
-        feed = torch.tensor([pending + list(nodes)], dtype=torch.long)  # [1, q]
+        feed = torch.tensor([pending + list(nodes)], dtype=torch.long, device=self.device)  # [1, q]
         with torch.inference_mode():
-            out = self.model(input_ids=feed, attention_mask=mask, past_key_values=self.cache, position_ids=positions,
-                             use_cache=True)
+            out = self.model(input_ids=feed, attention_mask=mask.to(self.device), past_key_values=self.cache,
+                             position_ids=positions[None].to(self.device), use_cache=True)
         logits: torch.Tensor = out.logits[0, p - 1 :].float()
+        return logits
+
+    def _run_fast(self, ids: list[int], positions: torch.Tensor, slots: torch.Tensor,
+                  see: torch.Tensor | None) -> torch.Tensor:
+        """The fast path's pass: `ids` at `slots` (the next ones), RoPE at `positions` ([n] each); `see` [n, start + n]
+        which slots each query sees (None: causal). [n, V] float32 logits; the cache then covers the new slots."""
+        cache = self.cache
+        assert isinstance(cache, StaticKV) and self.fast is not None
+        end = cache.length + len(ids)
+        cache.reserve(end)
+        mask = torch.zeros(len(ids), cache.capacity, dtype=torch.bool, device=self.device)  # [n, S]
+        if see is None:
+            mask[:, :end] = torch.ones(len(ids), end, dtype=torch.bool, device=self.device).tril(cache.length)
+        else:
+            mask[:, :end] = see
+        feed = torch.tensor(ids, dtype=torch.long, device=self.device)  # [n]
+        logits = self.fast.run(feed, positions, slots, mask, cache.k, cache.v)
+        cache.length = end
         return logits
 
     def rollback(self, length: int) -> None:

@@ -11,10 +11,13 @@ from pathlib import Path
 from typing import cast
 
 import torch
+from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from tandem import frspec, gguf
+from tandem import fastlm, frspec, gguf
 from tandem.errors import ModelLoadError, TokenizerMismatchError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 DEMO_DIR = Path(__file__).parent / "demo"
 DEMO_MODELS = {"demo-target": DEMO_DIR / "target", "demo-draft": DEMO_DIR / "draft"}
@@ -47,6 +50,63 @@ class LoadedModel:
     def n_params(self) -> int:
         return sum(p.numel() for p in self.model.parameters())
 
+    @property
+    def device(self) -> torch.device:
+        p = next(self.model.parameters(), None)
+        return torch.device("cpu") if p is None else p.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        p = next(self.model.parameters(), None)
+        return torch.float32 if p is None else p.dtype
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of the weights a step reads (a tied embedding counted once)."""
+        return sum(p.numel() * p.element_size() for p in {id(p): p for p in self.model.parameters()}.values())
+
+    @property
+    def compiled(self) -> bool:
+        fast = fastlm.of(self.model)
+        return fast is not None and fast.compiled is not None
+
+    def describe(self) -> str:
+        """`name on device, dtype, compiled|eager`: what start-up prints."""
+        fast = fastlm.of(self.model)
+        how = f"compiled in {fast.compile_s:.0f} s" if fast is not None and fast.compiled is not None else "eager"
+        return f"{self.name} on {self.device}, {str(self.dtype).removeprefix('torch.')}, {how}"
+
+
+def resolve_device(spec: str) -> torch.device:
+    """`auto` (CUDA, else MPS, else CPU), `cpu`, `cuda`, `cuda:N` or `mps`; an unavailable device is an error."""
+    if spec == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(spec)
+    except RuntimeError as e:
+        raise ModelLoadError(f"unknown device {spec!r}: use auto, cpu, cuda[:N] or mps") from e
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError(f"device {spec!r}: this machine has no CUDA device (or torch is a CPU build)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ModelLoadError(f"device {spec!r}: only {torch.cuda.device_count()} CUDA device(s)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ModelLoadError(f"device {spec!r}: MPS is not available here")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise ModelLoadError(f"device {spec!r}: use auto, cpu, cuda[:N] or mps")
+    return device
+
+
+def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    if name not in DTYPES:
+        raise ModelLoadError(f"unknown dtype {name!r}: use one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
 
 def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
     """sha256 over the vocabulary (token -> id) and the special tokens; 16 hex digits."""
@@ -72,9 +132,15 @@ def resolve(name_or_path: str) -> str:
     return name_or_path
 
 
-def load_model(name_or_path: str, dtype: torch.dtype = torch.float32) -> LoadedModel:
-    """Weights are cast to `dtype` (float32 by default: exact greedy equality needs stable argmaxes)."""
+def load_model(name_or_path: str, dtype: torch.dtype | str = torch.float32, device: torch.device | str = "cpu",
+               compile: bool = False, buckets: tuple[int, ...] = fastlm.BUCKETS) -> LoadedModel:
+    """Weights are cast to `dtype` (float32 by default: exact greedy equality needs stable argmaxes) on `device`
+    (`resolve_device`). `compile`: the fast path (`tandem.fastlm`), a graph per pass length in `buckets` built before
+    this returns (a draft needs `fastlm.DRAFT_BUCKETS`); a model it cannot run stays eager, with a warning."""
     from transformers.utils import logging as hf_logging
+
+    dtype = parse_dtype(dtype)
+    device = resolve_device(device) if isinstance(device, str) else device
 
     hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
     source = resolve(name_or_path)
@@ -90,7 +156,24 @@ def load_model(name_or_path: str, dtype: torch.dtype = torch.float32) -> LoadedM
         hint = "" if local else " (not a local folder; a hub id needs network access and HF_HUB_OFFLINE unset)"
         raise ModelLoadError(f"cannot load model {name_or_path!r}{hint}: {e}") from e
     model.eval().requires_grad_(False)  # type: ignore[no-untyped-call]
+    if device.type != "cpu":
+        model.to(device)  # type: ignore[arg-type]
+    if compile:
+        enable_fast_path(model, name_or_path, buckets=buckets)
     return LoadedModel(name_or_path, model, tokenizer, tokenizer_fingerprint(tokenizer))
+
+
+def enable_fast_path(model: nn.Module, name: str, compile: bool = True,
+                     buckets: tuple[int, ...] = fastlm.BUCKETS) -> bool:
+    """The fast path on `model` if it can run it; False (and a warning on stderr) if not."""
+    if not fastlm.supports(model):
+        import logging
+
+        logging.getLogger(__name__).warning("%s: no fast path for %s (plain Llama models only); it runs eager", name,
+                                            type(model).__name__)
+        return False
+    fastlm.enable(model, compile=compile, buckets=buckets)
+    return True
 
 
 def check_pair(draft: LoadedModel, target: LoadedModel) -> None:

@@ -70,8 +70,9 @@ def sample(probs: torch.Tensor, generator: torch.Generator | None) -> int:
     return int(torch.multinomial(probs, 1, generator=generator).item())
 
 
-def make_generator(seed: int | None) -> torch.Generator:
-    gen = torch.Generator()
+def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator:
+    """A generator on `device` (where the probabilities it draws from live); a seed gives one stream per device kind."""
+    gen = torch.Generator(device=device)
     if seed is None:
         gen.seed()
     else:

@@ -61,8 +61,9 @@ class TargetSession:
         self.target = target
         self.params = params
         self.state = SequenceState(target.model, prompt)
+        self.device = self.state.device
         self.prompt_len = len(prompt)
-        self.generator = make_generator(params.seed)
+        self.generator = make_generator(params.seed, self.device)
         self.stop_ids = () if params.ignore_eos else tuple(set(params.stop_token_ids) | set(target.eos_token_ids))
         self.finish_reason: FinishReason | None = None
         self.passes = 0
@@ -123,8 +124,8 @@ class TargetSession:
         # near the context end: verify what fits, drop the rest
         block = slice_block(block, 0, min(len(block.tokens), room), room)
         draft_t = torch.tensor(block.tokens, dtype=torch.long)  # [gamma]
-        q = None if self.params.greedy else self._checked_q(draft_t, block)
-        return PreparedBlock(block.tokens, draft_t, q, _tree(block) if block.candidates else None)
+        q = None if self.params.greedy else self._checked_q(draft_t, block).to(self.device)
+        return PreparedBlock(block.tokens, draft_t.to(self.device), q, _tree(block) if block.candidates else None)
 
     def finish(self, prepared: PreparedBlock, logits: torch.Tensor) -> VerifyResult:
         """The verdict from the target's logits over the block ([gamma + 1, V]); commits and rolls the cache back."""

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from tandem.adaptive import AdaptiveGamma
 from tandem.blocks import DraftBlock, FinishReason, cut_at_finish, pending_part
 from tandem.config import SpeculationSettings
+from tandem.costs import CostCurve
 from tandem.drafting import Drafter, ModelDrafter
 from tandem.errors import InvalidRequestError, RemoteError
 from tandem.messages import Step, Verifier, VerifierSession
@@ -152,7 +153,9 @@ class SpeculativeDecoder:
         s = self.settings
         if not s.ouroboros:
             return ModelDrafter(self.draft, "sparse", s.q_top_k)
-        return OuroborosDrafter(self.draft, self.pools.get(s.client_id), self.ouroboros, "sparse", s.q_top_k)
+        # blocks sized on the cost curve the loop measures (one object: the drafter reads what the loop observes)
+        return OuroborosDrafter(self.draft, self.pools.get(s.client_id), self.ouroboros, "sparse", s.q_top_k,
+                                costs=self.model.costs)
 
     def _auto_prefers_cloud(self) -> bool:
         if not self._auto_cloud:
@@ -301,8 +304,9 @@ class SpeculativeDecoder:
                 # 3. learn: acceptance, the server's time, the round trip; the drafter learns the verdict
                 stats.count_round(drafted + candidates, result.num_accepted)
                 model.observe_round(drafted, result.num_accepted)
-                # the pass's cost, without its wait for the model thread (other sessions' batches)
-                model.observe_verify(drafted + 1, (reply.server_ms - reply.queue_ms) / 1e3)
+                # the pass's cost over all its positions (candidates' too), without its wait for the model thread
+                # (other sessions' batches)
+                model.observe_verify(drafted + 1 + candidates, (reply.server_ms - reply.queue_ms) / 1e3)
                 if sent.clean:
                     rtt = time.perf_counter() - sent.t_sent - reply.server_ms / 1e3
                     model.observe_rtt(rtt)
@@ -358,4 +362,7 @@ def generate_speculative(drafter: Drafter, verifier: Verifier, prompt: list[int]
     # built field by field, not from the environment: the caller's drafter and gamma say it all
     settings = SpeculationSettings.model_construct(mode="spec", gamma=gamma, pipeline=False, retries=0)
     decoder = SpeculativeDecoder(settings, drafter.draft, lambda: _Borrowed(verifier))
+    costs = getattr(drafter, "costs", None)
+    if isinstance(costs, CostCurve):
+        decoder.model.costs = costs  # the loop feeds the curve the drafter sizes its blocks by
     return decoder.generate(prompt, params, on_tokens, drafter=drafter)

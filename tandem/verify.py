@@ -88,19 +88,20 @@ def verify_stochastic(
     generator: torch.Generator | None,
 ) -> Verdict:
     gamma = draft_tokens.shape[0]
-    idx = torch.arange(gamma)
-    p_x = p[idx, draft_tokens].double()  # [gamma]
-    q_x = q[idx, draft_tokens].double()  # [gamma]
+    wide = _wide(p.device)
+    idx = torch.arange(gamma, device=p.device)
+    p_x = p[idx, draft_tokens].to(wide)  # [gamma]
+    q_x = q[idx, draft_tokens].to(wide)  # [gamma]
     if bool((q_x <= 0).any()):
         raise InvalidRequestError("q gives zero probability to a drafted token: the draft cannot have sampled it")
-    r = torch.rand(gamma, generator=generator, dtype=torch.float64)  # [gamma]
+    r = torch.rand(gamma, generator=generator, dtype=wide, device=p.device)  # [gamma]
     rejected = (r * q_x >= p_x).nonzero()  # accept x_i iff r_i < p(x_i) / q(x_i)
     if not len(rejected):
         return Verdict(gamma, _draw(p[gamma], generator), "bonus")
     n = int(rejected[0, 0])
-    residual = (p[n].double() - q[n].double()).clamp_min(0)  # [V]
+    residual = (p[n].to(wide) - q[n].to(wide)).clamp_min(0)  # [V]
     if float(residual.sum()) <= 0:  # p == q up to rounding: the rejection had probability ~0
-        residual = p[n].double()
+        residual = p[n].to(wide)
     return Verdict(n, _draw(residual, generator), "recovered")
 
 
@@ -117,7 +118,7 @@ def dense_q(
         if full.shape != (gamma, vocab_size):
             raise InvalidRequestError(f"q must have shape {(gamma, vocab_size)}, got {tuple(full.shape)}")
         return full.float()
-    q = torch.zeros(gamma, vocab_size)
+    q = torch.zeros(gamma, vocab_size, device=draft_tokens.device)
     if sparse_ids is not None and sparse_probs is not None:
         if sparse_ids.shape != sparse_probs.shape or sparse_ids.shape[0] != gamma:
             raise InvalidRequestError("sparse q ids and probs must both be [gamma, k]")
@@ -128,6 +129,11 @@ def dense_q(
         return q.scatter_(1, sparse_ids.long(), sparse_probs.float())
     # point mass at the drafted token
     return q.scatter_(1, draft_tokens[:, None], 1.0)
+
+
+def _wide(device: torch.device) -> torch.dtype:
+    """float64 for the acceptance test and the residual; MPS has no float64."""
+    return torch.float32 if device.type == "mps" else torch.float64
 
 
 def _draw(weights: torch.Tensor, generator: torch.Generator | None) -> int:

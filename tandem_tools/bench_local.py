@@ -18,7 +18,9 @@ from rich.console import Console
 from rich.table import Table
 
 from tandem.config import CoreSettings
+from tandem.costs import CostCurve
 from tandem.drafting import ModelDrafter
+from tandem.fastlm import DRAFT_BUCKETS
 from tandem.frspec import FRSpecDraft, as_llama
 from tandem.local import LocalVerifier
 from tandem.models import LoadedModel, check_pair, load_model
@@ -28,10 +30,13 @@ from tandem.sampling import SamplingParams
 from tandem.session import generate_autoregressive
 from tandem.speculate import generate_speculative
 from tandem.stats import GenerationResult
+from tandem_tools import roofline
 from tandem_tools.replay_summary import CHAT_TRACE, load_trace
 from tandem_tools.train.data import heldout_prompts
 
-MODES = ("ar", "spec", "ouroboros", "hf-assisted", "hf-assisted-constant")
+# ar-eager: the target alone in float32 through HF's eager forward, the exactly-lossless reference: with it, every
+# mode's output is also compared with it (the match rate of a reduced precision or compiled setting)
+MODES = ("ar", "ar-eager", "spec", "ouroboros", "hf-assisted", "hf-assisted-constant")
 WARM_SHIFTS = {"repeat": 0, "shifted": 32}  # the warm start's second passes: each prompt again, or its window moved on
 
 
@@ -43,6 +48,7 @@ class ModeFigures:
     drafted: int = 0
     accepted: int = 0
     matches_ar: int = 0
+    matches_exact: int = 0
     runs: int = 0
     per_prompt_tps: list[float] = field(default_factory=list)
     accepted_per_position: list[int] = field(default_factory=list)
@@ -77,6 +83,7 @@ class ModeFigures:
             "acceptance_rate": self.accepted / self.drafted if self.drafted else None,
             "acceptance_per_position": [a / self.rounds for a in self.accepted_per_position] if self.rounds else None,
             "greedy_equal_to_target": f"{self.matches_ar}/{self.runs}",
+            "greedy_equal_to_fp32_eager": f"{self.matches_exact}/{self.runs}",
             "median_prompt_tokens_per_s": statistics.median(self.per_prompt_tps) if self.per_prompt_tps else 0.0,
             **({} if self.sources is None else {
                 "drafted_by_source": self.sources.drafted, "accepted_by_source": self.sources.accepted,
@@ -131,8 +138,11 @@ def run_bench_local(
         raise SystemExit("bench local compares fixed block lengths: pass --gamma N")
     modes = ["ar", *[m for m in modes if m != "ar"]]  # the baseline always runs: every ratio needs it
     torch.set_num_threads(settings.threads)
-    target, draft = load_model(settings.target), load_model(settings.draft)
+    target = load_model(settings.target, settings.dtype, settings.device, settings.compile, settings.compile_sizes)
+    draft = load_model(settings.draft, settings.draft_dtype, settings.draft_device, settings.draft_compile,
+                       DRAFT_BUCKETS)
     check_pair(draft, target)
+    exact = load_model(settings.target, "float32", settings.device) if "ar-eager" in modes else None
     if trace is None and getattr(target.tokenizer, "chat_template", None) and CHAT_TRACE.is_file():
         trace = CHAT_TRACE  # a chat model gets chat requests unless told otherwise
     if trace is not None:
@@ -148,12 +158,20 @@ def run_bench_local(
         + (f"requests of {trace.name}, " if trace else f"held-out prompts x {prompt_tokens} tokens, ")
         + f"{max_tokens} new tokens each, greedy, torch threads {torch.get_num_threads()}, one process"
     )
+    console.print(f"target {target.describe()}; draft {draft.describe()}")
+    roof = roofline.pair_roofline(target, draft, gamma)
+    for line in roofline.describe(roof):
+        console.print(line)
+    curve = roofline.pass_times(target, range(1, 17)) if "ouroboros" in modes else {}
+    roof["cost_curve_ms"] = {n: round(t * 1e3, 3) for n, t in curve.items()}
     figs = {m: ModeFigures(accepted_per_position=[0] * gamma) for m in modes}
     assistant = hf_assistant(draft) if any(m.startswith("hf-") for m in modes) else None
     runners: dict[str, Callable[[list[int]], tuple[list[int], float, dict]]] = {
         "ar": lambda p: _ours(generate_autoregressive(target, p, params)),
+        "ar-eager": lambda p: _ours(generate_autoregressive(exact, p, params)),  # type: ignore[arg-type]
         "spec": lambda p: _ours(generate_speculative(ModelDrafter(draft), LocalVerifier(target), p, params, gamma)),
-        "ouroboros": lambda p: _ouroboros(OuroborosDrafter(draft), target, p, params, gamma),  # a cold pool
+        # a cold pool; blocks sized on the target's cost curve measured above
+        "ouroboros": lambda p: _ouroboros(OuroborosDrafter(draft, costs=CostCurve(curve)), target, p, params, gamma),
         "hf-assisted": lambda p: (*_hf_assisted(target, assistant, p, params, None), {}),
         "hf-assisted-constant": lambda p: (*_hf_assisted(target, assistant, p, params, gamma), {}),
     }
@@ -167,11 +185,13 @@ def run_bench_local(
             figs[mode].add(tokens, wall, stats)
         for mode in modes:
             figs[mode].matches_ar += outputs[mode] == outputs["ar"]
+            figs[mode].matches_exact += outputs[mode] == outputs.get("ar-eager")
         console.print(f"  prompt {i + 1}/{len(prompts)} done", style="dim")
 
     base = figs["ar"].tokens / figs["ar"].wall_s
     table = Table(title=f"bench local (greedy, {trace.name if trace else 'held-out stdlib prompts'})")
-    for col in ("mode", "tok/s", "vs target alone", "acceptance", "target passes/token", "== target alone"):
+    columns = ["mode", "tok/s", "vs target alone", "acceptance", "target passes/token", "== target alone"]
+    for col in columns + (["vs fp32 eager", "== fp32 eager"] if exact is not None else []):
         table.add_column(col)
     results = {}
     for mode in modes:
@@ -179,10 +199,12 @@ def run_bench_local(
         results[mode] = d
         tps = float(d["tokens_per_s"])  # type: ignore[arg-type]
         acc, tpt = d["acceptance_rate"], d["target_passes_per_token"]
-        table.add_row(
-            mode, f"{tps:.1f}", f"{tps / base:.2f}x", "-" if acc is None else f"{acc:.3f}",
-            "-" if tpt is None else f"{tpt:.3f}", str(d["greedy_equal_to_target"]),
-        )
+        row = [mode, f"{tps:.1f}", f"{tps / base:.2f}x", "-" if acc is None else f"{acc:.3f}",
+               "-" if tpt is None else f"{tpt:.3f}", str(d["greedy_equal_to_target"])]
+        if exact is not None:
+            eager = figs["ar-eager"].tokens / figs["ar-eager"].wall_s
+            row += [f"{tps / eager:.2f}x", str(d["greedy_equal_to_fp32_eager"])]
+        table.add_row(*row)
     console.print(table)
     for m in ("spec", "ouroboros"):
         if m in results and results[m]["acceptance_per_position"]:
@@ -202,8 +224,9 @@ def run_bench_local(
             ratio = float(results["spec"]["tokens_per_s"]) / float(results[m]["tokens_per_s"])  # type: ignore[arg-type]
             console.print(f"spec / {m}: {ratio:.2f}x")
     report = {
-        "settings": {"target": target.name, "draft": draft.name, "gamma": gamma, "prompts": len(prompts),
+        "settings": {"target": target.describe(), "draft": draft.describe(), "gamma": gamma, "prompts": len(prompts),
                      "prompt_tokens": prompt_tokens, "max_tokens": max_tokens, "threads": torch.get_num_threads()},
+        "roofline": roof,
         "machine": {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__},
         "results": results,
     }

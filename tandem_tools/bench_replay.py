@@ -194,6 +194,8 @@ def run_replay(cfg: ReplayConfig, console: Console | None = None) -> dict[str, A
     # transports load here, not at import: the core stays transport-free
     from edge_client.client import EdgeClient, make_verifier
     from edge_client.settings import EdgeSettings
+    from tandem.config import DraftPlacement
+    from tandem.fastlm import DRAFT_BUCKETS
     from tandem.models import load_model
     from tandem.sampling import SamplingParams
 
@@ -209,14 +211,15 @@ def run_replay(cfg: ReplayConfig, console: Console | None = None) -> dict[str, A
         modes.remove("ouroboros")
     if not modes:
         raise ValueError("no mode left to run")
-    draft = load_model(cfg.draft)
+    place = DraftPlacement()  # the draft's device, dtype and fast path: TANDEM_DRAFT_* (the cloud reads TANDEM_*)
+    draft = load_model(cfg.draft, place.draft_dtype, place.draft_device, place.draft_compile, DRAFT_BUCKETS)
     prompts = [r.ids(draft.tokenizer) for r in rows]
     greedy = {i for i, r in enumerate(rows) if r.temperature == 0}
     open_loop = any(r.arrival_s is not None for r in rows)
     cfg.out.mkdir(parents=True, exist_ok=True)
     cloud_proc = None if cfg.cloud else CloudProcess(
         threads=cfg.cloud_threads, env={"TANDEM_TARGET": cfg.target},
-        log_path=cfg.out / "cloud.log")
+        log_path=cfg.out / "cloud.log", ready_timeout_s=900)  # a compiled target builds its graphs first
     records: list[RequestRecord] = []
     if cloud_proc is not None:
         console.print(f"starting the cloud ({cfg.target}, {cfg.cloud_threads} torch thread(s)) ...")
@@ -232,7 +235,8 @@ def run_replay(cfg: ReplayConfig, console: Console | None = None) -> dict[str, A
             probe.close()
         console.print(
             f"[bold]tandem bench replay[/]: {len(rows)} requests from {cfg.trace.name}, RTTs {cfg.rtts} ms, modes "
-            f"{', '.join(modes)}; target {target_name} at {upstream}, draft {draft.name}, gamma {cfg.gamma}; torch "
+            f"{', '.join(modes)}; target {target_name} at {upstream}, draft {draft.describe()}, gamma {cfg.gamma}; "
+            "torch "
             f"threads: edge {torch.get_num_threads()}, cloud {cfg.cloud_threads if cloud_proc else 'its own'}, "
             f"netem in its own process; {'open' if open_loop else 'closed'}-loop")
         total = len(cfg.rtts) * len(modes) * len(rows)

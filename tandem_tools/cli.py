@@ -50,6 +50,10 @@ def demo(
 
 TARGET_HELP = (f"target model: a short name (default {DEFAULT_TARGET}; {DEMO_TARGET}: the code pair), a .gguf "
                "file, a folder, or a hub id")
+DEVICE_OPT = "auto (CUDA, else MPS, else CPU), cpu, cuda[:N], mps"
+DTYPE_OPT = "float32 (exactly lossless), bfloat16 or float16"
+SIZES_OPT = "pass lengths compiled at start-up, comma-separated (default 1,2,3,4,5,6,8,12,16)"
+COMPILE_OPT = "the fast path: compiled decode and verify steps (plain Llama models; compiles at start-up)"
 DRAFT_HELP = f"draft model: a short name (default {DEFAULT_DRAFT}; {DEMO_DRAFT}: the code pair), a folder, or a hub id"
 _PASSTHROUGH = {"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []}
 
@@ -106,12 +110,24 @@ def bench_local(
     = None,
     target: Annotated[str | None, typer.Option(help="target model")] = None,
     draft: Annotated[str | None, typer.Option(help="draft model")] = None,
+    device: Annotated[str | None, typer.Option(help="the target's device: " + DEVICE_OPT)] = None,
+    dtype: Annotated[str | None, typer.Option(help="the target's dtype: " + DTYPE_OPT)] = None,
+    compile: Annotated[bool | None, typer.Option("--compile/--no-compile", help="the target: " + COMPILE_OPT)] = None,
+    compile_sizes: Annotated[str | None, typer.Option(help=SIZES_OPT)] = None,
+    draft_device: Annotated[str | None, typer.Option(help=DEVICE_OPT)] = None,
+    draft_dtype: Annotated[str | None, typer.Option(help=DTYPE_OPT)] = None,
+    draft_compile: Annotated[bool | None, typer.Option("--draft-compile/--no-draft-compile", help=COMPILE_OPT)]
+    = None,
 ) -> None:
-    """Target alone vs our speculative loop vs HF transformers' assisted generation, interleaved, greedy."""
+    """Target alone vs our speculative loop vs HF transformers' assisted generation, interleaved, greedy; with the
+    pair's roofline (v, c and the bounds) and, with mode ar-eager, every mode's match rate against float32 eager."""
     from tandem.config import CoreSettings
     from tandem_tools.bench_local import run_bench_local
 
-    settings = CoreSettings(**_overrides(gamma=gamma, threads=threads, target=target, draft=draft))
+    settings = CoreSettings(**_overrides(gamma=gamma, threads=threads, target=target, draft=draft, device=device,
+                                         dtype=dtype, compile=compile, compile_sizes=compile_sizes,
+                                         draft_device=draft_device,
+                                         draft_dtype=draft_dtype, draft_compile=draft_compile))
     run_bench_local(settings, modes.split(","), prompts, prompt_tokens, max_tokens, json_out, warm=warm, trace=trace)
 
 
@@ -225,12 +241,19 @@ def serve(
     host: Annotated[str | None, typer.Option()] = None,
     http_port: Annotated[int | None, typer.Option()] = None,
     grpc_port: Annotated[int | None, typer.Option()] = None,
+    device: Annotated[str | None, typer.Option(help=DEVICE_OPT)] = None,
+    dtype: Annotated[str | None, typer.Option(help=DTYPE_OPT)] = None,
+    compile: Annotated[bool | None, typer.Option("--compile/--no-compile", help=COMPILE_OPT)] = None,
+    compile_sizes: Annotated[str | None, typer.Option(help=SIZES_OPT)] = None,
+    threads: Annotated[int | None, typer.Option(help="torch intra-op threads")] = None,
 ) -> None:
     """Serve the target model: HTTP (OpenAI-compatible + sessions) and gRPC from one process, one model worker."""
     from cloud_server.main import run
     from cloud_server.settings import ServerSettings
 
-    run(ServerSettings(**_overrides(target=target, host=host, http_port=http_port, grpc_port=grpc_port)))
+    run(ServerSettings(**_overrides(target=target, host=host, http_port=http_port, grpc_port=grpc_port,
+                                    device=device, dtype=dtype, compile=compile, compile_sizes=compile_sizes,
+                                    threads=threads)))
 
 
 def _edge_settings(**kw: Any) -> Any:
@@ -269,6 +292,7 @@ def generate(
 
     from edge_client.client import EdgeClient
     from tandem.errors import TandemError
+    from tandem.fastlm import DRAFT_BUCKETS
     from tandem.models import load_model
     from tandem.sampling import SamplingParams
     from tandem_protocol.openai_api.text import IncrementalText, chat_prompt, encode
@@ -277,7 +301,8 @@ def generate(
                               pipeline=pipeline, fallback=fallback, threads=threads, ouroboros=ouroboros)
     torch.set_num_threads(settings.threads)
     try:
-        model = load_model(settings.draft)
+        model = load_model(settings.draft, settings.draft_dtype, settings.draft_device, settings.draft_compile,
+                           DRAFT_BUCKETS)
         chat = not raw and getattr(model.tokenizer, "chat_template", None)
         ids = chat_prompt(model.tokenizer, [{"role": "user", "content": prompt}]) if chat else encode(model.tokenizer,
                                                                                                     prompt)
@@ -314,12 +339,18 @@ def edge_serve(
     draft: Annotated[str | None, typer.Option()] = None,
     gamma: Annotated[str | None, typer.Option(help="draft block length, or 'adaptive'")] = None,
     fallback: Annotated[str | None, typer.Option(help="none | edge")] = None,
+    draft_device: Annotated[str | None, typer.Option(help=DEVICE_OPT)] = None,
+    draft_dtype: Annotated[str | None, typer.Option(help=DTYPE_OPT)] = None,
+    draft_compile: Annotated[bool | None, typer.Option("--draft-compile/--no-draft-compile", help=COMPILE_OPT)]
+    = None,
+    threads: Annotated[int | None, typer.Option(help="torch intra-op threads for the draft")] = None,
 ) -> None:
     """An OpenAI-compatible endpoint on the device, served by the speculative loop against the cloud."""
     from edge_client.http_app import run
 
     run(_edge_settings(cloud=cloud, port=port, host=host, transport=transport, mode=mode, draft=draft, gamma=gamma,
-                       fallback=fallback))
+                       fallback=fallback, draft_device=draft_device, draft_dtype=draft_dtype,
+                       draft_compile=draft_compile, threads=threads))
 
 
 @app.command()

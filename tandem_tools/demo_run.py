@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from tandem.config import CoreSettings
+from tandem.fastlm import DRAFT_BUCKETS
 from tandem.models import LoadedModel, check_pair, load_model
 from tandem.sampling import SamplingParams
 from tandem.session import generate_autoregressive
@@ -52,10 +53,13 @@ def run_demo(settings: CoreSettings, prompt: str | None, max_tokens: int, mode: 
 
     console = console or Console()
     torch.set_num_threads(settings.threads)
-    draft = load_model(settings.draft)
+    draft = load_model(settings.draft, settings.draft_dtype, settings.draft_device, settings.draft_compile,
+                       DRAFT_BUCKETS)
     ids = demo_prompt(draft, prompt)
     params = SamplingParams(max_tokens=max_tokens)
-    env = {"TANDEM_TARGET": settings.target, "TANDEM_MAX_DRAFT_TOKENS": "64"}
+    env = {"TANDEM_TARGET": settings.target, "TANDEM_MAX_DRAFT_TOKENS": "64", "TANDEM_DEVICE": settings.device,
+           "TANDEM_DTYPE": settings.dtype, "TANDEM_COMPILE": str(settings.compile).lower(),
+           "TANDEM_COMPILE_SIZES": ",".join(map(str, settings.compile_sizes))}
     console.print(f"[bold]tandem demo[/bold]: starting `tandem serve` with {settings.target} in its own process "
                   f"({settings.threads} torch thread); the draft {draft.name} ({draft.n_params / 1e6:.1f}M params) "
                   f"runs here ({torch.get_num_threads()} torch thread)")
@@ -83,7 +87,8 @@ def run_demo(settings: CoreSettings, prompt: str | None, max_tokens: int, mode: 
             runs.append(DemoRun(m, result))
             if m == mode:
                 console.print()
-    target = load_model(settings.target)  # the target alone, in this process, after the cloud has stopped
+    # the target alone, in this process, after the cloud has stopped
+    target = load_model(settings.target, settings.dtype, settings.device, settings.compile, settings.compile_sizes)
     check_pair(draft, target)
     alone = generate_autoregressive(target, ids, params)
     report(console, runs, alone)

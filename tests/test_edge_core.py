@@ -7,8 +7,9 @@ import random
 import pytest
 from conftest import bigram, chain_table
 
-from tandem.adaptive import AdaptiveGamma, _Ewma
+from tandem.adaptive import AdaptiveGamma
 from tandem.blocks import DraftBlock, pending_part
+from tandem.costs import Ewma
 from tandem.drafting import ModelDrafter
 from tandem.models import LoadedModel
 from tandem.sampling import SamplingParams
@@ -100,7 +101,7 @@ def test_sampled_remainder_slices_q_rows(chain: LoadedModel) -> None:
 def measured(alpha: float, draft_ms: float, rtt_ms: float, verify_ms: tuple[float, float]) -> AdaptiveGamma:
     """verify_ms: (fixed, per position)."""
     m = AdaptiveGamma(max_gamma=16)
-    m.acceptance = [_Ewma(alpha, samples=1) for _ in range(16)]
+    m.acceptance = [Ewma(alpha, samples=1) for _ in range(16)]
     m.observe_draft_step(draft_ms / 1e3)
     m.observe_rtt(rtt_ms / 1e3)
     for n in (1, 3, 5, 9):

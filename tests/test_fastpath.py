@@ -1,0 +1,212 @@
+"""The fast path (`tandem.fastlm` + `tandem.kv.StaticKV`): the same logits as the HF model, rollback as a position,
+greedy equality with the target alone (linear blocks and trees, eager and compiled), devices and dtypes."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import noisy_copy, tiny_model, wrap
+
+from tandem import fastlm
+from tandem.drafting import ModelDrafter
+from tandem.errors import ModelLoadError
+from tandem.kv import SequenceState, StaticKV
+from tandem.local import LocalVerifier
+from tandem.models import LoadedModel, load_model, parse_dtype, resolve_device
+from tandem.ouroboros import OuroborosDrafter
+from tandem.pool import OuroborosConfig
+from tandem.sampling import SamplingParams
+from tandem.session import generate_autoregressive
+from tandem.speculate import generate_speculative
+from tandem_protocol.openai_api.text import chat_prompt
+
+PROMPTS = [[(5 * i + 3 * j) % 90 + 2 for j in range(4 + i % 9)] for i in range(8)]
+GREEDY = SamplingParams(max_tokens=30, ignore_eos=True)
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def _fast_pair(compile: bool, buckets: tuple[int, ...] = fastlm.BUCKETS,
+               device: str = "cpu") -> tuple[LoadedModel, LoadedModel]:
+    """The conftest pair's architecture and weights, in fresh objects on `device` with the fast path on."""
+    target = tiny_model(0, layers=3)
+    draft = noisy_copy(target, 0.05, seed=1)
+    for m in (target, draft):
+        m.to(device)  # type: ignore[arg-type]
+        fastlm.enable(m, compile=False)
+        if compile:
+            fastlm.of(m).compile(buckets)  # type: ignore[union-attr]
+    return wrap(target, "fast-target"), wrap(draft, "fast-draft")
+
+
+@pytest.fixture(scope="module")
+def fast_pair() -> tuple[LoadedModel, LoadedModel]:
+    return _fast_pair(compile=False)
+
+
+def test_fast_logits_equal_the_hf_model_and_rollback_is_a_position(tiny_target: LoadedModel) -> None:
+    model = copy.deepcopy(tiny_target.model)
+    fastlm.enable(model, compile=False)
+    prompt = PROMPTS[3]
+    slow, fast = SequenceState(tiny_target.model, prompt), SequenceState(model, prompt)
+    assert isinstance(fast.cache, StaticKV)
+    torch.testing.assert_close(fast.forward([7, 8, 9]), slow.forward([7, 8, 9]), rtol=1e-4, atol=1e-4)
+    assert fast.cached == slow.cached == len(prompt) + 3
+    fast.rollback(len(prompt) - 2)
+    slow.rollback(len(prompt) - 2)
+    assert fast.cache.length == len(prompt) - 2  # the rollback moved the length alone
+    torch.testing.assert_close(fast.forward([11]), slow.forward([11]), rtol=1e-4, atol=1e-4)
+
+
+def test_the_cache_grows_past_its_first_capacity() -> None:
+    hf = tiny_model(3, context=4 * fastlm.CACHE_STEP)
+    model = copy.deepcopy(hf)
+    fastlm.enable(model, compile=False)
+    prompt = [(i * 7) % 90 + 2 for i in range(fastlm.CACHE_STEP - 8)]
+    fast, slow = SequenceState(model, prompt), SequenceState(hf, prompt)
+    first = fast.cache.capacity  # type: ignore[union-attr]
+    torch.testing.assert_close(fast.forward(list(range(2, 20))), slow.forward(list(range(2, 20))), rtol=1e-4,
+                               atol=1e-4)
+    assert fast.cache.capacity > first  # type: ignore[union-attr]
+
+
+def test_fast_tree_forward_equals_the_hf_tree_forward(tiny_target: LoadedModel) -> None:
+    model = copy.deepcopy(tiny_target.model)
+    fastlm.enable(model, compile=False)
+    parents, nodes = [-1, 0, 1, -1, 3, 0], [12, 13, 14, 22, 23, 30]
+    slow, fast = SequenceState(tiny_target.model, PROMPTS[5]), SequenceState(model, PROMPTS[5])
+    slow.run(PROMPTS[5][:-2])
+    fast.run(PROMPTS[5][:-2])
+    torch.testing.assert_close(fast.forward_tree(parents, nodes), slow.forward_tree(parents, nodes), rtol=1e-4,
+                               atol=1e-4)
+
+
+def _check_equality(target: LoadedModel, draft: LoadedModel, reference: LoadedModel) -> None:
+    accepted = 0
+    for prompt in PROMPTS:
+        want = generate_autoregressive(target, prompt, GREEDY).tokens
+        assert want == generate_autoregressive(reference, prompt, GREEDY).tokens  # the fast target is the target
+        for gamma in (1, 4):
+            got = generate_speculative(ModelDrafter(draft), LocalVerifier(target), prompt, GREEDY, gamma)
+            assert got.tokens == want, (prompt, gamma)
+            accepted += got.stats.accepted
+        cfg = OuroborosConfig(extend=4, candidates=2, candidate_len=3, max_draft=8)
+        got = generate_speculative(OuroborosDrafter(draft, cfg=cfg), LocalVerifier(target), prompt, GREEDY, 3)
+        assert got.tokens == want, (prompt, "ouroboros")
+    assert accepted > 0
+
+
+def test_greedy_equality_on_the_fast_path(fast_pair: tuple[LoadedModel, LoadedModel],
+                                          tiny_target: LoadedModel) -> None:
+    _check_equality(*fast_pair, reference=tiny_target)
+
+
+def test_greedy_equality_compiled(tiny_target: LoadedModel) -> None:
+    """The compiled graphs (buckets kept few: each costs seconds of compilation on a CPU)."""
+    target, draft = _fast_pair(compile=True, buckets=(1, 2, 5))
+    assert fastlm.of(target.model).compiled is not None  # type: ignore[union-attr]
+    _check_equality(target, draft, reference=tiny_target)
+
+
+def test_two_models_of_different_shapes_compile_in_one_process() -> None:
+    models = [tiny_model(4, layers=2, hidden=64), tiny_model(5, layers=1, hidden=32)]
+    fasts = [fastlm.enable(copy.deepcopy(m), compile=False) for m in models]
+    for f in fasts:
+        f.compile((1, 3))
+        assert f.buckets == (1, 3)
+    with torch._dynamo.config.patch(error_on_recompile=True):  # passes of 1..3 positions pad to a compiled length
+        for hf, f in zip(models, fasts, strict=True):
+            slow, fast = SequenceState(hf, PROMPTS[4]), SequenceState(f.hf, PROMPTS[4])  # type: ignore[arg-type]
+            slow.run(PROMPTS[4])
+            fast.run(PROMPTS[4])
+            for extra in ([9], [9, 10], [9, 10, 11]):
+                torch.testing.assert_close(fast.forward(extra), slow.forward(extra), rtol=1e-4, atol=1e-4)
+                fast.rollback(len(PROMPTS[4]) - 1)
+                slow.rollback(len(PROMPTS[4]) - 1)
+
+
+def test_seeded_sampling_on_the_fast_path_is_deterministic(fast_pair: tuple[LoadedModel, LoadedModel]) -> None:
+    target, draft = fast_pair
+    params = SamplingParams(max_tokens=25, temperature=0.9, top_p=0.95, seed=11, ignore_eos=True)
+    runs = [generate_speculative(ModelDrafter(draft), LocalVerifier(target), PROMPTS[2], params, 3).tokens
+            for _ in range(2)]
+    assert runs[0] == runs[1] and len(runs[0]) == 25
+
+
+def test_device_and_dtype_names() -> None:
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type in ("cpu", "cuda", "mps")
+    assert parse_dtype("bfloat16") is torch.bfloat16
+    with pytest.raises(ModelLoadError, match="unknown dtype"):
+        parse_dtype("float8")
+    with pytest.raises(ModelLoadError):
+        resolve_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ModelLoadError, match="no CUDA"):
+            resolve_device("cuda:0")
+
+
+def test_load_model_casts_and_compiles_the_shipped_draft() -> None:
+    draft = load_model("demo-draft", dtype="bfloat16")
+    assert draft.dtype is torch.bfloat16 and not draft.compiled
+    assert draft.weight_bytes == sum(p.numel() * 2 for p in {id(p): p for p in draft.model.parameters()}.values())
+    assert "bfloat16, eager" in draft.describe()
+
+
+@CUDA
+def test_greedy_equality_on_cuda(tiny_target: LoadedModel) -> None:
+    target, draft = _fast_pair(compile=False, device="cuda")
+    state = SequenceState(target.model, PROMPTS[0])
+    assert state.device.type == "cuda"
+    _check_equality(target, draft, reference=tiny_target)
+
+
+@CUDA
+def test_hf_path_on_cuda_matches_cpu(tiny_target: LoadedModel) -> None:
+    model = copy.deepcopy(tiny_target.model).to("cuda")
+    on_gpu = wrap(model, "cuda-target")
+    for prompt in PROMPTS[:3]:
+        assert generate_autoregressive(on_gpu, prompt, GREEDY).tokens == \
+            generate_autoregressive(tiny_target, prompt, GREEDY).tokens
+
+
+def test_placement_settings_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    from cloud_server.settings import ServerSettings
+    from edge_client.settings import EdgeSettings
+
+    monkeypatch.setenv("TANDEM_DEVICE", "cpu")
+    monkeypatch.setenv("TANDEM_DTYPE", "bfloat16")
+    monkeypatch.setenv("TANDEM_COMPILE", "1")
+    monkeypatch.setenv("TANDEM_COMPILE_SIZES", "4,1,2")
+    monkeypatch.setenv("TANDEM_DRAFT_DTYPE", "float16")
+    server = ServerSettings()
+    assert (server.device, server.dtype, server.compile, server.compile_sizes) == ("cpu", "bfloat16", True, (1, 2, 4))
+    edge = EdgeSettings()
+    assert (edge.draft_device, edge.draft_dtype, edge.draft_compile) == ("auto", "float16", False)
+    monkeypatch.setenv("TANDEM_COMPILE_SIZES", "0,3")
+    with pytest.raises(ValueError, match="compile sizes"):
+        ServerSettings()
+    monkeypatch.setenv("TANDEM_COMPILE_SIZES", "3")
+    monkeypatch.setenv("TANDEM_DTYPE", "int8")
+    with pytest.raises(ValueError):
+        ServerSettings()
+
+
+def test_real_pair_on_the_fast_path_equals_the_hf_path() -> None:
+    """The shipped pair (the default target converted from its GGUF, the FR-Spec draft), fast path eager."""
+    pytest.importorskip("gguf")
+    from tandem.config import DEFAULT_DRAFT, DEFAULT_TARGET
+
+    try:
+        hf_target = load_model(DEFAULT_TARGET)
+    except ModelLoadError as e:
+        pytest.skip(f"the default target is not installed: {e}")
+    target, draft = load_model(DEFAULT_TARGET), load_model(DEFAULT_DRAFT)
+    for m in (target, draft):
+        fastlm.enable(m.model, compile=False)
+    prompt = chat_prompt(target.tokenizer, [{"role": "user", "content": "Name three rivers in Europe."}])
+    params = SamplingParams(max_tokens=24)
+    want = generate_autoregressive(hf_target, prompt, params).tokens
+    assert generate_autoregressive(target, prompt, params).tokens == want
+    assert generate_speculative(ModelDrafter(draft), LocalVerifier(target), prompt, params, 3).tokens == want
