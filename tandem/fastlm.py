@@ -113,9 +113,11 @@ class FastLM:
         s = self.spec
         shape = (s.kv_heads, capacity, s.head_dim)
         # one tensor per layer, not a view into a stacked one: a compiled graph writes a whole input in place, but may
-        # copy a buffer it only sees a view of
-        return ([torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(s.layers)],
-                [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(s.layers)])
+        # copy a buffer it only sees a view of. Inference tensors always, wherever the caller is: the graphs guard on
+        # it, and a cache made outside inference mode would be compiled anew mid-request
+        with torch.inference_mode():
+            return ([torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(s.layers)],
+                    [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(s.layers)])
 
     def _norm(self, h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         x = h.float()
@@ -166,6 +168,13 @@ class FastLM:
     def run(self, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, mask: torch.Tensor,
             k_cache: list[torch.Tensor], v_cache: list[torch.Tensor]) -> torch.Tensor:
         """`step`, through the compiled graph of the next bucket when there is one (rows padded, then dropped)."""
+        with torch.inference_mode():
+            # inputs made outside inference mode are copied in: the graphs guard on it (else: a compile mid-request)
+            ids, positions, slots, mask = (t if t.is_inference() else t.clone() for t in (ids, positions, slots, mask))
+            return self._run(ids, positions, slots, mask, k_cache, v_cache)
+
+    def _run(self, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, mask: torch.Tensor,
+             k_cache: list[torch.Tensor], v_cache: list[torch.Tensor]) -> torch.Tensor:
         n = ids.shape[0]
         bucket = next((b for b in self.buckets if b >= n), None)  # only compiled lengths: never compile mid-request
         if self.compiled is None or bucket is None or int(slots.max()) + bucket - n >= k_cache[0].shape[1]:

@@ -47,8 +47,9 @@ class StaticKV:
             return
         capacity = -(-need // fastlm.CACHE_STEP) * fastlm.CACHE_STEP
         k, v = self.fast.new_cache(capacity)
-        for old, new in zip((*self.k, *self.v), (*k, *v), strict=True):
-            new[:, : self.length] = old[:, : self.length]
+        with torch.inference_mode():
+            for old, new in zip((*self.k, *self.v), (*k, *v), strict=True):
+                new[:, : self.length] = old[:, : self.length]
         self.k, self.v = k, v
 
 

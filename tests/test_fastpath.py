@@ -110,7 +110,8 @@ def test_greedy_equality_compiled(tiny_target: LoadedModel) -> None:
 
 
 def test_two_models_of_different_shapes_compile_in_one_process() -> None:
-    models = [tiny_model(4, layers=2, hidden=64), tiny_model(5, layers=1, hidden=32)]
+    """Nothing compiles after start-up: not a pass padded to a compiled length, a grown cache, nor a tree."""
+    models = [tiny_model(4, layers=2, hidden=64, context=1024), tiny_model(5, layers=1, hidden=32, context=1024)]
     fasts = [fastlm.enable(copy.deepcopy(m), compile=False) for m in models]
     for f in fasts:
         f.compile((1, 3))
@@ -124,6 +125,18 @@ def test_two_models_of_different_shapes_compile_in_one_process() -> None:
                 torch.testing.assert_close(fast.forward(extra), slow.forward(extra), rtol=1e-4, atol=1e-4)
                 fast.rollback(len(PROMPTS[4]) - 1)
                 slow.rollback(len(PROMPTS[4]) - 1)
+            torch.testing.assert_close(fast.forward_tree([-1, 0, -1], [5, 6, 7]),
+                                       slow.forward_tree([-1, 0, -1], [5, 6, 7]), rtol=1e-4, atol=1e-4)
+            fast.rollback(len(PROMPTS[4]) - 1)
+            slow.rollback(len(PROMPTS[4]) - 1)
+            for i in range(fastlm.CACHE_STEP):  # one position at a time, past the first capacity
+                fast.tokens.append(2 + i % 90)
+                slow.tokens.append(2 + i % 90)
+                if i % 40 == 0:
+                    torch.testing.assert_close(fast.forward(), slow.forward(), rtol=1e-4, atol=1e-4)
+                else:
+                    fast.forward()
+            assert fast.cache.capacity > fastlm.CACHE_STEP  # type: ignore[union-attr]
 
 
 def test_seeded_sampling_on_the_fast_path_is_deterministic(fast_pair: tuple[LoadedModel, LoadedModel]) -> None:
