@@ -72,6 +72,8 @@ def test_steep_costs_and_poor_pool_acceptance_send_the_draft_models_tokens_alone
 ) -> None:
     prompt = PROMPTS[1]
     steep = CostCurve.from_measurements({1: 0.01, 2: 0.02, 8: 0.08})  # a whole step per position
+    # held steep: the loop feeds the drafter's curve with the real passes, which are flat for this tiny target
+    steep.observe = lambda n, seconds: None  # type: ignore[method-assign]
     d = Recording(tiny_draft, known_pool(tiny_target, prompt), WIDE, costs=steep)
     d.shape.pool, d.shape.candidate, d.explore_every = frozen(0.02), frozen(0.02), 0
     got = generate_speculative(d, LocalVerifier(tiny_target), prompt, GREEDY, 2)
