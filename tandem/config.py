@@ -39,6 +39,10 @@ COMPILE_HELP = "the fast path: compiled decode and verify steps over a prealloca
 SIZES_HELP = "pass lengths compiled at start-up (a pass pads up to the next; longer ones run eager); comma-separated"
 
 
+# the pass lengths the fast path compiles by default (`tandem.fastlm.BUCKETS`)
+COMPILE_SIZES = (1, 2, 3, 4, 5, 6, 8, 12, 16)
+
+
 def _parse_sizes(v: object) -> object:
     if isinstance(v, str):
         v = [int(x) for x in v.split(",") if x.strip()]
@@ -58,7 +62,7 @@ class TargetPlacement(BaseSettings):
     dtype: DtypeName = Field(default="float32", description=DTYPE_HELP)
     compile: bool = Field(default=False, description=COMPILE_HELP)
     compile_sizes: Annotated[tuple[int, ...], NoDecode, BeforeValidator(_parse_sizes)] = Field(
-        default=(1, 2, 3, 4, 5, 6, 8, 12, 16), description=SIZES_HELP)  # = tandem.fastlm.BUCKETS
+        default=COMPILE_SIZES, description=SIZES_HELP)
 
 
 class DraftPlacement(BaseSettings):

@@ -7,7 +7,7 @@ Python object grows during a pass, so `torch.compile` captures the whole step; t
 length, and a rollback is that length alone.
 
 Passes of 1..`max(BUCKETS)` positions are padded up to the next bucket and run compiled (one graph each, built at
-start-up by `warm_up`); longer feeds (a prompt) run the same module eagerly. On a GPU the graphs are CUDA graphs.
+start-up by `FastLM.compile`); longer feeds (a prompt) run the same module eagerly. On a GPU the graphs are CUDA graphs.
 """
 
 from __future__ import annotations
@@ -20,8 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tandem.config import COMPILE_SIZES
+
 # block lengths (positions per pass) with a compiled graph of their own; a pass is padded up to the next one
-BUCKETS = (1, 2, 3, 4, 5, 6, 8, 12, 16)
+BUCKETS = COMPILE_SIZES
 # a draft's passes: one token, or the few it re-feeds after a verdict (longer ones run eagerly)
 DRAFT_BUCKETS = (1, 2, 3, 4)
 CACHE_STEP = 256  # cache capacity grows in steps of this many slots (each capacity the graphs see is one shape)
@@ -33,11 +35,9 @@ class FastSpec:
     heads: int
     kv_heads: int
     head_dim: int
-    hidden: int
     eps: float
     rope_theta: float
     max_positions: int
-    vocab_size: int
 
 
 def supports(model: nn.Module) -> bool:
@@ -86,9 +86,9 @@ class FastLM:
         self.spec = FastSpec(
             layers=cfg.num_hidden_layers, heads=cfg.num_attention_heads, kv_heads=cfg.num_key_value_heads,
             head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads,
-            hidden=cfg.hidden_size, eps=cfg.rms_norm_eps,
+            eps=cfg.rms_norm_eps,
             rope_theta=float((cfg.rope_parameters or {}).get("rope_theta", getattr(cfg, "rope_theta", 10000.0))),
-            max_positions=cfg.max_position_embeddings, vocab_size=cfg.vocab_size,
+            max_positions=cfg.max_position_embeddings,
         )
         self.frspec = model if isinstance(model, FRSpecDraft) else None
         backbone: Any = model.backbone if isinstance(model, FRSpecDraft) else model.model

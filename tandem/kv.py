@@ -41,8 +41,8 @@ class StaticKV:
         self.length = self.length + max_length if max_length < 0 else min(self.length, max_length)
 
     def reserve(self, slots: int) -> None:
-        """Room for `slots` slots (plus a compiled bucket's padding rows)."""
-        need = slots + max(fastlm.BUCKETS)
+        """Room for `slots` slots (plus a compiled pass's padding rows)."""
+        need = slots + max(self.fast.buckets, default=1)
         if need <= self.capacity:
             return
         capacity = -(-need // fastlm.CACHE_STEP) * fastlm.CACHE_STEP

@@ -159,11 +159,12 @@ def run_bench_local(
         + f"{max_tokens} new tokens each, greedy, torch threads {torch.get_num_threads()}, one process"
     )
     console.print(f"target {target.describe()}; draft {draft.describe()}")
-    roof = roofline.pair_roofline(target, draft, gamma)
+    # Ouroboros sizes its blocks on the target's whole cost curve: measured once, with the roofline
+    roof = roofline.pair_roofline(target, draft, gamma, positions=range(1, 17) if "ouroboros" in modes else ())
     for line in roofline.describe(roof):
         console.print(line)
-    curve = roofline.pass_times(target, range(1, 17)) if "ouroboros" in modes else {}
-    roof["cost_curve_ms"] = {n: round(t * 1e3, 3) for n, t in curve.items()}
+    pass_ms: dict[int, float] = roof["target"]["pass_ms"]  # type: ignore[index]
+    curve = {n: ms / 1e3 for n, ms in pass_ms.items()}
     figs = {m: ModeFigures(accepted_per_position=[0] * gamma) for m in modes}
     assistant = hf_assistant(draft) if any(m.startswith("hf-") for m in modes) else None
     runners: dict[str, Callable[[list[int]], tuple[list[int], float, dict]]] = {

@@ -118,9 +118,11 @@ def roofline(model: LoadedModel, times: dict[int, float], peaks: Peaks) -> dict[
     }
 
 
-def pair_roofline(target: LoadedModel, draft: LoadedModel, gamma: int, context: int = 128) -> dict[str, object]:
-    """The target's step and verify-(gamma + 1) times, the draft's step, their bounds, v and c."""
-    positions = sorted({1, 2, gamma + 1, 2 * gamma + 1})
+def pair_roofline(target: LoadedModel, draft: LoadedModel, gamma: int, context: int = 128,
+                  positions: Iterable[int] = ()) -> dict[str, object]:
+    """The target's step and verify-(gamma + 1) times (and its passes over `positions`), the draft's step, their
+    bounds, v and c."""
+    positions = sorted({1, 2, gamma + 1, 2 * gamma + 1, *positions})
     t_peaks = measure_peaks(target.device, target.dtype)
     d_peaks = t_peaks if (draft.device, draft.dtype) == (target.device, target.dtype) else \
         measure_peaks(draft.device, draft.dtype)
