@@ -50,7 +50,7 @@ class Batcher:
     """
 
     def __init__(self, executor: ThreadPoolExecutor, max_batch: int, window_ms: float, metrics: Metrics,
-                 expected: Callable[[], int]) -> None:
+                 expected: Callable[[], int], on_pass: Callable[[int, float], None] | None = None) -> None:
         self._executor = executor
         self.max_batch = max_batch
         self.window_s = window_ms / 1e3
@@ -59,6 +59,7 @@ class Batcher:
         self._pending: list[_Job] = []  # guarded by _queued
         self._queued = threading.Condition()
         self.streams = 0  # completion streams running, counted in `expected` by the worker
+        self._on_pass = on_pass  # (positions fed, seconds) of every target pass, on the model thread
 
     @contextlib.contextmanager
     def stream(self) -> Iterator[None]:
@@ -132,20 +133,29 @@ class Batcher:
                 job.future.set_result(prepared)
             elif prepared.tree is not None:  # candidates need their own tree mask: verified alone
                 self.metrics.batch_size.observe(1)
+                t0 = time.perf_counter()
                 self._finish(job, prepared, functools.partial(job.core.forward, prepared))
+                self._observe(len(prepared.tokens) + 1, time.perf_counter() - t0)
             else:
                 ready.append((job, prepared))
         if not ready:
             return
         self.metrics.batch_size.observe(len(ready))
+        t0 = time.perf_counter()
         try:
             logits = forward_batch([job.core.state for job, _ in ready], [p.tokens for _, p in ready])
         except BaseException as e:
             for job, _ in ready:
                 job.future.set_exception(e)
             return
+        self._observe(sum(len(p.tokens) + 1 for _, p in ready), time.perf_counter() - t0)
         for (job, prepared), rows in zip(ready, logits, strict=True):
             self._finish(job, prepared, functools.partial(_same, rows))
+
+    def _observe(self, positions: int, seconds: float) -> None:
+        self.metrics.batch_positions.observe(positions)
+        if self._on_pass is not None:
+            self._on_pass(positions, seconds)
 
     def _finish(self, job: _Job, prepared: PreparedBlock, logits: Callable[[], torch.Tensor]) -> None:
         passes = job.core.passes

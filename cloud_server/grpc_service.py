@@ -79,8 +79,13 @@ class VerifierServicer(pb_grpc.VerifierServicer):
     async def Generate(self, request: pb.Open, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.Verdict]:
         try:
             self._authorize(context)
-            req = wire.open_from_pb(request)
-            gen = await self.worker.start_generation(req.prompt, req.params)
+            if request.continue_session:
+                if not request.HasField("session_id"):
+                    raise InvalidRequestError("continue_session needs the session_id to continue")
+                gen = await self.worker.continue_generation(request.session_id, list(request.prompt))
+            else:
+                req = wire.open_from_pb(request)
+                gen = await self.worker.start_generation(req.prompt, req.params)
         except Exception as e:
             code = grpc_status(error_code(e))
             self._count("Generate", code.name)

@@ -5,18 +5,20 @@ Routes convert JSON to engine calls on the worker and back; the worker owns the 
 
 from __future__ import annotations
 
+import json
 import time
+from collections.abc import AsyncIterator
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from cloud_server.settings import ServerSettings
-from cloud_server.worker import ModelWorker
+from cloud_server.worker import Generation, ModelWorker
 from tandem_protocol import bodies
-from tandem_protocol.bodies import ClosedBody, DraftBody, OpenBody, OpenedBody, VerdictBody
-from tandem_protocol.errors import BEARER_HEADER, require_bearer
+from tandem_protocol.bodies import ClosedBody, ContinueBody, DraftBody, OpenBody, OpenedBody, StepBody, VerdictBody
+from tandem_protocol.errors import BEARER_HEADER, error_body, error_code, require_bearer
 from tandem_protocol.openai_api.middleware import install_error_handling
 from tandem_protocol.openai_api.responses import (
     API_ERRORS,
@@ -85,6 +87,26 @@ async def open_session(body: OpenBody, worker: WorkerDep) -> OpenedBody:
 async def verify(session_id: str, body: DraftBody, worker: WorkerDep) -> VerdictBody:
     verdict = await worker.verify(session_id, body.seq, bodies.draft_from_body(body), body.base_len)
     return bodies.verdict_to_body(verdict)
+
+
+@api.post("/v1/sessions/{session_id}/continue", response_class=StreamingResponse,
+          responses={200: {"content": {"text/event-stream": {}}, "description": "SSE: one `StepBody` per target "
+                           "step, then `[DONE]`; a failure mid-stream is an event with `error`"}})
+async def continue_session(session_id: str, body: ContinueBody, worker: WorkerDep) -> StreamingResponse:
+    gen = await worker.continue_generation(session_id, body.prompt)
+    return StreamingResponse(_steps(gen), media_type="text/event-stream")
+
+
+async def _steps(gen: Generation) -> AsyncIterator[str]:
+    try:
+        async for result in gen:
+            step = StepBody(token_ids=result.tokens, finish_reason=result.finish_reason, generated=gen.tokens)
+            yield f"data: {step.model_dump_json()}\n\n"
+        yield "data: [DONE]\n\n"
+    except Exception as e:  # the status line is sent: the error goes in the stream
+        yield f"data: {json.dumps(error_body(error_code(e), str(e)))}\n\n"
+    finally:
+        gen.close()
 
 
 @api.delete("/v1/sessions/{session_id}")

@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-from tandem.errors import CapacityError, SessionNotFoundError
+from tandem.errors import CapacityError, InvalidRequestError, SessionNotFoundError
 from tandem.messages import SessionVerdict
 from tandem.session import TargetSession
 from tandem_protocol.errors import ShuttingDownError
@@ -112,6 +112,15 @@ class SessionRegistry:
         if entry is None:
             raise SessionNotFoundError(f"unknown or expired session {session_id!r}")
         self.drop(entry, reason)
+
+    def take(self, session_id: str) -> TargetSession:
+        """Hand an idle session's model state over to a stream of the target alone (which then frees it)."""
+        entry = self.get(session_id)
+        if entry.busy or entry.core is None:
+            raise InvalidRequestError(f"session {session_id!r} is busy with another request")
+        core, entry.core = entry.core, None
+        self.drop(entry, "continued")
+        return core
 
     def forget(self, entry: Session) -> None:
         if self._sessions.get(entry.id) is entry:

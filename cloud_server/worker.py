@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import re
 import time
 import uuid
@@ -22,14 +23,19 @@ from cloud_server.batcher import Batcher
 from cloud_server.registry import SessionRegistry
 from cloud_server.settings import ServerSettings
 from tandem.blocks import DraftBlock, VerifyResult
+from tandem.costs import CostCurve
 from tandem.errors import ContextOverflowError, InvalidRequestError, TokenizerMismatchError
+from tandem.load import LoadPolicy
 from tandem.messages import OpenRequest, SessionInfo, SessionVerdict
 from tandem.models import LoadedModel
+from tandem.passcost import pass_times
 from tandem.sampling import SamplingParams
 from tandem.session import TargetSession
 from tandem_protocol.metrics import Metrics
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
+PRIOR_POSITIONS = (1, 2, 4, 8, 16, 32, 64)
 _PIPELINE_WAIT_S = 30.0  # how long a Draft sent ahead (seq = next + 1) may wait for its turn
 _SESSION_ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
@@ -54,13 +60,20 @@ class ModelWorker:
             metrics, settings.max_sessions, int(settings.max_session_memory_mb * 2**20), settings.session_ttl_s,
             settings.max_concurrent_requests, self.release,
         )
+        # load-aware speculation: every stream and the pass cost, to advise each session's next block
+        self.policy = LoadPolicy() if settings.load_aware else None
         self.batcher = Batcher(self._executor, settings.max_batch, settings.batch_window_ms, metrics,
-                               lambda: len(self.sessions) + self.batcher.streams)
+                               lambda: len(self.sessions) + self.batcher.streams,
+                               self.policy.observe_pass if self.policy is not None else None)
         self._bytes_per_token = kv_bytes_per_token(target)
 
     # --- lifecycle
 
     async def start(self) -> None:
+        if self.policy is not None:  # the shape of the pass cost, before any traffic; live passes rescale it
+            prior = await self._run(pass_times, self.target, PRIOR_POSITIONS, 32, 2, 1)
+            self.policy.costs = CostCurve(prior)
+            log.info("pass cost prior (ms by positions): %s", {n: round(s * 1e3, 1) for n, s in prior.items()})
         self.sessions.start()
 
     @property
@@ -152,6 +165,7 @@ class ModelWorker:
         self, session_id: str, seq: int, block: DraftBlock, base_len: int | None = None
     ) -> SessionVerdict:
         with self.admit():
+            arrived = time.monotonic()
             entry = self.sessions.get(session_id)
             if seq == entry.next_seq + 1:  # sent ahead (pipelined, maybe on another connection): wait for its turn
                 try:
@@ -183,13 +197,40 @@ class ModelWorker:
                 candidates = sum(len(c.tokens) for c in block.candidates)  # drafted too: an accepted path may end there
                 self.metrics.observe_verify(len(block.tokens) - skipped + candidates, result.num_accepted)
                 self.metrics.generation_tokens.inc(len(result.tokens))
+            advice = None if result.stale else self._advise(session_id, block, skipped, result, arrived)
             entry.next_seq += 1
-            entry.last = SessionVerdict(seq, result, core.generated, elapsed * 1e3, queued_s * 1e3)
+            entry.last = SessionVerdict(seq, result, core.generated, elapsed * 1e3, queued_s * 1e3, advice)
             async with entry.turn:
                 entry.turn.notify_all()
             return entry.last
 
+    def _advise(self, session_id: str, block: DraftBlock, skipped: int, result: VerifyResult,
+                arrived: float) -> int | None:
+        """Learn the session's round; the block length to advise next when its edge asked (`block.report`)."""
+        if self.policy is None:
+            return None
+        stream = self.policy.stream(session_id, arrived)
+        drafted = max(0, len(block.tokens) - skipped)
+        stream.arrived(arrived)
+        stream.gamma = drafted
+        if drafted:
+            stream.acceptance.observe(drafted, result.num_accepted)
+        report = block.report
+        stream.answered = time.monotonic()
+        if report is None or result.finish_reason is not None:
+            stream.limit = 0
+            return None
+        stream.draft_s, stream.rtt_s = report.draft_ms / 1e3, report.rtt_ms / 1e3
+        stream.limit, stream.pipelined = min(report.limit, self.settings.max_draft_tokens), report.pipelined
+        advice = self.policy.advise(session_id, stream.answered)
+        self.metrics.advised_gamma.observe(advice.gamma)
+        if advice.gamma == 0:
+            self.metrics.advice_switch.labels(reason=advice.reason).inc()
+        return advice.gamma
+
     async def close_session(self, session_id: str, reason: str = "closed") -> None:
+        if self.policy is not None:
+            self.policy.drop(session_id)
         self.sessions.close(session_id, reason)
 
     # --- the target alone (completion API)
@@ -203,6 +244,26 @@ class ModelWorker:
         except BaseException:
             gen.close()
             raise
+        return gen
+
+
+    async def continue_generation(self, session_id: str, context: list[int]) -> Generation:
+        """Session `session_id` goes on as a stream of the target alone, from its cache; `context` must be what it
+        committed (the edge's prompt + output): nothing lost or repeated. The caller must `close()` it."""
+        gen = Generation(self)
+        try:
+            core = self.sessions.take(session_id)
+            gen.session = core
+            if core.state.tokens != context:
+                raise InvalidRequestError(
+                    f"the context ({len(context)} tokens) is not session {session_id!r}'s committed one "
+                    f"({len(core.state.tokens)} tokens)")
+        except BaseException:
+            gen.close()
+            raise
+        if self.policy is not None:
+            self.policy.drop(session_id)
+        self.metrics.continued.inc()
         return gen
 
 
@@ -224,8 +285,11 @@ class Generation:
         session = self.session
         assert session is not None
         metrics = self.worker.metrics
+        policy, key = self.worker.policy, f"stream-{id(self)}"
         with self.worker.batcher.stream():
             while session.finish_reason is None:
+                if policy is not None:
+                    policy.stream(key, time.monotonic())  # a cloud stream: a token a pass
                 # a zero-length block: the target's own next token, batched with whatever else is waiting
                 result, _ = await self.worker.batcher.step(session, DraftBlock([]))
                 now = time.perf_counter()
@@ -241,6 +305,8 @@ class Generation:
         if self._closed:
             return
         self._closed = True
+        if self.worker.policy is not None:
+            self.worker.policy.drop(f"stream-{id(self)}")
         self._admission.__exit__(None, None, None)
         if self.session is not None:
             self.worker.release(self.session)

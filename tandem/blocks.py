@@ -33,6 +33,18 @@ class DraftBlock:
     q_ids: torch.Tensor | None = None  # [gamma, k] int64
     q_probs: torch.Tensor | None = None  # [gamma, k]
     candidates: list[Candidate] = field(default_factory=list)
+    report: EdgeReport | None = None  # what the edge knows, for the cloud's load-aware advice
+
+
+@dataclass(frozen=True)
+class EdgeReport:
+    """Sent with a block: the edge's draft time per token, its round trip, whether it pipelines, and the block it
+    would draft next on its own (the upper bound on the cloud's advice; 0: no advice wanted)."""
+
+    draft_ms: float
+    rtt_ms: float
+    limit: int
+    pipelined: bool = False
 
 
 @dataclass(frozen=True)

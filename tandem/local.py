@@ -12,6 +12,7 @@ from collections import deque
 from collections.abc import Iterator
 
 from tandem.blocks import DraftBlock, VerifyResult
+from tandem.errors import InvalidRequestError
 from tandem.messages import SessionInfo, SessionVerdict, Step
 from tandem.models import LoadedModel
 from tandem.sampling import SamplingParams
@@ -46,6 +47,13 @@ class LocalSession:
     def verify(self, block: DraftBlock) -> VerifyResult:
         self.send(block)
         return self.recv().result
+
+    def continue_alone(self, context: list[int]) -> Iterator[Step]:
+        if context != self.core.state.tokens:
+            raise InvalidRequestError("the context is not the session's committed one")
+        while self.core.finish_reason is None:
+            result = self.core.verify(DraftBlock([]))
+            yield Step(result.tokens, result.finish_reason)
 
     def close(self) -> None:
         self._queue.clear()

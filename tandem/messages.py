@@ -49,6 +49,7 @@ class SessionVerdict:
     generated: int  # tokens emitted in the session so far
     server_ms: float = 0.0  # the verifier's own time on the block; the rest of the wait is the network
     queue_ms: float = 0.0  # of server_ms: waiting for the model (batching); the rest is the verification itself
+    advice: int | None = None  # the block length the cloud advises next (0: continue as its stream); None: no advice
 
 
 @dataclass(frozen=True)
@@ -70,6 +71,11 @@ class VerifierSession(Protocol):
     def recv(self) -> SessionVerdict: ...
 
     def verify(self, block: DraftBlock) -> VerifyResult: ...
+
+    def continue_alone(self, context: list[int]) -> Iterator[Step]:
+        """The session goes on as a stream of the target alone, from its cache, and ends with it. `context`: what it
+        committed (prompt + output); no block may be in flight."""
+        ...
 
     def close(self) -> None: ...
 

@@ -3,8 +3,10 @@
 Synchronous and single-threaded (the draft model runs on the caller's thread). It talks to a `tandem.messages.
 Verifier`: the cloud through the edge's remote verifiers, or the target in this process (`tandem.local`), the same
 code either way. Modes: `spec` (speculate), `cloud` (the target alone, streamed), `edge` (the draft alone: lossy),
-`auto` (speculate while it beats the cloud's own pace, measured). Faults: reconnect with backoff and resume from the
-context, or fall back to the draft alone.
+`auto` (load-aware: block lengths as the cloud advises with each verdict, at most the edge's own choice; advice 0, or
+with a cloud that gives none the edge's own estimate that the cloud alone is faster, and the session goes on as a
+cloud-only stream from the cloud's cache, nothing lost or repeated). Faults: reconnect with backoff and resume from
+the context, or fall back to the draft alone.
 
 Pipelined rounds: every block carries `base_len`, the sequence position of its first token. While block k is being
 verified, block k+1 = [guess, y_1..y_g] is drafted as if block k will be accepted whole with the draft's own guess as
@@ -24,7 +26,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from tandem.adaptive import AdaptiveGamma
-from tandem.blocks import DraftBlock, FinishReason, cut_at_finish, pending_part
+from tandem.blocks import DraftBlock, EdgeReport, FinishReason, cut_at_finish, pending_part
 from tandem.config import SpeculationSettings
 from tandem.costs import CostCurve
 from tandem.drafting import Drafter, ModelDrafter
@@ -94,10 +96,6 @@ class _Run:
         self.finish = finish
 
 
-class _SwitchToCloud(Exception):
-    pass
-
-
 class SpeculativeDecoder:
     """A draft model and a way to reach the target (`connect` makes a verifier). `generate` is the whole request;
     what it learns (acceptance, timings, phrase pools, auto's decision) carries over to the next one."""
@@ -117,6 +115,7 @@ class SpeculativeDecoder:
         # (a switch mid-request pays a second prefill), re-measuring every _AUTO_REPROBE_EVERY requests
         self._auto_cloud = False
         self._auto_skips = 0
+        self._cloud_advises = False  # auto: the cloud answered with advice (then no probe, no estimate of its own)
 
     def generate(
         self, prompt: list[int], params: SamplingParams, on_tokens: OnTokens | None = None,
@@ -176,10 +175,6 @@ class SpeculativeDecoder:
             try:
                 body(run, verifier)
                 attempt = 0
-            except _SwitchToCloud:
-                run.stats.switched_to_cloud = True
-                body = self._cloud
-                continue
             except RemoteError as e:
                 if e.code not in RETRYABLE:
                     raise
@@ -249,13 +244,19 @@ class SpeculativeDecoder:
         drafter.start(run.ctx, run.params)
         pipelined = s.pipeline
         inflight: deque[_Sent] = deque()
-        probe = auto and stats.rounds == 0  # a first empty block measures one target step: the cloud's own pace
+        # auto with a cloud that gives no advice: a first empty block measures one target step, the cloud's pace
+        probe = auto and stats.rounds == 0 and not self._cloud_advises
         measure = True  # the session's first block goes alone: a clean round-trip sample before pipelining
+        advised: int | None = None  # auto: the cloud's last advice
+        alone = False  # auto: no more blocks; once those in flight are answered, the session goes on as a stream
         try:
             while run.finish is None:
+                if alone and not inflight:
+                    self._continue_alone(run, session)
+                    return
                 # 1. fill the pipeline: one block at the committed position, and (pipelined) one sent ahead of it
                 live = [e for e in inflight if e.live]
-                while len(live) < (2 if pipelined else 1):
+                while not alone and len(live) < (2 if pipelined else 1):
                     tail = live[-1] if live else None
                     base = len(run.ctx) if tail is None else tail.base + len(tail.block.tokens)
                     # the tokens still wanted after `base`, less the one the target adds (for a block sent ahead:
@@ -270,6 +271,9 @@ class SpeculativeDecoder:
                         g = model.choose(pipelined, limit=max(room, 1))
                     else:
                         g = int(s.gamma)
+                    own = max(1, min(g, room))  # the edge's own choice: the bound on the cloud's advice
+                    if advised is not None:
+                        g = min(g, advised)
                     g = max(0, min(g, room))
                     n = g + (tail is not None)  # a block sent ahead starts with the guessed bonus token
                     spec_ctx = run.ctx if tail is None else run.ctx[: live[0].base] + [
@@ -278,6 +282,8 @@ class SpeculativeDecoder:
                     # a probe's empty block measures one target step
                     block = DraftBlock([]) if probe else drafter.propose(spec_ctx, n, max(n, room + (tail is not None)))
                     spent = time.perf_counter() - t0
+                    if auto and not probe:  # load-aware: what the cloud needs to advise the next block
+                        block.report = EdgeReport(model.draft_s.value * 1e3, model.rtt_s.value * 1e3, own, pipelined)
                     for e in inflight:
                         e.clean = False
                     if n:
@@ -318,13 +324,19 @@ class SpeculativeDecoder:
                 # 4. what the target will make of the blocks still in flight (the rule it applies itself)
                 for e in inflight:
                     e.live = e.live and run.finish is None and pending_part(run.ctx, e.base, e.block.tokens) is not None
-                if auto and run.finish is None and stats.rounds >= s.auto_probe_rounds:
-                    spec_rate, cloud_rate = model.best_rate(pipelined), model.cloud_rate()
-                    stats.estimate = {"spec_tok_s": spec_rate, "cloud_tok_s": cloud_rate,
+                if not auto or run.finish is not None:
+                    continue
+                if reply.advice is not None:  # the cloud decides, with every stream it serves in view
+                    self._cloud_advises = True
+                    advised = reply.advice
+                    stats.advice.append(reply.advice)
+                    alone = advised == 0
+                elif stats.rounds >= s.auto_probe_rounds:  # a cloud that gives no advice: the edge's own estimate
+                    self._cloud_advises = False
+                    self._auto_cloud = alone = model.best_rate(pipelined) < model.cloud_rate() * s.auto_margin
+                if alone:  # the edge's own view at the switch, for the record
+                    stats.estimate = {"spec_tok_s": model.best_rate(pipelined), "cloud_tok_s": model.cloud_rate(),
                                       "rtt_ms": model.rtt_s.value * 1e3}
-                    self._auto_cloud = spec_rate < cloud_rate * s.auto_margin
-                    if self._auto_cloud:
-                        raise _SwitchToCloud
         finally:
             stats.bytes_sent += session.bytes_sent
             stats.bytes_received += session.bytes_received
@@ -334,6 +346,18 @@ class SpeculativeDecoder:
                 log.debug("closing the session failed: %s", e)
 
 
+
+
+    def _continue_alone(self, run: _Run, session: VerifierSession) -> None:
+        """The session goes on as a cloud-only stream from the cloud's cache: nothing re-fed, lost or repeated."""
+        run.stats.switched_to_cloud = True
+        run.stats.switched_at = len(run.out)
+        for step in session.continue_alone(run.ctx):
+            run.stats.target_passes += bool(step.tokens)
+            run.emit(step.tokens, step.finish_reason)
+            if run.finish is not None:
+                return
+        raise RemoteError("unavailable", "the cloud's stream ended before the generation did", "OK")
 
 
 class _Borrowed:

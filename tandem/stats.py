@@ -33,6 +33,8 @@ class GenerationStats:
     switched_to_cloud: bool = False
     edge_tokens: int = 0  # tokens from the draft alone (mode edge, or the fallback): not the target's
     estimate: dict[str, float] = field(default_factory=dict)  # auto mode's decision figures
+    advice: list[int] = field(default_factory=list)  # auto: the block lengths the cloud advised, verdict by verdict
+    switched_at: int | None = None  # auto: the tokens emitted when the session went on as a cloud stream
 
     @property
     def acceptance_rate(self) -> float:

@@ -8,7 +8,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from tandem.blocks import Candidate, DraftBlock, VerifyResult
+from tandem.blocks import Candidate, DraftBlock, EdgeReport, VerifyResult
 from tandem.messages import OpenRequest, SessionInfo, SessionVerdict
 from tandem.sampling import SamplingParams
 from tandem_protocol.flat import block_to_sparse, sparse_block
@@ -37,6 +37,22 @@ class OpenBody(BaseModel):
     draft_name: str = ""
     client_id: str = ""
     session_id: str | None = None
+
+
+class ContinueBody(BaseModel):
+    """Go on with an open session as a stream of the target alone (`POST /v1/sessions/{id}/continue`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: Annotated[list[TokenId], Field(min_length=1)]  # the session's committed context: prompt + output so far
+
+
+class StepBody(BaseModel):
+    """One event of that stream (SSE `data:`): the tokens of one target step."""
+
+    token_ids: list[int]
+    finish_reason: Literal["stop", "length"] | None
+    generated: int
 
 
 class OpenedBody(BaseModel):
@@ -71,6 +87,11 @@ class DraftBody(BaseModel):
     q_probs: list[float] = Field(default_factory=list)
     base_len: Annotated[int, Field(ge=0)] | None = None  # pipelined rounds: see the proto's Draft.base_len
     candidates: list[CandidateBody] = Field(default_factory=list)  # see the proto's Draft.candidate_parents
+    # for the cloud's load-aware advice: see the proto's Draft.edge_*; edge_limit 0: no advice wanted
+    edge_draft_ms: Annotated[float, Field(ge=0)] = 0.0
+    edge_rtt_ms: Annotated[float, Field(ge=0)] = 0.0
+    edge_limit: Annotated[int, Field(ge=0)] = 0
+    edge_pipelined: bool = False
 
 
 class VerdictBody(BaseModel):
@@ -87,6 +108,7 @@ class VerdictBody(BaseModel):
     queue_ms: float = 0.0  # of server_ms: waiting for the model thread (batching), not computing
     candidate: int | None = None  # the index of the draft's candidate on the accepted path
     candidate_target_tokens: list[list[int]] = Field(default_factory=list)  # per candidate: the target's argmax
+    advised_gamma: int | None = None  # the block length the cloud advises next (0: continue as its stream)
 
 
 class ClosedBody(BaseModel):
@@ -140,12 +162,18 @@ def draft_to_json(block: DraftBlock, seq: int, base_len: int | None) -> dict[str
                             "base_len": base_len}
     if block.candidates:  # only then: a server without multi-candidate verification refuses the field
         body["candidates"] = [{"parent": c.parent, "tokens": c.tokens} for c in block.candidates]
+    if block.report is not None:  # likewise: only when advice is wanted
+        r = block.report
+        body |= {"edge_draft_ms": r.draft_ms, "edge_rtt_ms": r.rtt_ms, "edge_limit": r.limit,
+                 "edge_pipelined": r.pipelined}
     return body
 
 
 def draft_from_body(body: DraftBody) -> DraftBlock:
     block = sparse_block(body.tokens, body.q_k, body.q_ids, body.q_probs)
     block.candidates = [Candidate(c.parent, c.tokens) for c in body.candidates]
+    if body.edge_limit:
+        block.report = EdgeReport(body.edge_draft_ms, body.edge_rtt_ms, body.edge_limit, body.edge_pipelined)
     return block
 
 
@@ -155,7 +183,7 @@ def verdict_to_body(v: SessionVerdict) -> VerdictBody:
         seq=v.seq, num_accepted=r.num_accepted, next_token=r.next_token, kind=r.kind, tokens=r.tokens,
         finish_reason=r.finish_reason, target_tokens=r.target_tokens, generated=v.generated, stale=r.stale,
         server_ms=v.server_ms, queue_ms=v.queue_ms, candidate=r.candidate,
-        candidate_target_tokens=r.candidate_target_tokens,
+        candidate_target_tokens=r.candidate_target_tokens, advised_gamma=v.advice,
     )
 
 
@@ -163,4 +191,4 @@ def verdict_from_json(obj: dict[str, Any]) -> SessionVerdict:
     b = VerdictBody.model_validate(obj)
     result = VerifyResult(b.num_accepted, b.next_token, b.kind, b.tokens, b.finish_reason, b.target_tokens, b.stale,
                           b.candidate, b.candidate_target_tokens)
-    return SessionVerdict(b.seq, result, b.generated, b.server_ms, b.queue_ms)
+    return SessionVerdict(b.seq, result, b.generated, b.server_ms, b.queue_ms, b.advised_gamma)

@@ -48,6 +48,23 @@ class Metrics:
             "tandem_batch_size", "Sequences (verify blocks, completion steps) per batched target forward pass.",
             buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64), registry=r,
         )
+        # its _sum over its _count: the mean positions a pass feeds (blocks + 1 each, a completion step 1)
+        self.batch_positions = Histogram(
+            "tandem_batch_positions", "Positions (tokens fed) per target forward pass, batched or alone.",
+            buckets=(1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256), registry=r,
+        )
+        self.advised_gamma = Histogram(
+            "tandem_advised_gamma", "Load-aware speculation: the block length the cloud advised with each verdict "
+            "(0: continue as a cloud-only stream).", buckets=(0, 1, 2, 3, 4, 5, 6, 8, 12, 16), registry=r,
+        )
+        self.advice_switch = Counter(
+            "tandem_advice_switch_to_cloud", "Load-aware speculation: verdicts advising a session to continue as a "
+            "cloud-only stream, by reason: load (the aggregate gains), tpot (no block keeps the session's time per "
+            "token within cloud-only's).", ["reason"], registry=r,
+        )
+        self.continued = Counter(
+            "tandem_sessions_continued", "Sessions that went on as cloud-only streams from their cache.", registry=r,
+        )
         self.sessions_closed = Counter(
             "tandem_sessions_closed", "Verification sessions ended, by reason: closed, disconnected (the client's "
             "stream went away), expired (TTL), replaced (a resume under the same id), shutdown.", ["reason"],

@@ -5,7 +5,7 @@ Both ends use it: the cloud's servicer (messages in, worker calls, messages out)
 
 from __future__ import annotations
 
-from tandem.blocks import DraftBlock, FinishReason, VerifyResult
+from tandem.blocks import DraftBlock, EdgeReport, FinishReason, VerifyResult
 from tandem.messages import OpenRequest, SessionInfo, SessionVerdict
 from tandem.sampling import SamplingParams
 from tandem.verify import TokenKind
@@ -61,6 +61,11 @@ def open_to_pb(req: OpenRequest) -> pb.Open:
     return msg
 
 
+def continue_to_pb(session_id: str, context: list[int]) -> pb.Open:
+    """Generate's request to go on with an open session by the target alone."""
+    return pb.Open(prompt=context, session_id=session_id, continue_session=True)
+
+
 def opened_from_pb(msg: pb.Opened) -> SessionInfo:
     return SessionInfo(
         session_id=msg.session_id, target_name=msg.target_name, target_fingerprint=msg.target_fingerprint,
@@ -83,6 +88,8 @@ def block_from_pb(msg: pb.Draft) -> DraftBlock:
     block = sparse_block(list(msg.tokens), msg.q_k, list(msg.q_ids), list(msg.q_probs))
     block.candidates = candidates_from_flat(list(msg.candidate_parents), list(msg.candidate_lengths),
                                             list(msg.candidate_tokens))
+    if msg.edge_limit:
+        block.report = EdgeReport(msg.edge_draft_ms, msg.edge_rtt_ms, msg.edge_limit, msg.edge_pipelined)
     return block
 
 
@@ -97,6 +104,10 @@ def block_to_pb(block: DraftBlock, seq: int, base_len: int | None = None) -> pb.
                    candidate_lengths=lengths, candidate_tokens=cand_tokens)
     if base_len is not None:
         msg.base_len = base_len
+    if block.report is not None:
+        r = block.report
+        msg.edge_draft_ms, msg.edge_rtt_ms, msg.edge_limit, msg.edge_pipelined = (r.draft_ms, r.rtt_ms, r.limit,
+                                                                                   r.pipelined)
     return msg
 
 
@@ -111,6 +122,8 @@ def verdict_to_pb(v: SessionVerdict) -> pb.Verdict:
     )
     if r.candidate is not None:
         msg.candidate = r.candidate
+    if v.advice is not None:
+        msg.advised_gamma = v.advice
     return msg
 
 
@@ -123,7 +136,8 @@ def finish_from_pb(value: int) -> FinishReason | None:
 
 
 def verdict_from_pb(msg: pb.Verdict) -> SessionVerdict:
-    return SessionVerdict(msg.seq, result_from_pb(msg), msg.generated, msg.server_ms, msg.queue_ms)
+    return SessionVerdict(msg.seq, result_from_pb(msg), msg.generated, msg.server_ms, msg.queue_ms,
+                          msg.advised_gamma if msg.HasField("advised_gamma") else None)
 
 
 def result_from_pb(msg: pb.Verdict) -> VerifyResult:

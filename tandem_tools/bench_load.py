@@ -57,6 +57,7 @@ class LoadConfig:
     draft: str = DEFAULT_DRAFT
     transport: str = "grpc"
     gamma: int | str = "adaptive"
+    mode: str = "auto"  # the edge's: auto follows the cloud's load-aware advice; spec speculates whatever the load
     timeout_s: float = 30.0
     retries: int = 5
     edge_threads: int = 1
@@ -321,7 +322,7 @@ def _run(cfg: LoadConfig, address: str, cloud: _Cloud, started_here: bool, draft
     evicted0 = base.get('tandem_sessions_closed_total{reason="expired"}', 0.0)
 
     def session(i: int) -> None:
-        client = edge_client(_edge_settings(cfg, address), draft)
+        client = edge_client(_edge_settings(cfg, address, cfg.mode), draft)
         for k in itertools.count():
             if stop.is_set():
                 return

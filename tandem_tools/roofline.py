@@ -8,16 +8,14 @@ target steps; c = draft step / target step. The speedup of speculation is E(alph
 
 from __future__ import annotations
 
-import statistics
-import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
 
 from tandem.frspec import FRSpecDraft
-from tandem.kv import SequenceState
 from tandem.models import LoadedModel
+from tandem.passcost import median_s, pass_times
 
 
 @dataclass(frozen=True)
@@ -33,34 +31,14 @@ class Peaks:
                 "bandwidth_gbs": round(self.bandwidth_gbs, 2), "matmul_gflops": round(self.matmul_gflops, 1)}
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type == "mps":
-        torch.mps.synchronize()
-
-
-def _median_s(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def measure_peaks(device: torch.device, dtype: torch.dtype, read_mb: int = 512, size: int = 1024) -> Peaks:
     """Read bandwidth: a sum over `read_mb` MB (past any cache); peak: a size^3 matmul in `dtype`."""
     big = torch.ones(read_mb * 2**20 // 4, dtype=torch.float32, device=device)
-    bw = big.numel() * 4 / _median_s(big.sum, device, 5) / 1e9
+    bw = big.numel() * 4 / median_s(big.sum, device, 5) / 1e9
     del big
     a = torch.randn(size, size, device=device).to(dtype)
     b = torch.randn(size, size, device=device).to(dtype)
-    flops = 2 * size**3 / _median_s(lambda: a @ b, device, 5) / 1e9
+    flops = 2 * size**3 / median_s(lambda: a @ b, device, 5) / 1e9
     return Peaks(str(device), str(dtype).removeprefix("torch."), torch.get_num_threads(), bw, flops)
 
 
@@ -82,24 +60,6 @@ def step_bytes(model: LoadedModel) -> int:
 def matmul_params(model: LoadedModel) -> int:
     """Parameters in matrices a pass multiplies by (each costs 2 FLOPs per position)."""
     return step_bytes(model) // model.dtype.itemsize
-
-
-def pass_times(model: LoadedModel, positions: Iterable[int], context: int = 128, repeats: int = 9) -> dict[int, float]:
-    """Median seconds of one pass over n new positions after `context` cached ones, for each n."""
-    vocab = min(model.vocab_size, 30000)
-    prompt = [(17 * i + 5) % (vocab - 10) + 5 for i in range(context)]
-    state = SequenceState(model.model, prompt)
-    state.run(prompt)
-    out = {}
-    for n in positions:
-        feed = [(31 * i + 7) % (vocab - 10) + 5 for i in range(n)]
-
-        def one(feed: list[int] = feed) -> None:
-            state.run(feed)
-            state.rollback(context)
-
-        out[n] = _median_s(one, model.device, repeats)
-    return out
 
 
 def roofline(model: LoadedModel, times: dict[int, float], peaks: Peaks) -> dict[str, object]:

@@ -103,7 +103,8 @@ def test_trace_lines(tmp_path: Path) -> None:
         load_trace(path)
 
 
-# --- auto's warm start: once it decided for the cloud, later requests skip the session (and its prefill)
+# --- auto's warm start with a cloud that gives no advice: once the edge decided for the cloud, later requests skip
+# the session (and its prefill)
 
 PROMPT = [10, 20, 30, 40, 50, 60, 70]
 
@@ -111,7 +112,8 @@ PROMPT = [10, 20, 30, 40, 50, 60, 70]
 @pytest.fixture(scope="module")
 def server(tiny_target: LoadedModel) -> Iterator[ServerHandle]:
     settings = ServerSettings(target="tiny-target", model_name="tiny", http_port=0, grpc_port=0,
-                              max_prompt_tokens=64, max_draft_tokens=16, max_tokens_limit=64, shutdown_grace_s=0.5)
+                              max_prompt_tokens=64, max_draft_tokens=16, max_tokens_limit=64, shutdown_grace_s=0.5,
+                              load_aware=False)
     with BackgroundServer(settings, tiny_target) as handle:
         yield handle
 

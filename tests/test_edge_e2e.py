@@ -146,17 +146,29 @@ def test_unreachable_cloud_is_a_clear_error_or_the_lossy_fallback(tiny_draft: Lo
     assert result.stats.lossy and result.stats.edge_tokens == len(result.tokens)
 
 
-def test_auto_mode_picks_the_cloud_when_the_round_trip_is_huge(
-    server: ServerHandle, tiny_draft: LoadedModel, expected: list[int]
+@pytest.mark.parametrize("transport", ["grpc", "grpc-unary", "http"])
+def test_auto_mode_continues_as_a_cloud_stream_when_the_round_trip_is_huge(
+    server: ServerHandle, tiny_draft: LoadedModel, expected: list[int], transport: str
 ) -> None:
-    with start_in_thread("127.0.0.1", 0, "127.0.0.1", server.grpc_port, NetemConfig(rtt_ms=250)) as proxy:
-        settings = EdgeSettings(cloud=f"127.0.0.1:{proxy.port}", mode="auto", auto_probe_rounds=2, timeout_s=10,
+    """The cloud, told the edge's round trip, advises 0: the session goes on as a cloud stream from its cache."""
+    port = server.http_port if transport == "http" else server.grpc_port
+    before = _metric(server, "tandem_sessions_continued_total")
+    with start_in_thread("127.0.0.1", 0, "127.0.0.1", port, NetemConfig(rtt_ms=250)) as proxy:
+        settings = EdgeSettings(cloud=f"127.0.0.1:{proxy.port}", transport=transport, mode="auto", timeout_s=10,
                                 retries=0)
         result = EdgeClient(settings, tiny_draft).generate(PROMPT, GREEDY)
-    assert result.tokens == expected
-    assert result.stats.switched_to_cloud
-    est = result.stats.estimate
-    assert est["rtt_ms"] > 150 and est["spec_tok_s"] < est["cloud_tok_s"]
+    assert result.tokens == expected  # nothing lost or repeated at the switch
+    stats = result.stats
+    assert stats.switched_to_cloud and stats.advice and stats.advice[-1] == 0
+    assert stats.switched_at is not None and 0 < stats.switched_at < len(expected)
+    assert stats.estimate["rtt_ms"] > 150
+    assert stats.resumes == 0  # no second prefill: the session itself went on
+    assert _metric(server, "tandem_sessions_continued_total") == before + 1
+
+
+def _metric(server: ServerHandle, name: str) -> float:
+    text = httpx.get(f"http://127.0.0.1:{server.http_port}/metrics", timeout=10).text
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name))
 
 
 # --- the edge's own OpenAI-compatible endpoint

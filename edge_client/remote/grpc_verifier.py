@@ -95,8 +95,12 @@ class GrpcVerifier:
     def generate(self, prompt: list[int], params: SamplingParams) -> Iterator[Step]:
         """The target alone over the Generate stream; each step awaited at most `timeout_s`."""
         msg = wire.open_to_pb(OpenRequest(prompt, params, "", self.draft_name, self.client_id))
+        return self.steps(msg, self.metadata)
+
+    def steps(self, msg: pb.Open, metadata: Metadata) -> Iterator[Step]:
+        """A Generate stream's steps."""
         self.bytes_sent += msg.ByteSize()
-        call = self.stub.Generate(msg, timeout=self.stream_timeout_s, metadata=self.metadata)
+        call = self.stub.Generate(msg, timeout=self.stream_timeout_s, metadata=metadata)
         try:
             while True:
                 verdict = _next_with_deadline(call, call.cancel, self.timeout_s)
@@ -137,6 +141,9 @@ class GrpcUnarySession(Pipelined):
         self.bytes_received += verdict.ByteSize()
         return wire.verdict_from_pb(verdict)
 
+    def continue_alone(self, context: list[int]) -> Iterator[Step]:
+        return self.verifier.steps(wire.continue_to_pb(self.session_id, context), self.metadata)
+
     def close(self) -> None:
         self._shutdown()
         v = self.verifier
@@ -157,9 +164,9 @@ class GrpcStreamSession:
         self.bytes_received = 0
         self._requests: queue.Queue[pb.ClientMessage | None] = queue.Queue()
         self._requests.put(pb.ClientMessage(open=open_msg))
+        self.metadata = verifier.metadata if metadata is None else metadata
         self._call = verifier.stub.Session(
-            iter(self._requests.get, None), timeout=verifier.stream_timeout_s,
-            metadata=verifier.metadata if metadata is None else metadata,
+            iter(self._requests.get, None), timeout=verifier.stream_timeout_s, metadata=self.metadata,
         )
         self._replies: Iterator[pb.ServerMessage] = self._call
         first = self._next()
@@ -197,6 +204,10 @@ class GrpcStreamSession:
     def verify(self, block: DraftBlock) -> VerifyResult:
         self.send(block)
         return self.recv().result
+
+    def continue_alone(self, context: list[int]) -> Iterator[Step]:
+        """On a Generate stream of its own; this stream, closed after, then finds its session gone (as it should)."""
+        return self.verifier.steps(wire.continue_to_pb(self.session_id, context), self.metadata)
 
     def _finish(self) -> None:
         self._requests.put(None)  # half-close: the server ends the stream and closes the session

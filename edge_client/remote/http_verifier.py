@@ -71,17 +71,12 @@ class HttpVerifier:
             count(len(content or b""), len(r.content))
         return r.json()
 
-    def generate(self, prompt: list[int], params: SamplingParams) -> Iterator[Step]:
-        """The target alone: the cloud's /v1/completions SSE stream, token ids included (`return_token_ids`)."""
-        model = self.request("GET", "/v1/models")["data"][0]["id"]
-        body = {"model": model, "prompt": list(prompt), "max_tokens": params.max_tokens, "stream": True,
-                "temperature": params.temperature, "top_p": params.top_p, "top_k": params.top_k, "seed": params.seed,
-                "ignore_eos": params.ignore_eos, "return_token_ids": True}
-        if params.stop_token_ids:
-            raise RemoteError("invalid_request", "stop_token_ids are not supported in cloud mode over HTTP", 400)
+    def sse_steps(self, path: str, body: dict[str, Any], affinity_key: str | None = None) -> Iterator[Step]:
+        """A stream of the target's steps: SSE events with `token_ids` and `finish_reason`, up to `[DONE]`."""
         self.bytes_sent += len(json.dumps(body))
+        headers = {} if affinity_key is None else {AFFINITY_HEADER: affinity_key}
         try:
-            with self.client.stream("POST", "/v1/completions", json=body, timeout=self.timeout_s) as r:
+            with self.client.stream("POST", path, json=body, timeout=self.timeout_s, headers=headers) as r:
                 if r.status_code >= 400:
                     r.read()
                     err = r.json().get("error", {})
@@ -95,10 +90,20 @@ class HttpVerifier:
                     if "error" in event:
                         err = event["error"]
                         raise RemoteError(str(err.get("code")), str(err.get("message")), 200)
-                    choice = event["choices"][0]
+                    choice = event["choices"][0] if "choices" in event else event
                     yield Step(list(choice.get("token_ids") or []), choice.get("finish_reason"))
         except httpx.TransportError as e:
             raise _from_transport_error(e) from None
+
+    def generate(self, prompt: list[int], params: SamplingParams) -> Iterator[Step]:
+        """The target alone: the cloud's /v1/completions SSE stream, token ids included (`return_token_ids`)."""
+        model = self.request("GET", "/v1/models")["data"][0]["id"]
+        body = {"model": model, "prompt": list(prompt), "max_tokens": params.max_tokens, "stream": True,
+                "temperature": params.temperature, "top_p": params.top_p, "top_k": params.top_k, "seed": params.seed,
+                "ignore_eos": params.ignore_eos, "return_token_ids": True}
+        if params.stop_token_ids:
+            raise RemoteError("invalid_request", "stop_token_ids are not supported in cloud mode over HTTP", 400)
+        return self.sse_steps("/v1/completions", body)
 
     def open(self, prompt: list[int], params: SamplingParams, session_id: str | None = None,
              affinity_key: str | None = None) -> HttpSession:
@@ -140,6 +145,10 @@ class HttpSession(Pipelined):
         v = self.verifier.request("POST", f"/v1/sessions/{self.session_id}/verify", body, self._count,
                                   self.affinity_key)
         return bodies.verdict_from_json(v)
+
+    def continue_alone(self, context: list[int]) -> Iterator[Step]:
+        return self.verifier.sse_steps(f"/v1/sessions/{self.session_id}/continue", {"prompt": list(context)},
+                                       self.affinity_key)
 
     def close(self) -> None:
         self._shutdown()

@@ -64,20 +64,22 @@ class SamplingParams(_message.Message):
     def __init__(self, max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., ignore_eos: _Optional[bool] = ...) -> None: ...
 
 class Open(_message.Message):
-    __slots__ = ("prompt", "sampling", "draft_fingerprint", "draft_name", "client_id", "session_id")
+    __slots__ = ("prompt", "sampling", "draft_fingerprint", "draft_name", "client_id", "session_id", "continue_session")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     DRAFT_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     DRAFT_NAME_FIELD_NUMBER: _ClassVar[int]
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    CONTINUE_SESSION_FIELD_NUMBER: _ClassVar[int]
     prompt: _containers.RepeatedScalarFieldContainer[int]
     sampling: SamplingParams
     draft_fingerprint: str
     draft_name: str
     client_id: str
     session_id: str
-    def __init__(self, prompt: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., draft_fingerprint: _Optional[str] = ..., draft_name: _Optional[str] = ..., client_id: _Optional[str] = ..., session_id: _Optional[str] = ...) -> None: ...
+    continue_session: bool
+    def __init__(self, prompt: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., draft_fingerprint: _Optional[str] = ..., draft_name: _Optional[str] = ..., client_id: _Optional[str] = ..., session_id: _Optional[str] = ..., continue_session: _Optional[bool] = ...) -> None: ...
 
 class Opened(_message.Message):
     __slots__ = ("session_id", "target_name", "target_fingerprint", "vocab_size", "context_length", "prompt_tokens", "max_draft_tokens", "resumed", "eos_token_ids", "server_ms")
@@ -104,7 +106,7 @@ class Opened(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., target_name: _Optional[str] = ..., target_fingerprint: _Optional[str] = ..., vocab_size: _Optional[int] = ..., context_length: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., max_draft_tokens: _Optional[int] = ..., resumed: _Optional[bool] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., server_ms: _Optional[float] = ...) -> None: ...
 
 class Draft(_message.Message):
-    __slots__ = ("seq", "tokens", "q_k", "q_ids", "q_probs", "candidate_parents", "candidate_lengths", "candidate_tokens", "base_len")
+    __slots__ = ("seq", "tokens", "q_k", "q_ids", "q_probs", "candidate_parents", "candidate_lengths", "candidate_tokens", "base_len", "edge_draft_ms", "edge_rtt_ms", "edge_limit", "edge_pipelined")
     SEQ_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     Q_K_FIELD_NUMBER: _ClassVar[int]
@@ -114,6 +116,10 @@ class Draft(_message.Message):
     CANDIDATE_LENGTHS_FIELD_NUMBER: _ClassVar[int]
     CANDIDATE_TOKENS_FIELD_NUMBER: _ClassVar[int]
     BASE_LEN_FIELD_NUMBER: _ClassVar[int]
+    EDGE_DRAFT_MS_FIELD_NUMBER: _ClassVar[int]
+    EDGE_RTT_MS_FIELD_NUMBER: _ClassVar[int]
+    EDGE_LIMIT_FIELD_NUMBER: _ClassVar[int]
+    EDGE_PIPELINED_FIELD_NUMBER: _ClassVar[int]
     seq: int
     tokens: _containers.RepeatedScalarFieldContainer[int]
     q_k: int
@@ -123,10 +129,14 @@ class Draft(_message.Message):
     candidate_lengths: _containers.RepeatedScalarFieldContainer[int]
     candidate_tokens: _containers.RepeatedScalarFieldContainer[int]
     base_len: int
-    def __init__(self, seq: _Optional[int] = ..., tokens: _Optional[_Iterable[int]] = ..., q_k: _Optional[int] = ..., q_ids: _Optional[_Iterable[int]] = ..., q_probs: _Optional[_Iterable[float]] = ..., candidate_parents: _Optional[_Iterable[int]] = ..., candidate_lengths: _Optional[_Iterable[int]] = ..., candidate_tokens: _Optional[_Iterable[int]] = ..., base_len: _Optional[int] = ...) -> None: ...
+    edge_draft_ms: float
+    edge_rtt_ms: float
+    edge_limit: int
+    edge_pipelined: bool
+    def __init__(self, seq: _Optional[int] = ..., tokens: _Optional[_Iterable[int]] = ..., q_k: _Optional[int] = ..., q_ids: _Optional[_Iterable[int]] = ..., q_probs: _Optional[_Iterable[float]] = ..., candidate_parents: _Optional[_Iterable[int]] = ..., candidate_lengths: _Optional[_Iterable[int]] = ..., candidate_tokens: _Optional[_Iterable[int]] = ..., base_len: _Optional[int] = ..., edge_draft_ms: _Optional[float] = ..., edge_rtt_ms: _Optional[float] = ..., edge_limit: _Optional[int] = ..., edge_pipelined: _Optional[bool] = ...) -> None: ...
 
 class Verdict(_message.Message):
-    __slots__ = ("seq", "num_accepted", "next_token", "kind", "tokens", "finish_reason", "target_tokens", "generated", "candidate", "candidate_target_lengths", "candidate_target_tokens", "stale", "server_ms", "queue_ms")
+    __slots__ = ("seq", "num_accepted", "next_token", "kind", "tokens", "finish_reason", "target_tokens", "generated", "candidate", "candidate_target_lengths", "candidate_target_tokens", "stale", "server_ms", "queue_ms", "advised_gamma")
     SEQ_FIELD_NUMBER: _ClassVar[int]
     NUM_ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     NEXT_TOKEN_FIELD_NUMBER: _ClassVar[int]
@@ -141,6 +151,7 @@ class Verdict(_message.Message):
     STALE_FIELD_NUMBER: _ClassVar[int]
     SERVER_MS_FIELD_NUMBER: _ClassVar[int]
     QUEUE_MS_FIELD_NUMBER: _ClassVar[int]
+    ADVISED_GAMMA_FIELD_NUMBER: _ClassVar[int]
     seq: int
     num_accepted: int
     next_token: int
@@ -155,7 +166,8 @@ class Verdict(_message.Message):
     stale: bool
     server_ms: float
     queue_ms: float
-    def __init__(self, seq: _Optional[int] = ..., num_accepted: _Optional[int] = ..., next_token: _Optional[int] = ..., kind: _Optional[_Union[TokenKind, str]] = ..., tokens: _Optional[_Iterable[int]] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., target_tokens: _Optional[_Iterable[int]] = ..., generated: _Optional[int] = ..., candidate: _Optional[int] = ..., candidate_target_lengths: _Optional[_Iterable[int]] = ..., candidate_target_tokens: _Optional[_Iterable[int]] = ..., stale: _Optional[bool] = ..., server_ms: _Optional[float] = ..., queue_ms: _Optional[float] = ...) -> None: ...
+    advised_gamma: int
+    def __init__(self, seq: _Optional[int] = ..., num_accepted: _Optional[int] = ..., next_token: _Optional[int] = ..., kind: _Optional[_Union[TokenKind, str]] = ..., tokens: _Optional[_Iterable[int]] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., target_tokens: _Optional[_Iterable[int]] = ..., generated: _Optional[int] = ..., candidate: _Optional[int] = ..., candidate_target_lengths: _Optional[_Iterable[int]] = ..., candidate_target_tokens: _Optional[_Iterable[int]] = ..., stale: _Optional[bool] = ..., server_ms: _Optional[float] = ..., queue_ms: _Optional[float] = ..., advised_gamma: _Optional[int] = ...) -> None: ...
 
 class VerifyRequest(_message.Message):
     __slots__ = ("session_id", "draft")

@@ -94,7 +94,9 @@ class VerifierServicer:
 
     def Generate(self, request, context):
         """The target alone, streaming its tokens (the cloud-only baseline): one Verdict per target step, with `tokens`,
-        `finish_reason` and `generated` set. Open.draft_fingerprint and session_id are ignored.
+        `finish_reason` and `generated` set. Open.draft_fingerprint is ignored, and session_id unless continue_session.
+        With continue_session, the open session session_id goes on as this stream, from its cache: Open.prompt must be
+        its committed context (nothing lost or repeated); the session ends with the stream.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -1,0 +1,224 @@
+"""Load-aware speculation: the block length the cloud advises each stream, decided with its load and the network in
+view.
+
+The cloud sees every stream it serves: speculative sessions (acceptance per position, the edge's draft time per token
+and round trip, whether it pipelines, its own upper bound on the block) and cloud-only streams (a token per pass). It
+knows what a batched pass costs by the positions it feeds, C(P) (a `tandem.costs.CostCurve`, measured on every pass).
+From these a small queueing model predicts, for any choice of block lengths, each stream's time per output token and
+the aggregate tokens per second (`predict`). A stream's advice (`LoadPolicy.advise`) is the block length (0: continue
+as a cloud-only stream) that maximises the predicted aggregate, the others held at what they do, among those that keep
+its own time per token no worse than a cloud-only stream would get with every stream cloud-only, C(N).
+
+The model, per stream i with block g_i (0: a cloud stream), p_i = g_i + 1 positions and E_i tokens a round:
+- edge part e_i = g_i d_i + rtt_i (a cloud stream: none); pipelined, only the share of rounds that miss (the next
+  block was drafted on a guess that failed) pays it;
+- round T_i = e_i + w_i + tau: a block arriving while other streams keep the cloud busy (probability rho_-i) waits
+  half a pass w_i = rho_-i tau / 2 (a cloud stream re-queues as its pass ends: no wait);
+- the cloud is idle only while every stream is at its edge: rho = 1 - prod_i (e_i / T_i); it starts rho / tau passes
+  a second, so stream i is in a share x_i = min(1, tau / (rho T_i)) of them, and a pass feeds P = sum_i p_i x_i
+  positions: tau = C(P), solved by fixed-point iteration.
+Aggregate tokens per second: sum_i E_i / T_i. With one stream it is the edge's own rule (`tandem.adaptive`): its
+rate E(g) / (g d + rtt + C(g + 1)) against the cloud's 1 / C(1). On a compute-bound target (C grows with every
+position) a crowded cloud gains more from a token per position than from blocks that fill a part of theirs, so
+advice falls to 0 as load grows; on a bandwidth-bound one (C flat) blocks stay.
+
+Pure numpy over the streams; no model, no transport.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from tandem.costs import Acceptance, CostCurve, Ewma
+
+STREAM_GAP_S = 0.0005  # a cloud stream's next step queues as its pass ends: an event-loop hop, no network
+# a switch to the cloud stream is for the rest of the request: worth it by this share of the stream's own rate (not
+# of the aggregate: with N streams one switch moves the aggregate by about 1/N of what all of them switching would)
+SWITCH_MARGIN = 0.03
+
+
+@dataclass
+class StreamLoad:
+    """What the cloud knows of one stream."""
+
+    acceptance: Acceptance = field(default_factory=lambda: Acceptance(prior=0.6))
+    draft_s: float = 0.0  # the edge's seconds per draft token
+    rtt_s: float = 0.0  # the edge's round trip
+    pipelined: bool = False
+    limit: int = 0  # the edge's own upper bound on its next block (0: it wants no advice)
+    gamma: int = 0  # what it does: its last block's drafted tokens (0: a cloud stream)
+    gap: Ewma = field(default_factory=lambda: Ewma(0.0))  # verdict sent -> next block in, as the cloud sees it
+    seen: float = 0.0  # when it last sent (monotonic seconds)
+    answered: float | None = None  # when its last verdict went out
+
+    def arrived(self, now: float) -> None:
+        """A block came in: the gap since the last verdict is the edge's part (0 for a block sent ahead)."""
+        if self.answered is not None:
+            self.gap.update(max(0.0, now - self.answered))
+        self.seen = now
+
+    def edge_s(self, g: int) -> float:
+        if self.draft_s or self.rtt_s:
+            return g * self.draft_s + self.rtt_s
+        return self.gap.value  # an edge that reports nothing: what the cloud measured
+
+    def expected(self, g: int) -> float:
+        """Tokens a round of block g emits: 1 + a_0 + a_0 a_1 + ..."""
+        return 1.0 + sum(self.acceptance.gains(g))
+
+    def hit(self, g: int) -> float:
+        """A block sent ahead applies: the whole block and the guessed bonus accepted."""
+        return float(np.prod([self.acceptance(i) for i in range(g + 1)]))
+
+
+@dataclass(frozen=True)
+class Prediction:
+    aggregate: np.ndarray  # [K] tokens per second, one per candidate
+    tpot: np.ndarray  # [K, N] seconds per output token of each stream
+    positions: np.ndarray  # [K] positions a pass feeds
+
+
+def predict(costs: Sequence[float], gammas: np.ndarray, expected: np.ndarray, edge: np.ndarray,
+            exposed: np.ndarray, iters: int = 40) -> Prediction:
+    """K candidate choices for N streams at once.
+
+    costs[P - 1]: a pass over P positions (read linearly between, the last slope beyond); gammas, expected, edge:
+    [K, N] block lengths, tokens per round and edge seconds per round (pipelining already counted in); exposed:
+    [K, N] the share of rounds whose block arrives at a random moment and may wait for a pass under way (0: a cloud
+    stream, queued again as its pass ends; a pipelined session: the rounds whose block sent ahead missed).
+    """
+    table = np.asarray(costs, dtype=np.float64)  # [Pmax]
+    top = len(table)
+    slope = table[-1] - table[-2] if top > 1 else 0.0
+
+    def cost(p: np.ndarray) -> np.ndarray:
+        inside = np.interp(p, np.arange(1, top + 1), table)
+        out: np.ndarray = np.where(p > top, table[-1] + slope * (p - top), inside)
+        return out
+
+    pos = gammas + 1.0  # [K, N]
+    tau = cost(pos.sum(axis=1))  # [K]: everyone in every pass, to start
+    for _ in range(iters):
+        t_round, rho = _rounds(tau, edge, exposed)
+        share = np.minimum(1.0, tau[:, None] / (rho[:, None] * t_round))  # [K, N]
+        new = cost(np.maximum((pos * share).sum(axis=1), 1.0))
+        done = np.allclose(new, tau, rtol=1e-4)
+        tau = 0.5 * tau + 0.5 * new  # damped: the pass and the shares pull each other
+        if done:
+            break
+    t_round, rho = _rounds(tau, edge, exposed)
+    share = np.minimum(1.0, tau[:, None] / (rho[:, None] * t_round))
+    return Prediction((expected / t_round).sum(axis=1), t_round / expected, (pos * share).sum(axis=1))
+
+
+def _rounds(tau: np.ndarray, edge: np.ndarray, exposed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Given the pass time [K] (edge: [K, N] > 0): each stream's round [K, N] and the cloud's busy share [K]."""
+    away = edge / (edge + tau[:, None])  # [K, N]: the share of its time a stream is at its edge, if it never waited
+    # the cloud busy with the others when one arrives: unless all the others are at their edges
+    others_away = np.prod(away, axis=1, keepdims=True) / away
+    wait = exposed * (1.0 - others_away) * tau[:, None] / 2
+    t_round = edge + wait + tau[:, None]
+    rho = 1.0 - np.prod(edge / t_round, axis=1)
+    return t_round, np.maximum(rho, 1e-6)
+
+
+@dataclass
+class Advice:
+    gamma: int  # the block length to use next; 0: continue as a cloud-only stream
+    reason: str  # "best" | "tpot" (no block keeps the stream's time per token within cloud-only's) | "load"
+    aggregate: float  # the predicted aggregate tokens/s with it
+    speculate: float  # the predicted aggregate with the best block > 0 (0.0: none allowed)
+
+
+class LoadPolicy:
+    """The cloud's streams and its pass cost; `advise` answers for one stream at a time (at its verdict).
+
+    Streams silent for `idle_s` (an edge between requests, a client gone) are left out of the model until they send
+    again. The pass cost table is rebuilt from the curve at most every `refresh_s`.
+    """
+
+    def __init__(self, costs: CostCurve | None = None, max_positions: int = 1024, idle_s: float = 2.0,
+                 refresh_s: float = 0.05, forget_s: float = 60.0) -> None:
+        self.costs = costs or CostCurve()
+        self.max_positions = max_positions
+        self.idle_s = idle_s
+        self.refresh_s = refresh_s
+        self.forget_s = forget_s  # a stream silent this long is forgotten (one never closed: a client gone)
+        self.streams: dict[str, StreamLoad] = {}
+        self._lock = threading.Lock()  # the curve: passes observed on the model thread, read on the event loop
+        self._table: list[float] = []
+        self._table_at = -float("inf")
+        self._pruned_at = 0.0
+
+    def stream(self, key: str, now: float) -> StreamLoad:
+        """Stream `key`, created if new, seen now."""
+        if now - self._pruned_at > self.forget_s:
+            self._pruned_at = now
+            for k in [k for k, s in self.streams.items() if now - s.seen > self.forget_s]:
+                del self.streams[k]
+        s = self.streams.setdefault(key, StreamLoad())
+        s.seen = now
+        return s
+
+    def drop(self, key: str) -> None:
+        self.streams.pop(key, None)
+
+    def observe_pass(self, positions: int, seconds: float) -> None:
+        with self._lock:
+            self.costs.observe(positions, seconds)
+
+    def active(self, now: float) -> list[str]:
+        return [k for k, s in self.streams.items() if now - s.seen <= self.idle_s]
+
+    def pass_time(self, positions: int) -> float:
+        with self._lock:
+            return self.costs.time(positions)
+
+    def _costs(self, top: int, now: float) -> list[float]:
+        if len(self._table) < top or now - self._table_at > self.refresh_s:
+            with self._lock:
+                self._table = [self.costs.time(p) for p in range(1, max(top, 2) + 1)]
+            self._table_at = now
+        return self._table
+
+    def _arrays(self, keys: list[str], gammas: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Tokens a round, edge seconds a round and the exposed share (see `predict`) for [K, N] gammas."""
+        expected = np.ones_like(gammas, dtype=np.float64)
+        edge = np.full_like(gammas, STREAM_GAP_S, dtype=np.float64)
+        exposed = np.zeros_like(gammas, dtype=np.float64)
+        for n, key in enumerate(keys):
+            s = self.streams[key]
+            for g in {int(g) for g in gammas[:, n]} - {0}:
+                rows = gammas[:, n] == g
+                expected[rows, n] = s.expected(g)
+                miss = 1.0 - s.hit(g) if s.pipelined else 1.0
+                edge[rows, n] = miss * s.edge_s(g) + STREAM_GAP_S
+                exposed[rows, n] = miss
+        return expected, edge, exposed
+
+    def advise(self, key: str, now: float) -> Advice:
+        """The block length for stream `key`'s next round (at most its own limit), the others as they are."""
+        me = self.streams[key]
+        keys = [k for k in self.active(now) if k != key] + [key]
+        current = np.array([self.streams[k].gamma for k in keys], dtype=np.float64)
+        candidates = list(range(0, me.limit + 1))
+        gammas = np.tile(current, (len(candidates), 1))  # [K, N]
+        gammas[:, -1] = candidates
+        expected, edge, exposed = self._arrays(keys, gammas)
+        top = int(min(self.max_positions, (gammas + 1).sum(axis=1).max() + 1))
+        pred = predict(self._costs(top, now), gammas, expected, edge, exposed)
+        # what cloud-only would give this stream: every stream cloud-only, a token a pass of N positions
+        cloud_tpot = self.pass_time(len(keys)) + STREAM_GAP_S
+        allowed = [k for k in range(1, len(candidates)) if pred.tpot[k, -1] <= cloud_tpot]
+        if not allowed:
+            return Advice(0, "tpot", float(pred.aggregate[0]), 0.0)
+        best = max(allowed, key=lambda k: pred.aggregate[k])
+        spec = float(pred.aggregate[best])
+        own = 1.0 / pred.tpot[0, -1]  # this stream's rate as a cloud stream
+        if pred.aggregate[0] > spec + SWITCH_MARGIN * own:
+            return Advice(0, "load", float(pred.aggregate[0]), spec)
+        return Advice(candidates[best], "best", spec, spec)
