@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
+import dataclasses
 import logging
 import re
 import time
@@ -22,10 +24,10 @@ import torch
 from cloud_server.batcher import Batcher
 from cloud_server.registry import SessionRegistry
 from cloud_server.settings import ServerSettings
-from tandem.blocks import DraftBlock, VerifyResult
+from tandem.blocks import DraftBlock, EdgeReport, VerifyResult
 from tandem.costs import CostCurve
 from tandem.errors import ContextOverflowError, InvalidRequestError, TokenizerMismatchError
-from tandem.load import LoadPolicy
+from tandem.load import LoadPolicy, StreamLoad
 from tandem.messages import OpenRequest, SessionInfo, SessionVerdict
 from tandem.models import LoadedModel
 from tandem.passcost import pass_times
@@ -50,6 +52,15 @@ def kv_bytes_per_token(model: LoadedModel) -> int:
     return 2 * layers * kv_heads * head_dim * dtype_bytes
 
 
+def trim_memory() -> bool:
+    """glibc's malloc_trim(0): return the free parts of the heap to the system. False where there is no glibc."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    return bool(libc.malloc_trim(0))
+
+
 class ModelWorker:
     def __init__(self, target: LoadedModel, settings: ServerSettings, metrics: Metrics) -> None:
         self.target = target
@@ -66,6 +77,7 @@ class ModelWorker:
                                lambda: len(self.sessions) + self.batcher.streams,
                                self.policy.observe_pass if self.policy is not None else None)
         self._bytes_per_token = kv_bytes_per_token(target)
+        self._trimmer: asyncio.Task[None] | None = None
 
     # --- lifecycle
 
@@ -75,6 +87,16 @@ class ModelWorker:
             self.policy.costs = CostCurve(prior)
             log.info("pass cost prior (ms by positions): %s", {n: round(s * 1e3, 1) for n, s in prior.items()})
         self.sessions.start()
+        if self.settings.trim_memory_s > 0:
+            self._trimmer = asyncio.create_task(self._trim_forever(self.settings.trim_memory_s))
+
+    async def _trim_forever(self, period_s: float) -> None:
+        """Freed KV caches of every size leave the C allocator's pools full of holes: hand them back now and then
+        (on the model thread, between its passes)."""
+        while True:
+            await asyncio.sleep(period_s)
+            with contextlib.suppress(RuntimeError):  # the executor is shut down
+                await self._run(trim_memory)
 
     @property
     def ready(self) -> bool:
@@ -93,6 +115,8 @@ class ModelWorker:
 
     async def shutdown(self) -> None:
         """Refuse new work, drop every session, let the model thread finish its queue."""
+        if self._trimmer is not None:
+            self._trimmer.cancel()
         self.sessions.shutdown()
         await asyncio.to_thread(self._executor.shutdown, True)
 
@@ -153,7 +177,13 @@ class ModelWorker:
                 raise
             entry.busy = False
             entry.last_used = time.monotonic()
-            return self.info(entry.id, len(req.prompt), resumed, (time.perf_counter() - t0) * 1e3)
+            info = self.info(entry.id, len(req.prompt), resumed, (time.perf_counter() - t0) * 1e3)
+            if self.policy is None or req.report is None:
+                return info
+            stream = self.policy.stream(entry.id, entry.last_used)
+            self._take_report(stream, req.report)
+            stream.gamma, stream.answered = stream.limit, entry.last_used
+            return dataclasses.replace(info, advice=self._advice(entry.id, entry.last_used))
 
     def _prefill(self, prompt: list[int], params: SamplingParams) -> TargetSession:
         session = TargetSession(self.target, prompt, params)
@@ -214,15 +244,22 @@ class ModelWorker:
         stream.arrived(arrived)
         stream.gamma = drafted
         if drafted:
-            stream.acceptance.observe(drafted, result.num_accepted)
+            self.policy.observe_round(stream, drafted, result.num_accepted)
         report = block.report
         stream.answered = time.monotonic()
         if report is None or result.finish_reason is not None:
             stream.limit = 0
             return None
+        self._take_report(stream, report)
+        return self._advice(session_id, stream.answered)
+
+    def _take_report(self, stream: StreamLoad, report: EdgeReport) -> None:
         stream.draft_s, stream.rtt_s = report.draft_ms / 1e3, report.rtt_ms / 1e3
         stream.limit, stream.pipelined = min(report.limit, self.settings.max_draft_tokens), report.pipelined
-        advice = self.policy.advise(session_id, stream.answered)
+
+    def _advice(self, session_id: str, now: float) -> int:
+        assert self.policy is not None
+        advice = self.policy.advise(session_id, now)
         self.metrics.advised_gamma.observe(advice.gamma)
         if advice.gamma == 0:
             self.metrics.advice_switch.labels(reason=advice.reason).inc()

@@ -74,5 +74,15 @@ fi
 check_rc=0
 timeout $((left - 5)) "$PY" -m tandem_tools.device_check --out "$OUT" --budget-s "$budget" "$@" 2>&1 \
   | tee "$OUT/device-check.log" || check_rc=$?
+# capacity with the cloud on the GPU: cloud-only, fixed-gamma and load-aware speculation at 1 and 8 clients, the
+# code pair, replay edges (the draft's recorded proposals and pace: the edges cost the GPU machine nothing)
+left=$((LIMIT_S - SECONDS))
+if ((left > 150)) && "$PY" -c "import cloud_server.main, edge_client.client, matplotlib" 2>/dev/null; then
+  TANDEM_DEVICE=cuda timeout $((left - 10)) "$PY" -m tandem_tools.cli bench capacity --clients 1,8 \
+    --target demo-target --draft demo-draft --max-tokens 48 --requests 1 --out "$OUT/capacity" 2>&1 \
+    | tee "$OUT/capacity.log" || echo "device-check: the capacity run did not finish (see $OUT/capacity.log)"
+else
+  echo "device-check: capacity run skipped ($left s left, or the server stack does not import here)"
+fi
 echo "device-check: done in ${SECONDS} s (tests $test_rc, speed figures $check_rc); see $OUT/summary.md"
 exit $((test_rc || check_rc))

@@ -149,6 +149,8 @@ class LoadPolicy:
         self.refresh_s = refresh_s
         self.forget_s = forget_s  # a stream silent this long is forgotten (one never closed: a client gone)
         self.streams: dict[str, StreamLoad] = {}
+        # every session's rounds pooled: where a new stream's acceptance starts (before its first verdict)
+        self.pooled = Acceptance(prior=0.6, weight=0.05)
         self._lock = threading.Lock()  # the curve: passes observed on the model thread, read on the event loop
         self._table: list[float] = []
         self._table_at = -float("inf")
@@ -160,9 +162,16 @@ class LoadPolicy:
             self._pruned_at = now
             for k in [k for k, s in self.streams.items() if now - s.seen > self.forget_s]:
                 del self.streams[k]
-        s = self.streams.setdefault(key, StreamLoad())
+        s = self.streams.get(key)
+        if s is None:
+            start = Acceptance(self.pooled.prior, positions=[Ewma(e.value, 0.2, 1) for e in self.pooled.positions])
+            s = self.streams[key] = StreamLoad(acceptance=start)
         s.seen = now
         return s
+
+    def observe_round(self, stream: StreamLoad, drafted: int, accepted: int) -> None:
+        stream.acceptance.observe(drafted, accepted)
+        self.pooled.observe(drafted, accepted)
 
     def drop(self, key: str) -> None:
         self.streams.pop(key, None)

@@ -11,7 +11,7 @@ import uuid
 from collections import deque
 from collections.abc import Iterator
 
-from tandem.blocks import DraftBlock, VerifyResult
+from tandem.blocks import DraftBlock, EdgeReport, VerifyResult
 from tandem.errors import InvalidRequestError
 from tandem.messages import SessionInfo, SessionVerdict, Step
 from tandem.models import LoadedModel
@@ -68,7 +68,7 @@ class LocalVerifier:
         self.bytes_sent = self.bytes_received = 0
 
     def open(self, prompt: list[int], params: SamplingParams, session_id: str | None = None,
-             affinity_key: str | None = None) -> LocalSession:
+             affinity_key: str | None = None, report: EdgeReport | None = None) -> LocalSession:
         return LocalSession(self.target, prompt, params, session_id)
 
     def generate(self, prompt: list[int], params: SamplingParams) -> Iterator[Step]:

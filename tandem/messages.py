@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
-from tandem.blocks import DraftBlock, FinishReason, VerifyResult
+from tandem.blocks import DraftBlock, EdgeReport, FinishReason, VerifyResult
 from tandem.sampling import SamplingParams
 
 
@@ -26,6 +26,7 @@ class OpenRequest:
     draft_name: str = ""
     client_id: str = ""
     session_id: str | None = None  # resume under this id
+    report: EdgeReport | None = None  # for an advice on the first block (load-aware speculation)
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,7 @@ class SessionInfo:
     resumed: bool
     eos_token_ids: tuple[int, ...]
     server_ms: float = 0.0
+    advice: int | None = None  # the cloud's advice for the first block (0: continue as its stream at once)
 
 
 @dataclass(frozen=True)
@@ -85,7 +87,7 @@ class Verifier(Protocol):
     bytes_received: int
 
     def open(self, prompt: list[int], params: SamplingParams, session_id: str | None = None,
-             affinity_key: str | None = None) -> VerifierSession: ...
+             affinity_key: str | None = None, report: EdgeReport | None = None) -> VerifierSession: ...
 
     def generate(self, prompt: list[int], params: SamplingParams) -> Iterator[Step]: ...
 

@@ -232,23 +232,29 @@ class SpeculativeDecoder:
     def _speculate(self, run: _Run, verifier: Verifier, auto: bool) -> None:
         s, stats = self.settings, run.stats
         t_open = time.perf_counter()
+        model = self.model
+        # auto: what the cloud needs to advise even the first block (the edge's own bound: its largest)
+        bound = s.max_gamma if s.gamma == "adaptive" else max(1, int(s.gamma))
+        report = EdgeReport(model.draft_s.value * 1e3, model.rtt_s.value * 1e3, bound, s.pipeline) if auto else None
         session: VerifierSession = verifier.open(run.ctx, self._resume_params(run), session_id=run.session_id,
-                                                 affinity_key=run.affinity_key)
+                                                 affinity_key=run.affinity_key, report=report)
         run.session_id = session.session_id
         opened = session.opened
         max_draft, context = opened.max_draft_tokens, opened.context_length
-        model = self.model
         if not model.rtt_s.samples:  # connection set-up included: an upper bound, only until better samples come
             model.observe_rtt(time.perf_counter() - t_open - opened.server_ms / 1e3)
         drafter = self._drafter
         drafter.start(run.ctx, run.params)
         pipelined = s.pipeline
         inflight: deque[_Sent] = deque()
+        advised = opened.advice if auto else None  # auto: the cloud's last advice
+        if advised is not None:
+            self._cloud_advises = True
+            stats.advice.append(advised)
         # auto with a cloud that gives no advice: a first empty block measures one target step, the cloud's pace
         probe = auto and stats.rounds == 0 and not self._cloud_advises
         measure = True  # the session's first block goes alone: a clean round-trip sample before pipelining
-        advised: int | None = None  # auto: the cloud's last advice
-        alone = False  # auto: no more blocks; once those in flight are answered, the session goes on as a stream
+        alone = advised == 0  # auto: no more blocks; once those in flight are answered, the session goes on as a stream
         try:
             while run.finish is None:
                 if alone and not inflight:
@@ -368,8 +374,8 @@ class _Borrowed:
         self.bytes_sent = self.bytes_received = 0
 
     def open(self, prompt: list[int], params: SamplingParams, session_id: str | None = None,
-             affinity_key: str | None = None) -> VerifierSession:
-        return self.inner.open(prompt, params, session_id, affinity_key)
+             affinity_key: str | None = None, report: EdgeReport | None = None) -> VerifierSession:
+        return self.inner.open(prompt, params, session_id, affinity_key, report)
 
     def generate(self, prompt: list[int], params: SamplingParams) -> Iterator[Step]:
         return self.inner.generate(prompt, params)

@@ -37,6 +37,11 @@ class OpenBody(BaseModel):
     draft_name: str = ""
     client_id: str = ""
     session_id: str | None = None
+    # for an advice on the first block: see the proto's Open.edge_*; edge_limit 0: no advice wanted
+    edge_draft_ms: Annotated[float, Field(ge=0)] = 0.0
+    edge_rtt_ms: Annotated[float, Field(ge=0)] = 0.0
+    edge_limit: Annotated[int, Field(ge=0)] = 0
+    edge_pipelined: bool = False
 
 
 class ContinueBody(BaseModel):
@@ -66,6 +71,7 @@ class OpenedBody(BaseModel):
     resumed: bool
     eos_token_ids: list[int]
     server_ms: float = 0.0
+    advised_gamma: int | None = None  # as in VerdictBody, for the first block
 
 
 class CandidateBody(BaseModel):
@@ -133,12 +139,19 @@ def params_from_body(s: SamplingBody) -> SamplingParams:
 def open_to_json(req: OpenRequest) -> dict[str, Any]:
     body = OpenBody(prompt=req.prompt, sampling=params_to_body(req.params), draft_fingerprint=req.draft_fingerprint,
                     draft_name=req.draft_name, client_id=req.client_id, session_id=req.session_id)
-    return body.model_dump(mode="json")
+    if req.report is not None:
+        r = req.report
+        body.edge_draft_ms, body.edge_rtt_ms, body.edge_limit, body.edge_pipelined = (r.draft_ms, r.rtt_ms, r.limit,
+                                                                                     r.pipelined)
+        return body.model_dump(mode="json")
+    return body.model_dump(mode="json", exclude={"edge_draft_ms", "edge_rtt_ms", "edge_limit", "edge_pipelined"})
 
 
 def open_from_body(body: OpenBody) -> OpenRequest:
+    report = EdgeReport(body.edge_draft_ms, body.edge_rtt_ms, body.edge_limit, body.edge_pipelined) \
+        if body.edge_limit else None
     return OpenRequest(body.prompt, params_from_body(body.sampling), body.draft_fingerprint, body.draft_name,
-                       body.client_id, body.session_id)
+                       body.client_id, body.session_id, report)
 
 
 def opened_to_body(info: SessionInfo) -> OpenedBody:
@@ -146,14 +159,15 @@ def opened_to_body(info: SessionInfo) -> OpenedBody:
         session_id=info.session_id, target_name=info.target_name, target_fingerprint=info.target_fingerprint,
         vocab_size=info.vocab_size, context_length=info.context_length, prompt_tokens=info.prompt_tokens,
         max_draft_tokens=info.max_draft_tokens, resumed=info.resumed, eos_token_ids=list(info.eos_token_ids),
-        server_ms=info.server_ms,
+        server_ms=info.server_ms, advised_gamma=info.advice,
     )
 
 
 def opened_from_json(obj: dict[str, Any]) -> SessionInfo:
     b = OpenedBody.model_validate(obj)
     return SessionInfo(b.session_id, b.target_name, b.target_fingerprint, b.vocab_size, b.context_length,
-                       b.prompt_tokens, b.max_draft_tokens, b.resumed, tuple(b.eos_token_ids), b.server_ms)
+                       b.prompt_tokens, b.max_draft_tokens, b.resumed, tuple(b.eos_token_ids), b.server_ms,
+                       b.advised_gamma)
 
 
 def draft_to_json(block: DraftBlock, seq: int, base_len: int | None) -> dict[str, Any]:

@@ -50,6 +50,8 @@ def open_from_pb(msg: pb.Open) -> OpenRequest:
         prompt=list(msg.prompt), params=params_from_pb(msg.sampling), draft_fingerprint=msg.draft_fingerprint,
         draft_name=msg.draft_name, client_id=msg.client_id,
         session_id=msg.session_id if msg.HasField("session_id") else None,
+        report=EdgeReport(msg.edge_draft_ms, msg.edge_rtt_ms, msg.edge_limit, msg.edge_pipelined)
+        if msg.edge_limit else None,
     )
 
 
@@ -58,6 +60,10 @@ def open_to_pb(req: OpenRequest) -> pb.Open:
                   draft_name=req.draft_name, client_id=req.client_id)
     if req.session_id is not None:
         msg.session_id = req.session_id
+    if req.report is not None:
+        r = req.report
+        msg.edge_draft_ms, msg.edge_rtt_ms, msg.edge_limit, msg.edge_pipelined = (r.draft_ms, r.rtt_ms, r.limit,
+                                                                                   r.pipelined)
     return msg
 
 
@@ -71,17 +77,20 @@ def opened_from_pb(msg: pb.Opened) -> SessionInfo:
         session_id=msg.session_id, target_name=msg.target_name, target_fingerprint=msg.target_fingerprint,
         vocab_size=msg.vocab_size, context_length=msg.context_length, prompt_tokens=msg.prompt_tokens,
         max_draft_tokens=msg.max_draft_tokens, resumed=msg.resumed, eos_token_ids=tuple(msg.eos_token_ids),
-        server_ms=msg.server_ms,
+        server_ms=msg.server_ms, advice=msg.advised_gamma if msg.HasField("advised_gamma") else None,
     )
 
 
 def opened_to_pb(info: SessionInfo) -> pb.Opened:
-    return pb.Opened(
+    msg = pb.Opened(
         session_id=info.session_id, target_name=info.target_name, target_fingerprint=info.target_fingerprint,
         vocab_size=info.vocab_size, context_length=info.context_length, prompt_tokens=info.prompt_tokens,
         max_draft_tokens=info.max_draft_tokens, resumed=info.resumed, eos_token_ids=list(info.eos_token_ids),
         server_ms=info.server_ms,
     )
+    if info.advice is not None:
+        msg.advised_gamma = info.advice
+    return msg
 
 
 def block_from_pb(msg: pb.Draft) -> DraftBlock:

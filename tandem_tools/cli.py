@@ -178,6 +178,8 @@ def bench_load(
     prompt_tokens: Annotated[int | None, typer.Option(help="keep the last N tokens of each prompt")] = None,
     max_tokens: Annotated[int | None, typer.Option(help="per request; default: the trace's")] = None,
     gamma: Annotated[str, typer.Option(help="draft block length, or 'adaptive'")] = "adaptive",
+    mode: Annotated[str, typer.Option(help="the edges' mode: auto (load-aware: they follow the cloud's advice) or "
+                                      "spec (speculate whatever the load)")] = "auto",
     sample_s: Annotated[float, typer.Option(help="seconds between samples of the cloud's metrics and memory")] = 5.0,
     warmup: Annotated[float | None, typer.Option(help="seconds left out of the memory slope")] = None,
     target: Annotated[str, typer.Option(help="target model of the cloud started here")] = DEFAULT_TARGET,
@@ -196,7 +198,7 @@ def bench_load(
     cfg = LoadConfig(
         sessions=sessions, duration_s=duration, out=out, cloud=cloud, metrics_url=metrics or cloud_url,
         trace=trace or DEFAULT_TRACE, prompts=prompts, prompt_tokens=prompt_tokens, max_tokens=max_tokens,
-        target=target, draft=draft, transport=transport, gamma=int(gamma) if gamma.isdigit() else gamma,
+        target=target, draft=draft, transport=transport, gamma=int(gamma) if gamma.isdigit() else gamma, mode=mode,
         cloud_threads=cloud_threads, sample_s=sample_s, warmup_s=warmup,
         api_key=os.environ.get("TANDEM_API_KEY") or None,
     )
@@ -208,30 +210,45 @@ def bench_load(
 @bench_app.command("capacity")
 def bench_capacity(
     clients: Annotated[str, typer.Option(help="comma-separated concurrencies")] = "1,2,4,8,16",
-    out: Annotated[Path, typer.Option(help="folder for capacity.json, capacity.png and the logs")]
+    out: Annotated[Path, typer.Option(help="folder for capacity.json, capacity.png, the replay table and the logs")]
     = Path("capacity-out"),
+    modes: Annotated[str, typer.Option(help="comma-separated: cloud (cloud-only stream), spec (fixed gamma), auto "
+                                            "(the block length the cloud advises)")] = "cloud,spec,auto",
+    edges: Annotated[str, typer.Option(help="replay: recorded draft proposals at the measured draft pace (no cloud "
+                                            "CPU); real: a draft model in each edge process")] = "replay",
     max_tokens: Annotated[int, typer.Option(help="new tokens per request (ignore_eos: exactly this many)")] = 64,
-    prompt_tokens: Annotated[int, typer.Option(help="held-out prompt length")] = 128,
+    prompt_tokens: Annotated[int, typer.Option(help="held-out prompt length (without a trace)")] = 128,
+    trace: Annotated[Path | None, typer.Option(help="JSON lines with prompt (or messages); default: the chat trace "
+                                               "for a chat pair, held-out code otherwise")] = None,
     requests: Annotated[int, typer.Option(help="requests per client and mode, back to back")] = 2,
-    gamma: Annotated[str, typer.Option(help="draft block length, or 'adaptive'")] = "4",
+    gamma: Annotated[str, typer.Option(help="spec's fixed draft block length")] = "4",
+    max_gamma: Annotated[int, typer.Option(help="the largest block auto may draft (and the replay table holds)")] = 8,
     target: Annotated[str, typer.Option(help="the cloud's target model")] = DEFAULT_TARGET,
     draft: Annotated[str, typer.Option(help="the edges' draft model")] = DEFAULT_DRAFT,
     cloud_threads: Annotated[int, typer.Option(help="torch threads of the cloud process")] = 1,
-    edge_threads: Annotated[int, typer.Option(help="torch threads of each edge process")] = 1,
+    edge_threads: Annotated[int, typer.Option(help="torch threads of each real edge; replay: those the draft step "
+                                                   "is timed with")] = 1,
     edge_nice: Annotated[int, typer.Option(help="niceness of the edge processes (>0: the cloud goes first)")] = 0,
     max_batch: Annotated[int, typer.Option(help="the cloud's max batch (1: no batching)")] = 32,
     batch_window_ms: Annotated[float, typer.Option(help="the cloud's batch window")] = 2.0,
     pipeline: Annotated[bool, typer.Option("--pipeline/--no-pipeline", help="edges send blocks ahead")] = True,
 ) -> None:
-    """Cloud capacity: speculative sessions vs cloud-only clients at each concurrency, side by side (JSON + plot)."""
+    """Cloud capacity: cloud-only, speculative and load-aware auto clients at each concurrency, side by side
+    (JSON + plot)."""
     from tandem_tools.bench_capacity import CapacityConfig, run_bench_capacity
 
     cfg = CapacityConfig(
         clients=tuple(int(c) for c in clients.split(",") if c.strip()), target=target, draft=draft, gamma=gamma,
+        max_gamma=max_gamma, modes=tuple(m.strip() for m in modes.split(",") if m.strip()), edges=edges,
         max_tokens=max_tokens, prompt_tokens=prompt_tokens, requests=requests, cloud_threads=cloud_threads,
+        trace=str(trace) if trace else None,
         edge_threads=edge_threads, edge_nice=edge_nice, max_batch=max_batch, batch_window_ms=batch_window_ms,
         pipeline=pipeline,
     )
+    try:
+        cfg.check()
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
     run_bench_capacity(cfg, out)
 
 

@@ -8,7 +8,8 @@ import pytest
 from tandem.blocks import DraftBlock, EdgeReport, VerifyResult
 from tandem.costs import CostCurve, Ewma
 from tandem.load import STREAM_GAP_S, LoadPolicy, StreamLoad, predict
-from tandem.messages import SessionVerdict
+from tandem.messages import OpenRequest, SessionInfo, SessionVerdict
+from tandem.sampling import SamplingParams
 from tandem_protocol import bodies
 from tandem_protocol import pb as wire
 
@@ -136,6 +137,15 @@ def test_the_report_and_the_advice_cross_both_wires() -> None:
     body = bodies.DraftBody.model_validate(bodies.draft_to_json(block, 3, None))
     assert bodies.draft_from_body(body).report == block.report
     assert wire.block_from_pb(wire.block_to_pb(DraftBlock([5]), 0)).report is None
+    report = EdgeReport(2.0, 30.0, 8, False)
+    req = OpenRequest([1, 2, 3], SamplingParams(max_tokens=4), report=report)
+    assert wire.open_from_pb(wire.open_to_pb(req)).report == report
+    assert bodies.open_from_body(bodies.OpenBody.model_validate(bodies.open_to_json(req))).report == report
+    plain = bodies.open_to_json(OpenRequest([1], SamplingParams(max_tokens=4)))
+    assert not any(k.startswith("edge_") for k in plain)  # a server without load-aware advice refuses the fields
+    info = SessionInfo("s", "t", "f", 100, 512, 3, 16, False, (0,), 1.0, 0)
+    assert wire.opened_from_pb(wire.opened_to_pb(info)).advice == 0
+    assert bodies.opened_from_json(bodies.opened_to_body(info).model_dump()).advice == 0
     result = VerifyResult(1, 9, "recovered", [5, 9], None, [9])
     for advice in (None, 0, 4):
         verdict = SessionVerdict(3, result, 7, 1.0, 0.5, advice)

@@ -11,7 +11,7 @@ from typing import Any
 import grpc
 
 from edge_client.remote.common import AFFINITY_HEADER, TLS_HINT, Pipelined, is_tls_failure
-from tandem.blocks import DraftBlock, VerifyResult
+from tandem.blocks import DraftBlock, EdgeReport, VerifyResult
 from tandem.errors import RemoteError
 from tandem.messages import OpenRequest, SessionVerdict, Step
 from tandem.sampling import SamplingParams
@@ -79,10 +79,10 @@ class GrpcVerifier:
 
     def open(
         self, prompt: list[int], params: SamplingParams, session_id: str | None = None,
-        affinity_key: str | None = None,
+        affinity_key: str | None = None, report: EdgeReport | None = None,
     ) -> GrpcStreamSession | GrpcUnarySession:
         msg = wire.open_to_pb(OpenRequest(prompt, params, self.draft_fingerprint, self.draft_name, self.client_id,
-                                          session_id))
+                                          session_id, report))
         metadata = _with_affinity(self.metadata, affinity_key)
         if self.streaming:
             return GrpcStreamSession(self, msg, metadata)

@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 
 from edge_client.remote.common import AFFINITY_HEADER, TLS_HINT, Pipelined, is_tls_failure
-from tandem.blocks import DraftBlock
+from tandem.blocks import DraftBlock, EdgeReport
 from tandem.errors import RemoteError
 from tandem.messages import OpenRequest, SessionVerdict, Step
 from tandem.sampling import SamplingParams
@@ -106,9 +106,9 @@ class HttpVerifier:
         return self.sse_steps("/v1/completions", body)
 
     def open(self, prompt: list[int], params: SamplingParams, session_id: str | None = None,
-             affinity_key: str | None = None) -> HttpSession:
+             affinity_key: str | None = None, report: EdgeReport | None = None) -> HttpSession:
         body = bodies.open_to_json(OpenRequest(list(prompt), params, self.draft_fingerprint, self.draft_name,
-                                               self.client_id, session_id))
+                                               self.client_id, session_id, report))
         sizes: list[int] = []
         opened = self.request("POST", "/v1/sessions", body, lambda sent, received: sizes.extend((sent, received)),
                               affinity_key)

@@ -64,7 +64,7 @@ class SamplingParams(_message.Message):
     def __init__(self, max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., ignore_eos: _Optional[bool] = ...) -> None: ...
 
 class Open(_message.Message):
-    __slots__ = ("prompt", "sampling", "draft_fingerprint", "draft_name", "client_id", "session_id", "continue_session")
+    __slots__ = ("prompt", "sampling", "draft_fingerprint", "draft_name", "client_id", "session_id", "continue_session", "edge_draft_ms", "edge_rtt_ms", "edge_limit", "edge_pipelined")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     DRAFT_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
@@ -72,6 +72,10 @@ class Open(_message.Message):
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     CONTINUE_SESSION_FIELD_NUMBER: _ClassVar[int]
+    EDGE_DRAFT_MS_FIELD_NUMBER: _ClassVar[int]
+    EDGE_RTT_MS_FIELD_NUMBER: _ClassVar[int]
+    EDGE_LIMIT_FIELD_NUMBER: _ClassVar[int]
+    EDGE_PIPELINED_FIELD_NUMBER: _ClassVar[int]
     prompt: _containers.RepeatedScalarFieldContainer[int]
     sampling: SamplingParams
     draft_fingerprint: str
@@ -79,10 +83,14 @@ class Open(_message.Message):
     client_id: str
     session_id: str
     continue_session: bool
-    def __init__(self, prompt: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., draft_fingerprint: _Optional[str] = ..., draft_name: _Optional[str] = ..., client_id: _Optional[str] = ..., session_id: _Optional[str] = ..., continue_session: _Optional[bool] = ...) -> None: ...
+    edge_draft_ms: float
+    edge_rtt_ms: float
+    edge_limit: int
+    edge_pipelined: bool
+    def __init__(self, prompt: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., draft_fingerprint: _Optional[str] = ..., draft_name: _Optional[str] = ..., client_id: _Optional[str] = ..., session_id: _Optional[str] = ..., continue_session: _Optional[bool] = ..., edge_draft_ms: _Optional[float] = ..., edge_rtt_ms: _Optional[float] = ..., edge_limit: _Optional[int] = ..., edge_pipelined: _Optional[bool] = ...) -> None: ...
 
 class Opened(_message.Message):
-    __slots__ = ("session_id", "target_name", "target_fingerprint", "vocab_size", "context_length", "prompt_tokens", "max_draft_tokens", "resumed", "eos_token_ids", "server_ms")
+    __slots__ = ("session_id", "target_name", "target_fingerprint", "vocab_size", "context_length", "prompt_tokens", "max_draft_tokens", "resumed", "eos_token_ids", "server_ms", "advised_gamma")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     TARGET_NAME_FIELD_NUMBER: _ClassVar[int]
     TARGET_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
@@ -93,6 +101,7 @@ class Opened(_message.Message):
     RESUMED_FIELD_NUMBER: _ClassVar[int]
     EOS_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     SERVER_MS_FIELD_NUMBER: _ClassVar[int]
+    ADVISED_GAMMA_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     target_name: str
     target_fingerprint: str
@@ -103,7 +112,8 @@ class Opened(_message.Message):
     resumed: bool
     eos_token_ids: _containers.RepeatedScalarFieldContainer[int]
     server_ms: float
-    def __init__(self, session_id: _Optional[str] = ..., target_name: _Optional[str] = ..., target_fingerprint: _Optional[str] = ..., vocab_size: _Optional[int] = ..., context_length: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., max_draft_tokens: _Optional[int] = ..., resumed: _Optional[bool] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., server_ms: _Optional[float] = ...) -> None: ...
+    advised_gamma: int
+    def __init__(self, session_id: _Optional[str] = ..., target_name: _Optional[str] = ..., target_fingerprint: _Optional[str] = ..., vocab_size: _Optional[int] = ..., context_length: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., max_draft_tokens: _Optional[int] = ..., resumed: _Optional[bool] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., server_ms: _Optional[float] = ..., advised_gamma: _Optional[int] = ...) -> None: ...
 
 class Draft(_message.Message):
     __slots__ = ("seq", "tokens", "q_k", "q_ids", "q_probs", "candidate_parents", "candidate_lengths", "candidate_tokens", "base_len", "edge_draft_ms", "edge_rtt_ms", "edge_limit", "edge_pipelined")

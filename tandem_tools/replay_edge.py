@@ -1,0 +1,206 @@
+"""Replay edges for `tandem bench capacity`: the draft's real proposals and real pace, at no cost to the cloud's CPU.
+
+Why: the capacity benchmark must measure the cloud, and an edge is a device of its own. Edges drafting on the
+cloud's machine measure CPU contention instead: on a 2-core machine, even edges pinned to a CPU set disjoint from
+the cloud's would share one core among 16 drafts, each draft step then 16x slower than on a real device. Under
+greedy decoding the draft's proposal for a given context is deterministic, so it can be recorded once, machine
+quiet, and replayed: a replay edge answers `propose` from the table and sleeps the measured draft time per step
+(`time.sleep` costs the cloud no CPU), so every edge sends the blocks a real draft would, at a real draft's pace.
+
+The table (`ReplayTable`, JSON): per prompt, the target's greedy output T (`max_tokens` + a few tokens) and, for
+every k in 0..max_tokens, the draft's greedy continuation of `max_gamma + 1` tokens from prompt + T[:k] (the longest
+block the loop asks for: gamma tokens plus the guessed bonus of a block sent ahead), with the mean seconds per
+draft step measured while recording. The speculative loop only drafts from the committed sequence or from it plus
+blocks in flight; a context off prompt + T is a block sent ahead on a wrong guess, answered stale whatever it holds.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tandem.blocks import DraftBlock, VerifyResult
+from tandem.errors import InvalidRequestError
+from tandem.models import LoadedModel
+from tandem.sampling import SamplingParams
+
+EXTRA_TOKENS = 4  # T runs a few tokens past max_tokens
+TABLE_FILE = "replay-table.json"
+
+
+@dataclass
+class ReplayTable:
+    target: str
+    draft: str
+    max_tokens: int
+    max_gamma: int
+    draft_threads: int  # torch threads the draft step was timed with
+    prompts: list[list[int]]
+    outputs: list[list[int]]  # the target's greedy output per prompt: max_tokens + EXTRA_TOKENS tokens
+    continuations: list[list[list[int]]]  # [prompt][k]: the draft's max_gamma + 1 tokens after prompt + T[:k]
+    draft_step_s: float  # mean seconds per draft forward pass, this process alone
+    record_s: dict[str, float] = field(default_factory=dict)  # what recording took: target, draft
+
+    @property
+    def width(self) -> int:
+        return self.max_gamma + 1
+
+    def key(self) -> dict[str, Any]:
+        """What makes two tables interchangeable."""
+        return {"target": self.target, "draft": self.draft, "max_tokens": self.max_tokens,
+                "max_gamma": self.max_gamma, "draft_threads": self.draft_threads, "prompts": self.prompts}
+
+    @functools.cached_property
+    def _index(self) -> dict[tuple[int, ...], int]:
+        return {tuple(p): i for i, p in enumerate(self.prompts)}
+
+    def find(self, context: list[int]) -> int | None:
+        """The entry whose prompt starts `context` (the longest such prompt), or None."""
+        hit = self._index.get(tuple(context))
+        if hit is not None:
+            return hit
+        best: int | None = None
+        for i, p in enumerate(self.prompts):
+            if len(p) <= len(context) and context[: len(p)] == p and (best is None or len(p) > len(self.prompts[best])):
+                best = i
+        return best
+
+    def summary(self) -> dict[str, Any]:
+        return {"target": self.target, "draft": self.draft, "prompts": len(self.prompts),
+                "max_tokens": self.max_tokens, "max_gamma": self.max_gamma, "draft_threads": self.draft_threads,
+                "draft_step_s": self.draft_step_s, "record_s": self.record_s}
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps(asdict(self), separators=(",", ":")) + "\n")
+
+    @classmethod
+    def load(cls, path: Path) -> ReplayTable:
+        data = json.loads(path.read_text())
+        return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
+
+
+def record_table(target: LoadedModel, draft: LoadedModel, prompts: list[list[int]], max_tokens: int,
+                 max_gamma: int, draft_threads: int = 1, target_threads: int = 1,
+                 names: tuple[str, str] | None = None) -> ReplayTable:
+    """The target's greedy outputs and the draft's proposals along them, in this process (keep the machine quiet
+    meanwhile: the draft step is timed). `names`: (target, draft) as the table records them."""
+    import torch
+
+    from tandem.drafting import ModelDrafter
+    from tandem.session import generate_autoregressive
+
+    params = SamplingParams(max_tokens=max_tokens + EXTRA_TOKENS, ignore_eos=True)
+    threads = torch.get_num_threads()
+    try:
+        # trap: torch's default (every core) can run a small model many times slower on a small, busy machine
+        torch.set_num_threads(target_threads)
+        t0 = time.perf_counter()
+        outputs = [generate_autoregressive(target, p, params).tokens for p in prompts]
+        target_s = time.perf_counter() - t0
+        for p, out in zip(prompts, outputs, strict=True):
+            if len(out) < max_tokens:
+                raise ValueError(f"a {len(p)}-token prompt leaves room for {len(out)} of the {max_tokens} tokens")
+        width = max_gamma + 1
+        torch.set_num_threads(draft_threads)
+        warm = ModelDrafter(draft, "sparse")  # first-call allocations, out of the timing
+        warm.start(prompts[0], params)
+        warm.propose(prompts[0], width)
+        continuations: list[list[list[int]]] = []
+        spent, steps = 0.0, 0
+        t1 = time.perf_counter()
+        for p, out in zip(prompts, outputs, strict=True):
+            drafter = ModelDrafter(draft, "sparse")  # one per prompt: its cache follows the growing prefix
+            drafter.start(p, params)
+            rows = []
+            for k in range(max_tokens + 1):
+                t = time.perf_counter()
+                rows.append(drafter.propose(p + out[:k], width).tokens)
+                spent += time.perf_counter() - t
+            steps += drafter.steps
+            continuations.append(rows)
+        draft_s = time.perf_counter() - t1
+    finally:
+        torch.set_num_threads(threads)
+    target_name, draft_name = names or (target.name, draft.name)
+    return ReplayTable(target_name, draft_name, max_tokens, max_gamma, draft_threads, [list(p) for p in prompts],
+                       outputs, continuations, spent / steps, {"target": target_s, "draft": draft_s})
+
+
+def ensure_table(path: Path, target: str, draft: str, prompts: list[list[int]], max_tokens: int, max_gamma: int,
+                 draft_threads: int = 1, target_threads: int = 1) -> tuple[ReplayTable, bool]:
+    """The table at `path` if it was recorded for exactly these settings, else a new one recorded and saved there.
+    Returns (table, reused)."""
+    key = {"target": target, "draft": draft, "max_tokens": max_tokens, "max_gamma": max_gamma,
+           "draft_threads": draft_threads, "prompts": [list(p) for p in prompts]}
+    if path.is_file():
+        try:
+            old = ReplayTable.load(path)
+        except (ValueError, TypeError, KeyError):
+            old = None  # unreadable (an interrupted write): record again
+        if old is not None and old.key() == key:
+            return old, True
+    from tandem.models import load_model
+
+    table = record_table(load_model(target), load_model(draft), prompts, max_tokens, max_gamma, draft_threads,
+                         target_threads, names=(target, draft))
+    tmp = path.with_suffix(".tmp")
+    table.save(tmp)
+    tmp.replace(path)
+    return table, False
+
+
+class ReplayDrafter:
+    """A `Drafter` answering from a `ReplayTable`: the recorded greedy proposals, after sleeping the recorded draft
+    time per step. `draft` is the draft model, loaded only for its vocabulary, stop tokens and context length."""
+
+    def __init__(self, table: ReplayTable, draft: LoadedModel,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
+        self.table = table
+        self.draft = draft
+        self.steps = 0
+        self.misses = 0  # proposals on a context off prompt + T (blocks sent ahead on a wrong guess)
+        self._sleep = sleep
+        self._entry: int | None = None
+
+    def start(self, context: list[int], params: SamplingParams) -> None:
+        if not params.greedy:
+            raise InvalidRequestError("a replay edge replays greedy proposals: a sampled request needs a real draft")
+        entry = self.table.find(context)
+        if entry is None:
+            raise InvalidRequestError(f"the replay table holds no prompt starting this {len(context)}-token context")
+        self._entry = entry
+
+    def propose(self, context: list[int], n: int, room: int | None = None) -> DraftBlock:
+        if self._entry is None:
+            raise RuntimeError("propose before start")
+        if n > self.table.width:
+            raise ValueError(f"a block of {n} draft tokens was asked; the replay table holds {self.table.width} "
+                             f"(max_gamma {self.table.max_gamma} + 1): record it with a larger max_gamma")
+        prompt = self.table.prompts[self._entry]
+        full = prompt + self.table.outputs[self._entry]
+        rows = self.table.continuations[self._entry]
+        if context == full[: len(context)]:
+            k = len(context) - len(prompt)
+        else:
+            # stale whatever it holds: the continuation at the longest matching prefix
+            k = next((i for i, (a, b) in enumerate(zip(context, full, strict=False)) if a != b),
+                     len(full)) - len(prompt)
+            self.misses += 1
+        if k < 0:
+            raise RuntimeError("the context does not continue the request's prompt")
+        if k >= len(rows):  # past max_tokens: the loop never drafts there for a request within the table
+            k = len(rows) - 1
+            self.misses += 1
+        # the loop times `propose`: this sleep is the draft time the edge measures and reports (adaptive gamma, the
+        # cloud's advice), as a real draft's passes would be
+        self._sleep(n * self.table.draft_step_s)
+        self.steps += n
+        return DraftBlock(list(rows[k][:n]))
+
+    def learn(self, context: list[int], block: DraftBlock, result: VerifyResult, skipped: int = 0) -> None:
+        """Nothing to learn: the proposals are the recorded ones."""
