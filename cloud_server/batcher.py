@@ -30,6 +30,14 @@ def _same(rows: torch.Tensor) -> torch.Tensor:
     return rows
 
 
+def _timed(job: _Job, prepared: PreparedBlock) -> torch.Tensor:
+    """A block's own (tree) forward pass, its time kept on the job."""
+    t0 = time.perf_counter()
+    logits = job.core.forward(prepared)
+    job.pass_s = time.perf_counter() - t0
+    return logits
+
+
 @dataclass(eq=False)  # compared by identity: a block's q tensors have no truth value
 class _Job:
     """One block (or completion step) waiting for the model thread."""
@@ -40,6 +48,7 @@ class _Job:
     future: Future[VerifyResult] = field(default_factory=Future)
     queued: float = field(default_factory=time.perf_counter)
     started: float | None = None  # when the model thread took it
+    pass_s: float = 0.0  # the forward pass it was in
 
 
 class Batcher:
@@ -71,9 +80,9 @@ class Batcher:
             self.streams -= 1
 
     async def step(self, core: TargetSession, block: DraftBlock,
-                   base_len: int | None = None) -> tuple[VerifyResult, float]:
+                   base_len: int | None = None) -> tuple[VerifyResult, float, float]:
         """Verify one block (an empty one: the target's next token) in the next batch the model thread runs.
-        Returns the verdict and the seconds it waited for the model thread."""
+        Returns the verdict, the seconds it waited for the model thread and those of its forward pass."""
         job = _Job(core, block, base_len)
         with self._queued:
             self._pending.append(job)
@@ -86,7 +95,7 @@ class Batcher:
                     self._pending.remove(job)
             raise ShuttingDownError("the server is shutting down") from None
         result = await asyncio.wrap_future(job.future)
-        return result, (job.started or job.queued) - job.queued
+        return result, (job.started or job.queued) - job.queued, job.pass_s
 
     def _drain(self) -> None:
         """On the model thread: take what is waiting (waiting up to the window for the rest), run it as one batch."""
@@ -133,9 +142,8 @@ class Batcher:
                 job.future.set_result(prepared)
             elif prepared.tree is not None:  # candidates need their own tree mask: verified alone
                 self.metrics.batch_size.observe(1)
-                t0 = time.perf_counter()
-                self._finish(job, prepared, functools.partial(job.core.forward, prepared))
-                self._observe(len(prepared.tokens) + 1, time.perf_counter() - t0)
+                self._finish(job, prepared, functools.partial(_timed, job, prepared))
+                self._observe(len(prepared.tokens) + 1, job.pass_s)
             else:
                 ready.append((job, prepared))
         if not ready:
@@ -148,7 +156,10 @@ class Batcher:
             for job, _ in ready:
                 job.future.set_exception(e)
             return
-        self._observe(sum(len(p.tokens) + 1 for _, p in ready), time.perf_counter() - t0)
+        seconds = time.perf_counter() - t0
+        self._observe(sum(len(p.tokens) + 1 for _, p in ready), seconds)
+        for job, _ in ready:
+            job.pass_s = seconds
         for (job, prepared), rows in zip(ready, logits, strict=True):
             self._finish(job, prepared, functools.partial(_same, rows))
 

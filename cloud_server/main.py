@@ -126,6 +126,7 @@ def run(settings: ServerSettings) -> None:
     import torch
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("cloud_server").setLevel(settings.log_level)
     torch.set_num_threads(settings.threads)
     asyncio.run(_serve(settings))
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import NoDecode, SettingsConfigDict
@@ -36,6 +36,8 @@ class ServerSettings(TargetPlacement):
     shutdown_grace_s: float = Field(default=10.0, ge=0)
     max_batch: int = Field(default=32, ge=1, description="verify blocks and completion steps per batched pass")
     batch_window_ms: float = Field(default=2.0, ge=0, description="longest wait for more work to batch; 0: none")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        default="INFO", description="the server's own log level (DEBUG: a line per load-aware advice)")
     trim_memory_s: float = Field(default=30.0, ge=0, description="seconds between returning freed heap memory to "
                                  "the system (glibc malloc_trim); 0: never")
     load_aware: bool = Field(default=True, description="advise each session's next block length from the load "

@@ -217,7 +217,7 @@ class ModelWorker:
             t0 = time.perf_counter()
             skipped = 0 if base_len is None else max(0, len(core.state.tokens) - base_len)
             try:
-                result, queued_s = await self.batcher.step(core, block, base_len)
+                result, queued_s, pass_s = await self.batcher.step(core, block, base_len)
             finally:
                 entry.busy = False
                 entry.last_used = time.monotonic()
@@ -227,6 +227,8 @@ class ModelWorker:
                 candidates = sum(len(c.tokens) for c in block.candidates)  # drafted too: an accepted path may end there
                 self.metrics.observe_verify(len(block.tokens) - skipped + candidates, result.num_accepted)
                 self.metrics.generation_tokens.inc(len(result.tokens))
+            if self.policy is not None and not result.stale:  # the cloud's own time on the round, beyond its pass
+                self.policy.round_overhead.update(max(0.0, elapsed - queued_s - pass_s))
             advice = None if result.stale else self._advise(session_id, block, skipped, result, arrived)
             entry.next_seq += 1
             entry.last = SessionVerdict(seq, result, core.generated, elapsed * 1e3, queued_s * 1e3, advice)
@@ -260,6 +262,11 @@ class ModelWorker:
     def _advice(self, session_id: str, now: float) -> int:
         assert self.policy is not None
         advice = self.policy.advise(session_id, now)
+        if log.isEnabledFor(logging.DEBUG):
+            s = self.policy.streams[session_id]
+            log.debug("advice %s for %s: draft %.2f ms, rtt %.2f ms, limit %d, pipelined %s, acceptance %s", advice,
+                      session_id, s.draft_s * 1e3, s.rtt_s * 1e3, s.limit, s.pipelined,
+                      [round(s.acceptance(i), 2) for i in range(4)])
         self.metrics.advised_gamma.observe(advice.gamma)
         if advice.gamma == 0:
             self.metrics.advice_switch.labels(reason=advice.reason).inc()
@@ -323,13 +330,17 @@ class Generation:
         assert session is not None
         metrics = self.worker.metrics
         policy, key = self.worker.policy, f"stream-{id(self)}"
+        last: float | None = None
         with self.worker.batcher.stream():
             while session.finish_reason is None:
                 if policy is not None:
                     policy.stream(key, time.monotonic())  # a cloud stream: a token a pass
                 # a zero-length block: the target's own next token, batched with whatever else is waiting
-                result, _ = await self.worker.batcher.step(session, DraftBlock([]))
+                result, _, pass_s = await self.worker.batcher.step(session, DraftBlock([]))
                 now = time.perf_counter()
+                if policy is not None and last is not None:  # a step's time beyond its pass: the stream's overhead
+                    policy.step_overhead.update(max(0.0, now - last - pass_s))
+                last = now
                 if self._t_first is None and result.tokens:
                     self._t_first = now
                     metrics.ttft.observe(now - self._t0)

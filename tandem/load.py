@@ -35,10 +35,10 @@ import numpy as np
 
 from tandem.costs import Acceptance, CostCurve, Ewma
 
-STREAM_GAP_S = 0.0005  # a cloud stream's next step queues as its pass ends: an event-loop hop, no network
+STREAM_GAP_S = 0.0005  # prior of the cloud's time outside a pass, per step or round, until measured
 # a switch to the cloud stream is for the rest of the request: worth it by this share of the stream's own rate (not
 # of the aggregate: with N streams one switch moves the aggregate by about 1/N of what all of them switching would)
-SWITCH_MARGIN = 0.03
+SWITCH_MARGIN = 0.05
 
 
 @dataclass
@@ -151,6 +151,11 @@ class LoadPolicy:
         self.streams: dict[str, StreamLoad] = {}
         # every session's rounds pooled: where a new stream's acceptance starts (before its first verdict)
         self.pooled = Acceptance(prior=0.6, weight=0.05)
+        self.stream_weight = 0.1  # a stream's own rounds move its acceptance slowly: a switch is for good
+        # the cloud's own time outside the pass, measured: per step of a cloud stream (its event-loop hops and the
+        # stream's write, the batch window) and per speculative round (checking the block, the verification math)
+        self.step_overhead = Ewma(STREAM_GAP_S, 0.05)
+        self.round_overhead = Ewma(STREAM_GAP_S, 0.05)
         self._lock = threading.Lock()  # the curve: passes observed on the model thread, read on the event loop
         self._table: list[float] = []
         self._table_at = -float("inf")
@@ -164,7 +169,8 @@ class LoadPolicy:
                 del self.streams[k]
         s = self.streams.get(key)
         if s is None:
-            start = Acceptance(self.pooled.prior, positions=[Ewma(e.value, 0.2, 1) for e in self.pooled.positions])
+            w = self.stream_weight
+            start = Acceptance(self.pooled.prior, w, positions=[Ewma(e.value, w, 1) for e in self.pooled.positions])
             s = self.streams[key] = StreamLoad(acceptance=start)
         s.seen = now
         return s
@@ -197,7 +203,7 @@ class LoadPolicy:
     def _arrays(self, keys: list[str], gammas: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Tokens a round, edge seconds a round and the exposed share (see `predict`) for [K, N] gammas."""
         expected = np.ones_like(gammas, dtype=np.float64)
-        edge = np.full_like(gammas, STREAM_GAP_S, dtype=np.float64)
+        edge = np.full_like(gammas, self.step_overhead.value, dtype=np.float64)
         exposed = np.zeros_like(gammas, dtype=np.float64)
         for n, key in enumerate(keys):
             s = self.streams[key]
@@ -205,7 +211,7 @@ class LoadPolicy:
                 rows = gammas[:, n] == g
                 expected[rows, n] = s.expected(g)
                 miss = 1.0 - s.hit(g) if s.pipelined else 1.0
-                edge[rows, n] = miss * s.edge_s(g) + STREAM_GAP_S
+                edge[rows, n] = miss * s.edge_s(g) + self.round_overhead.value
                 exposed[rows, n] = miss
         return expected, edge, exposed
 
@@ -221,7 +227,7 @@ class LoadPolicy:
         top = int(min(self.max_positions, (gammas + 1).sum(axis=1).max() + 1))
         pred = predict(self._costs(top, now), gammas, expected, edge, exposed)
         # what cloud-only would give this stream: every stream cloud-only, a token a pass of N positions
-        cloud_tpot = self.pass_time(len(keys)) + STREAM_GAP_S
+        cloud_tpot = self.pass_time(len(keys)) + self.step_overhead.value
         allowed = [k for k in range(1, len(candidates)) if pred.tpot[k, -1] <= cloud_tpot]
         if not allowed:
             return Advice(0, "tpot", float(pred.aggregate[0]), 0.0)
