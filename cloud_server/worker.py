@@ -84,7 +84,7 @@ class ModelWorker:
     async def start(self) -> None:
         if self.policy is not None:  # the shape of the pass cost, before any traffic; live passes rescale it
             prior = await self._run(pass_times, self.target, PRIOR_POSITIONS, 32, 2, 1)
-            self.policy.costs = CostCurve(prior)
+            self.policy.costs = CostCurve.from_measurements(prior)
             log.info("pass cost prior (ms by positions): %s", {n: round(s * 1e3, 1) for n, s in prior.items()})
         self.sessions.start()
         if self.settings.trim_memory_s > 0:
@@ -262,15 +262,31 @@ class ModelWorker:
     def _advice(self, session_id: str, now: float) -> int:
         assert self.policy is not None
         advice = self.policy.advise(session_id, now)
+        self._export_model()
         if log.isEnabledFor(logging.DEBUG):
             s = self.policy.streams[session_id]
             log.debug("advice %s for %s: draft %.2f ms, rtt %.2f ms, limit %d, pipelined %s, acceptance %s", advice,
                       session_id, s.draft_s * 1e3, s.rtt_s * 1e3, s.limit, s.pipelined,
                       [round(s.acceptance(i), 2) for i in range(4)])
+            log.debug("  model: pass ms %s, overhead ms step %.2f round %.2f, streams %d",
+                      [round(self.policy.pass_time(n) * 1e3, 1) for n in range(1, 7)],
+                      self.policy.step_overhead.value * 1e3, self.policy.round_overhead.value * 1e3,
+                      len(self.policy.active(now)))
         self.metrics.advised_gamma.observe(advice.gamma)
         if advice.gamma == 0:
             self.metrics.advice_switch.labels(reason=advice.reason).inc()
         return advice.gamma
+
+    def _export_model(self) -> None:
+        """What the advice was computed from, on /metrics."""
+        assert self.policy is not None
+        m, p = self.metrics, self.policy
+        for n in (1, 2, 4, 8, 16, 32, 64):
+            m.pass_cost.labels(positions=str(n)).set(p.pass_time(n))
+        m.overhead.labels(kind="step").set(p.step_overhead.value)
+        m.overhead.labels(kind="round").set(p.round_overhead.value)
+        for i in range(4):
+            m.pooled_acceptance.labels(position=str(i)).set(p.pooled(i))
 
     async def close_session(self, session_id: str, reason: str = "closed") -> None:
         if self.policy is not None:

@@ -3,7 +3,9 @@ view.
 
 The cloud sees every stream it serves: speculative sessions (acceptance per position, the edge's draft time per token
 and round trip, whether it pipelines, its own upper bound on the block) and cloud-only streams (a token per pass). It
-knows what a batched pass costs by the positions it feeds, C(P) (a `tandem.costs.CostCurve`, measured on every pass).
+knows what a batched pass costs by the positions it feeds, C(P): its shape measured at start-up on a quiet machine (a
+`tandem.costs.CostCurve`), its level rescaled by every live pass (one factor: single live passes are too noisy, and a
+noisy point would raise the whole curve beyond it).
 From these a small queueing model predicts, for any choice of block lengths, each stream's time per output token and
 the aggregate tokens per second (`predict`). A stream's advice (`LoadPolicy.advise`) is the block length (0: continue
 as a cloud-only stream) that maximises the predicted aggregate, the others held at what they do, among those that keep
@@ -143,7 +145,8 @@ class LoadPolicy:
 
     def __init__(self, costs: CostCurve | None = None, max_positions: int = 1024, idle_s: float = 2.0,
                  refresh_s: float = 0.05, forget_s: float = 60.0) -> None:
-        self.costs = costs or CostCurve()
+        self.costs = costs or CostCurve()  # the shape of C(P)
+        self.scale = Ewma(1.0, 0.05, 1)  # live passes over the shape's times (clipped to [1/3, 3])
         self.max_positions = max_positions
         self.idle_s = idle_s
         self.refresh_s = refresh_s
@@ -151,6 +154,8 @@ class LoadPolicy:
         self.streams: dict[str, StreamLoad] = {}
         # every session's rounds pooled: where a new stream's acceptance starts (before its first verdict)
         self.pooled = Acceptance(prior=0.6, weight=0.05)
+        # the prior counts as a sample: a first round (a warm-up's) moves it by the weight, not to 0 or 1
+        self.pooled.positions = [Ewma(self.pooled.prior, self.pooled.weight, 1) for _ in range(16)]
         self.stream_weight = 0.1  # a stream's own rounds move its acceptance slowly: a switch is for good
         # the cloud's own time outside the pass, measured: per step of a cloud stream (its event-loop hops and the
         # stream's write, the batch window) and per speculative round (checking the block, the verification math)
@@ -184,19 +189,20 @@ class LoadPolicy:
 
     def observe_pass(self, positions: int, seconds: float) -> None:
         with self._lock:
-            self.costs.observe(positions, seconds)
+            if positions >= 1 and seconds > 0:
+                self.scale.update(min(3.0, max(1 / 3, seconds / self.costs.time(positions))))
 
     def active(self, now: float) -> list[str]:
         return [k for k, s in self.streams.items() if now - s.seen <= self.idle_s]
 
     def pass_time(self, positions: int) -> float:
         with self._lock:
-            return self.costs.time(positions)
+            return self.costs.time(positions) * self.scale.value
 
     def _costs(self, top: int, now: float) -> list[float]:
         if len(self._table) < top or now - self._table_at > self.refresh_s:
             with self._lock:
-                self._table = [self.costs.time(p) for p in range(1, max(top, 2) + 1)]
+                self._table = [self.costs.time(p) * self.scale.value for p in range(1, max(top, 2) + 1)]
             self._table_at = now
         return self._table
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from tandem.adaptive import AdaptiveGamma
 from tandem.blocks import DraftBlock, EdgeReport, FinishReason, cut_at_finish, pending_part
 from tandem.config import SpeculationSettings
-from tandem.costs import CostCurve
+from tandem.costs import CostCurve, Ewma
 from tandem.drafting import Drafter, ModelDrafter
 from tandem.errors import InvalidRequestError, RemoteError
 from tandem.messages import Step, Verifier, VerifierSession
@@ -116,6 +116,7 @@ class SpeculativeDecoder:
         self._auto_cloud = False
         self._auto_skips = 0
         self._cloud_advises = False  # auto: the cloud answered with advice (then no probe, no estimate of its own)
+        self._rtt_from_open = False  # the round trip known so far is an open's, connection set-up included
 
     def generate(
         self, prompt: list[int], params: SamplingParams, on_tokens: OnTokens | None = None,
@@ -241,8 +242,9 @@ class SpeculativeDecoder:
         run.session_id = session.session_id
         opened = session.opened
         max_draft, context = opened.max_draft_tokens, opened.context_length
-        if not model.rtt_s.samples:  # connection set-up included: an upper bound, only until better samples come
+        if not model.rtt_s.samples:  # connection set-up included: an upper bound, only until a round measures it
             model.observe_rtt(time.perf_counter() - t_open - opened.server_ms / 1e3)
+            self._rtt_from_open = True
         drafter = self._drafter
         drafter.start(run.ctx, run.params)
         pipelined = s.pipeline
@@ -321,6 +323,9 @@ class SpeculativeDecoder:
                 model.observe_verify(drafted + 1 + candidates, (reply.server_ms - reply.queue_ms) / 1e3)
                 if sent.clean:
                     rtt = time.perf_counter() - sent.t_sent - reply.server_ms / 1e3
+                    if self._rtt_from_open:  # the first round trip measured replaces the open's upper bound
+                        model.rtt_s = Ewma(0.0, model.rtt_s.weight)
+                        self._rtt_from_open = False
                     model.observe_rtt(rtt)
                     stats.rtt_ms.append(rtt * 1e3)
                 if self._on_round is not None:

@@ -62,6 +62,18 @@ class Metrics:
             "cloud-only stream, by reason: load (the aggregate gains), tpot (no block keeps the session's time per "
             "token within cloud-only's).", ["reason"], registry=r,
         )
+        self.pass_cost = Gauge(
+            "tandem_pass_cost_seconds", "Load-aware speculation: the cloud's model of a pass over this many positions "
+            "(measured at start-up, rescaled by live passes).", ["positions"], registry=r,
+        )
+        self.overhead = Gauge(
+            "tandem_overhead_seconds", "Load-aware speculation: the cloud's own time beyond the pass, measured, per "
+            "cloud-stream step (kind=step) and per speculative round (kind=round).", ["kind"], registry=r,
+        )
+        self.pooled_acceptance = Gauge(
+            "tandem_pooled_acceptance", "Load-aware speculation: acceptance per block position, pooled over sessions.",
+            ["position"], registry=r,
+        )
         self.continued = Counter(
             "tandem_sessions_continued", "Sessions that went on as cloud-only streams from their cache.", registry=r,
         )
