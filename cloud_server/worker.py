@@ -352,10 +352,10 @@ class Generation:
                 if policy is not None:
                     policy.stream(key, time.monotonic())  # a cloud stream: a token a pass
                 # a zero-length block: the target's own next token, batched with whatever else is waiting
-                result, _, pass_s = await self.worker.batcher.step(session, DraftBlock([]))
+                result, queued_s, pass_s = await self.worker.batcher.step(session, DraftBlock([]))
                 now = time.perf_counter()
-                if policy is not None and last is not None:  # a step's time beyond its pass: the stream's overhead
-                    policy.step_overhead.update(max(0.0, now - last - pass_s))
+                if policy is not None and last is not None:  # a step's time beyond its wait and its pass
+                    policy.step_overhead.update(max(0.0, now - last - queued_s - pass_s))
                 last = now
                 if self._t_first is None and result.tokens:
                     self._t_first = now

@@ -151,3 +151,14 @@ def test_the_report_and_the_advice_cross_both_wires() -> None:
         verdict = SessionVerdict(3, result, 7, 1.0, 0.5, advice)
         assert wire.verdict_from_pb(wire.verdict_to_pb(verdict)).advice == advice
         assert bodies.verdict_from_json(bodies.verdict_to_body(verdict).model_dump()).advice == advice
+
+
+def test_live_passes_rescale_the_start_up_shape_and_an_outlier_cannot_run_away() -> None:
+    pol = LoadPolicy(linear(0.010, 0.001))
+    assert pol.pass_time(4) == pytest.approx(0.014)
+    for _ in range(200):
+        pol.observe_pass(8, 2 * 0.018)  # the machine under load: every pass twice the quiet one
+    assert pol.pass_time(4) == pytest.approx(0.028, rel=0.01)  # the level follows, the shape stays
+    assert pol.pass_time(16) / pol.pass_time(1) == pytest.approx(0.026 / 0.011, rel=1e-6)
+    pol.observe_pass(2, 100.0)  # one absurd pass moves the level by at most the clip
+    assert pol.pass_time(4) < 0.028 * 1.1
