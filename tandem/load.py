@@ -85,7 +85,7 @@ class Prediction:
 
 
 def predict(costs: Sequence[float], gammas: np.ndarray, expected: np.ndarray, edge: np.ndarray,
-            exposed: np.ndarray, iters: int = 40) -> Prediction:
+            exposed: np.ndarray, iters: int = 30) -> Prediction:
     """K candidate choices for N streams at once.
 
     costs[P - 1]: a pass over P positions (read linearly between, the last slope beyond); gammas, expected, edge:
@@ -108,7 +108,7 @@ def predict(costs: Sequence[float], gammas: np.ndarray, expected: np.ndarray, ed
         t_round, rho = _rounds(tau, edge, exposed)
         share = np.minimum(1.0, tau[:, None] / (rho[:, None] * t_round))  # [K, N]
         new = cost(np.maximum((pos * share).sum(axis=1), 1.0))
-        done = np.allclose(new, tau, rtol=1e-4)
+        done = float(np.max(np.abs(new - tau) / tau)) < 1e-3
         tau = 0.5 * tau + 0.5 * new  # damped: the pass and the shares pull each other
         if done:
             break
@@ -208,18 +208,25 @@ class LoadPolicy:
 
     def _arrays(self, keys: list[str], gammas: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Tokens a round, edge seconds a round and the exposed share (see `predict`) for [K, N] gammas."""
-        expected = np.ones_like(gammas, dtype=np.float64)
-        edge = np.full_like(gammas, self.step_overhead.value, dtype=np.float64)
-        exposed = np.zeros_like(gammas, dtype=np.float64)
-        for n, key in enumerate(keys):
-            s = self.streams[key]
-            for g in {int(g) for g in gammas[:, n]} - {0}:
-                rows = gammas[:, n] == g
-                expected[rows, n] = s.expected(g)
-                miss = 1.0 - s.hit(g) if s.pipelined else 1.0
-                edge[rows, n] = miss * s.edge_s(g) + self.round_overhead.value
-                exposed[rows, n] = miss
-        return expected, edge, exposed
+        top = int(gammas.max()) + 1
+        g = gammas.astype(np.int64)  # [K, N]
+        # per stream: the chance of reaching past position i (cumulative acceptance), its draft and round trip
+        reach = np.array([np.cumprod([self.streams[k].acceptance(i) for i in range(top)]) for k in keys]).T  # [top, N]
+        gains = np.vstack([np.zeros(len(keys)), np.cumsum(reach, axis=0)])  # [top + 1, N]: accepted tokens by g
+        cols = np.arange(len(keys))
+        expected = 1.0 + gains[g, cols]  # [K, N]
+        hit = reach[g, cols]  # the whole block and the guessed bonus accepted
+        pipelined = np.array([self.streams[k].pipelined for k in keys])
+        miss = np.where(pipelined[None, :], 1.0 - hit, 1.0)
+        draft = np.array([self.streams[k].draft_s for k in keys])
+        rtt = np.array([self.streams[k].rtt_s for k in keys])
+        gap = np.array([self.streams[k].gap.value for k in keys])
+        reported = (draft > 0) | (rtt > 0)
+        edge_s = np.where(reported[None, :], g * draft[None, :] + rtt[None, :], gap[None, :])  # see `edge_s`
+        spec = g > 0
+        edge = np.where(spec, miss * edge_s + self.round_overhead.value, self.step_overhead.value)
+        exposed = np.where(spec, miss, 0.0)
+        return np.where(spec, expected, 1.0), edge, exposed
 
     def advise(self, key: str, now: float) -> Advice:
         """The block length for stream `key`'s next round (at most its own limit), the others as they are."""
