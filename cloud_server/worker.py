@@ -83,7 +83,7 @@ class ModelWorker:
 
     async def start(self) -> None:
         if self.policy is not None:  # the shape of the pass cost, before any traffic; live passes rescale it
-            prior = await self._run(pass_times, self.target, PRIOR_POSITIONS, 32, 2, 1)
+            prior = await self._run(pass_times, self.target, PRIOR_POSITIONS, 32, 5, 1)  # median of 5
             self.policy.costs = CostCurve.from_measurements(prior)
             log.info("pass cost prior (ms by positions): %s", {n: round(s * 1e3, 1) for n, s in prior.items()})
         self.sessions.start()
