@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import ctypes
 import dataclasses
+import functools
 import logging
 import re
 import time
@@ -86,6 +87,7 @@ class ModelWorker:
             prior = await self._run(pass_times, self.target, PRIOR_POSITIONS, 32, 5, 1)  # median of 5
             self.policy.costs = CostCurve.from_measurements(prior)
             log.info("pass cost prior (ms by positions): %s", {n: round(s * 1e3, 1) for n, s in prior.items()})
+            self._export_model(self.policy)
         self.sessions.start()
         if self.settings.trim_memory_s > 0:
             self._trimmer = asyncio.create_task(self._trim_forever(self.settings.trim_memory_s))
@@ -262,7 +264,6 @@ class ModelWorker:
     def _advice(self, session_id: str, now: float) -> int:
         assert self.policy is not None
         advice = self.policy.advise(session_id, now)
-        self._export_model()
         if log.isEnabledFor(logging.DEBUG):
             s = self.policy.streams[session_id]
             log.debug("advice %s for %s: draft %.2f ms, rtt %.2f ms, limit %d, pipelined %s, acceptance %s", advice,
@@ -277,16 +278,15 @@ class ModelWorker:
             self.metrics.advice_switch.labels(reason=advice.reason).inc()
         return advice.gamma
 
-    def _export_model(self) -> None:
-        """What the advice was computed from, on /metrics."""
-        assert self.policy is not None
-        m, p = self.metrics, self.policy
-        for n in (1, 2, 4, 8, 16, 32, 64):
-            m.pass_cost.labels(positions=str(n)).set(p.pass_time(n))
-        m.overhead.labels(kind="step").set(p.step_overhead.value)
-        m.overhead.labels(kind="round").set(p.round_overhead.value)
+    def _export_model(self, p: LoadPolicy) -> None:
+        """What the advice is computed from, on /metrics (read when scraped)."""
+        m = self.metrics
+        for n in PRIOR_POSITIONS:
+            m.pass_cost.labels(positions=str(n)).set_function(functools.partial(p.pass_time, n))
+        m.overhead.labels(kind="step").set_function(lambda: p.step_overhead.value)
+        m.overhead.labels(kind="round").set_function(lambda: p.round_overhead.value)
         for i in range(4):
-            m.pooled_acceptance.labels(position=str(i)).set(p.pooled(i))
+            m.pooled_acceptance.labels(position=str(i)).set_function(functools.partial(p.pooled, i))
 
     async def close_session(self, session_id: str, reason: str = "closed") -> None:
         if self.policy is not None:

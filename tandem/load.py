@@ -5,11 +5,11 @@ The cloud sees every stream it serves: speculative sessions (acceptance per posi
 and round trip, whether it pipelines, its own upper bound on the block) and cloud-only streams (a token per pass). It
 knows what a batched pass costs by the positions it feeds, C(P): its shape measured at start-up on a quiet machine (a
 `tandem.costs.CostCurve`), its level rescaled by every live pass (one factor: single live passes are too noisy, and a
-noisy point would raise the whole curve beyond it).
-From these a small queueing model predicts, for any choice of block lengths, each stream's time per output token and
-the aggregate tokens per second (`predict`). A stream's advice (`LoadPolicy.advise`) is the block length (0: continue
-as a cloud-only stream) that maximises the predicted aggregate, the others held at what they do, among those that keep
-its own time per token no worse than a cloud-only stream would get with every stream cloud-only, C(N).
+noisy point would raise the whole curve beyond it). From these a small queueing model predicts, for any choice of block
+lengths, each stream's time per output token and the aggregate tokens per second (`predict`). A stream's advice
+(`LoadPolicy.advise`) is the block length (0: continue as a cloud-only stream) that maximises the predicted aggregate,
+the others held at what they do, among those that keep its own time per token no worse than a cloud-only stream would
+get with every stream cloud-only, C(N).
 
 The model, per stream i with block g_i (0: a cloud stream), p_i = g_i + 1 positions and E_i tokens a round:
 - edge part e_i = g_i d_i + rtt_i (a cloud stream: none); pipelined, only the share of rounds that miss (the next
