@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import numpy as np
 import pytest
 
+from cloud_server.settings import ServerSettings
+from cloud_server.worker import ModelWorker
 from tandem.blocks import DraftBlock, EdgeReport, VerifyResult
 from tandem.costs import CostCurve, Ewma
 from tandem.load import STREAM_GAP_S, LoadPolicy, StreamLoad, predict
 from tandem.messages import OpenRequest, SessionInfo, SessionVerdict
+from tandem.models import LoadedModel
 from tandem.sampling import SamplingParams
 from tandem_protocol import bodies
 from tandem_protocol import pb as wire
+from tandem_protocol.metrics import Metrics
 
 NOW = 1000.0
 
@@ -162,3 +168,18 @@ def test_live_passes_rescale_the_start_up_shape_and_an_outlier_cannot_run_away()
     assert pol.pass_time(16) / pol.pass_time(1) == pytest.approx(0.026 / 0.011, rel=1e-6)
     pol.observe_pass(2, 100.0)  # one absurd pass moves the level by at most the clip
     assert pol.pass_time(4) < 0.028 * 1.1
+
+
+def test_the_models_inputs_are_on_the_metrics(tiny_target: LoadedModel) -> None:
+    """What the advice is computed from can be read on /metrics: the pass cost, the overheads, the pooled acceptance."""
+    worker = ModelWorker(tiny_target, ServerSettings(target="tiny-target"), Metrics())
+
+    async def start() -> None:
+        await worker.start()
+        await worker.shutdown()
+
+    asyncio.run(start())
+    assert worker.policy is not None
+    text = worker.metrics.render().decode()
+    assert f'tandem_pass_cost_seconds{{positions="4"}} {worker.policy.pass_time(4)}' in text
+    assert 'tandem_overhead_seconds{kind="step"}' in text and 'tandem_pooled_acceptance{position="0"} 0.6' in text
