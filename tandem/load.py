@@ -68,13 +68,18 @@ class StreamLoad:
             return g * self.draft_s + self.rtt_s
         return self.gap.value  # an edge that reports nothing: what the cloud measured
 
+    def reach(self, n: int) -> np.ndarray:
+        """[n]: the chance that drafted positions 0..i are all accepted, for each i < n."""
+        out: np.ndarray = np.cumprod([self.acceptance(i) for i in range(n)])
+        return out
+
     def expected(self, g: int) -> float:
         """Tokens a round of block g emits: 1 + a_0 + a_0 a_1 + ..."""
-        return 1.0 + sum(self.acceptance.gains(g))
+        return 1.0 + float(self.reach(g).sum())
 
     def hit(self, g: int) -> float:
         """A block sent ahead applies: the whole block and the guessed bonus accepted."""
-        return float(np.prod([self.acceptance(i) for i in range(g + 1)]))
+        return float(self.reach(g + 1)[-1])
 
 
 @dataclass(frozen=True)
@@ -211,7 +216,7 @@ class LoadPolicy:
         top = int(gammas.max()) + 1
         g = gammas.astype(np.int64)  # [K, N]
         # per stream: the chance of reaching past position i (cumulative acceptance), its draft and round trip
-        reach = np.array([np.cumprod([self.streams[k].acceptance(i) for i in range(top)]) for k in keys]).T  # [top, N]
+        reach = np.array([self.streams[k].reach(top) for k in keys]).T  # [top, N]
         gains = np.vstack([np.zeros(len(keys)), np.cumsum(reach, axis=0)])  # [top + 1, N]: accepted tokens by g
         cols = np.arange(len(keys))
         expected = 1.0 + gains[g, cols]  # [K, N]
