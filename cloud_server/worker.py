@@ -35,6 +35,7 @@ from tandem.passcost import pass_times
 from tandem.sampling import SamplingParams
 from tandem.session import TargetSession
 from tandem_protocol.metrics import Metrics
+from tandem_protocol.openai_api.figures import speculative_counts
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -340,6 +341,10 @@ class Generation:
         self._t_first: float | None = None
         self._t_last = self._t0
         self._closed = False
+
+    def speculative_metrics(self) -> dict[str, Any]:
+        """The target alone: no drafts; a round per token."""
+        return speculative_counts(0, 0, 0, [])
 
     async def __aiter__(self) -> AsyncIterator[VerifyResult]:
         session = self.session

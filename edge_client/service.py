@@ -12,11 +12,13 @@ from typing import Any
 
 from edge_client.client import EdgeClient
 from edge_client.settings import EdgeSettings
+from tandem.blocks import TokenLogprob
 from tandem.messages import Step
 from tandem.models import LoadedModel
 from tandem.sampling import SamplingParams
 from tandem.stats import GenerationResult
 from tandem_protocol.metrics import Metrics
+from tandem_protocol.openai_api.figures import edge_metrics
 
 
 class EdgeService:
@@ -49,6 +51,7 @@ class EdgeGeneration:
         self._first: tuple[str, Any] | None = None
         self._cancel = threading.Event()
         self._t0 = time.perf_counter()
+        self._logprobs: list[TokenLogprob] | None = None  # the next tokens' (set on the draft thread just before)
 
     def _put(self, kind: str, value: Any) -> None:
         self._loop.call_soon_threadsafe(self._queue.put_nowait, (kind, value))
@@ -57,12 +60,23 @@ class EdgeGeneration:
         m = self.service.metrics
         try:
             result = self.service.client.generate(
-                self.prompt, self.params, on_tokens=lambda t: self._put("tokens", t),
-                on_round=m.observe_verify, cancelled=self._cancel.is_set,
+                self.prompt, self.params, on_tokens=self._on_tokens, on_round=m.observe_verify,
+                cancelled=self._cancel.is_set, on_logprobs=self._on_logprobs,
             )
             self._put("done", result)
         except BaseException as e:
             self._put("error", e)
+
+    def _on_logprobs(self, logprobs: list[TokenLogprob]) -> None:
+        self._logprobs = logprobs
+
+    def _on_tokens(self, tokens: list[int]) -> None:
+        self._put("tokens", (tokens, self._logprobs))
+        self._logprobs = None
+
+    def speculative_metrics(self) -> dict[str, object]:
+        assert self.result is not None, "the generation has not finished"
+        return edge_metrics(self.result.stats)
 
     async def start(self) -> None:
         """Run the request; return once its first token (or its failure: a clear status) is known."""
@@ -81,11 +95,12 @@ class EdgeGeneration:
             kind, value = self._first or await self._queue.get()
             self._first = None
             if kind == "tokens":
+                tokens, logprobs = value
                 if self.tokens == 0:
                     m.ttft.observe(time.perf_counter() - self._t0)
-                self.tokens += len(value)
-                m.generation_tokens.inc(len(value))
-                yield Step(value, None)
+                self.tokens += len(tokens)
+                m.generation_tokens.inc(len(tokens))
+                yield Step(tokens, None, logprobs)
             elif kind == "done":
                 self.result = value
                 yield Step([], value.finish_reason)

@@ -48,6 +48,16 @@ class EdgeReport:
 
 
 @dataclass(frozen=True)
+class TokenLogprob:
+    """The target's log-probability of an emitted token, and its `top` alternatives (id, log-probability), best
+    first: from the target's raw logits at that position (before any sampling setting), as vLLM reports them."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+@dataclass(frozen=True)
 class VerifyResult:
     num_accepted: int
     next_token: int
@@ -59,6 +69,7 @@ class VerifyResult:
     candidate: int | None = None  # the index of the block's candidate on the accepted path, if any
     # per candidate of the block as sent: the target's argmax after each of its tokens ([] for one not verified)
     candidate_target_tokens: list[list[int]] = field(default_factory=list)
+    logprobs: list[TokenLogprob] | None = None  # one per emitted token, when the session asked for them
 
 
 def pending_part(committed: list[int], base_len: int, block_tokens: list[int]) -> int | None:

@@ -18,6 +18,7 @@ from tandem.blocks import DraftBlock, VerifyResult
 from tandem.kv import SequenceState
 from tandem.models import LoadedModel
 from tandem.sampling import SamplingParams, logits_to_probs, make_generator, sample
+from tandem.shaping import Shaper
 
 QForm = Literal["full", "sparse", "none"]
 DraftRow = tuple[torch.Tensor, torch.Tensor] | torch.Tensor | None  # sparse (ids [k], probs [k]) | full q [V] | none
@@ -84,6 +85,9 @@ class ModelDrafter:
 
     def start(self, context: list[int], params: SamplingParams) -> None:
         self.params = params
+        # q goes through the same shaping as p: penalties, bias and the grammar follow the drafted tokens too
+        self.shaper = Shaper(params, self.draft.vocab_size, self.draft.tokenizer, self.draft.eos_token_ids)
+        self.output_start = len(context) - params.emitted
         self.state = SequenceState(self.draft.model, context)
         self.generator = make_generator(None if params.seed is None else params.seed + 1, self.state.device)
 
@@ -107,6 +111,8 @@ class ModelDrafter:
         for _ in range(n):
             # a block accepted whole: the draft never saw its own last token; `forward` feeds it here
             logits = self.state.forward()[-1]  # [V]
+            if self.shaper.active:
+                logits = self.shaper.shape(logits[None], self.state.tokens, self.output_start, [[]])[0]
             tok, row = draw_draft_token(logits, self.params, self.q_form, self.q_top_k, self.generator)
             tokens.append(tok)
             rows.append(row)

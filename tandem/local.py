@@ -53,7 +53,7 @@ class LocalSession:
             raise InvalidRequestError("the context is not the session's committed one")
         while self.core.finish_reason is None:
             result = self.core.verify(DraftBlock([]))
-            yield Step(result.tokens, result.finish_reason)
+            yield Step(result.tokens, result.finish_reason, result.logprobs)
 
     def close(self) -> None:
         self._queue.clear()
@@ -76,7 +76,7 @@ class LocalVerifier:
         try:
             while session.finish_reason is None:
                 result = session.verify(DraftBlock([]))  # a zero-length block: the target's own next token
-                yield Step(result.tokens, result.finish_reason)
+                yield Step(result.tokens, result.finish_reason, result.logprobs)
         finally:
             session.close()
 

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
-from tandem.blocks import DraftBlock, EdgeReport, FinishReason, VerifyResult
+from tandem.blocks import DraftBlock, EdgeReport, FinishReason, TokenLogprob, VerifyResult
 from tandem.sampling import SamplingParams
 
 
@@ -60,6 +60,7 @@ class Step:
 
     tokens: list[int]
     finish_reason: FinishReason | None
+    logprobs: list[TokenLogprob] | None = None  # one per token, when the generation asked for them
 
 
 class VerifierSession(Protocol):

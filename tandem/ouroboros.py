@@ -132,7 +132,8 @@ class OuroborosDrafter:
         parted: list[Candidate] = []
         tags = BlockOrigins()
         t0 = time.perf_counter()
-        if self.params.greedy and n:
+        # shaped logits (penalties, bias, grammar): the draft model's own steps, each shaped; no pool phrases vetted
+        if self.params.greedy and n and not self.params.shaped:
             limit = min(max(n, self.cfg.max_draft), room)
             tokens, origin, parted, passes = draft_greedy(self.inner.state, self.pool, n, limit, tags)
             self.inner.state.tokens.extend(tokens)
@@ -142,8 +143,9 @@ class OuroborosDrafter:
             block = self.inner.draft_tokens(n)
             origin = ["draft"] * len(block.tokens)
         spent = time.perf_counter() - t0
-        block = ouroboros_block(self.pool, context, block, parted, self.cfg, self.params.greedy, room,
-                                self.inner.draft.vocab_size, tags)
+        if self.params.grammar is None:  # under a grammar the draft proposes only what it allows: no pool tokens
+            block = ouroboros_block(self.pool, context, block, parted, self.cfg, self.params.greedy, room,
+                                    self.inner.draft.vocab_size, tags)
         if self.costs is not None:
             block = self._cut(block, len(origin), spent + self.overhead_s, tags)
         origin = origin + ["pool"] * (len(block.tokens) - len(origin))

@@ -13,11 +13,20 @@ from dataclasses import dataclass
 
 import torch
 
-from tandem.blocks import DraftBlock, FinishReason, VerifyResult, cut_at_finish, pending_part, slice_block
+from tandem.blocks import (
+    DraftBlock,
+    FinishReason,
+    TokenLogprob,
+    VerifyResult,
+    cut_at_finish,
+    pending_part,
+    slice_block,
+)
 from tandem.errors import ContextOverflowError, InvalidRequestError
 from tandem.kv import SequenceState
 from tandem.models import LoadedModel
 from tandem.sampling import SamplingParams, logits_to_probs, make_generator
+from tandem.shaping import Shaper, line_paths, tree_paths
 from tandem.stats import GenerationResult, GenerationStats, OnTokens
 from tandem.verify import Verdict, dense_q, verify_greedy, verify_stochastic, verify_tree_greedy
 
@@ -63,6 +72,10 @@ class TargetSession:
         self.state = SequenceState(target.model, prompt)
         self.device = self.state.device
         self.prompt_len = len(prompt)
+        if params.emitted >= len(prompt):
+            raise InvalidRequestError(f"emitted ({params.emitted}) must be shorter than the prompt ({len(prompt)})")
+        self.output_start = len(prompt) - params.emitted  # where the output starts (penalties, grammar)
+        self.shaper = Shaper(params, target.vocab_size, target.tokenizer, target.eos_token_ids)
         self.generator = make_generator(params.seed, self.device)
         self.stop_ids = () if params.ignore_eos else tuple(set(params.stop_token_ids) | set(target.eos_token_ids))
         self.finish_reason: FinishReason | None = None
@@ -130,14 +143,18 @@ class TargetSession:
     def finish(self, prepared: PreparedBlock, logits: torch.Tensor) -> VerifyResult:
         """The verdict from the target's logits over the block ([gamma + 1, V]); commits and rolls the cache back."""
         self.passes += 1
+        raw = logits
         if prepared.tree is not None:
-            return self._finish_tree(prepared, prepared.tree, logits)
+            logits = self.shaper.shape(logits, self.state.tokens, self.output_start,
+                                       tree_paths(prepared.tree.parents, prepared.tree.nodes))
+            return self._finish_tree(prepared, prepared.tree, logits, raw)
+        logits = self.shaper.shape(logits, self.state.tokens, self.output_start, line_paths(prepared.tokens))
         if prepared.q is None:
             verdict = verify_greedy(prepared.draft, logits)
         else:
             verdict = verify_stochastic(prepared.draft, prepared.q, logits_to_probs(logits, self.params),
                                         self.generator)
-        return self._commit(prepared.tokens, verdict, logits)
+        return self._commit(prepared.tokens, verdict, logits, raw)
 
     def _checked_q(self, draft: torch.Tensor, block: DraftBlock) -> torch.Tensor:
         """[gamma, V] q in dense form; raises InvalidRequestError for a q the draft cannot have sampled from."""
@@ -147,7 +164,19 @@ class TargetSession:
         # the draft's q went through its own copy of the sampling transformation; normalise away rounding
         return q / q.sum(-1, keepdim=True)
 
-    def _finish_tree(self, prepared: PreparedBlock, tree: TreeLayout, logits: torch.Tensor) -> VerifyResult:
+    def _logprobs(self, raw: torch.Tensor, rows: list[int], tokens: list[int]) -> list[TokenLogprob] | None:
+        """The target's log-probabilities of `tokens`, each from its row of the raw logits ([1 + nodes, V])."""
+        k = self.params.logprobs
+        if k is None or not tokens:
+            return None if k is None else []
+        lp = raw[rows[: len(tokens)]].float().log_softmax(-1)  # [n, V]
+        chosen = lp.gather(1, torch.tensor(tokens, device=lp.device)[:, None])[:, 0].tolist()
+        top_v, top_i = lp.topk(k, -1) if k else (lp[:, :0], lp[:, :0].long())
+        return [TokenLogprob(t, c, tuple(zip(i, v, strict=True)))
+                for t, c, i, v in zip(tokens, chosen, top_i.tolist(), top_v.tolist(), strict=True)]
+
+    def _finish_tree(self, prepared: PreparedBlock, tree: TreeLayout, logits: torch.Tensor,
+                     raw: torch.Tensor) -> VerifyResult:
         argmax = logits.argmax(-1)  # [1 + nodes]
         tv = verify_tree_greedy(tree.parents, tree.nodes, argmax)
         gamma = len(prepared.tokens)
@@ -168,9 +197,10 @@ class TargetSession:
         return VerifyResult(
             len(tv.path), tv.next_token, tv.kind, emitted, finish, rows[on_main : gamma + 1], candidate=taken,
             candidate_target_tokens=[rows[start + 1 : start + 1 + n] for start, n in tree.spans],
+            logprobs=self._logprobs(raw, [0, *(i + 1 for i in tv.path)], emitted),
         )
 
-    def _commit(self, draft: list[int], verdict: Verdict, logits: torch.Tensor) -> VerifyResult:
+    def _commit(self, draft: list[int], verdict: Verdict, logits: torch.Tensor, raw: torch.Tensor) -> VerifyResult:
         n = verdict.num_accepted
         before = len(self.state.tokens)
         emitted, finish = cut_at_finish(
@@ -180,7 +210,8 @@ class TargetSession:
         self.state.commit(emitted, keep_cached=before + min(n, len(emitted)))
         self.finish_reason = finish
         target_tokens = logits[n:].argmax(-1).tolist()
-        return VerifyResult(n, verdict.next_token, verdict.kind, emitted, finish, target_tokens)
+        return VerifyResult(n, verdict.next_token, verdict.kind, emitted, finish, target_tokens,
+                            logprobs=self._logprobs(raw, list(range(n + 1)), emitted))
 
     def close(self) -> None:
         self.state.cache = None  # type: ignore[assignment]

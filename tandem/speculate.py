@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from tandem.adaptive import AdaptiveGamma
-from tandem.blocks import DraftBlock, EdgeReport, FinishReason, cut_at_finish, pending_part
+from tandem.blocks import DraftBlock, EdgeReport, FinishReason, TokenLogprob, cut_at_finish, pending_part
 from tandem.config import SpeculationSettings
 from tandem.costs import CostCurve, Ewma
 from tandem.drafting import Drafter, ModelDrafter
@@ -37,7 +37,7 @@ from tandem.ouroboros import OuroborosDrafter
 from tandem.pool import OuroborosConfig, PoolRegistry
 from tandem.sampling import SamplingParams
 from tandem.session import validate_prompt
-from tandem.stats import GenerationResult, GenerationStats, OnTokens
+from tandem.stats import GenerationResult, GenerationStats, OnLogprobs, OnTokens
 
 log = logging.getLogger(__name__)
 OnRound = Callable[[int, int], None]  # (drafted, accepted) per verified block
@@ -69,7 +69,9 @@ class _Run:
     on_tokens: OnTokens | None
     cancelled: Callable[[], bool]
     t0: float
+    on_logprobs: OnLogprobs | None = None
     out: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] | None = None  # the target's, as the verdicts bring them (when asked for)
     finish: FinishReason | None = None
     session_id: str | None = None  # the cloud's id for this generation; a resume reopens under it
     # sent with every call of the generation's sessions, resumes included: a load balancer hashing it keeps the
@@ -84,12 +86,16 @@ class _Run:
     def remaining(self) -> int:
         return self.params.max_tokens - len(self.out)
 
-    def emit(self, tokens: list[int], finish: FinishReason | None) -> None:
+    def emit(self, tokens: list[int], finish: FinishReason | None, logprobs: list[TokenLogprob] | None = None) -> None:
         if self.cancelled():
             raise Cancelled
         if tokens:
             if not self.out:
                 self.stats.ttft_s = time.perf_counter() - self.t0
+            if self.params.logprobs is not None and logprobs is not None:  # the draft alone (lossy) has none
+                self.logprobs = (self.logprobs or []) + logprobs
+                if self.on_logprobs is not None:
+                    self.on_logprobs(logprobs)
             self.out.extend(tokens)
             if self.on_tokens is not None:
                 self.on_tokens(tokens)
@@ -121,7 +127,7 @@ class SpeculativeDecoder:
     def generate(
         self, prompt: list[int], params: SamplingParams, on_tokens: OnTokens | None = None,
         on_round: OnRound | None = None, cancelled: Callable[[], bool] = lambda: False, mode: str | None = None,
-        drafter: Drafter | None = None,
+        drafter: Drafter | None = None, on_logprobs: OnLogprobs | None = None,
     ) -> GenerationResult:
         """`drafter`: this request's (default: the draft model, or Ouroboros drafting per the settings)."""
         mode = mode or self.settings.mode
@@ -129,7 +135,7 @@ class SpeculativeDecoder:
         gamma = self.settings.gamma
         stats = GenerationStats(mode=mode, gamma=gamma if isinstance(gamma, int) else 0,
                                 accepted_per_position=[0] * (gamma if isinstance(gamma, int) else 0))
-        run = _Run(list(prompt), params, stats, on_tokens, cancelled, time.perf_counter())
+        run = _Run(list(prompt), params, stats, on_tokens, cancelled, time.perf_counter(), on_logprobs)
         self._on_round = on_round
         self._drafter = drafter or self._make_drafter()
         if mode == "edge":
@@ -147,7 +153,7 @@ class SpeculativeDecoder:
         run.stats.wall_s = time.perf_counter() - run.t0
         run.stats.draft_passes = self._drafter.steps
         assert run.finish is not None
-        return GenerationResult(run.out, run.finish, run.stats)
+        return GenerationResult(run.out, run.finish, run.stats, run.logprobs)
 
     def _make_drafter(self) -> Drafter:
         s = self.settings
@@ -199,7 +205,8 @@ class SpeculativeDecoder:
                 verifier.close()
 
     def _resume_params(self, run: _Run) -> SamplingParams:
-        return dataclasses.replace(run.params, max_tokens=run.remaining)
+        """For a session over the context so far: what is still wanted; the output in the context marked as such."""
+        return dataclasses.replace(run.params, max_tokens=run.remaining, emitted=run.params.emitted + len(run.out))
 
     # --- the draft alone (lossy)
 
@@ -222,7 +229,7 @@ class SpeculativeDecoder:
     def _cloud(self, run: _Run, verifier: Verifier) -> None:
         for step in verifier.generate(run.ctx, self._resume_params(run)):
             run.stats.target_passes += bool(step.tokens)  # the SSE stream ends with a chunk of no tokens
-            run.emit(step.tokens, step.finish_reason)
+            run.emit(step.tokens, step.finish_reason, step.logprobs)
             if run.finish is not None:
                 return
         if run.finish is None:
@@ -246,7 +253,7 @@ class SpeculativeDecoder:
             model.observe_rtt(time.perf_counter() - t_open - opened.server_ms / 1e3)
             self._rtt_from_open = True
         drafter = self._drafter
-        drafter.start(run.ctx, run.params)
+        drafter.start(run.ctx, self._resume_params(run))
         pipelined = s.pipeline
         inflight: deque[_Sent] = deque()
         advised = opened.advice if auto else None  # auto: the cloud's last advice
@@ -331,7 +338,7 @@ class SpeculativeDecoder:
                 if self._on_round is not None:
                     self._on_round(drafted, result.num_accepted)
                 drafter.learn(run.ctx, sent.block, result, skipped)
-                run.emit(result.tokens, result.finish_reason)
+                run.emit(result.tokens, result.finish_reason, result.logprobs)
                 # 4. what the target will make of the blocks still in flight (the rule it applies itself)
                 for e in inflight:
                     e.live = e.live and run.finish is None and pending_part(run.ctx, e.base, e.block.tokens) is not None
@@ -365,7 +372,7 @@ class SpeculativeDecoder:
         run.stats.switched_at = len(run.out)
         for step in session.continue_alone(run.ctx):
             run.stats.target_passes += bool(step.tokens)
-            run.emit(step.tokens, step.finish_reason)
+            run.emit(step.tokens, step.finish_reason, step.logprobs)
             if run.finish is not None:
                 return
         raise RemoteError("unavailable", "the cloud's stream ended before the generation did", "OK")

@@ -5,9 +5,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from tandem.blocks import FinishReason
+from tandem.blocks import FinishReason, TokenLogprob
 
 OnTokens = Callable[[list[int]], None]
+OnLogprobs = Callable[[list[TokenLogprob]], None]  # called with a step's logprobs just before its tokens
 
 
 @dataclass
@@ -79,3 +80,4 @@ class GenerationResult:
     tokens: list[int]
     finish_reason: FinishReason
     stats: GenerationStats
+    logprobs: list[TokenLogprob] | None = None  # the target's, one per token, when asked for

@@ -8,7 +8,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from tandem.blocks import Candidate, DraftBlock, EdgeReport, VerifyResult
+from tandem.blocks import Candidate, DraftBlock, EdgeReport, TokenLogprob, VerifyResult
+from tandem.grammar import Grammar, GrammarKind
 from tandem.messages import OpenRequest, SessionInfo, SessionVerdict
 from tandem.sampling import SamplingParams
 from tandem_protocol.flat import block_to_sparse, sparse_block
@@ -26,17 +27,42 @@ class SamplingBody(BaseModel):
     seed: Annotated[int, Field(ge=0, lt=2**64)] | None = None
     stop_token_ids: list[TokenId] = Field(default_factory=list)
     ignore_eos: bool = False
+    # see the proto's SamplingParams
+    min_p: Annotated[float, Field(ge=0, le=1)] = 0.0
+    presence_penalty: Annotated[float, Field(ge=-2, le=2)] = 0.0
+    frequency_penalty: Annotated[float, Field(ge=-2, le=2)] = 0.0
+    repetition_penalty: Annotated[float, Field(gt=0, le=10)] = 1.0
+    logit_bias: dict[Annotated[str, Field(pattern=r"^[0-9]{1,9}$")], Annotated[float, Field(ge=-100, le=100)]] \
+        = Field(default_factory=dict)
+    grammar: GrammarBody | None = None
+    logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+    emitted: Annotated[int, Field(ge=0)] = 0
+
+
+class GrammarBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    kind: GrammarKind
+    spec: str = ""
+
+
+class TokenLogprobBody(BaseModel):
+    """The target's log-probability of an emitted token; `top`: [token id, log-probability] pairs, best first."""
+
+    token: int
+    logprob: float
+    top: list[tuple[int, float]] = Field(default_factory=list)
 
 
 class OpenBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    prompt: list[TokenId]
+    prompt: Annotated[list[TokenId], Field(min_length=1)]
     sampling: SamplingBody = Field(default_factory=SamplingBody)
     draft_fingerprint: str = ""
     draft_name: str = ""
     client_id: str = ""
-    session_id: str | None = None
+    session_id: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")] | None = None
     # for an advice on the first block: see the proto's Open.edge_*; edge_limit 0: no advice wanted
     edge_draft_ms: Annotated[float, Field(ge=0)] = 0.0
     edge_rtt_ms: Annotated[float, Field(ge=0)] = 0.0
@@ -58,6 +84,7 @@ class StepBody(BaseModel):
     token_ids: list[int]
     finish_reason: Literal["stop", "length"] | None
     generated: int
+    logprobs: list[TokenLogprobBody] | None = None  # when the session's sampling asked for them
 
 
 class OpenedBody(BaseModel):
@@ -115,6 +142,7 @@ class VerdictBody(BaseModel):
     candidate: int | None = None  # the index of the draft's candidate on the accepted path
     candidate_target_tokens: list[list[int]] = Field(default_factory=list)  # per candidate: the target's argmax
     advised_gamma: int | None = None  # the block length the cloud advises next (0: continue as its stream)
+    logprobs: list[TokenLogprobBody] | None = None  # one per emitted token, when the session asked for them
 
 
 class ClosedBody(BaseModel):
@@ -126,14 +154,36 @@ class ClosedBody(BaseModel):
 
 
 def params_to_body(params: SamplingParams) -> SamplingBody:
+    g = params.grammar
     return SamplingBody(max_tokens=params.max_tokens, temperature=params.temperature, top_k=params.top_k,
                         top_p=params.top_p, seed=params.seed, stop_token_ids=list(params.stop_token_ids),
-                        ignore_eos=params.ignore_eos)
+                        ignore_eos=params.ignore_eos, min_p=params.min_p, presence_penalty=params.presence_penalty,
+                        frequency_penalty=params.frequency_penalty, repetition_penalty=params.repetition_penalty,
+                        logit_bias={str(t): b for t, b in params.logit_bias},
+                        grammar=None if g is None else GrammarBody(kind=g.kind, spec=g.spec),
+                        logprobs=params.logprobs, emitted=params.emitted)
 
 
 def params_from_body(s: SamplingBody) -> SamplingParams:
     return SamplingParams(max_tokens=s.max_tokens, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
-                          seed=s.seed, stop_token_ids=tuple(s.stop_token_ids), ignore_eos=s.ignore_eos)
+                          seed=s.seed, stop_token_ids=tuple(s.stop_token_ids), ignore_eos=s.ignore_eos,
+                          min_p=s.min_p, presence_penalty=s.presence_penalty, frequency_penalty=s.frequency_penalty,
+                          repetition_penalty=s.repetition_penalty,
+                          logit_bias=tuple(sorted((int(t), b) for t, b in s.logit_bias.items())),
+                          grammar=None if s.grammar is None else Grammar(s.grammar.kind, s.grammar.spec),
+                          logprobs=s.logprobs, emitted=s.emitted)
+
+
+def logprobs_to_body(logprobs: list[TokenLogprob] | None) -> list[TokenLogprobBody] | None:
+    if logprobs is None:
+        return None
+    return [TokenLogprobBody(token=lp.token, logprob=lp.logprob, top=list(lp.top)) for lp in logprobs]
+
+
+def logprobs_from_body(items: list[TokenLogprobBody] | None) -> list[TokenLogprob] | None:
+    if items is None:
+        return None
+    return [TokenLogprob(b.token, b.logprob, tuple((int(i), float(v)) for i, v in b.top)) for b in items]
 
 
 def open_to_json(req: OpenRequest) -> dict[str, Any]:
@@ -198,11 +248,12 @@ def verdict_to_body(v: SessionVerdict) -> VerdictBody:
         finish_reason=r.finish_reason, target_tokens=r.target_tokens, generated=v.generated, stale=r.stale,
         server_ms=v.server_ms, queue_ms=v.queue_ms, candidate=r.candidate,
         candidate_target_tokens=r.candidate_target_tokens, advised_gamma=v.advice,
+        logprobs=logprobs_to_body(r.logprobs),
     )
 
 
 def verdict_from_json(obj: dict[str, Any]) -> SessionVerdict:
     b = VerdictBody.model_validate(obj)
     result = VerifyResult(b.num_accepted, b.next_token, b.kind, b.tokens, b.finish_reason, b.target_tokens, b.stale,
-                          b.candidate, b.candidate_target_tokens)
+                          b.candidate, b.candidate_target_tokens, logprobs_from_body(b.logprobs))
     return SessionVerdict(b.seq, result, b.generated, b.server_ms, b.queue_ms, b.advised_gamma)

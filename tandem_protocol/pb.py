@@ -5,7 +5,10 @@ Both ends use it: the cloud's servicer (messages in, worker calls, messages out)
 
 from __future__ import annotations
 
-from tandem.blocks import DraftBlock, EdgeReport, FinishReason, VerifyResult
+from collections.abc import Sequence
+
+from tandem.blocks import DraftBlock, EdgeReport, FinishReason, TokenLogprob, VerifyResult
+from tandem.grammar import Grammar
 from tandem.messages import OpenRequest, SessionInfo, SessionVerdict
 from tandem.sampling import SamplingParams
 from tandem.verify import TokenKind
@@ -32,17 +35,42 @@ def params_from_pb(msg: pb.SamplingParams) -> SamplingParams:
         top_p=msg.top_p if msg.HasField("top_p") else 1.0,
         seed=msg.seed if msg.HasField("seed") else None,
         stop_token_ids=tuple(msg.stop_token_ids), ignore_eos=msg.ignore_eos,
+        min_p=msg.min_p, presence_penalty=msg.presence_penalty, frequency_penalty=msg.frequency_penalty,
+        repetition_penalty=msg.repetition_penalty if msg.HasField("repetition_penalty") else 1.0,
+        logit_bias=tuple(sorted(msg.logit_bias.items())),
+        grammar=Grammar(msg.grammar.kind, msg.grammar.spec) if msg.HasField("grammar") else None,  # type: ignore[arg-type]
+        logprobs=msg.logprobs if msg.HasField("logprobs") else None, emitted=msg.emitted,
     )
 
 
 def params_to_pb(params: SamplingParams) -> pb.SamplingParams:
     msg = pb.SamplingParams(
         max_tokens=params.max_tokens, temperature=params.temperature, top_k=params.top_k, top_p=params.top_p,
-        stop_token_ids=list(params.stop_token_ids), ignore_eos=params.ignore_eos,
+        stop_token_ids=list(params.stop_token_ids), ignore_eos=params.ignore_eos, min_p=params.min_p,
+        presence_penalty=params.presence_penalty, frequency_penalty=params.frequency_penalty,
+        logit_bias=dict(params.logit_bias), emitted=params.emitted,
     )
     if params.seed is not None:
         msg.seed = params.seed
+    if params.repetition_penalty != 1.0:
+        msg.repetition_penalty = params.repetition_penalty
+    if params.grammar is not None:
+        msg.grammar.kind, msg.grammar.spec = params.grammar.kind, params.grammar.spec
+    if params.logprobs is not None:
+        msg.logprobs = params.logprobs
     return msg
+
+
+def logprobs_to_pb(logprobs: list[TokenLogprob] | None) -> list[pb.TokenLogprob]:
+    return [pb.TokenLogprob(token=lp.token, logprob=lp.logprob, top_ids=[i for i, _ in lp.top],
+                            top_logprobs=[v for _, v in lp.top]) for lp in logprobs or []]
+
+
+def logprobs_from_pb(items: Sequence[pb.TokenLogprob]) -> list[TokenLogprob] | None:
+    """None when none came (not asked for, or no token emitted)."""
+    if not items:
+        return None
+    return [TokenLogprob(m.token, m.logprob, tuple(zip(m.top_ids, m.top_logprobs, strict=True))) for m in items]
 
 
 def open_from_pb(msg: pb.Open) -> OpenRequest:
@@ -128,6 +156,7 @@ def verdict_to_pb(v: SessionVerdict) -> pb.Verdict:
         stale=r.stale, server_ms=v.server_ms, queue_ms=v.queue_ms,
         candidate_target_lengths=[len(c) for c in r.candidate_target_tokens],
         candidate_target_tokens=[t for c in r.candidate_target_tokens for t in c],
+        logprobs=logprobs_to_pb(r.logprobs),
     )
     if r.candidate is not None:
         msg.candidate = r.candidate
@@ -157,4 +186,5 @@ def result_from_pb(msg: pb.Verdict) -> VerifyResult:
         candidate=msg.candidate if msg.HasField("candidate") else None,
         candidate_target_tokens=feedback_from_flat(list(msg.candidate_target_lengths),
                                                    list(msg.candidate_target_tokens)),
+        logprobs=logprobs_from_pb(msg.logprobs),
     )

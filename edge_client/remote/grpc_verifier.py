@@ -107,7 +107,8 @@ class GrpcVerifier:
                 if verdict is None:
                     return
                 self.bytes_received += verdict.ByteSize()
-                yield Step(list(verdict.tokens), wire.finish_from_pb(verdict.finish_reason))
+                yield Step(list(verdict.tokens), wire.finish_from_pb(verdict.finish_reason),
+                           wire.logprobs_from_pb(verdict.logprobs))
         finally:
             call.cancel()
 

@@ -90,13 +90,20 @@ class HttpVerifier:
                     if "error" in event:
                         err = event["error"]
                         raise RemoteError(str(err.get("code")), str(err.get("message")), 200)
-                    choice = event["choices"][0] if "choices" in event else event
+                    if "choices" not in event:  # a session's stream: StepBody events
+                        step = bodies.StepBody.model_validate(event)
+                        yield Step(step.token_ids, step.finish_reason, bodies.logprobs_from_body(step.logprobs))
+                        continue
+                    choice = event["choices"][0]
                     yield Step(list(choice.get("token_ids") or []), choice.get("finish_reason"))
         except httpx.TransportError as e:
             raise _from_transport_error(e) from None
 
     def generate(self, prompt: list[int], params: SamplingParams) -> Iterator[Step]:
-        """The target alone: the cloud's /v1/completions SSE stream, token ids included (`return_token_ids`)."""
+        """The target alone: the cloud's /v1/completions SSE stream, token ids included (`return_token_ids`); with
+        settings beyond the OpenAI request's (shaping, logprobs, a resumed output), a session continued as a stream."""
+        if params.shaped or params.logprobs is not None or params.emitted:
+            return self._session_stream(prompt, params)
         model = self.request("GET", "/v1/models")["data"][0]["id"]
         body = {"model": model, "prompt": list(prompt), "max_tokens": params.max_tokens, "stream": True,
                 "temperature": params.temperature, "top_p": params.top_p, "top_k": params.top_k, "seed": params.seed,
@@ -104,6 +111,15 @@ class HttpVerifier:
         if params.stop_token_ids:
             raise RemoteError("invalid_request", "stop_token_ids are not supported in cloud mode over HTTP", 400)
         return self.sse_steps("/v1/completions", body)
+
+    def _session_stream(self, prompt: list[int], params: SamplingParams) -> Iterator[Step]:
+        session = self.open(prompt, params)
+        try:
+            yield from session.continue_alone(list(prompt))
+        finally:
+            self.bytes_sent += session.bytes_sent
+            self.bytes_received += session.bytes_received
+            session.close()
 
     def open(self, prompt: list[int], params: SamplingParams, session_id: str | None = None,
              affinity_key: str | None = None, report: EdgeReport | None = None) -> HttpSession:

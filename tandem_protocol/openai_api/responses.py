@@ -9,7 +9,7 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Annotated, Any, Literal, Protocol
 
 from fastapi import Security
@@ -17,11 +17,11 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from transformers import PreTrainedTokenizerBase
 
-from tandem.blocks import FinishReason
+from tandem.blocks import FinishReason, TokenLogprob
 from tandem.errors import InvalidRequestError, TandemError
-from tandem.sampling import SamplingParams
 from tandem_protocol.errors import ModelNotFoundError, error_body
 from tandem_protocol.metrics import Metrics
+from tandem_protocol.openai_api.figures import LogprobFormat, merged_metrics
 from tandem_protocol.openai_api.schemas import ChatRequest, CompletionRequest, ErrorBody
 from tandem_protocol.openai_api.text import IncrementalText, chat_prompt, encode, message_text
 
@@ -58,19 +58,6 @@ async def chat_completion_prompt(body: ChatRequest, tokenizer: PreTrainedTokeniz
     return await asyncio.to_thread(chat_prompt, tokenizer, messages)
 
 
-def sampling_params(body: CompletionRequest | ChatRequest, max_tokens: int | None, prompt_len: int,
-                    context_length: int, max_tokens_limit: int) -> SamplingParams:
-    if body.n != 1:
-        raise InvalidRequestError("only n = 1 is supported")
-    if max_tokens is None:
-        max_tokens = max(1, min(max_tokens_limit, context_length - prompt_len))
-    return SamplingParams(
-        max_tokens=max_tokens, temperature=1.0 if body.temperature is None else body.temperature,
-        top_k=body.top_k or 0, top_p=1.0 if body.top_p is None else body.top_p, seed=body.seed,
-        ignore_eos=body.ignore_eos,
-    )
-
-
 def check_model(body: CompletionRequest | ChatRequest, served: str, *aliases: str) -> None:
     if body.model not in (served, *aliases):
         raise ModelNotFoundError(f"model {body.model!r} is not served here; this server serves {served!r}")
@@ -83,75 +70,135 @@ class Step(Protocol):
     @property
     def finish_reason(self) -> FinishReason | None: ...
 
+    @property
+    def logprobs(self) -> list[TokenLogprob] | None: ...
+
 
 class Steps(Protocol):
-    """A running generation as the completion API consumes it: async steps, a token count, close()."""
+    """A running generation as the completion API consumes it: async steps, a token count, its speculative
+    figures (`speculative_metrics`, the counts of `tandem_protocol.openai_api.figures`), close()."""
 
     tokens: int
 
     def __aiter__(self) -> AsyncIterator[Step]: ...
 
+    def speculative_metrics(self) -> dict[str, Any]: ...
+
     def close(self) -> None: ...
 
 
 async def completion_response(
-    gen: Steps, tokenizer: PreTrainedTokenizerBase, body: CompletionRequest | ChatRequest,
+    gens: Sequence[Steps], tokenizer: PreTrainedTokenizerBase, body: CompletionRequest | ChatRequest,
     kind: Literal["text", "chat"], model: str, prompt_tokens: int,
     extra: Callable[[], dict[str, Any]] | None = None, metrics: Metrics | None = None,
 ) -> Response:
-    """The OpenAI response (JSON, or SSE ending in `data: [DONE]`) for a started generation; closes it."""
+    """The OpenAI response (JSON, or SSE ending in `data: [DONE]`) for started generations, one per choice; closes
+    them."""
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-    text = IncrementalText(tokenizer, stop)
-    out = _Output(kind, model, prompt_tokens, body.return_token_ids)
+    out = _Output(kind, model, prompt_tokens, body.return_token_ids, tokenizer)
+    choices = [_Choice(i, gen, IncrementalText(tokenizer, stop)) for i, gen in enumerate(gens)]
     if body.stream:
-        include_usage = bool((body.stream_options or {}).get("include_usage"))
-        return StreamingResponse(_sse(gen, text, out, include_usage, metrics), media_type="text/event-stream")
-    parts, ids = [], []
-    finish: FinishReason = "length"
+        include_usage = body.stream_options is not None and body.stream_options.include_usage
+        return StreamingResponse(_sse(choices, out, include_usage, body.return_metrics, metrics),
+                                 media_type="text/event-stream")
     try:
-        async for delta, finish_reason, tokens in _deltas(gen, text):
-            parts.append(delta)
-            ids.extend(tokens)
-            finish = finish_reason or finish
+        await asyncio.gather(*(c.run_whole() for c in choices))
     finally:
-        gen.close()
-    return JSONResponse(out.full("".join(parts), finish, gen.tokens, ids) | (extra() if extra else {}))
+        for c in choices:
+            c.gen.close()
+    full = out.full(choices)
+    if body.return_metrics:
+        full["metrics"] = merged_metrics([c.gen for c in choices])
+    return JSONResponse(full | (extra() if extra else {}))
 
 
-async def _deltas(gen: Steps, text: IncrementalText) -> AsyncIterator[tuple[str, FinishReason | None, list[int]]]:
-    """(text delta, finish reason once finished, token ids) per step; stops early at a stop string."""
-    async for result in gen:
-        delta = await asyncio.to_thread(text.push, result.tokens)  # decoding stays off the event loop
-        if text.stopped:
-            yield delta, "stop", result.tokens
-            return
-        if result.finish_reason is not None:
-            yield delta + await asyncio.to_thread(text.flush), result.finish_reason, result.tokens
-            return
-        yield delta, None, result.tokens
+class _Choice:
+    """One choice: its generation, its text so far, what it emitted."""
+
+    def __init__(self, index: int, gen: Steps, text: IncrementalText) -> None:
+        self.index = index
+        self.gen = gen
+        self.text = text
+        self.parts: list[str] = []
+        self.ids: list[int] = []
+        self.logprobs: list[TokenLogprob] = []
+        self.has_logprobs = False
+        self.finish: FinishReason = "length"
+
+    async def deltas(self) -> AsyncIterator[tuple[str, FinishReason | None, list[int], list[TokenLogprob] | None]]:
+        """(text delta, finish reason once finished, token ids, their logprobs) per step; stops at a stop string."""
+        async for result in self.gen:
+            delta = await asyncio.to_thread(self.text.push, result.tokens)  # decoding stays off the event loop
+            if self.text.stopped:
+                yield delta, "stop", result.tokens, result.logprobs
+                return
+            if result.finish_reason is not None:
+                yield delta + await asyncio.to_thread(self.text.flush), result.finish_reason, result.tokens, \
+                    result.logprobs
+                return
+            yield delta, None, result.tokens, result.logprobs
+
+    async def run_whole(self) -> None:
+        async for delta, finish, tokens, logprobs in self.deltas():
+            self.parts.append(delta)
+            self.ids.extend(tokens)
+            if logprobs is not None:
+                self.has_logprobs = True
+                self.logprobs.extend(logprobs)
+            self.finish = finish or self.finish
 
 
-async def _sse(gen: Steps, text: IncrementalText, out: _Output, include_usage: bool,
+async def _sse(choices: list[_Choice], out: _Output, include_usage: bool, return_metrics: bool,
                metrics: Metrics | None = None) -> AsyncIterator[str]:
+    events: asyncio.Queue[tuple[_Choice, Any] | None] = asyncio.Queue()
+
+    async def pump(c: _Choice) -> None:
+        try:
+            async for item in c.deltas():
+                await events.put((c, item))
+        except TandemError as e:
+            await events.put((c, e))
+        finally:
+            await events.put(None)
+
+    tasks: list[asyncio.Task[None]] = []
     try:
         if out.kind == "chat":
-            yield _event(out.chunk("", None, role=True))
-        finish: FinishReason = "length"
-        async for delta, finish_reason, tokens in _deltas(gen, text):
-            finish = finish_reason or finish
-            if delta or (tokens and out.token_ids):
-                yield _event(out.chunk(delta, None, tokens))
-        yield _event(out.chunk("", finish))
+            for c in choices:
+                yield _event(out.chunk(c.index, "", None, role=True))
+        tasks = [asyncio.create_task(pump(c)) for c in choices]
+        running = len(tasks)
+        while running:
+            event = await events.get()
+            if event is None:
+                running -= 1
+                continue
+            c, item = event
+            if isinstance(item, TandemError):
+                yield _event(error_body(item.code, str(item)))
+                continue
+            delta, finish, tokens, logprobs = item
+            c.finish = finish or c.finish
+            if delta or (tokens and (out.token_ids or logprobs is not None)):
+                yield _event(out.chunk(c.index, delta, None, tokens, logprobs))
+        for c in choices:
+            yield _event(out.chunk(c.index, "", c.finish))
+        tail: dict[str, Any] = {}
         if include_usage:
-            yield _event({**out.chunk("", None), "choices": [], "usage": out.usage(gen.tokens)})
-    except TandemError as e:
-        yield _event(error_body(e.code, str(e)))
-    except (asyncio.CancelledError, GeneratorExit):  # the client went away: close() frees the generation
+            tail["usage"] = out.usage(sum(c.gen.tokens for c in choices))
+        if return_metrics:
+            tail["metrics"] = merged_metrics([c.gen for c in choices])
+        if tail:
+            yield _event({**out.head(), "choices": [], **tail})
+    except (asyncio.CancelledError, GeneratorExit):  # the client went away: close() frees the generations
         if metrics is not None:
             metrics.disconnects.labels(route="http sse").inc()
         raise
     finally:
-        gen.close()
+        for task in tasks:
+            task.cancel()
+        for c in choices:
+            c.gen.close()
     yield "data: [DONE]\n\n"
 
 
@@ -162,9 +209,11 @@ def _event(obj: dict[str, Any]) -> str:
 class _Output:
     """OpenAI response objects for one completion."""
 
-    def __init__(self, kind: Literal["text", "chat"], model: str, prompt_tokens: int, token_ids: bool = False) -> None:
+    def __init__(self, kind: Literal["text", "chat"], model: str, prompt_tokens: int, token_ids: bool,
+                 tokenizer: PreTrainedTokenizerBase) -> None:
         self.kind = kind
         self.token_ids = token_ids
+        self.logprobs = LogprobFormat(tokenizer, kind)
         self.id = ("cmpl-" if kind == "text" else "chatcmpl-") + uuid.uuid4().hex
         self.created = int(time.time())
         self.model = model
@@ -174,30 +223,35 @@ class _Output:
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion_tokens,
                 "total_tokens": self.prompt_tokens + completion_tokens}
 
-    def _head(self, obj: str) -> dict[str, Any]:
+    def head(self) -> dict[str, Any]:
+        obj = "text_completion" if self.kind == "text" else "chat.completion.chunk"
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
 
-    def full(self, text: str, finish: FinishReason, completion_tokens: int, ids: list[int]) -> dict[str, Any]:
-        if self.kind == "text":
-            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
-        else:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                      "finish_reason": finish}
-        if self.token_ids:
-            choice["token_ids"] = ids
+    def full(self, choices: list[_Choice]) -> dict[str, Any]:
+        items = []
+        for c in choices:
+            text = "".join(c.parts)
+            lp = self.logprobs.render(c.logprobs) if c.has_logprobs else None
+            if self.kind == "text":
+                choice: dict[str, Any] = {"index": c.index, "text": text, "logprobs": lp, "finish_reason": c.finish}
+            else:
+                choice = {"index": c.index, "message": {"role": "assistant", "content": text}, "logprobs": lp,
+                          "finish_reason": c.finish}
+            if self.token_ids:
+                choice["token_ids"] = c.ids
+            items.append(choice)
         obj = "text_completion" if self.kind == "text" else "chat.completion"
-        return {**self._head(obj), "choices": [choice], "usage": self.usage(completion_tokens)}
+        return {**self.head(), "object": obj, "choices": items,
+                "usage": self.usage(sum(c.gen.tokens for c in choices))}
 
-    def chunk(self, delta: str, finish: FinishReason | None, ids: list[int] | None = None,
-              role: bool = False) -> dict[str, Any]:
+    def chunk(self, index: int, delta: str, finish: FinishReason | None, ids: list[int] | None = None,
+              logprobs: list[TokenLogprob] | None = None, role: bool = False) -> dict[str, Any]:
+        lp = None if logprobs is None else self.logprobs.render(logprobs)
         if self.kind == "text":
-            choice: dict[str, Any] = {"index": 0, "text": delta, "logprobs": None, "finish_reason": finish}
+            choice: dict[str, Any] = {"index": index, "text": delta, "logprobs": lp, "finish_reason": finish}
         else:
             d: dict[str, Any] = {"role": "assistant", "content": ""} if role else ({"content": delta} if delta else {})
-            choice = {"index": 0, "delta": d, "logprobs": None, "finish_reason": finish}
+            choice = {"index": index, "delta": d, "logprobs": lp, "finish_reason": finish}
         if self.token_ids and ids:
             choice["token_ids"] = ids
-        obj = "text_completion" if self.kind == "text" else "chat.completion.chunk"
-        return {**self._head(obj), "choices": [choice]}
-
-
+        return {**self.head(), "choices": [choice]}

@@ -1,12 +1,18 @@
-"""Request bodies of the OpenAI-compatible API, and the error body every route answers with."""
+"""Request bodies of the OpenAI-compatible API, and the error body every route answers with.
+
+Every field declared here is implemented; any other field is refused with a 400 that names it (`extra="forbid"`),
+so a client never gets a 200 that silently ignored what it asked for.
+"""
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from tandem_protocol.bodies import TokenId
+
+MAX_LOGPROBS = 20  # top alternatives per token, as OpenAI's chat API allows
 
 
 class ErrorDetail(BaseModel):
@@ -24,35 +30,103 @@ class ErrorBody(BaseModel):
 # --- OpenAI-compatible
 
 
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    name: Annotated[str, Field(min_length=1, max_length=64)]
+    description: str | None = None
+    schema_: Annotated[dict[str, Any], Field(alias="schema")] = Field(default_factory=dict)
+    strict: bool | None = None  # the output always follows the schema: enforced whether or not it is set
+
+
+class ResponseFormat(BaseModel):
+    """`text` (free), `json_object` (any JSON object) or `json_schema` (an object following the schema)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputs(BaseModel):
+    """An extension, as vLLM's `structured_outputs`: exactly one of a JSON schema, a regular expression, a Lark
+    grammar or a list of choices constrains the output."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    json_: Annotated[dict[str, Any] | None, Field(alias="json")] = None
+    regex: Annotated[str, Field(min_length=1)] | None = None
+    grammar: Annotated[str, Field(min_length=1)] | None = None  # Lark syntax, as llguidance reads it
+    choice: Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1)] | None = None
+
+
+Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
+
+
 class _OpenAIRequest(BaseModel):
-    model_config = ConfigDict(extra="allow")  # fields we do not implement are ignored, as OpenAI servers do
+    model_config = ConfigDict(extra="forbid")  # a field we do not implement is a 400 naming it, never ignored
 
     model: str
-    temperature: float | None = None
-    top_p: float | None = None
+    temperature: Annotated[float, Field(ge=0.0, le=100.0)] | None = None
+    top_p: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
     top_k: Annotated[int, Field(ge=0, lt=2**31)] | None = None  # an extension (vLLM has it too); bounded: the wire
-    n: int = 1
+    min_p: Annotated[float, Field(ge=0.0, le=1.0)] | None = None  # an extension (vLLM's)
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
+    repetition_penalty: Annotated[float, Field(gt=0.0, le=10.0)] | None = None  # an extension (vLLM's)
+    # token id (as a string, as OpenAI's) -> bias added to its logit
+    logit_bias: dict[Annotated[str, Field(pattern=r"^[0-9]{1,9}$")], Annotated[float, Field(ge=-100, le=100)]] | None \
+        = None
+    n: Annotated[int, Field(ge=1, le=16)] = 1
     stream: bool = False
-    stream_options: dict[str, Any] | None = None
-    stop: str | list[str] | None = None
-    seed: Annotated[int, Field(ge=0, lt=2**64)] | None = None
+    stream_options: StreamOptions | None = None
+    stop: str | Annotated[list[str], Field(max_length=16)] | None = None
+    seed: Annotated[int, Field(ge=0, lt=2**63)] | None = None
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
     ignore_eos: bool = False  # an extension, for benchmarks
     return_token_ids: bool = False  # an extension (as vLLM's): each choice also carries its `token_ids`
+    # an extension: the response carries `metrics.speculative_decoding` (and the final SSE chunk does)
+    return_metrics: bool = False
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    include_usage: bool = False
 
 
 class CompletionRequest(_OpenAIRequest):
-    prompt: str | list[str] | list[TokenId] | list[list[TokenId]]
-    max_tokens: int | None = 16
+    prompt: str | Annotated[list[str], Field(min_length=1, max_length=1)] \
+        | Annotated[list[TokenId], Field(min_length=1)] \
+        | Annotated[list[Annotated[list[TokenId], Field(min_length=1)]], Field(min_length=1, max_length=1)]
+    max_tokens: Annotated[int, Field(ge=1)] | None = 16
+    logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None  # the target's top-k per token
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="forbid")
 
-    role: str
-    content: str | list[dict[str, Any]] | None = None
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart] | None = None
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["text"]
+    text: str
 
 
 class ChatRequest(_OpenAIRequest):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
-    max_tokens: int | None = None
-    max_completion_tokens: int | None = None
+    max_tokens: Annotated[int, Field(ge=1)] | None = None
+    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+    logprobs: bool = False
+    top_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
+
+
+_OpenAIRequest.model_rebuild()
+CompletionRequest.model_rebuild()
+ChatMessage.model_rebuild()
+ChatRequest.model_rebuild()

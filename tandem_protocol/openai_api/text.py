@@ -20,10 +20,11 @@ def chat_prompt(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, Any
     return encode(tokenizer, text)
 
 
-def message_text(content: str | list[dict[str, Any]] | None) -> str:
+def message_text(content: str | list[Any] | None) -> str:
+    """A message's text: a string, or the concatenation of its text parts (objects with `text`)."""
     if content is None or isinstance(content, str):
         return content or ""
-    return "".join(str(part.get("text", "")) for part in content if part.get("type") == "text")
+    return "".join(str(part.text) for part in content)
 
 
 def encode(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:

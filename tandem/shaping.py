@@ -1,0 +1,90 @@
+"""The part of the one sampling transformation that depends on the sequence: penalties, logit bias and the grammar
+mask. The target shapes its logits for p and the draft its logits for q with the same `Shaper` rules, each over
+its own rows, before `tandem.sampling.logits_to_probs`; greedy takes the argmax of the shaped logits.
+
+Rules (vLLM's and OpenAI's): presence and frequency penalties count the output tokens; the repetition penalty
+divides a positive logit (multiplies a negative one) of any token of the prompt or the output; `logit_bias` adds to
+a token's logit; the grammar leaves -inf on every token it does not allow next.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from tandem.errors import InvalidRequestError
+from tandem.grammar import GrammarState
+from tandem.sampling import SamplingParams
+
+
+class Shaper:
+    """Shapes rows of logits, row r following `context + paths[r]`. `prompt_len`: where the output starts in the
+    context (a resumed session's prompt holds output already: `params.emitted`)."""
+
+    def __init__(self, params: SamplingParams, vocab_size: int, tokenizer: Any = None,
+                 eos_token_ids: tuple[int, ...] = ()) -> None:
+        self.params = params
+        self.vocab_size = vocab_size
+        bad = [t for t, _ in params.logit_bias if not 0 <= t < vocab_size]
+        if bad:
+            raise InvalidRequestError(f"logit_bias has token ids outside the vocabulary [0, {vocab_size}): {bad[:5]}")
+        self.bias: torch.Tensor | None = None  # [V]
+        if params.logit_bias:
+            self.bias = torch.zeros(vocab_size)
+            for t, b in params.logit_bias:
+                self.bias[t] += b
+        self.grammar: GrammarState | None = None
+        if params.grammar is not None:
+            if tokenizer is None:
+                raise InvalidRequestError("structured output needs the model's tokenizer, and this model has none")
+            self.grammar = GrammarState(params.grammar, tokenizer, vocab_size, eos_token_ids)
+        p = params
+        self.counts = bool(p.presence_penalty or p.frequency_penalty)
+        self.active = self.counts or p.repetition_penalty != 1.0 or self.bias is not None or self.grammar is not None
+
+    def shape(self, logits: torch.Tensor, context: list[int], prompt_len: int,
+              paths: list[list[int]]) -> torch.Tensor:
+        """[R, V] logits -> [R, V] float32 shaped; row r follows context + paths[r]. A row after a token the grammar
+        refuses is left unmasked: no verdict can reach it."""
+        if not self.active:
+            return logits
+        out = logits.float().clone()  # [R, V]
+        p, dev = self.params, logits.device
+        if self.bias is not None:
+            out += self.bias.to(dev)
+        output = context[prompt_len:]
+        for r, path in enumerate(paths):
+            row = out[r]  # [V] (a view)
+            if self.counts:
+                n = torch.bincount(torch.tensor(output + path, dtype=torch.long), minlength=self.vocab_size)  # [V]
+                n = n[: self.vocab_size].to(dev, torch.float32)
+                row -= p.presence_penalty * (n > 0) + p.frequency_penalty * n
+            if p.repetition_penalty != 1.0:
+                seen = torch.bincount(torch.tensor(context + path, dtype=torch.long), minlength=self.vocab_size)
+                seen = seen[: self.vocab_size].to(dev) > 0  # [V]
+                penalised = torch.where(row > 0, row / p.repetition_penalty, row * p.repetition_penalty)
+                row.copy_(torch.where(seen, penalised, row))
+            if self.grammar is not None and self.grammar.sync(output + path):
+                row.masked_fill_(~self.grammar.allowed().to(dev), float("-inf"))
+        return out
+
+    def allows(self, context: list[int], prompt_len: int, token: int) -> bool:
+        """Whether the grammar allows `token` after `context` (always, without a grammar)."""
+        if self.grammar is None:
+            return True
+        output = context[prompt_len:]
+        return self.grammar.sync(output) and self.grammar.sync([*output, token])
+
+
+def line_paths(tokens: list[int]) -> list[list[int]]:
+    """The rows of a verification pass over a block: after the context, then after each of its tokens."""
+    return [tokens[:i] for i in range(len(tokens) + 1)]
+
+
+def tree_paths(parents: list[int], nodes: list[int]) -> list[list[int]]:
+    """The rows of a pass over a tree: after the context, then after each node's root path."""
+    paths: list[list[int]] = [[]]
+    for parent, tok in zip(parents, nodes, strict=True):
+        paths.append([*(paths[parent + 1]), tok])
+    return paths
