@@ -37,11 +37,13 @@ class Grammar:
     def source(self) -> str:
         """The grammar in llguidance's own form."""
         LL = llguidance.LLMatcher
+        # JSON without free whitespace (the separators ", " and ": "): a model cannot pad its output without end
+        compact = {"whitespace_flexible": False}
         try:
             if self.kind == "json_schema":
-                return str(LL.grammar_from_json_schema(self.spec))
+                return str(LL.grammar_from_json_schema(self.spec, defaults=compact))
             if self.kind == "json_object":
-                return str(LL.grammar_from_json_schema(json.dumps({"type": "object"})))
+                return str(LL.grammar_from_json_schema(json.dumps({"type": "object"}), defaults=compact))
             if self.kind == "regex":
                 return str(LL.grammar_from_regex(self.spec))
             if self.kind == "lark":
@@ -63,7 +65,11 @@ def _ll_tokenizer(tokenizer: Any, vocab_size: int) -> llguidance.LLTokenizer:
     with _lock:
         held = _tokenizers.get(id(tokenizer))
         if held is None or held[0] is not tokenizer:
-            held = (tokenizer, llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab_size))
+            try:
+                held = (tokenizer, llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab_size))
+            except ValueError as e:
+                raise InvalidRequestError(f"structured output needs a byte-level BPE or SentencePiece tokenizer, as "
+                                          f"the grammar engine reads it; this model's: {e}") from None
             _tokenizers[id(tokenizer)] = held
         return held[1]
 

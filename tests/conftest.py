@@ -16,12 +16,15 @@ TINY_VOCAB = 96
 
 
 def tiny_tokenizer(extra: str = "") -> PreTrainedTokenizerFast:
-    from tokenizers import Tokenizer, models, pre_tokenizers
+    """A character per token (ids 2..95: the characters 32..125), byte-level as GPT-2's: a grammar engine reads it."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-    chars = [chr(c) for c in range(32, 32 + TINY_VOCAB - 2)]
-    vocab = {"<eos>": 0, "<pad>": 1} | {c + extra: i + 2 for i, c in enumerate(chars)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
-    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    shown = bytes_to_unicode()  # byte -> the character byte-level vocabularies write it as (space: "Ġ")
+    vocab = {"<eos>": 0, "<pad>": 1} | {shown[b] + extra: b - 30 for b in range(32, 32 + TINY_VOCAB - 2)}
+    tok = Tokenizer(models.BPE(vocab, [], unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>")
 
 
