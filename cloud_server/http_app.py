@@ -20,6 +20,8 @@ from tandem_protocol import bodies
 from tandem_protocol.bodies import ClosedBody, ContinueBody, DraftBody, OpenBody, OpenedBody, StepBody, VerdictBody
 from tandem_protocol.errors import BEARER_HEADER, error_body, error_code, require_bearer
 from tandem_protocol.openai_api.middleware import install_error_handling
+from tandem_protocol.openai_api.openapi import Limits, install_openapi
+from tandem_protocol.openai_api.params import sampling_params
 from tandem_protocol.openai_api.responses import (
     API_ERRORS,
     COMPLETION_RESPONSES,
@@ -28,8 +30,6 @@ from tandem_protocol.openai_api.responses import (
     check_model,
     completion_prompt,
     completion_response,
-    error_responses,
-    sampling_params,
 )
 from tandem_protocol.openai_api.schemas import ChatRequest, CompletionRequest
 
@@ -50,6 +50,14 @@ async def require_api_key(request: Request, settings: SettingsDep, _: BearerDep)
     require_bearer(request.headers.get("authorization", ""), settings.api_keys, BEARER_HEADER)
 
 
+async def known_session(session_id: str, worker: WorkerDep) -> None:
+    """404 for an unknown session before its body is read: what a request says matters only to a live one."""
+    worker.sessions.get(session_id)
+
+
+SessionDep = Depends(known_session)
+
+
 public = APIRouter()
 api = APIRouter(dependencies=[Depends(require_api_key)], responses=API_ERRORS)
 
@@ -62,7 +70,12 @@ async def health() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@public.get("/ready", responses=error_responses(503))
+_READINESS = {"content": {"application/json": {"schema": {
+    "type": "object", "properties": {"status": {"type": "string"}, "model": {"type": "string"}}, "required": ["status"],
+}}}}
+
+
+@public.get("/ready", responses={200: _READINESS, 503: _READINESS | {"description": "the model is not loaded yet"}})
 async def ready(worker: WorkerDep) -> JSONResponse:
     if worker.ready:
         return JSONResponse({"status": "ready", "model": worker.target.name})
@@ -83,13 +96,13 @@ async def open_session(body: OpenBody, worker: WorkerDep) -> OpenedBody:
     return bodies.opened_to_body(info)
 
 
-@api.post("/v1/sessions/{session_id}/verify")
+@api.post("/v1/sessions/{session_id}/verify", dependencies=[SessionDep])
 async def verify(session_id: str, body: DraftBody, worker: WorkerDep) -> VerdictBody:
     verdict = await worker.verify(session_id, body.seq, bodies.draft_from_body(body), body.base_len)
     return bodies.verdict_to_body(verdict)
 
 
-@api.post("/v1/sessions/{session_id}/continue", response_class=StreamingResponse,
+@api.post("/v1/sessions/{session_id}/continue", response_class=StreamingResponse, dependencies=[SessionDep],
           responses={200: {"content": {"text/event-stream": {}}, "description": "SSE: one `StepBody` per target "
                            "step, then `[DONE]`; a failure mid-stream is an event with `error`"}})
 async def continue_session(session_id: str, body: ContinueBody, worker: WorkerDep) -> StreamingResponse:
@@ -100,7 +113,8 @@ async def continue_session(session_id: str, body: ContinueBody, worker: WorkerDe
 async def _steps(gen: Generation) -> AsyncIterator[str]:
     try:
         async for result in gen:
-            step = StepBody(token_ids=result.tokens, finish_reason=result.finish_reason, generated=gen.tokens)
+            step = StepBody(token_ids=result.tokens, finish_reason=result.finish_reason, generated=gen.tokens,
+                            logprobs=bodies.logprobs_to_body(result.logprobs))
             yield f"data: {step.model_dump_json()}\n\n"
         yield "data: [DONE]\n\n"
     except Exception as e:  # the status line is sent: the error goes in the stream
@@ -109,7 +123,7 @@ async def _steps(gen: Generation) -> AsyncIterator[str]:
         gen.close()
 
 
-@api.delete("/v1/sessions/{session_id}")
+@api.delete("/v1/sessions/{session_id}", dependencies=[SessionDep])
 async def close_session(session_id: str, worker: WorkerDep) -> ClosedBody:
     await worker.close_session(session_id)
     return ClosedBody(session_id=session_id)
@@ -144,10 +158,17 @@ async def _complete(
     max_tokens: int | None, kind: Literal["text", "chat"],
 ) -> Response:
     check_model(body, settings.served_model_name, worker.target.name)
-    params = sampling_params(body, max_tokens, len(ids), worker.target.context_length, settings.max_tokens_limit)
-    gen = await worker.start_generation(ids, params)
-    return await completion_response(gen, worker.target.tokenizer, body, kind, settings.served_model_name, len(ids),
-                                     metrics=worker.metrics)
+    choices = sampling_params(body, max_tokens, len(ids), worker.target.context_length, settings.max_tokens_limit)
+    gens: list[Generation] = []
+    try:
+        for params in choices:  # n > 1: one generation per choice, batched together by the worker
+            gens.append(await worker.start_generation(ids, params))
+    except BaseException:
+        for gen in gens:
+            gen.close()
+        raise
+    return await completion_response(gens, worker.target.tokenizer, body, kind, settings.served_model_name,
+                                      len(ids), metrics=worker.metrics)
 
 
 # --- wiring
@@ -161,4 +182,7 @@ def create_app(settings: ServerSettings, worker: ModelWorker) -> FastAPI:
     app.include_router(public)
     app.include_router(api)
     install_error_handling(app, settings.max_body_bytes, worker.metrics)
+    t = worker.target
+    install_openapi(app, Limits(t.vocab_size, t.context_length, settings.max_tokens_limit, settings.max_prompt_tokens,
+                                settings.max_draft_tokens), secured=bool(settings.api_keys))
     return app

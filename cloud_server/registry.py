@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-from tandem.errors import CapacityError, InvalidRequestError, SessionNotFoundError
+from tandem.errors import CapacityError, SessionConflictError, SessionNotFoundError
 from tandem.messages import SessionVerdict
 from tandem.session import TargetSession
 from tandem_protocol.errors import ShuttingDownError
@@ -117,7 +117,7 @@ class SessionRegistry:
         """Hand an idle session's model state over to a stream of the target alone (which then frees it)."""
         entry = self.get(session_id)
         if entry.busy or entry.core is None:
-            raise InvalidRequestError(f"session {session_id!r} is busy with another request")
+            raise SessionConflictError(f"session {session_id!r} is busy with another request")
         core, entry.core = entry.core, None
         self.drop(entry, "continued")
         return core

@@ -27,7 +27,7 @@ from cloud_server.registry import SessionRegistry
 from cloud_server.settings import ServerSettings
 from tandem.blocks import DraftBlock, EdgeReport, VerifyResult
 from tandem.costs import CostCurve
-from tandem.errors import ContextOverflowError, InvalidRequestError, TokenizerMismatchError
+from tandem.errors import ContextOverflowError, InvalidRequestError, SessionConflictError, TokenizerMismatchError
 from tandem.load import LoadPolicy, StreamLoad
 from tandem.messages import OpenRequest, SessionInfo, SessionVerdict
 from tandem.models import LoadedModel
@@ -206,14 +206,14 @@ class ModelWorker:
                         ready = entry.turn.wait_for(lambda: seq <= entry.next_seq or entry.closed)
                         await asyncio.wait_for(ready, _PIPELINE_WAIT_S)
                 except asyncio.TimeoutError:
-                    raise InvalidRequestError(f"draft seq {seq} waited in vain for seq {seq - 1}") from None
+                    raise SessionConflictError(f"draft seq {seq} waited in vain for seq {seq - 1}") from None
                 entry = self.sessions.get(session_id)
             if entry.last is not None and seq == entry.last.seq:
                 return entry.last  # a retried request: the same verdict again
             if entry.busy or entry.core is None:
-                raise InvalidRequestError(f"session {session_id!r} is busy with another request")
+                raise SessionConflictError(f"session {session_id!r} is busy with another request")
             if seq != entry.next_seq:
-                raise InvalidRequestError(f"expected draft seq {entry.next_seq}, got {seq}")
+                raise SessionConflictError(f"expected draft seq {entry.next_seq}, got {seq}")
             core = entry.core
             self._check_block(block)
             entry.busy = True
@@ -316,7 +316,7 @@ class ModelWorker:
             core = self.sessions.take(session_id)
             gen.session = core
             if core.state.tokens != context:
-                raise InvalidRequestError(
+                raise SessionConflictError(
                     f"the context ({len(context)} tokens) is not session {session_id!r}'s committed one "
                     f"({len(core.state.tokens)} tokens)")
         except BaseException:

@@ -17,13 +17,15 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from edge_client.service import EdgeService
+from edge_client.service import EdgeGeneration, EdgeService
 from edge_client.settings import EdgeSettings
 from tandem.errors import InvalidRequestError
 from tandem.models import LoadedModel
 from tandem.session import validate_prompt
 from tandem_protocol.errors import BEARER_HEADER, require_bearer
 from tandem_protocol.openai_api.middleware import install_error_handling
+from tandem_protocol.openai_api.openapi import Limits, install_openapi
+from tandem_protocol.openai_api.params import sampling_params
 from tandem_protocol.openai_api.responses import (
     API_ERRORS,
     COMPLETION_RESPONSES,
@@ -33,7 +35,6 @@ from tandem_protocol.openai_api.responses import (
     completion_prompt,
     completion_response,
     error_responses,
-    sampling_params,
 )
 from tandem_protocol.openai_api.schemas import ChatRequest, CompletionRequest
 
@@ -89,17 +90,25 @@ async def _complete(service: EdgeService, body: CompletionRequest | ChatRequest,
                     max_tokens: int | None, kind: Literal["text", "chat"]) -> Response:
     s, draft = service.settings, service.draft
     check_model(body, s.model_name)
-    params = sampling_params(body, max_tokens, len(ids), draft.context_length, s.max_tokens_limit)
-    if params.max_tokens > s.max_tokens_limit:
-        raise InvalidRequestError(f"max_tokens is {params.max_tokens}; this endpoint allows at most "
+    choices = sampling_params(body, max_tokens, len(ids), draft.context_length, s.max_tokens_limit)
+    if choices[0].max_tokens > s.max_tokens_limit:
+        raise InvalidRequestError(f"max_tokens is {choices[0].max_tokens}; this endpoint allows at most "
                                   f"{s.max_tokens_limit}")
     validate_prompt(ids, draft.vocab_size, draft.context_length)
-    gen = await service.start(ids, params)
+    gens: list[EdgeGeneration] = []
+    try:
+        for params in choices:  # n > 1: one generation per choice, in turn on the draft thread
+            gens.append(await service.start(ids, params))
+    except BaseException:
+        for gen in gens:
+            gen.close()
+        raise
 
     def stats() -> dict[str, Any]:
-        return {"tandem": gen.result.stats.as_dict()} if gen.result is not None else {}
+        done = [g.result.stats.as_dict() for g in gens if g.result is not None]
+        return {"tandem": done[0] if len(done) == 1 else done} if done else {}
 
-    return await completion_response(gen, draft.tokenizer, body, kind, s.model_name, len(ids), extra=stats,
+    return await completion_response(gens, draft.tokenizer, body, kind, s.model_name, len(ids), extra=stats,
                                      metrics=service.metrics)
 
 
@@ -111,6 +120,8 @@ def create_app(settings: EdgeSettings, draft: LoadedModel) -> FastAPI:
     app.include_router(public)
     app.include_router(api)
     install_error_handling(app, settings.max_body_bytes, service.metrics)
+    install_openapi(app, Limits(draft.vocab_size, draft.context_length, settings.max_tokens_limit),
+                    secured=bool(settings.edge_api_keys))
     return app
 
 

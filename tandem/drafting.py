@@ -87,7 +87,7 @@ class ModelDrafter:
         self.params = params
         # q goes through the same shaping as p: penalties, bias and the grammar follow the drafted tokens too
         self.shaper = Shaper(params, self.draft.vocab_size, self.draft.tokenizer, self.draft.eos_token_ids)
-        self.output_start = len(context) - params.emitted
+        self.output_start = max(0, len(context) - params.emitted)
         self.state = SequenceState(self.draft.model, context)
         self.generator = make_generator(None if params.seed is None else params.seed + 1, self.state.device)
 

@@ -43,6 +43,13 @@ class SessionNotFoundError(TandemError):
     code = "session_not_found"
 
 
+class SessionConflictError(TandemError):
+    """A well-formed request the session's state refuses: it has finished, is busy, expects another seq, or has
+    committed another context."""
+
+    code = "session_conflict"
+
+
 class CapacityError(TandemError):
     code = "over_capacity"
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import threading
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import llguidance
 import llguidance.hf
@@ -19,6 +19,9 @@ from tandem.errors import InvalidRequestError
 
 GrammarKind = Literal["json_schema", "json_object", "regex", "lark", "choice"]
 KINDS: tuple[GrammarKind, ...] = ("json_schema", "json_object", "regex", "lark", "choice")
+if TYPE_CHECKING:
+    from llguidance._lib import JsonCompileOptions
+
 _BITS = torch.arange(32, dtype=torch.int32)  # [32]
 
 
@@ -38,7 +41,7 @@ class Grammar:
         """The grammar in llguidance's own form."""
         LL = llguidance.LLMatcher
         # JSON without free whitespace (the separators ", " and ": "): a model cannot pad its output without end
-        compact = {"whitespace_flexible": False}
+        compact: JsonCompileOptions = {"whitespace_flexible": False}
         try:
             if self.kind == "json_schema":
                 return str(LL.grammar_from_json_schema(self.spec, defaults=compact))

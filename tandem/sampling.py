@@ -13,6 +13,7 @@ from tandem.grammar import Grammar
 
 MIN_TEMPERATURE = 1e-4
 MAX_LOGPROBS = 20
+MIN_REPETITION_PENALTY = 0.01  # a seen token's logit is scaled by at most 100: float32 stays finite
 
 
 @dataclass(frozen=True)
@@ -33,7 +34,7 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
     grammar: Grammar | None = None  # structured output
     logprobs: int | None = None  # the target's log-probability of each token and its top-k alternatives; None: off
-    emitted: int = 0  # a resumed session: the prompt's last `emitted` tokens are output (penalties, grammar)
+    emitted: int = 0  # a resumed session: the prompt's last `emitted` tokens (all, if more) are output already
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_tokens, int) or self.max_tokens <= 0:
@@ -51,8 +52,9 @@ class SamplingParams:
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2 <= getattr(self, name) <= 2:
                 raise InvalidRequestError(f"{name} must be in [-2, 2], got {getattr(self, name)!r}")
-        if not 0 < self.repetition_penalty <= 10:
-            raise InvalidRequestError(f"repetition_penalty must be in (0, 10], got {self.repetition_penalty!r}")
+        if not MIN_REPETITION_PENALTY <= self.repetition_penalty <= 10:
+            raise InvalidRequestError(f"repetition_penalty must be in [{MIN_REPETITION_PENALTY}, 10], got "
+                                      f"{self.repetition_penalty!r}")
         if any(not math.isfinite(b) or abs(b) > 100 for _, b in self.logit_bias):
             raise InvalidRequestError("logit_bias values must be in [-100, 100]")
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:

@@ -22,7 +22,7 @@ from tandem.blocks import (
     pending_part,
     slice_block,
 )
-from tandem.errors import ContextOverflowError, InvalidRequestError
+from tandem.errors import ContextOverflowError, InvalidRequestError, SessionConflictError
 from tandem.kv import SequenceState
 from tandem.models import LoadedModel
 from tandem.sampling import SamplingParams, logits_to_probs, make_generator
@@ -72,9 +72,7 @@ class TargetSession:
         self.state = SequenceState(target.model, prompt)
         self.device = self.state.device
         self.prompt_len = len(prompt)
-        if params.emitted >= len(prompt):
-            raise InvalidRequestError(f"emitted ({params.emitted}) must be shorter than the prompt ({len(prompt)})")
-        self.output_start = len(prompt) - params.emitted  # where the output starts (penalties, grammar)
+        self.output_start = max(0, len(prompt) - params.emitted)  # where the output starts (penalties, grammar)
         self.shaper = Shaper(params, target.vocab_size, target.tokenizer, target.eos_token_ids)
         self.generator = make_generator(params.seed, self.device)
         self.stop_ids = () if params.ignore_eos else tuple(set(params.stop_token_ids) | set(target.eos_token_ids))
@@ -124,7 +122,7 @@ class TargetSession:
                 return VerifyResult(0, 0, "recovered", [], self.finish_reason, [], stale=True)
             block = current
         if self.finish_reason is not None:
-            raise InvalidRequestError(f"the session has finished ({self.finish_reason})")
+            raise SessionConflictError(f"the session has finished ({self.finish_reason})")
         ids = [*block.tokens, *(t for c in block.candidates for t in c.tokens)]
         if any((not isinstance(t, int)) or t < 0 or t >= self.target.vocab_size for t in ids):
             raise InvalidRequestError("the draft has token ids outside the vocabulary")
@@ -237,10 +235,13 @@ def generate_autoregressive(
     session = TargetSession(target, prompt, params)
     stats = GenerationStats(mode="ar")
     out: list[int] = []
+    logprobs: list[TokenLogprob] | None = None if params.logprobs is None else []
     while session.finish_reason is None:
         # a zero-length block: verify emits exactly the target's own next token (the "bonus")
         result = session.verify(DraftBlock([]))
         out.extend(result.tokens)
+        if logprobs is not None:
+            logprobs.extend(result.logprobs or [])
         if on_tokens is not None:
             on_tokens(result.tokens)
         if len(out) == len(result.tokens):
@@ -250,4 +251,4 @@ def generate_autoregressive(
     stats.wall_s = time.perf_counter() - t0
     session.close()
     assert session.finish_reason is not None
-    return GenerationResult(out, session.finish_reason, stats)
+    return GenerationResult(out, session.finish_reason, stats, logprobs)

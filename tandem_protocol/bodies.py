@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from tandem.blocks import Candidate, DraftBlock, EdgeReport, TokenLogprob, VerifyResult
 from tandem.grammar import Grammar, GrammarKind
 from tandem.messages import OpenRequest, SessionInfo, SessionVerdict
-from tandem.sampling import SamplingParams
+from tandem.sampling import MIN_REPETITION_PENALTY, SamplingParams
 from tandem_protocol.flat import block_to_sparse, sparse_block
 
 TokenId = Annotated[int, Field(ge=0, lt=2**31)]
@@ -20,18 +20,18 @@ TokenId = Annotated[int, Field(ge=0, lt=2**31)]
 class SamplingBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    max_tokens: int = 64
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
+    max_tokens: Annotated[int, Field(ge=1)] = 64
+    temperature: Annotated[float, Field(ge=0)] = 0.0
+    top_k: Annotated[int, Field(ge=0, lt=2**31)] = 0
+    top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
     seed: Annotated[int, Field(ge=0, lt=2**64)] | None = None
     stop_token_ids: list[TokenId] = Field(default_factory=list)
-    ignore_eos: bool = False
+    ignore_eos: Annotated[bool, Field(strict=True)] = False
     # see the proto's SamplingParams
     min_p: Annotated[float, Field(ge=0, le=1)] = 0.0
     presence_penalty: Annotated[float, Field(ge=-2, le=2)] = 0.0
     frequency_penalty: Annotated[float, Field(ge=-2, le=2)] = 0.0
-    repetition_penalty: Annotated[float, Field(gt=0, le=10)] = 1.0
+    repetition_penalty: Annotated[float, Field(ge=MIN_REPETITION_PENALTY, le=10)] = 1.0
     logit_bias: dict[Annotated[str, Field(pattern=r"^[0-9]{1,9}$")], Annotated[float, Field(ge=-100, le=100)]] \
         = Field(default_factory=dict)
     grammar: GrammarBody | None = None
@@ -67,7 +67,7 @@ class OpenBody(BaseModel):
     edge_draft_ms: Annotated[float, Field(ge=0)] = 0.0
     edge_rtt_ms: Annotated[float, Field(ge=0)] = 0.0
     edge_limit: Annotated[int, Field(ge=0)] = 0
-    edge_pipelined: bool = False
+    edge_pipelined: Annotated[bool, Field(strict=True)] = False  # JSON's true or false, never 0 or "yes"
 
 
 class ContinueBody(BaseModel):
@@ -124,7 +124,7 @@ class DraftBody(BaseModel):
     edge_draft_ms: Annotated[float, Field(ge=0)] = 0.0
     edge_rtt_ms: Annotated[float, Field(ge=0)] = 0.0
     edge_limit: Annotated[int, Field(ge=0)] = 0
-    edge_pipelined: bool = False
+    edge_pipelined: Annotated[bool, Field(strict=True)] = False
 
 
 class VerdictBody(BaseModel):

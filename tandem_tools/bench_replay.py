@@ -38,6 +38,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from tandem.config import DEFAULT_DRAFT, DEFAULT_TARGET
 from tandem_tools.procs import CloudProcess, free_port, stop_process
 from tandem_tools.replay_summary import (
+    FREE,
     MODES,
     RequestRecord,
     TraceRow,
@@ -103,6 +104,7 @@ class ReplayConfig:
     cloud_threads: int = 1
     timeout_s: float = 60.0
     api_key: str | None = None
+    free_twins: bool = False  # each mode also runs each request without its response_format, side by side
 
 
 def _git_revision() -> str | None:
@@ -134,6 +136,7 @@ def _machine() -> dict[str, Any]:
 def _edge_settings(cfg: ReplayConfig, mode: str, address: str) -> Any:
     from edge_client.settings import EdgeSettings
 
+    mode = mode.removesuffix(FREE)
     kw: dict[str, Any] = dict(cloud=address, transport="grpc", draft=cfg.draft, gamma=cfg.gamma,
                               threads=cfg.edge_threads, timeout_s=cfg.timeout_s, retries=0, api_key=cfg.api_key)
     if mode == "cloud":
@@ -161,7 +164,8 @@ def _one(client: Any, mode: str, rtt: float, index: int, ids: list[int], row: Tr
 
     def on_round(drafted: int, accepted: int) -> None:
         rejections[0] += accepted < drafted
-    params = SamplingParams(max_tokens=row.max_tokens, temperature=row.temperature, seed=row.seed)
+    grammar = None if mode.endswith(FREE) else row.grammar()
+    params = SamplingParams(max_tokens=row.max_tokens, temperature=row.temperature, seed=row.seed, grammar=grammar)
     t0 = time.perf_counter()
     rec.start_s = t0 - t_ref
     try:
@@ -204,6 +208,8 @@ def run_replay(cfg: ReplayConfig, console: Console | None = None) -> dict[str, A
     rows = load_trace(cfg.trace, cfg.limit)
     warnings: list[str] = []
     modes = list(cfg.modes)
+    if cfg.free_twins:  # each mode also without the requests' response_format, side by side
+        modes += [m + FREE for m in modes]
     if "ouroboros" in modes and "ouroboros" not in EdgeSettings.model_fields:
         warnings.append("mode ouroboros skipped: this edge client has no `ouroboros` setting (Ouroboros drafting "
                         "is not in this build)")

@@ -133,7 +133,8 @@ def bench_local(
 
 @bench_app.command("replay")
 def bench_replay(
-    trace: Annotated[Path, typer.Option(help="JSON lines: prompt, max_tokens [, temperature, seed, arrival_s]")],
+    trace: Annotated[Path, typer.Option(help="JSON lines: prompt (or messages), max_tokens [, temperature, seed, "
+                                             "arrival_s, response_format or structured_outputs]")],
     out: Annotated[Path, typer.Option(help="folder for results.json, summary.md, speedup_vs_rtt.png")],
     cloud: Annotated[str | None, typer.Option(help="HOST:PORT (gRPC) of a running cloud; unset: start one")] = None,
     rtt_ms: Annotated[str, typer.Option(help="comma-separated round-trip times to emulate")] = "0,10,20,50,100",
@@ -146,6 +147,8 @@ def bench_replay(
     draft: Annotated[str | None, typer.Option(help="draft model of the edge")] = None,
     threads: Annotated[int, typer.Option(help="torch threads of the edge (this process)")] = 1,
     cloud_threads: Annotated[int, typer.Option(help="torch threads of the cloud started here")] = 1,
+    free_twins: Annotated[bool, typer.Option(help="each mode also runs each request without its output constraint "
+                                                  "(mode/free), side by side: what structured output costs")] = False,
 ) -> None:
     """Replay a trace through the real edge client and cloud over emulated round-trip times, every mode side by side."""
     import os
@@ -158,7 +161,7 @@ def bench_replay(
         gamma=int(gamma) if gamma.isdigit() else gamma,
         limit=prompts, target=target or os.environ.get("TANDEM_TARGET", DEFAULT_TARGET),
         draft=draft or os.environ.get("TANDEM_DRAFT", DEFAULT_DRAFT), edge_threads=threads,
-        cloud_threads=cloud_threads, api_key=os.environ.get("TANDEM_API_KEY") or None,
+        cloud_threads=cloud_threads, api_key=os.environ.get("TANDEM_API_KEY") or None, free_twins=free_twins,
     )
     run_replay(cfg)
 

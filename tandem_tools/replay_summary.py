@@ -12,6 +12,7 @@ from typing import Any
 from tandem_tools.figures import percentiles
 
 MODES = ("cloud", "spec", "spec-pipelined", "ouroboros", "auto")
+FREE = "/free"  # a mode's twin that drops each request's response_format (`bench replay --free-twins`)
 LOSSLESS = frozenset(MODES)  # every replay mode gives the target's own output (edge, the lossy one, is not offered)
 
 
@@ -28,6 +29,17 @@ class TraceRow:
     seed: int | None = None
     arrival_s: float | None = None
     messages: tuple[dict[str, str], ...] | None = None
+    response_format: dict[str, Any] | None = None  # OpenAI's: a json_object or json_schema the output must follow
+    structured_outputs: dict[str, Any] | None = None  # or vLLM's: json, regex, grammar or choice
+
+    def grammar(self) -> Any:
+        """The row's output constraint as a core `Grammar` (None: free text)."""
+        from tandem_protocol.openai_api.params import constraint
+        from tandem_protocol.openai_api.schemas import ResponseFormat, StructuredOutputs
+
+        rf, so = self.response_format, self.structured_outputs
+        return constraint(None if rf is None else ResponseFormat.model_validate(rf),
+                          None if so is None else StructuredOutputs.model_validate(so))
 
     def ids(self, tokenizer: Any) -> list[int]:
         from tandem_protocol.openai_api.text import chat_prompt, encode
@@ -57,7 +69,8 @@ def load_trace(path: Path, limit: int | None = None) -> list[TraceRow]:
                              "strings) and a positive integer 'max_tokens'")
         rows.append(TraceRow(str(d.get("prompt") or ""), d["max_tokens"], float(d.get("temperature", 0.0)),
                              d.get("seed"), None if d.get("arrival_s") is None else float(d["arrival_s"]),
-                             tuple({"role": m["role"], "content": m["content"]} for m in messages) if chat else None))
+                             tuple({"role": m["role"], "content": m["content"]} for m in messages) if chat else None,
+                             d.get("response_format"), d.get("structured_outputs")))
         if limit is not None and len(rows) >= limit:
             break
     if not rows:
@@ -112,8 +125,11 @@ def summarize(records: Sequence[RequestRecord], modes: Sequence[str], rtts: Sequ
         by.setdefault((r.mode, r.rtt_ms), {})[r.prompt_index] = r
     rows: list[dict[str, Any]] = []
     for rtt in rtts:
-        cloud = {i: r for i, r in by.get(("cloud", rtt), {}).items() if r.error is None}
         for mode in modes:
+            # the twins (no response_format) are compared with their own cloud-only twin, and each with its twin
+            ref = "cloud" + FREE if mode.endswith(FREE) else "cloud"
+            cloud = {i: r for i, r in by.get((ref, rtt), {}).items() if r.error is None}
+            twin = {i: r for i, r in by.get((mode + FREE, rtt), {}).items() if r.error is None}
             mine = by.get((mode, rtt), {})
             ok = [r for r in mine.values() if r.error is None]
             if not mine:
@@ -131,12 +147,7 @@ def summarize(records: Sequence[RequestRecord], modes: Sequence[str], rtts: Sequ
             rejected = sum(r.rejected_rounds for r in ok)
             alpha = accepted / (accepted + rejected) if accepted + rejected else None
             gamma = sum(gammas) / len(gammas) if gammas else None
-            common = [i for i in cloud if i in mine and mine[i].error is None] if "cloud" in modes else []
-            speedup = None
-            if common:
-                mode_rate = sum(mine[i].tokens for i in common) / sum(mine[i].e2e_s for i in common)
-                cloud_rate = sum(cloud[i].tokens for i in common) / sum(cloud[i].e2e_s for i in common)
-                speedup = mode_rate / cloud_rate if cloud_rate else None
+            speedup = _ratio(mine, cloud) if ref in modes else None
             rtts_seen = [r.measured_rtt_ms for r in ok if r.measured_rtt_ms is not None]
             rows.append({
                 "mode": mode, "rtt_ms": rtt, "requests": len(ok), "errors": len(mine) - len(ok), "tokens": tokens,
@@ -146,6 +157,9 @@ def summarize(records: Sequence[RequestRecord], modes: Sequence[str], rtts: Sequ
                 "e2e_ms": percentiles([r.e2e_s for r in ok], 1e3),
                 "tokens_per_s": tokens / e2e if e2e else None,
                 "speedup_vs_cloud": speedup,
+                "vs_free_twin": _ratio(mine, twin) if twin else None,  # tok/s with the response_format / without
+                # the same per output token after the first (the outputs' lengths differ: prefill weighs unlike)
+                "vs_free_twin_tpot": _tpot_ratio(twin, mine) if twin else None,
                 "acceptance_rate": accepted / drafted if drafted else None,
                 "alpha": alpha,
                 "target_passes_per_token": passes / tokens if tokens else None,
@@ -160,13 +174,34 @@ def summarize(records: Sequence[RequestRecord], modes: Sequence[str], rtts: Sequ
     return rows
 
 
+def _ratio(mine: dict[int, RequestRecord], other: dict[int, RequestRecord]) -> float | None:
+    """Tokens/s of `mine` over `other`'s, on the requests both served."""
+    common = [i for i in other if i in mine and mine[i].error is None]
+    if not common:
+        return None
+    rate = sum(mine[i].tokens for i in common) / sum(mine[i].e2e_s for i in common)
+    other_rate = sum(other[i].tokens for i in common) / sum(other[i].e2e_s for i in common)
+    return rate / other_rate if other_rate else None
+
+
+def _tpot_ratio(a: dict[int, RequestRecord], b: dict[int, RequestRecord]) -> float | None:
+    """Mean TPOT of `a` over that of `b`, on the requests both served with two tokens or more."""
+    common = [i for i in a if i in b and a[i].tpot_s is not None and b[i].tpot_s is not None]
+    if not common:
+        return None
+    return sum(a[i].tpot_s or 0.0 for i in common) / sum(b[i].tpot_s or 0.0 for i in common)
+
+
 def greedy_mismatches(records: Sequence[RequestRecord], greedy: set[int]) -> list[dict[str, Any]]:
-    """Lossless modes must give identical greedy output for a prompt (at every RTT): every disagreement."""
-    outputs: dict[int, dict[str, str]] = {}
+    """Lossless modes must give identical greedy output for a prompt (at every RTT; the free twins among
+    themselves): every disagreement."""
+    outputs: dict[tuple[int, bool], dict[str, str]] = {}
     for r in records:
-        if r.error is None and r.prompt_index in greedy and r.mode in LOSSLESS:
-            outputs.setdefault(r.prompt_index, {})[f"{r.mode}@{r.rtt_ms:g}ms"] = r.output_sha
-    return [{"prompt_index": i, "outputs": o} for i, o in sorted(outputs.items()) if len(set(o.values())) > 1]
+        base = r.mode.removesuffix(FREE)
+        if r.error is None and r.prompt_index in greedy and base in LOSSLESS:
+            key = (r.prompt_index, r.mode.endswith(FREE))
+            outputs.setdefault(key, {})[f"{r.mode}@{r.rtt_ms:g}ms"] = r.output_sha
+    return [{"prompt_index": i, "outputs": o} for (i, _), o in sorted(outputs.items()) if len(set(o.values())) > 1]
 
 
 def _f(v: float | None, fmt: str) -> str:
@@ -213,6 +248,15 @@ def render_markdown(results: dict[str, Any]) -> str:
         "what was accepted).",
         "- Every RTT goes through the `tandem netem` proxy (RTT 0 too), so the proxy's own cost is in every figure.",
     ]
+    twins = [r for r in rows if r.get("vs_free_twin") is not None]
+    if twins:
+        lines += ["", "Structured output (`--free-twins`): tok/s of each mode with the requests' response_format over "
+                  "its twin without it (`MODE/free`), same prompts, same run; the twins' speedups are against "
+                  "`cloud/free`. Per token: TPOT without over TPOT with (1: free; the outputs' lengths differ, so "
+                  "tok/s also weighs the prefill unlike).", "", "| mode | RTT ms | tok/s with / without | per token |",
+                  "|---|---|---|---|"]
+        lines += [f"| {r['mode']} | {r['rtt_ms']:g} | {r['vs_free_twin']:.3f} | {_f(r['vs_free_twin_tpot'], '.3f')} |"
+                  for r in twins]
     if meta.get("target_step_ms") is not None:
         lines.append(f"- One target step (cloud-only TPOT p50 at the lowest RTT): {meta['target_step_ms']:.1f} ms.")
     for w in results["warnings"]:

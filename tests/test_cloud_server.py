@@ -292,7 +292,7 @@ def test_http_bad_inputs_get_their_status(server: ServerHandle, tiny_target: Loa
     check(post(verify, {"seq": 0, "tokens": [1, 2], "q_k": 1, "q_ids": [1]}), 400, "invalid_request")
     check(post(verify, {"seq": 0, "tokens": [1], "q_k": 1, "q_ids": [2], "q_probs": [1.0]}), 400, "invalid_request")
     check(post(verify, {"seq": 0, "tokens": [1], "q_k": 1, "q_ids": [1], "q_probs": [-1.0]}), 400, "invalid_request")
-    check(post(verify, {"seq": 5, "tokens": [1]}), 400, "invalid_request")
+    check(post(verify, {"seq": 5, "tokens": [1]}), 409, "session_conflict")
     # the session survived every bad draft
     first = post(verify, {"seq": 0, "tokens": [1, 2], "q_k": 2, "q_ids": [1, 3, 2, 4], "q_probs": [0.5] * 4})
     assert first.status_code == 200, first.text

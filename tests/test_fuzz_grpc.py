@@ -46,6 +46,7 @@ MAX_PROMPT = 64
 MAX_TOKENS = 32
 OK = grpc.StatusCode.OK
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
+CONFLICT = grpc.StatusCode.ABORTED
 NOT_FOUND = grpc.StatusCode.NOT_FOUND
 # no shrinking: a failing script is printed as found (shrinking one can take minutes of real server calls)
 HSETTINGS = hsettings(max_examples=CASES, deadline=None, database=None, derandomize=RANDOM is None, print_blob=True,
@@ -231,7 +232,13 @@ def do_verify(stub: pb_grpc.VerifierStub, model: Model, target: str, seq_kind: s
     elif seq_kind == "repeat" and victim.last is not None:
         assert status == OK and reply == victim.last, "a repeated seq must get the same verdict again"
         return
-    elif seq_kind != "next" or len(block) > MAX_DRAFT or victim.finished or any(t >= TINY_VOCAB for t in block):
+    elif seq_kind != "next":
+        want = CONFLICT  # the session's state refuses it: checked first
+    elif len(block) > MAX_DRAFT:
+        want = INVALID
+    elif victim.finished:
+        want = CONFLICT
+    elif any(t >= TINY_VOCAB for t in block):
         want = INVALID
     else:
         want = OK
@@ -315,7 +322,13 @@ def expect_stream(script: list[tuple[Any, ...]]) -> tuple[list[pb.ClientMessage]
                 return sent, replies
             if seq_kind == "repeat" and last_seq is not None:
                 replies.append(("verdict", ""))
-            elif seq_kind != "next" or len(block) > MAX_DRAFT or finished or any(t >= TINY_VOCAB for t in block):
+            elif seq_kind != "next":
+                replies.append(("error", "session_conflict"))
+            elif len(block) > MAX_DRAFT:
+                replies.append(("error", "invalid_request"))
+            elif finished:
+                replies.append(("error", "session_conflict"))
+            elif any(t >= TINY_VOCAB for t in block):
                 replies.append(("error", "invalid_request"))
             else:
                 replies.append(("verdict", "?"))  # "?": the verdict may finish the session (unknown here)
@@ -361,12 +374,12 @@ def test_stream_messages_get_their_replies_and_spare_other_sessions(
                         and r.verdict.finish_reason != pb.FINISH_REASON_UNSPECIFIED), None)
     for i, (want, have) in enumerate(zip(predicted, got, strict=True)):
         if finished_at is not None and i > finished_at and want == ("verdict", "?"):
-            assert have == ("error", "invalid_request"), (i, predicted, got)
+            assert have == ("error", "session_conflict"), (i, predicted, got)
         else:
             assert have[0] == want[0] and (want[0] != "error" or have[1] == want[1]), (i, predicted, got)
     for r in replies:
         if r.WhichOneof("msg") == "error":
-            assert r.error.message and r.error.grpc_status in ("INVALID_ARGUMENT", "NOT_FOUND")
+            assert r.error.message and r.error.grpc_status in ("INVALID_ARGUMENT", "NOT_FOUND", "ABORTED")
     healthy.finish()
     deadline = time.monotonic() + 10
     while server.worker.open_sessions and time.monotonic() < deadline:  # the stream's session went with it

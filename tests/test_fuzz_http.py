@@ -1,8 +1,9 @@
 """Generated bad input over HTTP: schemathesis against the live OpenAPI schema of the cloud and of the edge endpoint.
 
-Every operation gets schema-valid (positive) and schema-violating (negative) requests, with a valid key; verify and
-delete also run against live sessions. Checks: no 5xx, the status, content type, headers and body conform to the
-schema, invalid data is rejected, a request without a key gets 401. The server must serve normally afterwards.
+Every operation gets schema-valid (positive) and schema-violating (negative) requests, with a valid key; verify,
+continue and delete also run against live sessions. Every check schemathesis has: no 5xx, the status, content type,
+headers and body conform to the schema, invalid data is rejected, valid data is accepted, a request without a key
+gets 401, an undeclared method 405 with `Allow`. The server must serve normally afterwards.
 
 CI runs TANDEM_FUZZ_CASES (default 60) cases per API; the full count:
     TANDEM_FUZZ_CASES=500 HF_HUB_OFFLINE=1 python -m pytest -q -s tests/test_fuzz_http.py
@@ -17,6 +18,7 @@ import os
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import httpx
 import pytest
@@ -25,7 +27,6 @@ from hypothesis import HealthCheck, given
 from hypothesis import settings as hsettings
 from hypothesis.errors import Unsatisfiable
 from schemathesis import APIOperation, Case, GenerationMode
-from schemathesis.checks import positive_data_acceptance
 from schemathesis.core.failures import FailureGroup
 
 from cloud_server.main import BackgroundServer, ServerHandle
@@ -41,9 +42,7 @@ RANDOM = os.environ.get("TANDEM_FUZZ_RANDOM")  # set (to anything): fresh cases 
 KEY = "fuzz-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 PROMPT = [10, 20, 30, 40, 50, 60, 70]
-# Cross-field rules (q_ids holds len(tokens) * q_k values, one prompt per request, a non-empty prompt, a served
-# model name) are beyond JSON Schema: schema-valid requests may rightly get a 400, so that one check is left out.
-EXCLUDED = [positive_data_acceptance]
+MAX_DRAFT = 8  # the server's max_draft_tokens
 
 
 @dataclass
@@ -87,12 +86,14 @@ def fuzz_operation(op: APIOperation, mode: GenerationMode, n: int, base_url: str
         if live_session is not None and report.tried[op.label] % 2 == 0:  # every other one on a live session
             sid = live_session()
             case.path_parameters = {**(case.path_parameters or {}), "session_id": sid}
-        if isinstance(case.body, dict) and "model" in case.body and report.tried[op.label] % 2 == 0:
-            case.body = {**case.body, "model": served}  # past the model check, into the generation
+        if mode == GenerationMode.POSITIVE and isinstance(case.body, dict) and report.tried[op.label] % 2 == 0:
+            case.body = past_state(case.body, served, op.path)
         report.tried[op.label] += 1
         try:
-            response = case.call_and_validate(base_url=base_url, headers=AUTH, timeout=60, excluded_checks=EXCLUDED)
+            response = case.call_and_validate(base_url=base_url, headers=AUTH, timeout=60)
             report.statuses[response.status_code] += 1
+            if op.path == "/v1/sessions" and response.status_code == 200:
+                httpx.delete(f"{base_url}/v1/sessions/{response.json()['session_id']}", headers=AUTH, timeout=10)
             if response.status_code >= 400 and response.json()["error"]["type"] == "internal_error":
                 report.failures.append(f"{op.label}: a {response.status_code} typed internal_error")
         except (AssertionError, FailureGroup) as e:
@@ -102,6 +103,59 @@ def fuzz_operation(op: APIOperation, mode: GenerationMode, n: int, base_url: str
                 httpx.delete(f"{base_url}/v1/sessions/{sid}", headers=AUTH, timeout=10)
 
     run()
+
+
+def past_state(body: dict[str, Any], served: str, path: str) -> dict[str, Any]:
+    """A valid body that also keeps what the server's state decides (the model served, a live session's next seq and
+    context) and the rules across fields JSON Schema cannot state (q_ids holds len(tokens) * q_k values, a
+    candidate's parent indexes the draft, a text's tokens fit the prompt limit and are not none, a grammar compiles):
+    into the generation, where a 4xx would be a rejected valid request."""
+    if "model" in body:
+        return {**body, "model": served} | short_text(body) | compiling(body)
+    if path.endswith("/continue"):
+        return {**body, "prompt": PROMPT}
+    if path.endswith("/verify"):
+        room, candidates = MAX_DRAFT, []
+        for c in body.get("candidates", []):
+            tokens = c["tokens"][:room]
+            room -= len(tokens)
+            candidates.append({"parent": min(c["parent"], len(body.get("tokens", [])) - 1), "tokens": tokens})
+        return {**body, "seq": 0, "q_k": 0, "q_ids": [], "q_probs": [], "candidates": candidates}
+    return body
+
+
+def short_text(body: dict[str, Any]) -> dict[str, Any]:
+    """Texts that tokenize (one token a character here) to 1 to 64 tokens: the server's max_prompt_tokens."""
+    prompt = body.get("prompt")
+    if isinstance(prompt, str):
+        return {"prompt": prompt[:32] or "hi"}
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
+        return {"prompt": [prompt[0][:32] or "hi"]}
+    if "messages" not in body:
+        return {}
+    messages = []
+    for m in body["messages"][:4]:
+        content = m.get("content")
+        if isinstance(content, str):
+            content = content[:8]
+        elif isinstance(content, list):
+            content = [{**part, "text": part["text"][:4]} for part in content[:2]]
+        messages.append({**m, "content": content})
+    return {"messages": [*messages, {"role": "user", "content": "hi"}]}
+
+
+def compiling(body: dict[str, Any]) -> dict[str, Any]:
+    """Output constraints the grammar compiler takes, in place of generated ones."""
+    out: dict[str, Any] = {}
+    if isinstance(body.get("structured_outputs"), dict):
+        given = body["structured_outputs"]
+        fixed = {"json": {"type": "object"}, "regex": "[a-z]{1,8}", "grammar": "start: /[a-z]{1,8}/",
+                 "choice": ["yes", "no"]}
+        out["structured_outputs"] = {k: fixed[k] if given[k] is not None else None for k in given}
+    if isinstance(body.get("response_format"), dict) and isinstance(body["response_format"].get("json_schema"), dict):
+        json_schema = {**body["response_format"]["json_schema"], "schema": {"type": "object"}}
+        out["response_format"] = {**body["response_format"], "json_schema": json_schema}
+    return out
 
 
 def check(report: Report, name: str, cases: int) -> None:
@@ -114,7 +168,7 @@ def check(report: Report, name: str, cases: int) -> None:
 @pytest.fixture(scope="module")
 def server(tiny_target: LoadedModel) -> Iterator[ServerHandle]:
     s = ServerSettings(target="tiny-target", model_name="tiny", http_port=0, grpc_port=0, api_keys=[KEY],
-                       max_prompt_tokens=64, max_draft_tokens=8, max_tokens_limit=32, max_body_bytes=64 * 1024,
+                       max_prompt_tokens=64, max_draft_tokens=MAX_DRAFT, max_tokens_limit=32, max_body_bytes=64 * 1024,
                        shutdown_grace_s=0.5)
     with BackgroundServer(s, tiny_target) as handle:
         yield handle
@@ -156,3 +210,20 @@ def test_fuzz_edge_http(server: ServerHandle, tiny_target: LoadedModel, tiny_dra
         report = fuzz(base, CASES)
         check(report, "edge HTTP", CASES)
         assert completion(base, "tandem") == greedy(tiny_target)
+
+
+def test_contract_details(server: ServerHandle) -> None:
+    base = f"http://127.0.0.1:{server.http_port}"
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]}
+    r = httpx.post(base + "/v1/chat/completions", json=body, headers=AUTH, timeout=30)
+    assert r.status_code == 400
+    assert r.json()["error"]["code"] == "invalid_request"
+    assert "tools: this server does not implement this field" in r.json()["error"]["message"]
+    r = httpx.get(base + "/v1/sessions/x/verify", headers=AUTH, timeout=10)
+    assert r.status_code == 405 and r.headers["allow"] == "POST"
+    schema = httpx.get(base + "/openapi.json", timeout=10).json()
+    responses = [op["responses"] for ops in schema["paths"].values() for op in ops.values()]
+    assert not any("422" in r for r in responses)
+    assert "security" not in schema["paths"]["/health"]["get"]
+    assert schema["components"]["securitySchemes"]  # keys configured: declared, and required on the API
+    assert schema["paths"]["/v1/models"]["get"]["security"]

@@ -49,3 +49,27 @@ def test_the_default_pair_speculates_losslessly_on_a_chat_prompt() -> None:
     assert plain.tokens == expected and plain.stats.accepted > 0
     ouro = generate_speculative(OuroborosDrafter(draft), LocalVerifier(target), prompt, params, gamma=4)
     assert ouro.tokens == expected
+
+
+@needs_target
+@pytest.mark.slow
+def test_the_default_pair_under_a_json_schema_with_logprobs() -> None:
+    """Structured output on the real pair: valid JSON, the target alone's tokens and logprobs, drafts accepted."""
+    import jsonschema
+
+    from tandem_tools.replay_summary import TRACES, load_trace
+
+    draft, target = load_model(DEFAULT_DRAFT), load_model(DEFAULT_TARGET)
+    row = load_trace(TRACES / "structured.jsonl", limit=1)[0]
+    prompt = row.ids(target.tokenizer)
+    params = SamplingParams(max_tokens=64, grammar=row.grammar(), logprobs=2)
+    alone = generate_autoregressive(target, prompt, params)
+    spec = generate_speculative(ModelDrafter(draft), LocalVerifier(target), prompt, params, gamma=4)
+    assert spec.tokens == alone.tokens and spec.stats.accepted > 0
+    assert alone.finish_reason == "stop"
+    schema = row.response_format["json_schema"]["schema"]  # type: ignore[index]
+    jsonschema.validate(json.loads(target.tokenizer.decode(alone.tokens, skip_special_tokens=True)), schema)
+    assert spec.logprobs is not None and alone.logprobs is not None
+    for a, b in zip(spec.logprobs, alone.logprobs, strict=True):
+        assert a.token == b.token and a.logprob == pytest.approx(b.logprob, abs=1e-4)
+        assert [i for i, _ in a.top] == [i for i, _ in b.top]

@@ -54,7 +54,7 @@ def test_min_p_keeps_tokens_near_the_top() -> None:
 
 
 def test_bad_settings_are_refused() -> None:
-    for kwargs in ({"presence_penalty": 3.0}, {"repetition_penalty": 0.0}, {"min_p": 1.5}, {"logprobs": 21},
+    for kwargs in ({"presence_penalty": 3.0}, {"repetition_penalty": 0.001}, {"min_p": 1.5}, {"logprobs": 21},
                    {"logit_bias": ((1, 200.0),)}):
         with pytest.raises(InvalidRequestError):
             SamplingParams(**kwargs)  # type: ignore[arg-type]
@@ -154,7 +154,10 @@ def test_greedy_speculative_with_shaping_equals_target_alone(shaping: str, tiny_
         for gamma in (2, 5):
             spec = generate_speculative(ModelDrafter(tiny_draft), LocalVerifier(tiny_target), prompt, params, gamma)
             assert spec.tokens == alone.tokens
-            assert spec.logprobs is not None and len(spec.logprobs) == len(spec.tokens)
+            assert spec.logprobs is not None and alone.logprobs is not None
+            assert [lp.token for lp in spec.logprobs] == spec.tokens == [lp.token for lp in alone.logprobs]
+            assert [lp.logprob for lp in spec.logprobs] == pytest.approx([lp.logprob for lp in alone.logprobs],
+                                                                         abs=1e-4)
         text = tiny_target.tokenizer.decode(alone.tokens, skip_special_tokens=True)
         if shaping == "json_schema":
             assert alone.finish_reason == "stop"

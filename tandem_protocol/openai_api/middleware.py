@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -86,8 +88,15 @@ async def _on_tandem_error(request: Request, exc: Exception) -> JSONResponse:
 
 async def _on_validation_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
-    parts = [f"{'.'.join(str(x) for x in e.get('loc', ()))}: {e.get('msg', '')}" for e in exc.errors()[:5]]
-    return _json_error("invalid_request", "invalid request: " + "; ".join(parts))
+    return _json_error("invalid_request", "invalid request: " + "; ".join(_describe(e) for e in exc.errors()[:5]))
+
+
+def _describe(error: dict[str, Any]) -> str:
+    loc = list(error.get("loc", ()))
+    path = ".".join(str(x) for x in (loc[1:] if loc[:1] == ["body"] else loc))
+    if error.get("type") == "extra_forbidden":
+        return f"{path}: this server does not implement this field"
+    return f"{path}: {error.get('msg', '')}"
 
 
 async def _on_http_error(request: Request, exc: Exception) -> JSONResponse:
@@ -96,7 +105,7 @@ async def _on_http_error(request: Request, exc: Exception) -> JSONResponse:
     body = error_body(code, str(exc.detail))
     if exc.status_code < 500:  # not an "internal_error" type: e.g. a body that is not JSON
         body["error"]["type"] = "invalid_request_error"
-    return JSONResponse(body, status_code=exc.status_code)
+    return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)  # a 405's `Allow`
 
 
 async def _on_internal_error(request: Request, exc: Exception) -> JSONResponse:

@@ -7,34 +7,41 @@ import dataclasses
 import json
 
 from tandem.errors import InvalidRequestError
-from tandem.grammar import Grammar
+from tandem.grammar import Grammar, GrammarKind
 from tandem.sampling import SamplingParams
-from tandem_protocol.openai_api.schemas import ChatRequest, CompletionRequest
+from tandem_protocol.openai_api.schemas import ChatRequest, CompletionRequest, ResponseFormat, StructuredOutputs
+
+
+def response_format_grammar(rf: ResponseFormat) -> Grammar | None:
+    if rf.type == "json_object":
+        return Grammar("json_object")
+    if rf.type == "json_schema":
+        if rf.json_schema is None:
+            raise InvalidRequestError("response_format: type json_schema needs `json_schema`")
+        return Grammar("json_schema", json.dumps(rf.json_schema.schema_))
+    if rf.json_schema is not None:
+        raise InvalidRequestError(f"response_format: `json_schema` goes with type json_schema, not {rf.type}")
+    return None
 
 
 def grammar_of(body: CompletionRequest | ChatRequest) -> Grammar | None:
     """`response_format` (OpenAI) or `structured_outputs` (vLLM's extension): at most one constraint."""
-    rf, so = body.response_format, body.structured_outputs
+    return constraint(body.response_format, body.structured_outputs)
+
+
+def constraint(rf: ResponseFormat | None, so: StructuredOutputs | None) -> Grammar | None:
     found: list[Grammar] = []
-    if rf is not None and rf.type == "json_object":
-        found.append(Grammar("json_object"))
-    elif rf is not None and rf.type == "json_schema":
-        if rf.json_schema is None:
-            raise InvalidRequestError("response_format: type json_schema needs `json_schema`")
-        found.append(Grammar("json_schema", json.dumps(rf.json_schema.schema_)))
-    elif rf is not None and rf.json_schema is not None:
-        raise InvalidRequestError(f"response_format: `json_schema` goes with type json_schema, not {rf.type}")
+    g = None if rf is None else response_format_grammar(rf)
+    if g is not None:
+        found.append(g)
     if so is not None:
-        if so.json_ is not None:
-            found.append(Grammar("json_schema", json.dumps(so.json_)))
-        if so.regex is not None:
-            found.append(Grammar("regex", so.regex))
-        if so.grammar is not None:
-            found.append(Grammar("lark", so.grammar))
-        if so.choice is not None:
-            found.append(Grammar("choice", json.dumps(so.choice)))
-        if not found or (rf is None and len(found) != 1):
-            raise InvalidRequestError("structured_outputs takes exactly one of json, regex, grammar, choice")
+        given: list[tuple[GrammarKind, str | None]] = [
+            ("json_schema", None if so.json_ is None else json.dumps(so.json_)), ("regex", so.regex),
+            ("lark", so.grammar), ("choice", None if so.choice is None else json.dumps(so.choice))]
+        mine = [Grammar(kind, spec) for kind, spec in given if spec is not None]
+        if len(mine) > 1:
+            raise InvalidRequestError("structured_outputs takes one of json, regex, grammar, choice")
+        found += mine
     if len(found) > 1:
         raise InvalidRequestError("give one output constraint: response_format or structured_outputs, not both")
     return found[0] if found else None

@@ -49,13 +49,24 @@ async def completion_prompt(body: CompletionRequest, tokenizer: PreTrainedTokeni
             raise InvalidRequestError("one prompt per request")
         prompt = prompt[0]
     if isinstance(prompt, str):
-        return await asyncio.to_thread(encode, tokenizer, prompt)
+        return _or_start(await asyncio.to_thread(encode, tokenizer, prompt), tokenizer)
     return list(prompt)  # type: ignore[arg-type]
 
 
 async def chat_completion_prompt(body: ChatRequest, tokenizer: PreTrainedTokenizerBase) -> list[int]:
     messages = [{"role": m.role, "content": message_text(m.content)} for m in body.messages]
-    return await asyncio.to_thread(chat_prompt, tokenizer, messages)
+    return _or_start(await asyncio.to_thread(chat_prompt, tokenizer, messages), tokenizer)
+
+
+def _or_start(ids: list[int], tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """An empty text prompt starts a document, as OpenAI's completions do: the tokenizer's beginning-of-sequence
+    token, else its end-of-sequence one (GPT-2's `<|endoftext|>`)."""
+    if ids:
+        return ids
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    if start is None:
+        raise InvalidRequestError("the prompt is empty, and this tokenizer has no token to start a document")
+    return [int(start)]
 
 
 def check_model(body: CompletionRequest | ChatRequest, served: str, *aliases: str) -> None:

@@ -10,9 +10,11 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from tandem.sampling import MIN_REPETITION_PENALTY
 from tandem_protocol.bodies import TokenId
 
 MAX_LOGPROBS = 20  # top alternatives per token, as OpenAI's chat API allows
+Flag = Annotated[bool, Field(strict=True)]  # JSON's true or false, never 0 or "yes": as the schema says
 
 
 class ErrorDetail(BaseModel):
@@ -36,7 +38,7 @@ class JsonSchemaFormat(BaseModel):
     name: Annotated[str, Field(min_length=1, max_length=64)]
     description: str | None = None
     schema_: Annotated[dict[str, Any], Field(alias="schema")] = Field(default_factory=dict)
-    strict: bool | None = None  # the output always follows the schema: enforced whether or not it is set
+    strict: Flag | None = None  # the output always follows the schema: enforced whether or not it is set
 
 
 class ResponseFormat(BaseModel):
@@ -49,8 +51,8 @@ class ResponseFormat(BaseModel):
 
 
 class StructuredOutputs(BaseModel):
-    """An extension, as vLLM's `structured_outputs`: exactly one of a JSON schema, a regular expression, a Lark
-    grammar or a list of choices constrains the output."""
+    """An extension, as vLLM's `structured_outputs`: one of a JSON schema, a regular expression, a Lark grammar or
+    a list of choices constrains the output (none set: no constraint)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -73,27 +75,27 @@ class _OpenAIRequest(BaseModel):
     min_p: Annotated[float, Field(ge=0.0, le=1.0)] | None = None  # an extension (vLLM's)
     presence_penalty: Penalty | None = None
     frequency_penalty: Penalty | None = None
-    repetition_penalty: Annotated[float, Field(gt=0.0, le=10.0)] | None = None  # an extension (vLLM's)
+    repetition_penalty: Annotated[float, Field(ge=MIN_REPETITION_PENALTY, le=10.0)] | None = None  # vLLM's too
     # token id (as a string, as OpenAI's) -> bias added to its logit
     logit_bias: dict[Annotated[str, Field(pattern=r"^[0-9]{1,9}$")], Annotated[float, Field(ge=-100, le=100)]] | None \
         = None
     n: Annotated[int, Field(ge=1, le=16)] = 1
-    stream: bool = False
+    stream: Flag = False
     stream_options: StreamOptions | None = None
     stop: str | Annotated[list[str], Field(max_length=16)] | None = None
     seed: Annotated[int, Field(ge=0, lt=2**63)] | None = None
     response_format: ResponseFormat | None = None
     structured_outputs: StructuredOutputs | None = None
-    ignore_eos: bool = False  # an extension, for benchmarks
-    return_token_ids: bool = False  # an extension (as vLLM's): each choice also carries its `token_ids`
+    ignore_eos: Flag = False  # an extension, for benchmarks
+    return_token_ids: Flag = False  # an extension (as vLLM's): each choice also carries its `token_ids`
     # an extension: the response carries `metrics.speculative_decoding` (and the final SSE chunk does)
-    return_metrics: bool = False
+    return_metrics: Flag = False
 
 
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    include_usage: bool = False
+    include_usage: Flag = False
 
 
 class CompletionRequest(_OpenAIRequest):
@@ -122,7 +124,7 @@ class ChatRequest(_OpenAIRequest):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_tokens: Annotated[int, Field(ge=1)] | None = None
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
-    logprobs: bool = False
+    logprobs: Flag = False
     top_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
 
 
