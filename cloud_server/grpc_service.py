@@ -71,8 +71,7 @@ class VerifierServicer(pb_grpc.VerifierServicer):
 
     async def CloseSession(self, request: pb.Close, context: grpc.aio.ServicerContext) -> pb.Closed:
         async def call() -> pb.Closed:
-            await self.worker.close_session(request.session_id)
-            return pb.Closed(existed=True)
+            return pb.Closed(existed=await self.worker.close_session(request.session_id))
 
         return await self._unary("CloseSession", context, call)
 

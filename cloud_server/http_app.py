@@ -123,10 +123,10 @@ async def _steps(gen: Generation) -> AsyncIterator[str]:
         gen.close()
 
 
-@api.delete("/v1/sessions/{session_id}", dependencies=[SessionDep])
+@api.delete("/v1/sessions/{session_id}")
 async def close_session(session_id: str, worker: WorkerDep) -> ClosedBody:
-    await worker.close_session(session_id)
-    return ClosedBody(session_id=session_id)
+    """`closed` false: its client had ended it already (closing is idempotent)."""
+    return ClosedBody(session_id=session_id, closed=await worker.close_session(session_id))
 
 
 # --- OpenAI-compatible: the target alone

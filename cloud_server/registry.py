@@ -7,6 +7,7 @@ only hands it over (`close` is queued behind whatever that thread is doing with 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import time
@@ -20,6 +21,8 @@ from tandem_protocol.errors import ShuttingDownError
 from tandem_protocol.metrics import Metrics
 
 log = logging.getLogger(__name__)
+_ENDED_BY_CLIENT = ("closed", "continued", "disconnected")
+_ENDED_KEPT = 4096  # ids of ended sessions remembered (a few hundred KiB at most)
 
 
 @dataclass
@@ -51,6 +54,9 @@ class SessionRegistry:
         self.max_concurrent_requests = max_concurrent_requests
         self._release = release  # hands a session's model state back to the model thread to free
         self._sessions: dict[str, Session] = {}
+        # sessions their client ended (closed, or went on as a stream), newest last: a later call on one is a
+        # conflict (409) and a second close does nothing; an expired one is simply unknown (404: the edge resumes)
+        self._ended: collections.OrderedDict[str, str] = collections.OrderedDict()
         self.inflight = 0
         self.accepting = True
         self._sweeper: asyncio.Task[None] | None = None
@@ -97,6 +103,7 @@ class SessionRegistry:
             )
         entry = Session(sid, reserve, client_id, time.monotonic())
         self._sessions[sid] = entry
+        self._ended.pop(sid, None)
         self.metrics.open_sessions.set(len(self._sessions))
         return entry
 
@@ -104,14 +111,20 @@ class SessionRegistry:
         self.evict_expired()
         entry = self._sessions.get(session_id)
         if entry is None:
+            if session_id in self._ended:
+                raise SessionConflictError(f"session {session_id!r} has ended ({self._ended[session_id]})")
             raise SessionNotFoundError(f"unknown or expired session {session_id!r}")
         return entry
 
-    def close(self, session_id: str, reason: str = "closed") -> None:
+    def close(self, session_id: str, reason: str = "closed") -> bool:
+        """False for a session its client ended already (closing twice does nothing)."""
         entry = self._sessions.get(session_id)
         if entry is None:
+            if session_id in self._ended:
+                return False
             raise SessionNotFoundError(f"unknown or expired session {session_id!r}")
         self.drop(entry, reason)
+        return True
 
     def take(self, session_id: str) -> TargetSession:
         """Hand an idle session's model state over to a stream of the target alone (which then frees it)."""
@@ -128,8 +141,12 @@ class SessionRegistry:
         self.metrics.open_sessions.set(len(self._sessions))
 
     def drop(self, entry: Session, reason: str = "closed") -> None:
+        if reason in _ENDED_BY_CLIENT and self._sessions.get(entry.id) is entry:
+            self._ended[entry.id] = reason
+            while len(self._ended) > _ENDED_KEPT:
+                self._ended.popitem(last=False)
         self.forget(entry)
-        entry.closed = True  # a Draft sent ahead and waiting for its turn gets session_not_found at once
+        entry.closed = True  # a Draft sent ahead and waiting for its turn is answered at once (404, or 409 if ended)
         with contextlib.suppress(RuntimeError):  # no running event loop: nobody can be waiting
             task = asyncio.get_running_loop().create_task(_wake(entry))
             self._wakers.add(task)

@@ -289,10 +289,11 @@ class ModelWorker:
         for i in range(4):
             m.pooled_acceptance.labels(position=str(i)).set_function(functools.partial(p.pooled, i))
 
-    async def close_session(self, session_id: str, reason: str = "closed") -> None:
+    async def close_session(self, session_id: str, reason: str = "closed") -> bool:
+        """False for a session its client ended already."""
         if self.policy is not None:
             self.policy.drop(session_id)
-        self.sessions.close(session_id, reason)
+        return self.sessions.close(session_id, reason)
 
     # --- the target alone (completion API)
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from tandem.blocks import Candidate, DraftBlock, EdgeReport, TokenLogprob, VerifyResult
 from tandem.grammar import Grammar, GrammarKind
@@ -14,29 +14,42 @@ from tandem.messages import OpenRequest, SessionInfo, SessionVerdict
 from tandem.sampling import MIN_REPETITION_PENALTY, SamplingParams
 from tandem_protocol.flat import block_to_sparse, sparse_block
 
-TokenId = Annotated[int, Field(ge=0, lt=2**31)]
+
+def _integer(value: object) -> object:
+    """JSON's integers (3.0 among them, as JSON Schema has it); never true, false or a string."""
+    if isinstance(value, (bool, str, bytes)):
+        raise ValueError("must be an integer")
+    return value
+
+
+# request fields take exactly what their schema says: no bool for a number, no string for either
+JSON_INT = BeforeValidator(_integer)  # after any Field(...): the schema then keeps its bounds
+Int = Annotated[int, JSON_INT]
+Float = Annotated[float, Field(strict=True)]
+Flag = Annotated[bool, Field(strict=True)]
+TokenId = Annotated[int, Field(ge=0, lt=2**31), JSON_INT]
 
 
 class SamplingBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    max_tokens: Annotated[int, Field(ge=1)] = 64
-    temperature: Annotated[float, Field(ge=0)] = 0.0
-    top_k: Annotated[int, Field(ge=0, lt=2**31)] = 0
-    top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
-    seed: Annotated[int, Field(ge=0, lt=2**64)] | None = None
+    max_tokens: Annotated[int, Field(ge=1), JSON_INT] = 64
+    temperature: Annotated[Float, Field(ge=0)] = 0.0
+    top_k: Annotated[int, Field(ge=0, lt=2**31), JSON_INT] = 0
+    top_p: Annotated[Float, Field(gt=0, le=1)] = 1.0
+    seed: Annotated[int, Field(ge=0, lt=2**64), JSON_INT] | None = None
     stop_token_ids: list[TokenId] = Field(default_factory=list)
-    ignore_eos: Annotated[bool, Field(strict=True)] = False
+    ignore_eos: Flag = False
     # see the proto's SamplingParams
-    min_p: Annotated[float, Field(ge=0, le=1)] = 0.0
-    presence_penalty: Annotated[float, Field(ge=-2, le=2)] = 0.0
-    frequency_penalty: Annotated[float, Field(ge=-2, le=2)] = 0.0
-    repetition_penalty: Annotated[float, Field(ge=MIN_REPETITION_PENALTY, le=10)] = 1.0
-    logit_bias: dict[Annotated[str, Field(pattern=r"^[0-9]{1,9}$")], Annotated[float, Field(ge=-100, le=100)]] \
+    min_p: Annotated[Float, Field(ge=0, le=1)] = 0.0
+    presence_penalty: Annotated[Float, Field(ge=-2, le=2)] = 0.0
+    frequency_penalty: Annotated[Float, Field(ge=-2, le=2)] = 0.0
+    repetition_penalty: Annotated[Float, Field(ge=MIN_REPETITION_PENALTY, le=10)] = 1.0
+    logit_bias: dict[Annotated[str, Field(pattern=r"^[0-9]{1,9}$")], Annotated[Float, Field(ge=-100, le=100)]] \
         = Field(default_factory=dict)
     grammar: GrammarBody | None = None
-    logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
-    emitted: Annotated[int, Field(ge=0)] = 0
+    logprobs: Annotated[int, Field(ge=0, le=20), JSON_INT] | None = None
+    emitted: Annotated[int, Field(ge=0), JSON_INT] = 0
 
 
 class GrammarBody(BaseModel):
@@ -64,10 +77,10 @@ class OpenBody(BaseModel):
     client_id: str = ""
     session_id: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")] | None = None
     # for an advice on the first block: see the proto's Open.edge_*; edge_limit 0: no advice wanted
-    edge_draft_ms: Annotated[float, Field(ge=0)] = 0.0
-    edge_rtt_ms: Annotated[float, Field(ge=0)] = 0.0
-    edge_limit: Annotated[int, Field(ge=0)] = 0
-    edge_pipelined: Annotated[bool, Field(strict=True)] = False  # JSON's true or false, never 0 or "yes"
+    edge_draft_ms: Annotated[Float, Field(ge=0)] = 0.0
+    edge_rtt_ms: Annotated[Float, Field(ge=0)] = 0.0
+    edge_limit: Annotated[int, Field(ge=0), JSON_INT] = 0
+    edge_pipelined: Flag = False  # JSON's true or false, never 0 or "yes"
 
 
 class ContinueBody(BaseModel):
@@ -106,25 +119,25 @@ class CandidateBody(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    parent: Annotated[int, Field(ge=-1)]
+    parent: Annotated[int, Field(ge=-1), JSON_INT]
     tokens: list[TokenId]
 
 
 class DraftBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    seq: Annotated[int, Field(ge=0)]
+    seq: Annotated[int, Field(ge=0), JSON_INT]
     tokens: list[TokenId] = Field(default_factory=list)
-    q_k: Annotated[int, Field(ge=0)] = 0
+    q_k: Annotated[int, Field(ge=0), JSON_INT] = 0
     q_ids: list[TokenId] = Field(default_factory=list)
-    q_probs: list[float] = Field(default_factory=list)
-    base_len: Annotated[int, Field(ge=0)] | None = None  # pipelined rounds: see the proto's Draft.base_len
+    q_probs: list[Float] = Field(default_factory=list)
+    base_len: Annotated[int, Field(ge=0), JSON_INT] | None = None  # pipelined rounds: see the proto's Draft.base_len
     candidates: list[CandidateBody] = Field(default_factory=list)  # see the proto's Draft.candidate_parents
     # for the cloud's load-aware advice: see the proto's Draft.edge_*; edge_limit 0: no advice wanted
-    edge_draft_ms: Annotated[float, Field(ge=0)] = 0.0
-    edge_rtt_ms: Annotated[float, Field(ge=0)] = 0.0
-    edge_limit: Annotated[int, Field(ge=0)] = 0
-    edge_pipelined: Annotated[bool, Field(strict=True)] = False
+    edge_draft_ms: Annotated[Float, Field(ge=0)] = 0.0
+    edge_rtt_ms: Annotated[Float, Field(ge=0)] = 0.0
+    edge_limit: Annotated[int, Field(ge=0), JSON_INT] = 0
+    edge_pipelined: Flag = False
 
 
 class VerdictBody(BaseModel):

@@ -24,7 +24,7 @@ from cloud_server.settings import ServerSettings
 from edge_client.remote import GrpcVerifier, HttpVerifier, RemoteError
 from tandem.blocks import DraftBlock
 from tandem.drafting import ModelDrafter
-from tandem.errors import CapacityError, SessionNotFoundError
+from tandem.errors import CapacityError, SessionConflictError
 from tandem.local import LocalVerifier
 from tandem.models import LoadedModel
 from tandem.sampling import SamplingParams
@@ -449,7 +449,7 @@ async def test_a_draft_sent_ahead_learns_at_once_that_its_session_closed(tiny_ta
         await asyncio.sleep(0.05)
         assert not ahead.done()  # waiting for seq 0
         await worker.close_session(opened.session_id)
-        with pytest.raises(SessionNotFoundError):
+        with pytest.raises(SessionConflictError, match="has ended"):
             await asyncio.wait_for(ahead, 5)  # not the 30 s pipeline wait
     finally:
         await worker.shutdown()

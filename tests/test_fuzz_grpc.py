@@ -227,8 +227,10 @@ def do_verify(stub: pb_grpc.VerifierStub, model: Model, target: str, seq_kind: s
 
     if q == "bad":
         want = INVALID  # checked as the message is read, before the session is looked up
-    elif victim is None or victim.closed:
+    elif victim is None:
         want = NOT_FOUND
+    elif victim.closed:
+        want = CONFLICT  # its client closed it: the session has ended
     elif seq_kind == "repeat" and victim.last is not None:
         assert status == OK and reply == victim.last, "a repeated seq must get the same verdict again"
         return
@@ -253,7 +255,9 @@ def do_close(stub: pb_grpc.VerifierStub, model: Model, target: str) -> None:
     victim = model.victims[-1] if target == "victim" and model.victims else None
     sid = victim.sid if victim is not None else "no-such-session"
     status, reply = call(stub.CloseSession, pb.Close(session_id=sid))
-    assert status == (OK if victim is not None and not victim.closed else NOT_FOUND), reply
+    assert status == (NOT_FOUND if victim is None else OK), reply  # closing twice does nothing
+    if victim is not None:
+        assert reply.existed == (not victim.closed)
     if victim is not None:
         victim.closed = True
 
@@ -432,7 +436,8 @@ def test_two_streams_on_one_session(stub: pb_grpc.VerifierStub, expected: list[i
 
 def test_close_in_the_middle_of_a_verify(server: ServerHandle, stub: pb_grpc.VerifierStub,
                                          expected: list[int]) -> None:
-    """Close racing a Verify: the Verify ends OK or NOT_FOUND, never INTERNAL; later calls get NOT_FOUND."""
+    """Close racing a Verify: the Verify ends OK or ABORTED (the session has ended), never INTERNAL; later calls get
+    ABORTED too."""
     healthy = Healthy(stub, expected)
     params = pb.SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True)
     for delay in (0.0, 0.0005, 0.001, 0.002, 0.005, 0.01):
@@ -448,8 +453,8 @@ def test_close_in_the_middle_of_a_verify(server: ServerHandle, stub: pb_grpc.Ver
         time.sleep(delay)
         closed = call(stub.CloseSession, pb.Close(session_id=sid))[0]
         t.join(30)
-        assert closed == OK and statuses and statuses[0] in (OK, NOT_FOUND), (delay, statuses)
-        assert call(stub.Verify, pb.VerifyRequest(session_id=sid, draft=pb.Draft(seq=1)))[0] == NOT_FOUND
+        assert closed == OK and statuses and statuses[0] in (OK, CONFLICT), (delay, statuses)
+        assert call(stub.Verify, pb.VerifyRequest(session_id=sid, draft=pb.Draft(seq=1)))[0] == CONFLICT
         healthy.step()
     healthy.finish()
 

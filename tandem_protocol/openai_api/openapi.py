@@ -61,7 +61,23 @@ def truthful(schema: dict[str, Any], limits: Limits, secured: bool) -> dict[str,
     _bound_sessions(schemas, limits)
     _bound_openai(schemas, limits)
     _output_rules(schemas)
+    _session_links(schema["paths"])
     return schema
+
+
+def _session_links(paths: dict[str, Any]) -> None:
+    """OpenAPI links: an opened session's id is what verify, continue and close take."""
+    opened = paths.get("/v1/sessions", {}).get("post", {}).get("responses", {}).get("200")
+    if opened is None:
+        return
+    links = {}
+    for path, method in (("/v1/sessions/{session_id}/verify", "post"), ("/v1/sessions/{session_id}/continue", "post"),
+                         ("/v1/sessions/{session_id}", "delete")):
+        op = paths.get(path, {}).get(method)
+        if op is not None and "operationId" in op:
+            links[op["operationId"]] = {"operationId": op["operationId"],
+                                        "parameters": {"session_id": "$response.body#/session_id"}}
+    opened["links"] = links
 
 
 def _exact(node: Any) -> None:

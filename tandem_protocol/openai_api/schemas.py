@@ -11,10 +11,9 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from tandem.sampling import MIN_REPETITION_PENALTY
-from tandem_protocol.bodies import TokenId
+from tandem_protocol.bodies import JSON_INT, Flag, Float, TokenId
 
 MAX_LOGPROBS = 20  # top alternatives per token, as OpenAI's chat API allows
-Flag = Annotated[bool, Field(strict=True)]  # JSON's true or false, never 0 or "yes": as the schema says
 
 
 class ErrorDetail(BaseModel):
@@ -62,28 +61,28 @@ class StructuredOutputs(BaseModel):
     choice: Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1)] | None = None
 
 
-Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
+Penalty = Annotated[Float, Field(ge=-2.0, le=2.0)]
 
 
 class _OpenAIRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")  # a field we do not implement is a 400 naming it, never ignored
 
     model: str
-    temperature: Annotated[float, Field(ge=0.0, le=100.0)] | None = None
-    top_p: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
-    top_k: Annotated[int, Field(ge=0, lt=2**31)] | None = None  # an extension (vLLM has it too); bounded: the wire
-    min_p: Annotated[float, Field(ge=0.0, le=1.0)] | None = None  # an extension (vLLM's)
+    temperature: Annotated[Float, Field(ge=0.0, le=100.0)] | None = None
+    top_p: Annotated[Float, Field(gt=0.0, le=1.0)] | None = None
+    top_k: Annotated[int, Field(ge=0, lt=2**31), JSON_INT] | None = None  # vLLM's too; bounded: the wire
+    min_p: Annotated[Float, Field(ge=0.0, le=1.0)] | None = None  # an extension (vLLM's)
     presence_penalty: Penalty | None = None
     frequency_penalty: Penalty | None = None
-    repetition_penalty: Annotated[float, Field(ge=MIN_REPETITION_PENALTY, le=10.0)] | None = None  # vLLM's too
+    repetition_penalty: Annotated[Float, Field(ge=MIN_REPETITION_PENALTY, le=10.0)] | None = None  # vLLM's too
     # token id (as a string, as OpenAI's) -> bias added to its logit
-    logit_bias: dict[Annotated[str, Field(pattern=r"^[0-9]{1,9}$")], Annotated[float, Field(ge=-100, le=100)]] | None \
+    logit_bias: dict[Annotated[str, Field(pattern=r"^[0-9]{1,9}$")], Annotated[Float, Field(ge=-100, le=100)]] | None \
         = None
-    n: Annotated[int, Field(ge=1, le=16)] = 1
+    n: Annotated[int, Field(ge=1, le=16), JSON_INT] = 1
     stream: Flag = False
     stream_options: StreamOptions | None = None
     stop: str | Annotated[list[str], Field(max_length=16)] | None = None
-    seed: Annotated[int, Field(ge=0, lt=2**63)] | None = None
+    seed: Annotated[int, Field(ge=0, lt=2**63), JSON_INT] | None = None
     response_format: ResponseFormat | None = None
     structured_outputs: StructuredOutputs | None = None
     ignore_eos: Flag = False  # an extension, for benchmarks
@@ -102,8 +101,8 @@ class CompletionRequest(_OpenAIRequest):
     prompt: str | Annotated[list[str], Field(min_length=1, max_length=1)] \
         | Annotated[list[TokenId], Field(min_length=1)] \
         | Annotated[list[Annotated[list[TokenId], Field(min_length=1)]], Field(min_length=1, max_length=1)]
-    max_tokens: Annotated[int, Field(ge=1)] | None = 16
-    logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None  # the target's top-k per token
+    max_tokens: Annotated[int, Field(ge=1), JSON_INT] | None = 16
+    logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS), JSON_INT] | None = None  # the target's top-k per token
 
 
 class ChatMessage(BaseModel):
@@ -122,10 +121,10 @@ class TextPart(BaseModel):
 
 class ChatRequest(_OpenAIRequest):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
-    max_tokens: Annotated[int, Field(ge=1)] | None = None
-    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+    max_tokens: Annotated[int, Field(ge=1), JSON_INT] | None = None
+    max_completion_tokens: Annotated[int, Field(ge=1), JSON_INT] | None = None
     logprobs: Flag = False
-    top_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
+    top_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS), JSON_INT] | None = None
 
 
 _OpenAIRequest.model_rebuild()
