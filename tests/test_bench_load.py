@@ -70,7 +70,8 @@ def test_bench_load_runs_sessions_checks_outputs_and_frees_them(
             "bench", "load", "--cloud", f"127.0.0.1:{h.grpc_port}", "--metrics",
             f"http://127.0.0.1:{h.http_port}/metrics", "--draft", str(draft_dir), "--sessions", "2", "--duration",
             "6", "--prompts", "3", "--prompt-tokens", "48", "--max-tokens", "16", "--sample-s", "1", "--warmup", "1",
-            "--out", str(out)])
+            # spec: sessions stay open while they run (under auto the cloud may advise them on as streams at once)
+            "--mode", "spec", "--out", str(out)])
     assert result.exit_code == 0, result.output
     data = json.loads((out / "load.json").read_text())
     s = data["summary"]
