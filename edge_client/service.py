@@ -16,7 +16,7 @@ from tandem.blocks import TokenLogprob
 from tandem.messages import Step
 from tandem.models import LoadedModel
 from tandem.sampling import SamplingParams
-from tandem.stats import GenerationResult
+from tandem.stats import GenerationResult, GenerationStats
 from tandem_protocol.metrics import Metrics
 from tandem_protocol.openai_api.figures import edge_metrics
 
@@ -52,6 +52,7 @@ class EdgeGeneration:
         self._cancel = threading.Event()
         self._t0 = time.perf_counter()
         self._logprobs: list[TokenLogprob] | None = None  # the next tokens' (set on the draft thread just before)
+        self.stats = GenerationStats("")  # filled by the loop as it runs: read even when the request stops early
 
     def _put(self, kind: str, value: Any) -> None:
         self._loop.call_soon_threadsafe(self._queue.put_nowait, (kind, value))
@@ -61,7 +62,7 @@ class EdgeGeneration:
         try:
             result = self.service.client.generate(
                 self.prompt, self.params, on_tokens=self._on_tokens, on_round=m.observe_verify,
-                cancelled=self._cancel.is_set, on_logprobs=self._on_logprobs,
+                cancelled=self._cancel.is_set, on_logprobs=self._on_logprobs, stats=self.stats,
             )
             self._put("done", result)
         except BaseException as e:
@@ -75,8 +76,8 @@ class EdgeGeneration:
         self._logprobs = None
 
     def speculative_metrics(self) -> dict[str, object]:
-        assert self.result is not None, "the generation has not finished"
-        return edge_metrics(self.result.stats)
+        """This request's figures so far (a stop string may end it before the loop does)."""
+        return edge_metrics(self.stats)
 
     async def start(self) -> None:
         """Run the request; return once its first token (or its failure: a clear status) is known."""

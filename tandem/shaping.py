@@ -69,13 +69,6 @@ class Shaper:
                 row.masked_fill_(~self.grammar.allowed().to(dev), float("-inf"))
         return out
 
-    def allows(self, context: list[int], prompt_len: int, token: int) -> bool:
-        """Whether the grammar allows `token` after `context` (always, without a grammar)."""
-        if self.grammar is None:
-            return True
-        output = context[prompt_len:]
-        return self.grammar.sync(output) and self.grammar.sync([*output, token])
-
 
 def line_paths(tokens: list[int]) -> list[list[int]]:
     """The rows of a verification pass over a block: after the context, then after each of its tokens."""

@@ -127,14 +127,15 @@ class SpeculativeDecoder:
     def generate(
         self, prompt: list[int], params: SamplingParams, on_tokens: OnTokens | None = None,
         on_round: OnRound | None = None, cancelled: Callable[[], bool] = lambda: False, mode: str | None = None,
-        drafter: Drafter | None = None, on_logprobs: OnLogprobs | None = None,
+        drafter: Drafter | None = None, on_logprobs: OnLogprobs | None = None, stats: GenerationStats | None = None,
     ) -> GenerationResult:
         """`drafter`: this request's (default: the draft model, or Ouroboros drafting per the settings)."""
         mode = mode or self.settings.mode
         validate_prompt(prompt, self.draft.vocab_size, self.draft.context_length)
         gamma = self.settings.gamma
-        stats = GenerationStats(mode=mode, gamma=gamma if isinstance(gamma, int) else 0,
-                                accepted_per_position=[0] * (gamma if isinstance(gamma, int) else 0))
+        fixed = gamma if isinstance(gamma, int) else 0
+        stats = stats or GenerationStats(mode)  # a caller's: readable while it runs, and after it stops early
+        stats.mode, stats.gamma, stats.accepted_per_position = mode, fixed, [0] * fixed
         run = _Run(list(prompt), params, stats, on_tokens, cancelled, time.perf_counter(), on_logprobs)
         self._on_round = on_round
         self._drafter = drafter or self._make_drafter()

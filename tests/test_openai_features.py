@@ -201,6 +201,11 @@ def test_speculative_metrics_per_request(cloud: ServerHandle, edge: str) -> None
                 last = json.loads(line[6:])
     assert last is not None and last["choices"] == []
     assert last["metrics"]["speculative_decoding"]["num_drafts"] > 0
+    # a stop string ends the request before the loop does: its figures so far
+    text = httpx.post(edge + "/v1/completions", json=body, timeout=60).json()["choices"][0]["text"]
+    stopped = httpx.post(edge + "/v1/completions", json=body | {"stop": text[10:13]}, timeout=60)
+    assert stopped.status_code == 200 and stopped.json()["choices"][0]["finish_reason"] == "stop", stopped.text
+    assert stopped.json()["metrics"]["speculative_decoding"]["num_drafts"] > 0
     alone = httpx.post(cloud_url(cloud) + "/v1/completions", json=body | {"model": "tiny"}, timeout=60).json()
     assert alone["metrics"]["speculative_decoding"]["num_drafts"] == 0  # the target alone drafts nothing
 
