@@ -108,7 +108,15 @@ class ModelDrafter:
         """n tokens continuing the current context, which grows by them."""
         tokens: list[int] = []
         rows: list[DraftRow] = []
-        for _ in range(n):
+        while len(tokens) < n:
+            # tokens the grammar forces need no draft step: the draft "samples" them with certainty, so their q
+            # rows are point masses, and the target, under the same mask, can only accept them
+            forced = self.shaper.forced(self.state.tokens, self.output_start)[: n - len(tokens)]
+            if forced:
+                tokens += forced
+                rows += [self._certain(t) for t in forced]
+                self.state.tokens += forced
+                continue
             # a block accepted whole: the draft never saw its own last token; `forward` feeds it here
             logits = self.state.forward()[-1]  # [V]
             if self.shaper.active:
@@ -119,6 +127,17 @@ class ModelDrafter:
             self.state.tokens.append(tok)
             self.steps += 1
         return draft_block(tokens, rows)
+
+    def _certain(self, token: int) -> DraftRow:
+        """The q row of a token drawn with probability 1, in this drafter's form."""
+        if self.params.greedy or self.q_form == "none":
+            return None
+        v, dev = self.draft.vocab_size, self.state.device
+        if self.q_form == "full":
+            return torch.nn.functional.one_hot(torch.tensor(token, device=dev), v).float()
+        k = min(self.q_top_k, v)
+        ids = (token + torch.arange(k, device=dev)) % v  # [k] the token, then distinct ids at probability 0
+        return ids, torch.nn.functional.one_hot(torch.tensor(0, device=dev), k).float()
 
     def learn(self, context: list[int], block: DraftBlock, result: VerifyResult, skipped: int = 0) -> None:
         """Nothing to learn: the next `propose` rolls the cache back to what was emitted."""

@@ -115,6 +115,12 @@ class GrammarState:
             self.tokens.append(t)
         return True
 
+    def forced(self) -> list[int]:
+        """The tokens the grammar forces next, whatever the model says (e.g. a JSON schema's next key); [] if none."""
+        if self.matcher.is_stopped():
+            return self.eos[:1] if len(self.eos) == 1 else []
+        return [int(t) for t in self.matcher.compute_ff_tokens()]
+
     def allowed(self) -> torch.Tensor:
         """[V] bool: the tokens the grammar allows next (only the end of sequence once it is complete)."""
         if self.matcher.is_stopped():

@@ -70,6 +70,13 @@ class Shaper:
         return out
 
 
+    def forced(self, context: list[int], prompt_len: int) -> list[int]:
+        """The tokens the grammar forces after `context` ([] without a grammar)."""
+        if self.grammar is None or not self.grammar.sync(context[prompt_len:]):
+            return []
+        return self.grammar.forced()
+
+
 def line_paths(tokens: list[int]) -> list[list[int]]:
     """The rows of a verification pass over a block: after the context, then after each of its tokens."""
     return [tokens[:i] for i in range(len(tokens) + 1)]

@@ -97,36 +97,59 @@ def test_unknown_grammars_and_bad_specs_are_invalid_requests(tiny_target: Loaded
 # --- the distribution test, for each form of q, under penalties, bias, min-p and a grammar
 
 
-def _pair_law(target: LoadedModel, prompt: list[int], params: SamplingParams,
+def _pair_law(target: LoadedModel, prompt: list[int], params: SamplingParams, first: int,
               allowed: list[int]) -> dict[tuple[int, int], float]:
-    """The target alone's exact law of its first two tokens: shaped logits, then the one transformation."""
-    shaper = Shaper(params, target.vocab_size, target.tokenizer, target.eos_token_ids)
+    """The target alone's exact law of its second and third tokens after a forced first one, written out here
+    (not with `Shaper`): bias, penalties over the output so far, repetition over prompt and output, the grammar's
+    letters only, temperature, min-p."""
+    p = params
+    bias = torch.zeros(target.vocab_size)
+    for t, b in p.logit_bias:
+        bias[t] += b
+
+    def law(logits: torch.Tensor, output: list[int]) -> torch.Tensor:  # [V] -> [V]
+        x = logits.float() + bias
+        for t in set(output):
+            x[t] -= p.presence_penalty + p.frequency_penalty * output.count(t)
+        for t in set(prompt + output):
+            x[t] = x[t] / p.repetition_penalty if x[t] > 0 else x[t] * p.repetition_penalty
+        masked = torch.full_like(x, float("-inf"))
+        masked[allowed] = x[allowed] / p.temperature
+        masked[masked < masked.max() + math.log(p.min_p)] = float("-inf")
+        return masked.softmax(-1)
+
     out = {}
-    for t1 in allowed:
-        logits = target.model(torch.tensor([[*prompt, t1]])).logits[0, -2:]  # [2, V]
-        probs = logits_to_probs(shaper.shape(logits, prompt, len(prompt), [[], [t1]]), params)
-        for t2 in allowed:
-            out[(t1, t2)] = float(probs[0, t1] * probs[1, t2])
+    for t2 in allowed:
+        logits = target.model(torch.tensor([[*prompt, first, t2]])).logits[0, -2:]  # [2, V]
+        second, third = law(logits[0], [first]), law(logits[1], [first, t2])
+        for t3 in allowed:
+            out[(t2, t3)] = float(second[t2] * third[t3])
     return out
 
 
 @pytest.mark.parametrize("q_form", ["full", "sparse", "none"])
 def test_sampling_with_shaping_follows_the_target(q_form: str, tiny_target: LoadedModel) -> None:
+    """The grammar forces the first token (drafted without a draft step, q a point mass), then leaves 4 x 4 pairs."""
     draft = wrap(tiny_model(5, layers=2), "other-draft", tiny_target.tokenizer)  # disagrees often: rejections
     letters = ids(tiny_target, "abcd")
-    params = SamplingParams(max_tokens=2, temperature=2.0, min_p=0.02, presence_penalty=0.7, frequency_penalty=0.6,
+    x = ids(tiny_target, "x")[0]
+    params = SamplingParams(max_tokens=3, temperature=2.0, min_p=0.02, presence_penalty=0.7, frequency_penalty=0.6,
                             repetition_penalty=1.5, logit_bias=((letters[2], 1.5),),
-                            grammar=Grammar("regex", "[a-d][a-d]"), ignore_eos=True)
+                            grammar=Grammar("regex", "x[a-d][a-d]"), ignore_eos=True)
     prompt = ids(tiny_target, "cab")
-    law = _pair_law(tiny_target, prompt, params, letters)
+    law = _pair_law(tiny_target, prompt, params, x, letters)
     assert sum(law.values()) == pytest.approx(1.0, abs=1e-4)  # the grammar leaves only these 16 pairs
     trials = 2400
     counts = dict.fromkeys(law, 0)
     verifier = LocalVerifier(tiny_target)
+    drafted = steps = 0
     for seed in range(trials):
         drafter = ModelDrafter(draft, q_form=q_form, q_top_k=3)  # type: ignore[arg-type]
         out = generate_speculative(drafter, verifier, prompt, SamplingParams(**{**params.__dict__, "seed": seed}), 2)
-        counts[(out.tokens[0], out.tokens[1])] += 1
+        assert out.tokens[0] == x
+        counts[(out.tokens[1], out.tokens[2])] += 1
+        drafted, steps = drafted + out.stats.drafted, steps + drafter.steps
+    assert steps < drafted  # the forced tokens took no draft step
     # cells expected under 8 pooled, so that chi-square holds
     small = [k for k in law if law[k] * trials < 8]
     cells = [([k], law[k]) for k in law if k not in small] + ([(small, sum(law[k] for k in small))] if small else [])
