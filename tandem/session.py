@@ -169,7 +169,7 @@ class TargetSession:
             return None if k is None else []
         lp = raw[rows[: len(tokens)]].float().log_softmax(-1)  # [n, V]
         chosen = lp.gather(1, torch.tensor(tokens, device=lp.device)[:, None])[:, 0].tolist()
-        top_v, top_i = lp.topk(k, -1) if k else (lp[:, :0], lp[:, :0].long())
+        top_v, top_i = lp.topk(k, -1)  # [n, k]
         return [TokenLogprob(t, c, tuple(zip(i, v, strict=True)))
                 for t, c, i, v in zip(tokens, chosen, top_i.tolist(), top_v.tolist(), strict=True)]
 

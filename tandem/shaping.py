@@ -54,21 +54,26 @@ class Shaper:
         if self.bias is not None:
             out += self.bias.to(dev)
         output = context[prompt_len:]
+        # counted once over the committed sequence; each row adds only its own path
+        in_output = self._count(output, dev)  # [V]
+        in_context = self._count(context[:prompt_len], dev) + in_output  # [V]
         for r, path in enumerate(paths):
             row = out[r]  # [V] (a view)
+            on_path = self._count(path, dev)  # [V]
             if self.counts:
-                n = torch.bincount(torch.tensor(output + path, dtype=torch.long), minlength=self.vocab_size)  # [V]
-                n = n[: self.vocab_size].to(dev, torch.float32)
+                n = in_output + on_path
                 row -= p.presence_penalty * (n > 0) + p.frequency_penalty * n
             if p.repetition_penalty != 1.0:
-                seen = torch.bincount(torch.tensor(context + path, dtype=torch.long), minlength=self.vocab_size)
-                seen = seen[: self.vocab_size].to(dev) > 0  # [V]
                 penalised = torch.where(row > 0, row / p.repetition_penalty, row * p.repetition_penalty)
-                row.copy_(torch.where(seen, penalised, row))
+                row.copy_(torch.where((in_context + on_path) > 0, penalised, row))
             if self.grammar is not None and self.grammar.sync(output + path):
                 row.masked_fill_(~self.grammar.allowed().to(dev), float("-inf"))
         return out
 
+    def _count(self, tokens: list[int], device: torch.device) -> torch.Tensor:
+        """[V] float32: how often each token occurs in `tokens`."""
+        counts = torch.bincount(torch.tensor(tokens, dtype=torch.long), minlength=self.vocab_size)
+        return counts[: self.vocab_size].to(device, torch.float32)
 
     def forced(self, context: list[int], prompt_len: int) -> list[int]:
         """The tokens the grammar forces after `context` ([] without a grammar)."""

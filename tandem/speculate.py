@@ -93,7 +93,8 @@ class _Run:
             if not self.out:
                 self.stats.ttft_s = time.perf_counter() - self.t0
             if self.params.logprobs is not None and logprobs is not None:  # the draft alone (lossy) has none
-                self.logprobs = (self.logprobs or []) + logprobs
+                self.logprobs = self.logprobs or []
+                self.logprobs.extend(logprobs)
                 if self.on_logprobs is not None:
                     self.on_logprobs(logprobs)
             self.out.extend(tokens)

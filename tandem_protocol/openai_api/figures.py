@@ -3,6 +3,7 @@ speculative figures in vLLM's shape (`metrics.speculative_decoding`), with the e
 
 from __future__ import annotations
 
+import itertools
 from typing import Any, Literal
 
 from transformers import PreTrainedTokenizerBase
@@ -70,11 +71,8 @@ def merged_metrics(gens: list[Any]) -> dict[str, Any]:
     """`{"speculative_decoding": ...}` over a request's choices: counts summed, rates recomputed; the edge's figures
     per choice (`edge`: a list when n > 1)."""
     each = [g.speculative_metrics() for g in gens]
-    per_pos: list[int] = []
-    for m in each:
-        p = m["num_accepted_tokens_per_pos"]
-        per_pos = [a + b for a, b in zip(per_pos + [0] * (len(p) - len(per_pos)), p + [0] * (len(per_pos) - len(p)),
-                                         strict=True)]
+    per_pos = [sum(at) for at in itertools.zip_longest(*(m["num_accepted_tokens_per_pos"] for m in each),
+                                                        fillvalue=0)]
     out = speculative_counts(sum(m["num_drafts"] for m in each), sum(m["num_draft_tokens"] for m in each),
                              sum(m["num_accepted_tokens"] for m in each), per_pos)
     edges = [m["edge"] for m in each if "edge" in m]
