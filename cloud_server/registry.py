@@ -1,4 +1,4 @@
-"""The cloud's sessions and admission: which sessions exist, what they reserve, when they expire.
+"""The cloud's sessions: which sessions exist, what they reserve, when they expire.
 
 Touched only from the event loop. A session's model state (`TargetSession`) lives on the model thread; the registry
 only hands it over (`close` is queued behind whatever that thread is doing with it).
@@ -11,13 +11,12 @@ import collections
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from tandem.errors import CapacityError, SessionConflictError, SessionNotFoundError
 from tandem.messages import SessionVerdict
 from tandem.session import TargetSession
-from tandem_protocol.errors import ShuttingDownError
 from tandem_protocol.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -46,18 +45,16 @@ async def _wake(entry: Session) -> None:
 
 class SessionRegistry:
     def __init__(self, metrics: Metrics, max_sessions: int, max_memory_bytes: int, ttl_s: float,
-                 max_concurrent_requests: int, release: Callable[[TargetSession], None]) -> None:
+                 release: Callable[[TargetSession], None]) -> None:
         self.metrics = metrics
         self.max_sessions = max_sessions
         self.max_memory_bytes = max_memory_bytes
         self.ttl_s = ttl_s
-        self.max_concurrent_requests = max_concurrent_requests
         self._release = release  # hands a session's model state back to the model thread to free
         self._sessions: dict[str, Session] = {}
         # sessions their client ended (closed, or went on as a stream), newest last: a later call on one is a
         # conflict (409) and a second close does nothing; an expired one is simply unknown (404: the edge resumes)
         self._ended: collections.OrderedDict[str, str] = collections.OrderedDict()
-        self.inflight = 0
         self.accepting = True
         self._sweeper: asyncio.Task[None] | None = None
         self._wakers: set[asyncio.Task[None]] = set()
@@ -74,19 +71,6 @@ class SessionRegistry:
             self._sweeper.cancel()
         for entry in list(self._sessions.values()):
             self.drop(entry, "shutdown")
-
-    @contextlib.contextmanager
-    def admit(self) -> Iterator[None]:
-        """Admission control: a bounded number of requests at once; over it, 429 at once rather than a queue."""
-        if not self.accepting:
-            raise ShuttingDownError("the server is shutting down")
-        if self.inflight >= self.max_concurrent_requests:
-            raise CapacityError(f"over capacity: {self.inflight} requests in flight; retry later")
-        self.inflight += 1
-        try:
-            yield
-        finally:
-            self.inflight -= 1
 
     def add(self, sid: str, reserve: int, client_id: str) -> Session:
         """Register a session before its prefill, so that concurrent opens count it; a resume replaces its id."""

@@ -31,9 +31,18 @@ class ServerSettings(TargetPlacement):
     max_prompt_tokens: int = Field(default=1536, ge=1)
     max_draft_tokens: int = Field(default=32, ge=0)
     max_tokens_limit: int = Field(default=1024, ge=1, description="the largest max_tokens a request may ask")
-    max_concurrent_requests: int = Field(default=64, ge=1, description="requests admitted at once; more get 429")
+    max_concurrent_requests: int = Field(default=64, ge=1, description="requests running at once; more wait in "
+                                         "the queue, or get 429 when it is full (or off)")
+    max_requests_per_key: int = Field(default=32, ge=0, description="requests one API key (on an open server: one "
+                                      "client address) may run at once; 0: no cap of its own")
+    max_queue: int = Field(default=0, ge=0, description="requests that may wait for a slot, served round-robin "
+                           "across keys; 0: none (429 at once)")
+    max_queue_wait_s: float = Field(default=10.0, gt=0, description="longest wait in the queue; then 503")
+    max_request_s: float = Field(default=600.0, ge=0, description="wall-time limit of a request (a completion, a "
+                                 "session's open or verify); its work then stops, 504; 0: none")
     max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
-    shutdown_grace_s: float = Field(default=10.0, ge=0)
+    shutdown_grace_s: float = Field(default=10.0, ge=0, description="on SIGTERM: how long in-flight work may "
+                                    "finish before it is cancelled")
     max_batch: int = Field(default=32, ge=1, description="verify blocks and completion steps per batched pass")
     batch_window_ms: float = Field(default=2.0, ge=0, description="longest wait for more work to batch; 0: none")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(

@@ -16,13 +16,14 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import torch
 
 from cloud_server.batcher import Batcher
+from cloud_server.generation import Generation
 from cloud_server.registry import SessionRegistry
 from cloud_server.settings import ServerSettings
 from tandem.blocks import DraftBlock, EdgeReport, VerifyResult
@@ -35,7 +36,7 @@ from tandem.passcost import pass_times
 from tandem.sampling import SamplingParams
 from tandem.session import TargetSession
 from tandem_protocol.metrics import Metrics
-from tandem_protocol.openai_api.figures import speculative_counts
+from tandem_protocol.openai_api.limits import Gate, RequestTimeout, Ticket
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -71,8 +72,10 @@ class ModelWorker:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tandem-model")
         self.sessions = SessionRegistry(
             metrics, settings.max_sessions, int(settings.max_session_memory_mb * 2**20), settings.session_ttl_s,
-            settings.max_concurrent_requests, self.release,
+            self.release,
         )
+        self.gate = Gate(metrics, settings.max_concurrent_requests, settings.max_requests_per_key, settings.max_queue,
+                         settings.max_queue_wait_s, settings.max_request_s)
         # load-aware speculation: every stream and the pass cost, to advise each session's next block
         self.policy = LoadPolicy() if settings.load_aware else None
         self.batcher = Batcher(self._executor, settings.max_batch, settings.batch_window_ms, metrics,
@@ -111,15 +114,16 @@ class ModelWorker:
 
     @property
     def inflight(self) -> int:
-        return self.sessions.inflight
+        return self.gate.running
 
-    def admit(self) -> contextlib.AbstractContextManager[None]:
-        return self.sessions.admit()
+    def admit(self) -> contextlib.AbstractContextManager[Ticket]:
+        return self.gate.hold()
 
     async def shutdown(self) -> None:
         """Refuse new work, drop every session, let the model thread finish its queue."""
         if self._trimmer is not None:
             self._trimmer.cancel()
+        self.gate.close()
         self.sessions.shutdown()
         await asyncio.to_thread(self._executor.shutdown, True)
 
@@ -161,8 +165,9 @@ class ModelWorker:
             self.settings.max_draft_tokens, resumed, t.eos_token_ids, server_ms,
         )
 
-    async def open_session(self, req: OpenRequest) -> SessionInfo:
-        with self.admit():
+    async def open_session(self, req: OpenRequest, key: str = "") -> SessionInfo:
+        """`key`: whose request (`tandem_protocol.openai_api.limits.client_key`)."""
+        async with self.gate.admit(key) as ticket:
             t = self.target
             if req.draft_fingerprint and req.draft_fingerprint != t.fingerprint:
                 raise TokenizerMismatchError(req.draft_name or "draft", req.draft_fingerprint, t.name, t.fingerprint)
@@ -174,7 +179,7 @@ class ModelWorker:
             entry = self.sessions.add(req.session_id or uuid.uuid4().hex, want * self._bytes_per_token, req.client_id)
             t0 = time.perf_counter()
             try:
-                entry.core = await self._run(self._prefill, req.prompt, req.params)
+                entry.core = await ticket.bounded(self.batcher.run(self._prefill, req.prompt, req.params))
             except BaseException:
                 self.sessions.forget(entry)
                 raise
@@ -195,19 +200,20 @@ class ModelWorker:
         return session
 
     async def verify(
-        self, session_id: str, seq: int, block: DraftBlock, base_len: int | None = None
+        self, session_id: str, seq: int, block: DraftBlock, base_len: int | None = None, key: str = ""
     ) -> SessionVerdict:
-        with self.admit():
-            arrived = time.monotonic()
+        arrived = time.monotonic()
+        entry = self.sessions.get(session_id)
+        if seq == entry.next_seq + 1:  # sent ahead (pipelined, maybe on another connection): wait for its turn
+            try:  # before admission: a block waiting for its turn holds no slot the block before it may need
+                async with entry.turn:
+                    ready = entry.turn.wait_for(lambda: seq <= entry.next_seq or entry.closed)
+                    await asyncio.wait_for(ready, _PIPELINE_WAIT_S)
+            except asyncio.TimeoutError:
+                raise SessionConflictError(f"draft seq {seq} waited in vain for seq {seq - 1}") from None
+        # a session's next block is admitted work: a draining server still verifies it
+        async with self.gate.admit(key, new=False) as ticket:
             entry = self.sessions.get(session_id)
-            if seq == entry.next_seq + 1:  # sent ahead (pipelined, maybe on another connection): wait for its turn
-                try:
-                    async with entry.turn:
-                        ready = entry.turn.wait_for(lambda: seq <= entry.next_seq or entry.closed)
-                        await asyncio.wait_for(ready, _PIPELINE_WAIT_S)
-                except asyncio.TimeoutError:
-                    raise SessionConflictError(f"draft seq {seq} waited in vain for seq {seq - 1}") from None
-                entry = self.sessions.get(session_id)
             if entry.last is not None and seq == entry.last.seq:
                 return entry.last  # a retried request: the same verdict again
             if entry.busy or entry.core is None:
@@ -220,7 +226,12 @@ class ModelWorker:
             t0 = time.perf_counter()
             skipped = 0 if base_len is None else max(0, len(core.state.tokens) - base_len)
             try:
-                result, queued_s, pass_s = await self.batcher.step(core, block, base_len)
+                result, queued_s, pass_s = await ticket.bounded(self.batcher.step(core, block, base_len, key))
+            except (asyncio.CancelledError, RequestTimeout):
+                # a pass under way may still move the session on, with no verdict to show for it: end the session
+                # (its client resumes from its context if it is still there)
+                self.sessions.drop(entry, "cancelled")
+                raise
             finally:
                 entry.busy = False
                 entry.last_used = time.monotonic()
@@ -297,22 +308,30 @@ class ModelWorker:
 
     # --- the target alone (completion API)
 
-    async def start_generation(self, prompt: list[int], params: SamplingParams) -> Generation:
-        """Admit, validate and prefill; then step with `Generation`. The caller must `close()` it."""
-        gen = Generation(self)
+    async def start_generation(self, prompt: list[int], params: SamplingParams,
+                               ticket: Ticket | None = None) -> Generation:
+        """Validate and prefill under `ticket` (a request's admission; none: a slot now or 429); then step with
+        `Generation`. The caller must `close()` it."""
+        gen = self._generation(ticket)
         try:
             self.check_request(len(prompt), params)
-            gen.session = await self._run(self._prefill, prompt, params)
+            gen.session = await gen.ticket.bounded(self.batcher.run(self._prefill, prompt, params))
         except BaseException:
             gen.close()
             raise
         return gen
 
+    def _generation(self, ticket: Ticket | None) -> Generation:
+        if ticket is not None:
+            return Generation(self, ticket)
+        with self.gate.hold() as own:
+            return Generation(self, own)
 
-    async def continue_generation(self, session_id: str, context: list[int]) -> Generation:
+    async def continue_generation(self, session_id: str, context: list[int],
+                                  ticket: Ticket | None = None) -> Generation:
         """Session `session_id` goes on as a stream of the target alone, from its cache; `context` must be what it
         committed (the edge's prompt + output): nothing lost or repeated. The caller must `close()` it."""
-        gen = Generation(self)
+        gen = self._generation(ticket)
         try:
             core = self.sessions.take(session_id)
             gen.session = core
@@ -327,58 +346,3 @@ class ModelWorker:
             self.policy.drop(session_id)
         self.metrics.continued.inc()
         return gen
-
-
-class Generation:
-    """One completion run by the target alone, a token per step, holding one admission slot until closed."""
-
-    def __init__(self, worker: ModelWorker) -> None:
-        self._admission: contextlib.AbstractContextManager[None] = worker.admit()
-        self._admission.__enter__()
-        self.worker = worker
-        self.session: TargetSession | None = None
-        self.tokens = 0
-        self._t0 = time.perf_counter()
-        self._t_first: float | None = None
-        self._t_last = self._t0
-        self._closed = False
-
-    def speculative_metrics(self) -> dict[str, Any]:
-        """The target alone: no drafts; a round per token."""
-        return speculative_counts(0, 0, 0, [])
-
-    async def __aiter__(self) -> AsyncIterator[VerifyResult]:
-        session = self.session
-        assert session is not None
-        metrics = self.worker.metrics
-        policy, key = self.worker.policy, f"stream-{id(self)}"
-        last: float | None = None
-        with self.worker.batcher.stream():
-            while session.finish_reason is None:
-                if policy is not None:
-                    policy.stream(key, time.monotonic())  # a cloud stream: a token a pass
-                # a zero-length block: the target's own next token, batched with whatever else is waiting
-                result, queued_s, pass_s = await self.worker.batcher.step(session, DraftBlock([]))
-                now = time.perf_counter()
-                if policy is not None and last is not None:  # a step's time beyond its wait and its pass
-                    policy.step_overhead.update(max(0.0, now - last - queued_s - pass_s))
-                last = now
-                if self._t_first is None and result.tokens:
-                    self._t_first = now
-                    metrics.ttft.observe(now - self._t0)
-                self._t_last = now
-                self.tokens += len(result.tokens)
-                metrics.generation_tokens.inc(len(result.tokens))
-                yield result
-
-    def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        if self.worker.policy is not None:
-            self.worker.policy.drop(f"stream-{id(self)}")
-        self._admission.__exit__(None, None, None)
-        if self.session is not None:
-            self.worker.release(self.session)
-        if self._t_first is not None and self.tokens > 1:
-            self.worker.metrics.tpot.observe((self._t_last - self._t_first) / (self.tokens - 1))

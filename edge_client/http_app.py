@@ -7,7 +7,9 @@ drafted locally. The draft model runs on one worker thread; the event loop only 
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import socket
 import threading
 import time
 from typing import Annotated, Any, Literal
@@ -23,6 +25,7 @@ from tandem.errors import InvalidRequestError
 from tandem.models import LoadedModel
 from tandem.session import validate_prompt
 from tandem_protocol.errors import BEARER_HEADER, require_bearer
+from tandem_protocol.openai_api.limits import client_key
 from tandem_protocol.openai_api.middleware import install_error_handling
 from tandem_protocol.openai_api.openapi import Limits, install_openapi
 from tandem_protocol.openai_api.params import sampling_params
@@ -46,6 +49,15 @@ def get_service(request: Request) -> EdgeService:
 
 
 ServiceDep = Annotated[EdgeService, Depends(get_service)]
+
+
+def get_client(request: Request, service: ServiceDep) -> str:
+    """Whose share the request counts against (its key; on an open endpoint its address)."""
+    address = request.client.host if request.client is not None else ""
+    return client_key(request.headers.get("authorization", ""), address, bool(service.settings.edge_api_keys))
+
+
+ClientDep = Annotated[str, Depends(get_client)]
 
 
 async def require_api_key(request: Request, service: ServiceDep, _: BearerDep) -> None:
@@ -75,19 +87,19 @@ async def models(service: ServiceDep, request: Request) -> dict[str, Any]:
 
 
 @api.post("/v1/completions", responses=COMPLETION_RESPONSES)
-async def completions(body: CompletionRequest, service: ServiceDep) -> Response:
+async def completions(body: CompletionRequest, service: ServiceDep, client: ClientDep) -> Response:
     ids = await completion_prompt(body, service.draft.tokenizer)
-    return await _complete(service, body, ids, body.max_tokens, "text")
+    return await _complete(service, body, ids, body.max_tokens, "text", client)
 
 
 @api.post("/v1/chat/completions", responses=COMPLETION_RESPONSES)
-async def chat_completions(body: ChatRequest, service: ServiceDep) -> Response:
+async def chat_completions(body: ChatRequest, service: ServiceDep, client: ClientDep) -> Response:
     ids = await chat_completion_prompt(body, service.draft.tokenizer)
-    return await _complete(service, body, ids, body.max_completion_tokens or body.max_tokens, "chat")
+    return await _complete(service, body, ids, body.max_completion_tokens or body.max_tokens, "chat", client)
 
 
 async def _complete(service: EdgeService, body: CompletionRequest | ChatRequest, ids: list[int],
-                    max_tokens: int | None, kind: Literal["text", "chat"]) -> Response:
+                    max_tokens: int | None, kind: Literal["text", "chat"], client: str) -> Response:
     s, draft = service.settings, service.draft
     check_model(body, s.model_name)
     choices = sampling_params(body, max_tokens, len(ids), draft.context_length, s.max_tokens_limit)
@@ -96,20 +108,21 @@ async def _complete(service: EdgeService, body: CompletionRequest | ChatRequest,
                                   f"{s.max_tokens_limit}")
     validate_prompt(ids, draft.vocab_size, draft.context_length)
     gens: list[EdgeGeneration] = []
-    try:
-        for params in choices:  # n > 1: one generation per choice, in turn on the draft thread
-            gens.append(await service.start(ids, params))
-    except BaseException:
-        for gen in gens:
-            gen.close()
-        raise
 
     def stats() -> dict[str, Any]:
         done = [g.result.stats.as_dict() for g in gens if g.result is not None]
         return {"tandem": done[0] if len(done) == 1 else done} if done else {}
 
-    return await completion_response(gens, draft.tokenizer, body, kind, s.model_name, len(ids), extra=stats,
-                                     metrics=service.metrics)
+    async with service.gate.admit(client) as ticket:  # one slot per request; its generations hold it while they run
+        try:
+            for params in choices:  # n > 1: one generation per choice, in turn on the draft thread
+                gens.append(await service.start(ids, params, ticket))
+        except BaseException:
+            for gen in gens:
+                gen.close()
+            raise
+        return await completion_response(gens, draft.tokenizer, body, kind, s.model_name, len(ids), extra=stats,
+                                         metrics=service.metrics)
 
 
 def create_app(settings: EdgeSettings, draft: LoadedModel) -> FastAPI:
@@ -123,6 +136,31 @@ def create_app(settings: EdgeSettings, draft: LoadedModel) -> FastAPI:
     install_openapi(app, Limits(draft.vocab_size, draft.context_length, settings.max_tokens_limit),
                     secured=bool(settings.edge_api_keys))
     return app
+
+
+class EdgeServer(uvicorn.Server):
+    """uvicorn, stopping as the cloud does: on SIGTERM (or `should_exit`) new requests get 503, those in flight
+    have `shutdown_grace_s` to finish, then they are cancelled (their cloud sessions closed)."""
+
+    def __init__(self, settings: EdgeSettings, draft: LoadedModel) -> None:
+        app = create_app(settings, draft)
+        self.service: EdgeService = app.state.service
+        super().__init__(uvicorn.Config(
+            app, host=settings.host, port=settings.port, log_level="warning", access_log=False, lifespan="off",
+            ssl_certfile=settings.edge_tls_cert_file, ssl_keyfile=settings.edge_tls_key_file,
+            timeout_graceful_shutdown=settings.shutdown_grace_s + 1.0,  # type: ignore[arg-type]  # a backstop
+        ))
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        gate = self.service.gate
+        gate.close()
+        drain = asyncio.create_task(gate.drain(self.service.settings.shutdown_grace_s))
+        try:
+            await super().shutdown(sockets)
+            await drain
+        finally:
+            drain.cancel()
+            self.service.shutdown()
 
 
 def run(settings: EdgeSettings) -> None:
@@ -139,18 +177,15 @@ def run(settings: EdgeSettings) -> None:
              "https" if settings.edge_tls_cert_file else "http", settings.host, settings.port, draft.describe(),
              settings.threads,
              settings.cloud, settings.transport, settings.mode)
-    uvicorn.run(create_app(settings, draft), host=settings.host, port=settings.port, log_level="warning",
-                access_log=False, ssl_certfile=settings.edge_tls_cert_file, ssl_keyfile=settings.edge_tls_key_file)
+    EdgeServer(settings, draft).run()
+    log.info("stopped")
 
 
 class BackgroundEdge:
     """The endpoint on its own thread, for tests: `with BackgroundEdge(settings, draft) as port: ...`."""
 
     def __init__(self, settings: EdgeSettings, draft: LoadedModel) -> None:
-        config = uvicorn.Config(create_app(settings, draft), host=settings.host, port=settings.port,
-                                log_level="warning", access_log=False, lifespan="off",
-                                ssl_certfile=settings.edge_tls_cert_file, ssl_keyfile=settings.edge_tls_key_file)
-        self.server = uvicorn.Server(config)
+        self.server = EdgeServer(settings, draft)
         self.thread = threading.Thread(target=self.server.run, name="tandem-edge-http", daemon=True)
 
     def __enter__(self) -> int:
@@ -162,6 +197,10 @@ class BackgroundEdge:
             time.sleep(0.02)
         return int(self.server.servers[0].sockets[0].getsockname()[1])
 
-    def __exit__(self, *exc: object) -> None:
+    def stop(self, timeout: float = 30.0) -> None:
+        """As SIGTERM does: the graceful stop, then the thread ends."""
         self.server.should_exit = True
-        self.thread.join(10)
+        self.thread.join(timeout)
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

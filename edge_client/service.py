@@ -1,5 +1,7 @@
 """The edge endpoint's worker: the draft model on one thread, running the speculative loop per request; tokens reach
-the event loop through a queue, and a client that leaves stops its generation at the next token."""
+the event loop through a queue. A request that ends early (its client left, its wall time ran out, the server stops)
+stops its generation: the loop stops at its next token or reconnect, and the call in flight to the cloud is cancelled
+at once, so the cloud frees the session's cache now rather than at its TTL."""
 
 from __future__ import annotations
 
@@ -10,37 +12,66 @@ from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from edge_client.client import EdgeClient
+from edge_client.client import EdgeClient, make_verifier
+from edge_client.remote import GrpcVerifier, HttpVerifier
 from edge_client.settings import EdgeSettings
 from tandem.blocks import TokenLogprob
 from tandem.messages import Step
 from tandem.models import LoadedModel
 from tandem.sampling import SamplingParams
+from tandem.speculate import Cancelled
 from tandem.stats import GenerationResult, GenerationStats
 from tandem_protocol.metrics import Metrics
 from tandem_protocol.openai_api.figures import edge_metrics
+from tandem_protocol.openai_api.limits import Gate, Ticket
 
 
 class EdgeService:
-    """The draft model, its one thread, and the client that talks to the cloud."""
+    """The draft model, its one thread, the client that talks to the cloud, and admission to the thread."""
 
     def __init__(self, settings: EdgeSettings, draft: LoadedModel) -> None:
         self.settings = settings
         self.draft = draft
-        self.client = EdgeClient(settings, draft)
+        self.client = EdgeClient(settings, draft, self._connect)
         self.metrics = Metrics()
+        s = settings
+        self.gate = Gate(self.metrics, s.max_concurrent_requests, s.max_requests_per_key, s.max_queue,
+                         s.max_queue_wait_s, s.max_request_s)
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tandem-edge-draft")
+        self._lock = threading.Lock()
+        self._running: EdgeGeneration | None = None  # on the draft thread now
+        self._verifier: GrpcVerifier | HttpVerifier | None = None  # its connection to the cloud
 
-    async def start(self, prompt: list[int], params: SamplingParams) -> EdgeGeneration:
-        gen = EdgeGeneration(self, prompt, params)
+    def _connect(self) -> GrpcVerifier | HttpVerifier:
+        """On the draft thread: a connection for the running generation, unless it was cancelled (the loop calls
+        this before each attempt: a cancelled request stops retrying)."""
+        with self._lock:
+            if self._running is not None and self._running.cancelled:
+                raise Cancelled
+            self._verifier = make_verifier(self.settings, self.draft)
+            return self._verifier
+
+    def _abort(self, gen: EdgeGeneration) -> None:
+        with self._lock:
+            if self._running is gen and self._verifier is not None:
+                self._verifier.abort()
+
+    async def start(self, prompt: list[int], params: SamplingParams, ticket: Ticket) -> EdgeGeneration:
+        gen = EdgeGeneration(self, prompt, params, ticket)
         await gen.start()
         return gen
+
+    def shutdown(self) -> None:
+        """Stop the draft thread's queue; a generation still on it was cancelled already."""
+        self.executor.shutdown(wait=False, cancel_futures=True)
 
 
 class EdgeGeneration:
     """One request on the draft thread; its tokens reach the event loop through a queue."""
 
-    def __init__(self, service: EdgeService, prompt: list[int], params: SamplingParams) -> None:
+    def __init__(self, service: EdgeService, prompt: list[int], params: SamplingParams, ticket: Ticket) -> None:
+        ticket.share()
+        self.ticket = ticket
         self.service = service
         self.prompt = prompt
         self.params = params
@@ -50,23 +81,36 @@ class EdgeGeneration:
         self._queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
         self._first: tuple[str, Any] | None = None
         self._cancel = threading.Event()
+        self._closed = False
         self._t0 = time.perf_counter()
         self._logprobs: list[TokenLogprob] | None = None  # the next tokens' (set on the draft thread just before)
         self.stats = GenerationStats("")  # filled by the loop as it runs: read even when the request stops early
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancel.is_set()
 
     def _put(self, kind: str, value: Any) -> None:
         self._loop.call_soon_threadsafe(self._queue.put_nowait, (kind, value))
 
     def _job(self) -> None:
-        m = self.service.metrics
+        if self.cancelled:  # left while waiting for the draft thread: nothing to do, no cloud session to open
+            self._put("error", Cancelled())
+            return
+        service, m = self.service, self.service.metrics
+        with service._lock:
+            service._running = self
         try:
-            result = self.service.client.generate(
+            result = service.client.generate(
                 self.prompt, self.params, on_tokens=self._on_tokens, on_round=m.observe_verify,
                 cancelled=self._cancel.is_set, on_logprobs=self._on_logprobs, stats=self.stats,
             )
             self._put("done", result)
         except BaseException as e:
             self._put("error", e)
+        finally:
+            with service._lock:
+                service._running = service._verifier = None
 
     def _on_logprobs(self, logprobs: list[TokenLogprob]) -> None:
         self._logprobs = logprobs
@@ -83,17 +127,21 @@ class EdgeGeneration:
         """Run the request; return once its first token (or its failure: a clear status) is known."""
         self._loop.run_in_executor(self.service.executor, self._job)
         try:
-            self._first = await self._queue.get()
-        except asyncio.CancelledError:  # the request was dropped before its first token: stop the draft thread too
-            self._cancel.set()
+            self._first = await self.ticket.bounded(self._queue.get())
+        except BaseException:  # dropped (or out of time) before its first token: stop the draft thread too
+            self.close()
             raise
-        if self._first[0] == "error":
+        if self._first[0] == "error":  # the caller never sees this generation: its share ends here
+            self.close()
             raise self._first[1]
 
     async def __aiter__(self) -> AsyncIterator[Step]:
         m = self.service.metrics
         while True:
-            kind, value = self._first or await self._queue.get()
+            event = self._first
+            if event is None:
+                event = await self.ticket.bounded(self._queue.get())
+            kind, value = event
             self._first = None
             if kind == "tokens":
                 tokens, logprobs = value
@@ -110,4 +158,9 @@ class EdgeGeneration:
                 raise value
 
     def close(self) -> None:
-        self._cancel.set()  # the draft thread stops at its next token
+        if self._closed:
+            return
+        self._closed = True
+        self._cancel.set()  # the loop stops at its next token or reconnect
+        self.service._abort(self)  # and the call it waits on now
+        self.ticket.release()

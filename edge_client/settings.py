@@ -32,6 +32,17 @@ class EdgeSettings(SpeculationSettings, DraftPlacement):
     model_name: str = Field(default="tandem", description="the model id served on the edge's /v1/models")
     max_tokens_limit: int = Field(default=1024, ge=1)
     max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
+    # admission: the draft thread runs one request at a time; the others wait in a fair, bounded queue
+    max_concurrent_requests: int = Field(default=1, ge=1, description="requests running at once on the endpoint")
+    max_requests_per_key: int = Field(default=0, ge=0, description="requests one key (open: one address) may run "
+                                      "at once; 0: no cap of its own")
+    max_queue: int = Field(default=64, ge=0, description="requests that may wait for their turn, served "
+                           "round-robin across keys; 0: none (429 at once)")
+    max_queue_wait_s: float = Field(default=60.0, gt=0, description="longest wait in the queue; then 503")
+    max_request_s: float = Field(default=600.0, ge=0, description="wall-time limit of a request; then its "
+                                 "generation stops, 504; 0: none")
+    shutdown_grace_s: float = Field(default=10.0, ge=0, description="on SIGTERM: how long in-flight requests may "
+                                    "finish before they are cancelled")
     edge_api_keys: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="comma-separated keys the edge endpoint requires; empty: open")
     edge_api_keys_file: Path | None = Field(default=None, description="more keys, one a line ('#' comments); merged")

@@ -18,11 +18,13 @@ import torch.nn.functional as F
 from transformers import AttentionInterface, DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from tandem import exact
 from tandem.errors import CacheRollbackError
 from tandem.kv import SequenceState
 
 _ATTENTION = "tandem_packed"
-_SUPPORTED = ("sdpa", "eager")  # models whose attention goes through transformers' AttentionInterface
+# models whose attention goes through transformers' AttentionInterface
+_SUPPORTED = ("sdpa", "eager", exact.ATTENTION, exact.ATTENTION_ALONE)
 _current = threading.local()  # the packed cache of the pass running on this thread
 
 
@@ -46,6 +48,8 @@ def forward_batch(states: list[SequenceState], extras: list[list[int]]) -> list[
             raise CacheRollbackError("the cache runs past the committed tokens: commit or roll back first")
         if s.cached == len(s.tokens):
             s.rollback(s.cached - 1)  # as in `forward`: re-feed the last committed token for its logits
+        if s.exact is not None:
+            s.catch_up()  # exact passes: a longer tail (a candidate's tokens) goes in first, as solo passes do
         pending = s.tokens[s.cached :]
         feeds.append(pending + list(extra))
         skips.append(len(pending) - 1)
@@ -56,6 +60,9 @@ def _batchable(states: list[SequenceState]) -> bool:
     """One model with a standard attention, and caches of plain growing layers (no sliding window, no quantising)."""
     model = states[0].model
     if getattr(model.config, "_attn_implementation", None) not in _SUPPORTED:
+        return False
+    passes = exact.of(model)
+    if passes is not None and passes.fixed:  # rows change with the pass's size here: one session per pass
         return False
     return all(
         s.model is model and isinstance(s.cache, DynamicCache)
@@ -91,13 +98,14 @@ def _packed_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.T
                       **kwargs: Any) -> tuple[torch.Tensor, None]:
     """query: [1, Hq, T, D], the rows side by side; each row attends causally to its own cache. -> [1, T, Hq, D]"""
     cache: _PackedCache | None = getattr(_current, "cache", None)
+    causal = exact.attention_of(module) or _causal  # an exact model's rows attend as in its solo passes
     if cache is None:
         # the same model object running on another thread meanwhile (a plain, unpadded forward): causal over its keys
-        return _causal(query, key, value, scaling).transpose(1, 2).contiguous(), None
+        return causal(query, key, value, scaling).transpose(1, 2).contiguous(), None
     outs, start = [], 0
     layer = int(module.layer_idx)  # type: ignore[arg-type]
     for (k, v), n in zip(cache.full[layer], cache.lengths, strict=True):  # k, v: [1, Hkv, L, D]
-        outs.append(_causal(query[:, :, start : start + n], k, v, scaling))
+        outs.append(causal(query[:, :, start : start + n], k, v, scaling))
         start += n
     return torch.cat(outs, dim=2).transpose(1, 2).contiguous(), None
 
@@ -126,7 +134,7 @@ def _run_packed(states: list[SequenceState], feeds: list[list[int]], skips: list
     _current.cache = cache
     model.config._attn_implementation = _ATTENTION
     try:
-        out = model(input_ids=ids, past_key_values=cache, position_ids=positions, use_cache=True)
+        out = model(input_ids=ids, position_ids=positions, use_cache=True, **{states[0].cache_kw: cache})
     except BaseException:
         _restore(states, pasts)  # a pass cut short has grown some layers of some caches: undo it
         raise

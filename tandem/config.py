@@ -8,10 +8,14 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BeforeValidator, Field
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-# the pair every command uses unless told otherwise (names `tandem.models.load_model` resolves): SmolLM2-135M-Instruct
-# (the GGUF shipped on PyPI, converted once) and the FR-Spec draft distilled from it, shipped in this package
-DEFAULT_TARGET = "smollm2-135m-instruct"
-DEFAULT_DRAFT = "smollm2-135m-draft"
+# the pair every command uses unless told otherwise (names `tandem.models.load_model` resolves): Qwen2.5-Coder-1.5B-
+# Instruct in the cloud and Qwen2.5-Coder-0.5B-Instruct on the device, Q4_K_M GGUF files from PyPI data packages
+# (`requirements-models.txt`), assembled and converted once
+DEFAULT_TARGET = "qwen2.5-coder-1.5b-instruct"
+DEFAULT_DRAFT = "qwen2.5-coder-0.5b-instruct"
+# SmolLM2-135M-Instruct (GGUF from PyPI) and the FR-Spec draft distilled from it, shipped in this package
+SMOLLM_TARGET = "smollm2-135m-instruct"
+SMOLLM_DRAFT = "smollm2-135m-draft"
 # the standard-library code pair trained for the tests and code benchmarks (small, fast, no chat template)
 DEMO_TARGET = "demo-target"
 DEMO_DRAFT = "demo-draft"
@@ -32,9 +36,13 @@ Gamma = Annotated[int | Literal["adaptive"], BeforeValidator(_parse_gamma), Afte
 
 
 Mode = Literal["spec", "cloud", "edge", "auto"]
-DtypeName = Literal["float32", "bfloat16", "float16"]
+DtypeName = Literal["auto", "float32", "bfloat16", "float16"]
+ExactSetting = Literal["auto", "on", "off"]
 DEVICE_HELP = "auto (CUDA, else MPS, else CPU), cpu, cuda[:N] or mps"
-DTYPE_HELP = "float32 is exactly lossless; bfloat16/float16 can flip near-tied argmaxes (bench local reports how often)"
+DTYPE_HELP = ("auto: bfloat16 where the hardware computes it natively (CUDA, a CPU with AVX-512 BF16 or AMX), else "
+              "float32; float32 is the bit-exact reference")
+EXACT_HELP = ("exact passes: a position's logits independent of its pass's shape, so that speculative greedy output "
+              "equals the target alone's in any dtype; auto: on below float32")
 COMPILE_HELP = "the fast path: compiled decode and verify steps over a preallocated cache (plain Llama models)"
 SIZES_HELP = "pass lengths compiled at start-up (a pass pads up to the next; longer ones run eager); comma-separated"
 
@@ -59,7 +67,8 @@ class TargetPlacement(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="TANDEM_", extra="ignore")
 
     device: str = Field(default="auto", description=DEVICE_HELP)
-    dtype: DtypeName = Field(default="float32", description=DTYPE_HELP)
+    dtype: DtypeName = Field(default="auto", description=DTYPE_HELP)
+    exact_passes: ExactSetting = Field(default="auto", description=EXACT_HELP)
     compile: bool = Field(default=False, description=COMPILE_HELP)
     compile_sizes: Annotated[tuple[int, ...], NoDecode, BeforeValidator(_parse_sizes)] = Field(
         default=COMPILE_SIZES, description=SIZES_HELP)
@@ -71,7 +80,7 @@ class DraftPlacement(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="TANDEM_", extra="ignore")
 
     draft_device: str = Field(default="auto", description=DEVICE_HELP)
-    draft_dtype: DtypeName = Field(default="float32", description=DTYPE_HELP)
+    draft_dtype: DtypeName = Field(default="auto", description=DTYPE_HELP)
     draft_compile: bool = Field(default=False, description=COMPILE_HELP)
 
 
@@ -83,7 +92,9 @@ class SpeculationSettings(BaseSettings):
     cloud: str = Field(default="127.0.0.1:50051", description="HOST:PORT of the cloud (gRPC or HTTP per transport)")
     mode: Mode = "spec"
     gamma: Gamma = Field(default="adaptive", description="draft block length, or adaptive")
-    max_gamma: int = Field(default=12, ge=1, description="the largest block adaptive gamma may choose")
+    max_gamma: int = Field(default=16, ge=1, description="the largest block adaptive gamma may choose")
+    draft_p_min: float = Field(default=0.75, ge=0.0, le=1.0, description="a block ends before a token the draft "
+                               "gives less than this probability (after one; 0: blocks of gamma tokens)")
     pipeline: bool = Field(default=True, description="draft the next block while the current one is verified")
     q_top_k: int = Field(default=16, ge=1, description="sampling: the draft samples from its top-k and sends them")
     fallback: Literal["none", "edge"] = "none"
@@ -110,6 +121,8 @@ class CoreSettings(TargetPlacement, DraftPlacement):
     draft: str = DEFAULT_DRAFT
     threads: int = Field(default=2, ge=1, description="torch intra-op threads for this process")
     gamma: Gamma = Field(default=4, description="draft block length, or 'adaptive' (edge path)")
+    draft_p_min: float = Field(default=0.75, ge=0.0, le=1.0, description="a block ends before a token the draft "
+                               "gives less than this probability (bench local's spec mode; spec-fixed: never)")
 
 
 # API keys, shared by the cloud's and the edge endpoint's settings

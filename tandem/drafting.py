@@ -35,8 +35,10 @@ class Drafter(Protocol):
     def start(self, context: list[int], params: SamplingParams) -> None:
         """A new session over `context` (a new generation, or a resume)."""
 
-    def propose(self, context: list[int], n: int, room: int | None = None) -> DraftBlock:
-        """A block continuing `context` from `n` draft-model passes; `room`: block tokens allowed in all."""
+    def propose(self, context: list[int], n: int, room: int | None = None, at_least: int = 1) -> DraftBlock:
+        """A block continuing `context` from `n` draft-model passes; `room`: block tokens allowed in all. A drafter
+        may end a block early where it is unsure, after `at_least` tokens (a block sent ahead: its guessed bonus
+        and one more)."""
 
     def learn(self, context: list[int], block: DraftBlock, result: VerifyResult, skipped: int = 0) -> None:
         """The verdict on `block` as proposed, whose first `skipped` tokens were committed before it was verified
@@ -75,13 +77,17 @@ def draft_block(tokens: list[int], rows: list[DraftRow]) -> DraftBlock:
 
 class ModelDrafter:
     """Drafts with a small causal LM over one growing context; `reset` moves it to another context, keeping the
-    cache over the common prefix (one crop)."""
+    cache over the common prefix (one crop). `p_min`: a block ends before a token the draft gives less than this
+    probability (its most likely token's, under the request's sampling; llama.cpp's draft p-min), after at least one:
+    long blocks where the draft is sure, short ones where it is not. `cut` counts the blocks it ended."""
 
-    def __init__(self, draft: LoadedModel, q_form: QForm = "sparse", q_top_k: int = 16) -> None:
+    def __init__(self, draft: LoadedModel, q_form: QForm = "sparse", q_top_k: int = 16, p_min: float = 0.0) -> None:
         self.draft = draft
         self.q_form: QForm = q_form
         self.q_top_k = q_top_k
+        self.p_min = p_min
         self.steps = 0
+        self.cut = 0
 
     def start(self, context: list[int], params: SamplingParams) -> None:
         self.params = params
@@ -100,12 +106,13 @@ class ModelDrafter:
         self.state.tokens = list(context)
         self.state.rollback(min(self.state.cached, common))
 
-    def propose(self, context: list[int], n: int, room: int | None = None) -> DraftBlock:
+    def propose(self, context: list[int], n: int, room: int | None = None, at_least: int = 1) -> DraftBlock:
         self.reset(context)
-        return self.draft_tokens(n)
+        return self.draft_tokens(n, at_least)
 
-    def draft_tokens(self, n: int) -> DraftBlock:
-        """n tokens continuing the current context, which grows by them."""
+    def draft_tokens(self, n: int, at_least: int = 1) -> DraftBlock:
+        """n tokens continuing the current context, which grows by them; fewer, but `at_least`, where the draft is
+        unsure (`p_min`)."""
         tokens: list[int] = []
         rows: list[DraftRow] = []
         while len(tokens) < n:
@@ -121,12 +128,23 @@ class ModelDrafter:
             logits = self.state.forward()[-1]  # [V]
             if self.shaper.active:
                 logits = self.shaper.shape(logits[None], self.state.tokens, self.output_start, [[]])[0]
+            self.steps += 1
+            if len(tokens) >= at_least and self.p_min > 0 and self._top_prob(logits) < self.p_min:
+                # unsure here: the block ends. The step is not lost: its cache entry (the last token) is kept
+                self.cut += 1
+                break
             tok, row = draw_draft_token(logits, self.params, self.q_form, self.q_top_k, self.generator)
             tokens.append(tok)
             rows.append(row)
             self.state.tokens.append(tok)
-            self.steps += 1
         return draft_block(tokens, rows)
+
+    def _top_prob(self, logits: torch.Tensor) -> float:
+        """The probability of the draft's most likely next token ([V] logits), as it would sample (temperature 1
+        under greedy)."""
+        if self.params.greedy:
+            return float(torch.softmax(logits.float(), -1).max())
+        return float(logits_to_probs(logits, self.params).max())
 
     def _certain(self, token: int) -> DraftRow:
         """The q row of a token drawn with probability 1, in this drafter's form."""

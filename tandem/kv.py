@@ -7,11 +7,20 @@ crop, for both.
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
-from tandem import fastlm
+from tandem import exact, fastlm
 from tandem.errors import CacheRollbackError
+
+
+def cache_kwarg(model: torch.nn.Module) -> str:
+    """The name a model's forward takes its KV cache by: `cache` in recent transformers (where `past_key_values`
+    warns, and goes in 5.40), else `past_key_values`."""
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
 
 
 def model_device(model: torch.nn.Module) -> torch.device:
@@ -64,6 +73,8 @@ class SequenceState:
             DynamicCache(config=model.config) if self.fast is None else StaticKV(self.fast, fastlm.CACHE_STEP)
         )
         self.device = model_device(model)
+        self.exact = exact.of(model)
+        self.cache_kw = cache_kwarg(model)
 
     @property
     def cached(self) -> int:
@@ -83,6 +94,22 @@ class SequenceState:
         pending = self.tokens[self.cached :]
         return self.run(pending + list(extra))[len(pending) - 1 :]
 
+    def catch_up(self, bulk: int = 0) -> None:
+        """Cache every committed token but the last (a prefill). Exact passes: the first `bulk` positions in one pass
+        (a prompt's prefill, the same in every mode), the rest in passes of at most `exact.PREFILL_ROWS`, whose rows
+        come out as in any other exact pass (a resume re-feeds the output so far)."""
+        end = len(self.tokens) - 1
+        if self.cached > end:
+            raise CacheRollbackError("the cache runs past the committed tokens: commit or roll back first")
+        if self.exact is None or self.fast is not None:
+            if self.cached < end:
+                self.run(self.tokens[self.cached : end])
+            return
+        if self.cached < min(bulk, end):
+            self.run(self.tokens[self.cached : min(bulk, end)])
+        while self.cached < end:
+            self.run(self.tokens[self.cached : min(end, self.cached + exact.PREFILL_ROWS)])
+
     @torch.inference_mode()
     def run(self, ids: list[int]) -> torch.Tensor:
         """Feed `ids` at the next uncached positions; [len(ids), V] float32 logits."""
@@ -90,10 +117,15 @@ class SequenceState:
         if self.fast is not None:
             slots = torch.arange(start, start + len(ids), device=self.device)  # [n]
             return self._run_fast(ids, slots.clone(), slots, None)
-        feed = torch.tensor([ids], dtype=torch.long, device=self.device)  # [1, n]
-        positions = torch.arange(start, start + len(ids), device=self.device)[None]  # [1, n]
-        out = self.model(input_ids=feed, past_key_values=self.cache, position_ids=positions, use_cache=True)
-        logits: torch.Tensor = out.logits[0].float()
+        # exact passes: never fewer rows than the shape whose rows match every larger one; padding rows come last, so
+        # no real row sees them, and their cache entries are dropped
+        pad = 0 if self.exact is None else max(0, self.exact.min_rows - len(ids))
+        feed = torch.tensor([ids + ids[-1:] * pad], dtype=torch.long, device=self.device)  # [1, n + pad]
+        positions = torch.arange(start, start + len(ids) + pad, device=self.device)[None]  # [1, n + pad]
+        out = self.model(input_ids=feed, position_ids=positions, use_cache=True, **{self.cache_kw: self.cache})
+        if pad:
+            self.cache.crop(-pad)
+        logits: torch.Tensor = out.logits[0, : len(ids)].float()
         return logits
 
     def forward_tree(self, parents: list[int], nodes: list[int]) -> torch.Tensor:
@@ -122,10 +154,13 @@ class SequenceState:
             if parent >= 0:
                 allowed[i] = allowed[parent]
             allowed[i, i] = True
-        q = p + n
+        pad = 0 if self.exact is None or self.fast is not None else max(0, self.exact.min_rows - p - n)
+        q = p + n + pad
         see = torch.ones(q, start + q, dtype=torch.bool)  # [q, kv] everything cached is visible
         see[:, start:] = torch.ones(q, q, dtype=torch.bool).tril()  # the pending tail is causal; nodes see all of it
-        see[p:, start + p :] = allowed
+        see[p : p + n, start + p : start + p + n] = allowed  # padding rows (exact passes) see everything before them
+        depth += [depth[-1] + 1 + i for i in range(pad)]
+        nodes = [*nodes, *nodes[-1:] * pad]
         positions = torch.tensor(list(range(start, start + p)) + [start + p + d for d in depth])  # [q]
         if self.fast is not None:
             with torch.inference_mode():
@@ -137,9 +172,11 @@ class SequenceState:
         mask = torch.zeros(q, start + q, dtype=dtype).masked_fill_(~see, torch.finfo(dtype).min)[None, None]
         feed = torch.tensor([pending + list(nodes)], dtype=torch.long, device=self.device)  # [1, q]
         with torch.inference_mode():
-            out = self.model(input_ids=feed, attention_mask=mask.to(self.device), past_key_values=self.cache,
-                             position_ids=positions[None].to(self.device), use_cache=True)
-        logits: torch.Tensor = out.logits[0, p - 1 :].float()
+            out = self.model(input_ids=feed, attention_mask=mask.to(self.device), use_cache=True,
+                             position_ids=positions[None].to(self.device), **{self.cache_kw: self.cache})
+        if pad:
+            self.cache.crop(-pad)
+        logits: torch.Tensor = out.logits[0, p - 1 : q - pad].float()
         return logits
 
     def _run_fast(self, ids: list[int], positions: torch.Tensor, slots: torch.Tensor,

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from tandem import fastlm, frspec, gguf
+from tandem import exact, fastlm, frspec, gguf
 from tandem.errors import ModelLoadError, TokenizerMismatchError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -32,6 +32,7 @@ class LoadedModel:
     model: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
     fingerprint: str
+    dtype_why: str = ""  # why this dtype, when it was chosen by `auto`
 
     @property
     def vocab_size(self) -> int:
@@ -70,11 +71,17 @@ class LoadedModel:
         fast = fastlm.of(self.model)
         return fast is not None and fast.compiled is not None
 
+    @property
+    def exact(self) -> exact.ExactPasses | None:
+        return exact.of(self.model)
+
     def describe(self) -> str:
-        """`name on device, dtype, compiled|eager`: what start-up prints."""
+        """`name on device, dtype (why), compiled|eager[, exact passes: how]`: what start-up prints."""
         fast = fastlm.of(self.model)
         how = f"compiled in {fast.compile_s:.0f} s" if fast is not None and fast.compiled is not None else "eager"
-        return f"{self.name} on {self.device}, {str(self.dtype).removeprefix('torch.')}, {how}"
+        why = f" ({self.dtype_why})" if self.dtype_why else ""
+        passes = f"; exact passes: {self.exact.why}" if self.exact is not None else ""
+        return f"{self.name} on {self.device}, {str(self.dtype).removeprefix('torch.')}{why}, {how}{passes}"
 
 
 def resolve_device(spec: str) -> torch.device:
@@ -104,8 +111,39 @@ def parse_dtype(name: str | torch.dtype) -> torch.dtype:
     if isinstance(name, torch.dtype):
         return name
     if name not in DTYPES:
-        raise ModelLoadError(f"unknown dtype {name!r}: use one of {', '.join(DTYPES)}")
+        raise ModelLoadError(f"unknown dtype {name!r}: use auto or one of {', '.join(DTYPES)}")
     return DTYPES[name]
+
+
+def cpu_bf16_flags() -> list[str]:
+    """The CPU's native bfloat16 features (Linux `/proc/cpuinfo`: AVX-512 BF16, AMX); empty where none or unknown."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return []
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    return [f for f in ("avx512_bf16", "amx_bf16") if f in flags]
+
+
+def auto_dtype(device: torch.device) -> tuple[torch.dtype, str]:
+    """bfloat16 where the hardware computes it natively (CUDA with bf16, a CPU with AVX-512 BF16 or AMX), else
+    float32; and why, for start-up to print."""
+    if device.type == "cuda":
+        if torch.cuda.is_bf16_supported():
+            return torch.bfloat16, "auto: the GPU computes bfloat16 natively"
+        return torch.float32, "auto: this GPU has no native bfloat16"
+    if device.type == "cpu":
+        flags = cpu_bf16_flags()
+        if flags:
+            return torch.bfloat16, f"auto: the CPU computes bfloat16 natively ({', '.join(flags)})"
+        return torch.float32, "auto: the CPU has no native bfloat16 (no avx512_bf16 or amx_bf16)"
+    return torch.float32, f"auto: float32 on {device.type}"
+
+
+def exact_default(setting: str, dtype: torch.dtype) -> bool:
+    """`exact_passes` (auto, on, off) for a target in `dtype`: auto is on below float32, where pass shapes move
+    argmaxes (`tandem.exact`)."""
+    return setting == "on" or (setting == "auto" and dtype != torch.float32)
 
 
 def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
@@ -116,34 +154,42 @@ def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
-def resolve(name_or_path: str) -> str:
+def resolve(name_or_path: str, dtype: torch.dtype = torch.float32) -> str:
+    """A local folder for `name_or_path` (a GGUF converted to `dtype` on first use), or the hub id as it is."""
     packaged = DEMO_MODELS.get(name_or_path) or SHIPPED_DRAFTS.get(name_or_path)
     if packaged is not None:
         if not (packaged / "config.json").exists():
             raise ModelLoadError(f"model {name_or_path!r} is missing from the package (expected {packaged})")
         return str(packaged)
-    if name_or_path in gguf.SHIPPED_GGUF:
-        return str(gguf.converted(gguf.shipped_path(name_or_path)))
+    dtype_name = str(dtype).removeprefix("torch.")
+    if gguf.is_shipped(name_or_path):
+        return str(gguf.shipped_converted(name_or_path, dtype_name))
     if name_or_path.endswith(".gguf"):
         path = Path(name_or_path).expanduser()
         if not path.is_file():
             raise ModelLoadError(f"no GGUF file at {name_or_path!r}")
-        return str(gguf.converted(path))
+        return str(gguf.converted(path, dtype_name))
     return name_or_path
 
 
 def load_model(name_or_path: str, dtype: torch.dtype | str = torch.float32, device: torch.device | str = "cpu",
-               compile: bool = False, buckets: tuple[int, ...] = fastlm.BUCKETS) -> LoadedModel:
-    """Weights are cast to `dtype` (float32 by default: exact greedy equality needs stable argmaxes) on `device`
-    (`resolve_device`). `compile`: the fast path (`tandem.fastlm`), a graph per pass length in `buckets` built before
-    this returns (a draft needs `fastlm.DRAFT_BUCKETS`); a model it cannot run stays eager, with a warning."""
+               compile: bool = False, buckets: tuple[int, ...] = fastlm.BUCKETS,
+               exact_passes: str | bool = False) -> LoadedModel:
+    """Weights are cast to `dtype` (`auto`: `auto_dtype`) on `device` (`resolve_device`). `compile`: the fast path
+    (`tandem.fastlm`), a graph per pass length in `buckets` built before this returns (a draft needs
+    `fastlm.DRAFT_BUCKETS`); a model it cannot run stays eager, with a warning. `exact_passes` (a target's: True, or
+    auto / on / off): each position's logits independent of its pass's shape (`tandem.exact`), probed here; not with
+    the compiled fast path."""
     from transformers.utils import logging as hf_logging
 
-    dtype = parse_dtype(dtype)
     device = resolve_device(device) if isinstance(device, str) else device
+    why = ""
+    if dtype == "auto":
+        dtype, why = auto_dtype(device)
+    dtype = parse_dtype(dtype)
 
     hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
-    source = resolve(name_or_path)
+    source = resolve(name_or_path, dtype)
     local = Path(source).is_dir()
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local or _offline())
@@ -158,9 +204,16 @@ def load_model(name_or_path: str, dtype: torch.dtype | str = torch.float32, devi
     model.eval().requires_grad_(False)  # type: ignore[no-untyped-call]
     if device.type != "cpu":
         model.to(device)  # type: ignore[arg-type]
-    if compile:
-        enable_fast_path(model, name_or_path, buckets=buckets)
-    return LoadedModel(name_or_path, model, tokenizer, tokenizer_fingerprint(tokenizer))
+    fast = compile and enable_fast_path(model, name_or_path, buckets=buckets)
+    if exact_default(exact_passes, dtype) if isinstance(exact_passes, str) else exact_passes:
+        if fast:
+            import logging
+
+            logging.getLogger(__name__).warning("%s: the compiled fast path does not run exact passes: a position's "
+                                                "logits may depend on its pass's shape", name_or_path)
+        else:
+            exact.enable(model)
+    return LoadedModel(name_or_path, model, tokenizer, tokenizer_fingerprint(tokenizer), why)
 
 
 def enable_fast_path(model: nn.Module, name: str, compile: bool = True,

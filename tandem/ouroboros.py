@@ -97,8 +97,8 @@ class OuroborosDrafter:
 
     def __init__(self, draft: LoadedModel, pool: PhrasePool | None = None, cfg: OuroborosConfig | None = None,
                  q_form: QForm = "sparse", q_top_k: int = 16, costs: CostCurve | None = None,
-                 overhead_s: float = 0.0) -> None:
-        self.inner = ModelDrafter(draft, q_form, q_top_k)
+                 overhead_s: float = 0.0, p_min: float = 0.0) -> None:
+        self.inner = ModelDrafter(draft, q_form, q_top_k, p_min)
         self.pool = pool if pool is not None else PhrasePool()
         self.cfg = cfg or OuroborosConfig()
         self.sources = SourceCounts()
@@ -126,7 +126,7 @@ class OuroborosDrafter:
             self.pool.feed(context, origin="prompt")
         self._seeded = True
 
-    def propose(self, context: list[int], n: int, room: int | None = None) -> DraftBlock:
+    def propose(self, context: list[int], n: int, room: int | None = None, at_least: int = 1) -> DraftBlock:
         room = max(n, self.cfg.max_draft if room is None else room)
         self.inner.reset(context)
         parted: list[Candidate] = []
@@ -140,7 +140,7 @@ class OuroborosDrafter:
             self.inner.steps += passes
             block = DraftBlock(tokens)
         else:
-            block = self.inner.draft_tokens(n)
+            block = self.inner.draft_tokens(n, at_least)
             origin = ["draft"] * len(block.tokens)
         spent = time.perf_counter() - t0
         if self.params.grammar is None:  # under a grammar the draft proposes only what it allows: no pool tokens

@@ -84,9 +84,10 @@ class TargetSession:
         return len(self.state.tokens) - self.prompt_len
 
     def prefill(self) -> None:
-        """Cache the prompt (all but its last token) ahead of the first block."""
+        """Cache the prompt (all but its last token) ahead of the first block. A resumed context's output so far
+        (`params.emitted`) goes in as the exact passes that first computed it would have (`SequenceState.catch_up`)."""
         if self.state.cached < len(self.state.tokens) - 1:
-            self.state.run(self.state.tokens[self.state.cached : -1])
+            self.state.catch_up(bulk=self.output_start - 1)
             self.passes += 1
 
     def align(self, block: DraftBlock, base_len: int) -> DraftBlock | None:
@@ -105,6 +106,8 @@ class TargetSession:
 
     def forward(self, prepared: PreparedBlock) -> torch.Tensor:
         """The target's logits for `finish`: [1 + nodes, V] (nodes: the block's tokens, or its tree's nodes)."""
+        if self.state.exact is not None:  # a pass's rows, as every mode computes them: the prompt apart
+            self.prefill()
         if prepared.tree is not None:
             return self.state.forward_tree(prepared.tree.parents, prepared.tree.nodes)
         return self.state.forward(prepared.tokens)

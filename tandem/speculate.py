@@ -160,10 +160,10 @@ class SpeculativeDecoder:
     def _make_drafter(self) -> Drafter:
         s = self.settings
         if not s.ouroboros:
-            return ModelDrafter(self.draft, "sparse", s.q_top_k)
+            return ModelDrafter(self.draft, "sparse", s.q_top_k, s.draft_p_min)
         # blocks sized on the cost curve the loop measures (one object: the drafter reads what the loop observes)
         return OuroborosDrafter(self.draft, self.pools.get(s.client_id), self.ouroboros, "sparse", s.q_top_k,
-                                costs=self.model.costs)
+                                costs=self.model.costs, p_min=s.draft_p_min)
 
     def _auto_prefers_cloud(self) -> bool:
         if not self._auto_cloud:
@@ -295,16 +295,18 @@ class SpeculativeDecoder:
                     n = g + (tail is not None)  # a block sent ahead starts with the guessed bonus token
                     spec_ctx = run.ctx if tail is None else run.ctx[: live[0].base] + [
                         t for e in live for t in e.block.tokens]
-                    t0 = time.perf_counter()
+                    t0, steps = time.perf_counter(), drafter.steps
                     # a probe's empty block measures one target step
-                    block = DraftBlock([]) if probe else drafter.propose(spec_ctx, n, max(n, room + (tail is not None)))
-                    spent = time.perf_counter() - t0
+                    block = DraftBlock([]) if probe else drafter.propose(spec_ctx, n, max(n, room + (tail is not None)),
+                                                                         at_least=min(n, 1 + (tail is not None)))
+                    spent, steps = time.perf_counter() - t0, drafter.steps - steps
+                    g = min(g, len(block.tokens) - (tail is not None))  # a drafter may end a block early (p-min)
                     if auto and not probe:  # load-aware: what the cloud needs to advise the next block
                         block.report = EdgeReport(model.draft_s.value * 1e3, model.rtt_s.value * 1e3, own, pipelined)
                     for e in inflight:
                         e.clean = False
-                    if n:
-                        model.observe_draft_step(spent / n)
+                    if steps:
+                        model.observe_draft_step(spent / steps)
                     stats.gammas.append(g)
                     session.send(block, base if pipelined else None)
                     sent = _Sent(base, block, True, time.perf_counter(), clean=not any(e.live for e in inflight))

@@ -86,6 +86,21 @@ class Metrics:
             "tandem_client_disconnects", "Streams the client left before their end; their work was freed.",
             ["route"], registry=r,
         )
+        self.running = Gauge("tandem_requests_running", "Requests admitted and running now.", registry=r)
+        self.waiting = Gauge("tandem_requests_waiting", "Requests waiting in the admission queue now.", registry=r)
+        self.queue_wait = Histogram(
+            "tandem_queue_wait_seconds", "Time a request waited in the admission queue (admitted or not).",
+            buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self.cancelled = Counter(
+            "tandem_requests_cancelled", "Requests stopped before their end, by reason: client_gone (the client "
+            "disconnected or cancelled), deadline (the client's gRPC deadline passed), limit (the server's wall-time "
+            "or queue-wait limit), shutdown (still running at the end of the grace period).", ["reason"], registry=r,
+        )
+        self.rejected = Counter(
+            "tandem_requests_rejected", "Requests refused at admission, by reason: capacity (429), client_limit "
+            "(429: the client's own concurrency cap), queue_full (429), shutdown (503).", ["reason"], registry=r,
+        )
         ProcessCollector(registry=r)  # process_resident_memory_bytes and friends (Linux): memory under load
 
     def observe_verify(self, drafted: int, accepted: int) -> None:

@@ -36,7 +36,8 @@ from tandem_tools.train.data import heldout_prompts
 
 # ar-eager: the target alone in float32 through HF's eager forward, the exactly-lossless reference: with it, every
 # mode's output is also compared with it (the match rate of a reduced precision or compiled setting)
-MODES = ("ar", "ar-eager", "spec", "ouroboros", "hf-assisted", "hf-assisted-constant")
+# spec: blocks of up to gamma tokens, ended where the draft is unsure (its p-min); spec-fixed: always gamma tokens
+MODES = ("ar", "ar-eager", "spec", "spec-fixed", "ouroboros", "hf-assisted", "hf-assisted-constant")
 WARM_SHIFTS = {"repeat": 0, "shifted": 32}  # the warm start's second passes: each prompt again, or its window moved on
 
 
@@ -138,7 +139,8 @@ def run_bench_local(
         raise SystemExit("bench local compares fixed block lengths: pass --gamma N")
     modes = ["ar", *[m for m in modes if m != "ar"]]  # the baseline always runs: every ratio needs it
     torch.set_num_threads(settings.threads)
-    target = load_model(settings.target, settings.dtype, settings.device, settings.compile, settings.compile_sizes)
+    target = load_model(settings.target, settings.dtype, settings.device, settings.compile, settings.compile_sizes,
+                        settings.exact_passes)
     draft = load_model(settings.draft, settings.draft_dtype, settings.draft_device, settings.draft_compile,
                        DRAFT_BUCKETS)
     check_pair(draft, target)
@@ -170,9 +172,13 @@ def run_bench_local(
     runners: dict[str, Callable[[list[int]], tuple[list[int], float, dict]]] = {
         "ar": lambda p: _ours(generate_autoregressive(target, p, params)),
         "ar-eager": lambda p: _ours(generate_autoregressive(exact, p, params)),  # type: ignore[arg-type]
-        "spec": lambda p: _ours(generate_speculative(ModelDrafter(draft), LocalVerifier(target), p, params, gamma)),
+        "spec": lambda p: _ours(generate_speculative(ModelDrafter(draft, p_min=settings.draft_p_min),
+                                                     LocalVerifier(target), p, params, gamma)),
+        "spec-fixed": lambda p: _ours(generate_speculative(ModelDrafter(draft), LocalVerifier(target), p, params,
+                                                           gamma)),
         # a cold pool; blocks sized on the target's cost curve measured above
-        "ouroboros": lambda p: _ouroboros(OuroborosDrafter(draft, costs=CostCurve(curve)), target, p, params, gamma),
+        "ouroboros": lambda p: _ouroboros(OuroborosDrafter(draft, costs=CostCurve(curve), p_min=settings.draft_p_min),
+                                          target, p, params, gamma),
         "hf-assisted": lambda p: (*_hf_assisted(target, assistant, p, params, None), {}),
         "hf-assisted-constant": lambda p: (*_hf_assisted(target, assistant, p, params, gamma), {}),
     }

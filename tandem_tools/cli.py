@@ -51,7 +51,7 @@ def demo(
 TARGET_HELP = (f"target model: a short name (default {DEFAULT_TARGET}; {DEMO_TARGET}: the code pair), a .gguf "
                "file, a folder, or a hub id")
 DEVICE_OPT = "auto (CUDA, else MPS, else CPU), cpu, cuda[:N], mps"
-DTYPE_OPT = "float32 (exactly lossless), bfloat16 or float16"
+DTYPE_OPT = "auto (bfloat16 where the hardware computes it natively, else float32), float32, bfloat16 or float16"
 SIZES_OPT = "pass lengths compiled at start-up, comma-separated (default 1,2,3,4,5,6,8,12,16)"
 COMPILE_OPT = "the fast path: compiled decode and verify steps (plain Llama models; compiles at start-up)"
 DRAFT_HELP = f"draft model: a short name (default {DEFAULT_DRAFT}; {DEMO_DRAFT}: the code pair), a folder, or a hub id"
@@ -96,7 +96,8 @@ def train_demo_cmd(
 
 @bench_app.command("local")
 def bench_local(
-    modes: Annotated[str, typer.Option(help="comma-separated: ar, spec, ouroboros, hf-assisted, hf-assisted-constant")
+    modes: Annotated[str, typer.Option(help="comma-separated: ar, ar-eager, spec, spec-fixed, ouroboros, hf-assisted, "
+                                            "hf-assisted-constant")
                      ] = "ar,spec,hf-assisted",
     prompts: Annotated[int, typer.Option(help="requests of the trace, or held-out stdlib prompts (a code model)")] = 10,
     prompt_tokens: Annotated[int, typer.Option()] = 128,
@@ -118,6 +119,8 @@ def bench_local(
     draft_dtype: Annotated[str | None, typer.Option(help=DTYPE_OPT)] = None,
     draft_compile: Annotated[bool | None, typer.Option("--draft-compile/--no-draft-compile", help=COMPILE_OPT)]
     = None,
+    draft_p_min: Annotated[float | None, typer.Option(help="spec and ouroboros: a block ends before a token the draft "
+                                                           "gives less than this probability")] = None,
 ) -> None:
     """Target alone vs our speculative loop vs HF transformers' assisted generation, interleaved, greedy; with the
     pair's roofline (v, c and the bounds) and, with mode ar-eager, every mode's match rate against float32 eager."""
@@ -127,7 +130,8 @@ def bench_local(
     settings = CoreSettings(**_overrides(gamma=gamma, threads=threads, target=target, draft=draft, device=device,
                                          dtype=dtype, compile=compile, compile_sizes=compile_sizes,
                                          draft_device=draft_device,
-                                         draft_dtype=draft_dtype, draft_compile=draft_compile))
+                                         draft_dtype=draft_dtype, draft_compile=draft_compile,
+                                         draft_p_min=draft_p_min))
     run_bench_local(settings, modes.split(","), prompts, prompt_tokens, max_tokens, json_out, warm=warm, trace=trace)
 
 

@@ -88,7 +88,8 @@ def run_demo(settings: CoreSettings, prompt: str | None, max_tokens: int, mode: 
             if m == mode:
                 console.print()
     # the target alone, in this process, after the cloud has stopped
-    target = load_model(settings.target, settings.dtype, settings.device, settings.compile, settings.compile_sizes)
+    target = load_model(settings.target, settings.dtype, settings.device, settings.compile, settings.compile_sizes,
+                        settings.exact_passes)
     check_pair(draft, target)
     alone = generate_autoregressive(target, ids, params)
     report(console, runs, alone)

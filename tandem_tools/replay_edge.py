@@ -175,7 +175,7 @@ class ReplayDrafter:
             raise InvalidRequestError(f"the replay table holds no prompt starting this {len(context)}-token context")
         self._entry = entry
 
-    def propose(self, context: list[int], n: int, room: int | None = None) -> DraftBlock:
+    def propose(self, context: list[int], n: int, room: int | None = None, at_least: int = 1) -> DraftBlock:
         if self._entry is None:
             raise RuntimeError("propose before start")
         if n > self.table.width:

@@ -207,15 +207,15 @@ def test_placement_settings_from_the_environment(monkeypatch: pytest.MonkeyPatch
 
 
 def test_real_pair_on_the_fast_path_equals_the_hf_path() -> None:
-    """The shipped pair (the default target converted from its GGUF, the FR-Spec draft), fast path eager."""
+    """The SmolLM2 pair (the target converted from its GGUF, the FR-Spec draft), fast path eager."""
     pytest.importorskip("gguf")
-    from tandem.config import DEFAULT_DRAFT, DEFAULT_TARGET
+    from tandem.config import SMOLLM_DRAFT, SMOLLM_TARGET
 
     try:
-        hf_target = load_model(DEFAULT_TARGET)
+        hf_target = load_model(SMOLLM_TARGET)
     except ModelLoadError as e:
         pytest.skip(f"the default target is not installed: {e}")
-    target, draft = load_model(DEFAULT_TARGET), load_model(DEFAULT_DRAFT)
+    target, draft = load_model(SMOLLM_TARGET), load_model(SMOLLM_DRAFT)
     for m in (target, draft):
         fastlm.enable(m.model, compile=False)
     prompt = chat_prompt(target.tokenizer, [{"role": "user", "content": "Name three rivers in Europe."}])

@@ -63,8 +63,8 @@ def test_sampling_sends_no_candidates_and_point_mass_pool_rows(tiny_target: Load
     blocks = []
 
     class Spy(OuroborosDrafter):
-        def propose(self, *args):  # type: ignore[no-untyped-def]
-            block = super().propose(*args)
+        def propose(self, *args, **kw):  # type: ignore[no-untyped-def]
+            block = super().propose(*args, **kw)
             blocks.append(block)
             return block
 

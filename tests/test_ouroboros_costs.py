@@ -30,8 +30,8 @@ def frozen(p: float) -> Acceptance:
 class Recording(OuroborosDrafter):
     blocks: list[DraftBlock]
 
-    def propose(self, context: list[int], n: int, room: int | None = None) -> DraftBlock:
-        block = super().propose(context, n, room)
+    def propose(self, context: list[int], n: int, room: int | None = None, at_least: int = 1) -> DraftBlock:
+        block = super().propose(context, n, room, at_least)
         self.__dict__.setdefault("blocks", []).append(block)
         return block
 

