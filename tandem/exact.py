@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 ATTENTION = "tandem_exact"
 ATTENTION_ALONE = "tandem_exact_alone"
 _ATTR = "_tandem_exact"
+_PAD_ATTR = "_tandem_min_rows"
 CHUNK = 64  # keys per step of the exact attention
 ROWS = 8  # queries per step of the exact attention
 FIXED_ROWS = 18  # the one pass shape when rows vary with the pass's size: a block of 16 plus one re-fed token
@@ -54,6 +55,38 @@ class ExactPasses:
 
 def of(model: torch.nn.Module) -> ExactPasses | None:
     return getattr(model, _ATTR, None)
+
+
+def min_rows(model: torch.nn.Module) -> int:
+    """The fewest rows a pass of `model` runs on: its exact passes', else `pad_single_rows`'s choice, else 1."""
+    passes = of(model)
+    return passes.min_rows if passes is not None else int(getattr(model, _PAD_ATTR, 1))
+
+
+def pad_single_rows(model: torch.nn.Module, context: int = 64, reps: int = 3) -> tuple[bool, float, float]:
+    """Where a one-row pass is slower than a two-row one (bfloat16 on a CPU: the matrix-vector path), pad a drafter's
+    single-token steps to two rows. Measured here on the model itself: (padded, 1-row ms, 2-row ms)."""
+    import time
+
+    from transformers import DynamicCache
+
+    from tandem.kv import cache_kwarg  # kv reads this module: imported here
+
+    kw = cache_kwarg(model)
+    device = next(model.parameters()).device
+    ids = torch.zeros(1, context + 2, dtype=torch.long, device=device)
+    best = {1: float("inf"), 2: float("inf")}
+    with torch.inference_mode():
+        for _ in range(reps):
+            for rows in (1, 2):
+                cache = DynamicCache(config=model.config)  # type: ignore[arg-type]
+                model(input_ids=ids[:, :context], use_cache=True, **{kw: cache})
+                t0 = time.perf_counter()
+                model(input_ids=ids[:, context : context + rows], use_cache=True, **{kw: cache})
+                best[rows] = min(best[rows], time.perf_counter() - t0)
+    padded = best[2] < 0.95 * best[1]
+    object.__setattr__(model, _PAD_ATTR, 2 if padded else 1)
+    return padded, best[1] * 1e3, best[2] * 1e3
 
 
 def enable(model: Any, passes: ExactPasses | None = None) -> ExactPasses:

@@ -74,6 +74,7 @@ class SequenceState:
         )
         self.device = model_device(model)
         self.exact = exact.of(model)
+        self.min_rows = exact.min_rows(model)
         self.cache_kw = cache_kwarg(model)
 
     @property
@@ -117,9 +118,9 @@ class SequenceState:
         if self.fast is not None:
             slots = torch.arange(start, start + len(ids), device=self.device)  # [n]
             return self._run_fast(ids, slots.clone(), slots, None)
-        # exact passes: never fewer rows than the shape whose rows match every larger one; padding rows come last, so
-        # no real row sees them, and their cache entries are dropped
-        pad = 0 if self.exact is None else max(0, self.exact.min_rows - len(ids))
+        # never fewer rows than `min_rows` (exact passes: the shape whose rows match every larger one; a bfloat16 draft:
+        # a faster shape than one row); padding rows come last, so no real row sees them, and their entries are dropped
+        pad = max(0, self.min_rows - len(ids))
         feed = torch.tensor([ids + ids[-1:] * pad], dtype=torch.long, device=self.device)  # [1, n + pad]
         positions = torch.arange(start, start + len(ids) + pad, device=self.device)[None]  # [1, n + pad]
         out = self.model(input_ids=feed, position_ids=positions, use_cache=True, **{self.cache_kw: self.cache})
@@ -154,7 +155,7 @@ class SequenceState:
             if parent >= 0:
                 allowed[i] = allowed[parent]
             allowed[i, i] = True
-        pad = 0 if self.exact is None or self.fast is not None else max(0, self.exact.min_rows - p - n)
+        pad = 0 if self.fast is not None else max(0, self.min_rows - p - n)
         q = p + n + pad
         see = torch.ones(q, start + q, dtype=torch.bool)  # [q, kv] everything cached is visible
         see[:, start:] = torch.ones(q, q, dtype=torch.bool).tril()  # the pending tail is causal; nodes see all of it

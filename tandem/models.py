@@ -33,6 +33,7 @@ class LoadedModel:
     tokenizer: PreTrainedTokenizerBase
     fingerprint: str
     dtype_why: str = ""  # why this dtype, when it was chosen by `auto`
+    rows_why: str = ""  # why its passes are padded, when they are (`tandem.exact.pad_single_rows`)
 
     @property
     def vocab_size(self) -> int:
@@ -81,6 +82,7 @@ class LoadedModel:
         how = f"compiled in {fast.compile_s:.0f} s" if fast is not None and fast.compiled is not None else "eager"
         why = f" ({self.dtype_why})" if self.dtype_why else ""
         passes = f"; exact passes: {self.exact.why}" if self.exact is not None else ""
+        passes += f"; {self.rows_why}" if self.rows_why else ""
         return f"{self.name} on {self.device}, {str(self.dtype).removeprefix('torch.')}{why}, {how}{passes}"
 
 
@@ -213,7 +215,12 @@ def load_model(name_or_path: str, dtype: torch.dtype | str = torch.float32, devi
                                                 "logits may depend on its pass's shape", name_or_path)
         else:
             exact.enable(model)
-    return LoadedModel(name_or_path, model, tokenizer, tokenizer_fingerprint(tokenizer), why)
+    loaded = LoadedModel(name_or_path, model, tokenizer, tokenizer_fingerprint(tokenizer), why)
+    if not fast and loaded.exact is None and dtype != torch.float32 and device.type == "cpu":
+        padded, one, two = exact.pad_single_rows(model, context=16)
+        loaded.rows_why = (f"single-token steps padded to 2 rows ({two:.0f} ms against {one:.0f} ms for 1)" if padded
+                           else "")
+    return loaded
 
 
 def enable_fast_path(model: nn.Module, name: str, compile: bool = True,

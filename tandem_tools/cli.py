@@ -26,9 +26,9 @@ def demo(
     prompt: Annotated[str | None, typer.Argument(help="a question (chat model) or code to complete (code model)")]
     = None,
     max_tokens: Annotated[int, typer.Option(help="tokens to generate")] = 96,
-    gamma: Annotated[str | None, typer.Option(help="draft block length, or 'adaptive' (default 2: the fastest fixed "
-                                                   "block for the default pair on a CPU, where verifying 4+ positions "
-                                                   "costs 1.7x a step)")] = None,
+    gamma: Annotated[str | None, typer.Option(help="draft block length, or 'adaptive' (the default: up to 16, sized "
+                                                   "on the measured cost curve, ended where the draft is unsure)")]
+    = None,
     threads: Annotated[int, typer.Option(help="torch threads for each of the cloud and the edge (one core each)")] = 1,
     mode: Annotated[str, typer.Option(help="the mode streamed first: spec, ouroboros or cloud")] = "spec",
     target: Annotated[str | None, typer.Option(help="the cloud's target model")] = None,
@@ -43,7 +43,7 @@ def demo(
 
     if mode not in MODES:
         raise typer.BadParameter(f"choose from {', '.join(MODES)}", param_hint="--mode")
-    gamma = gamma or os.environ.get("TANDEM_GAMMA") or "2"
+    gamma = gamma or os.environ.get("TANDEM_GAMMA") or "adaptive"
     settings = CoreSettings(**_overrides(gamma=gamma, threads=threads, target=target, draft=draft))
     run_demo(settings, prompt, max_tokens, mode)
 

@@ -58,7 +58,8 @@ def run_demo(settings: CoreSettings, prompt: str | None, max_tokens: int, mode: 
     ids = demo_prompt(draft, prompt)
     params = SamplingParams(max_tokens=max_tokens)
     env = {"TANDEM_TARGET": settings.target, "TANDEM_MAX_DRAFT_TOKENS": "64", "TANDEM_DEVICE": settings.device,
-           "TANDEM_DTYPE": settings.dtype, "TANDEM_COMPILE": str(settings.compile).lower(),
+           "TANDEM_DTYPE": settings.dtype, "TANDEM_EXACT_PASSES": settings.exact_passes,
+           "TANDEM_COMPILE": str(settings.compile).lower(),
            "TANDEM_COMPILE_SIZES": ",".join(map(str, settings.compile_sizes))}
     console.print(f"[bold]tandem demo[/bold]: starting `tandem serve` with {settings.target} in its own process "
                   f"({settings.threads} torch thread); the draft {draft.name} ({draft.n_params / 1e6:.1f}M params) "
