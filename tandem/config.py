@@ -43,7 +43,7 @@ DTYPE_HELP = ("auto: bfloat16 where the hardware computes it natively (CUDA, a C
               "float32; float32 is the bit-exact reference")
 EXACT_HELP = ("exact passes: a position's logits independent of its pass's shape, so that speculative greedy output "
               "equals the target alone's in any dtype; auto: on below float32")
-COMPILE_HELP = "the fast path: compiled decode and verify steps over a preallocated cache (plain Llama models)"
+COMPILE_HELP = "the fast path: compiled decode and verify steps over a preallocated cache (Llama and Qwen2 models)"
 SIZES_HELP = "pass lengths compiled at start-up (a pass pads up to the next; longer ones run eager); comma-separated"
 
 

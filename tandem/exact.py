@@ -98,6 +98,14 @@ def enable(model: Any, passes: ExactPasses | None = None) -> ExactPasses:
     return passes
 
 
+def disable(model: Any, attention: str = "sdpa") -> None:
+    """Plain passes again (a copy of an exact model made for float32, say): `attention` is transformers' own."""
+    for m in (model, *(m for m in model.modules() if hasattr(m, "layer_idx"))):
+        m.__dict__.pop(_ATTR, None)
+    model.__dict__.pop(_PAD_ATTR, None)
+    model.config._attn_implementation = attention
+
+
 def probe(model: torch.nn.Module, max_rows: int = FIXED_ROWS) -> ExactPasses:
     """On this machine, with the model's dtype and shapes: does a row's matmul result change with the number of rows
     (1..max_rows), and does `attend` give a query the same result in every pass that holds it?"""

@@ -41,16 +41,22 @@ class FastSpec:
 
 
 def supports(model: nn.Module) -> bool:
-    """A plain Llama (HF `LlamaForCausalLM`, default RoPE, no biases) or a `tandem.frspec.FRSpecDraft`."""
+    """A plain Llama (HF `LlamaForCausalLM`, default RoPE, no biases), a Qwen2 (`Qwen2ForCausalLM`: the same block
+    with q/k/v biases, which its projections carry; no sliding window) or a `tandem.frspec.FRSpecDraft`."""
     from tandem.frspec import FRSpecDraft
 
     cfg = getattr(model, "config", None)
-    if cfg is None or getattr(cfg, "model_type", None) != "llama":
+    kind = getattr(cfg, "model_type", None)
+    if cfg is None or kind not in ("llama", "qwen2"):
         return False
     rope = getattr(cfg, "rope_parameters", None) or {"rope_type": "default"}
     if rope.get("rope_type", "default") != "default":
         return False
-    if getattr(cfg, "attention_bias", False) or getattr(cfg, "mlp_bias", False) or cfg.hidden_act != "silu":
+    if getattr(cfg, "mlp_bias", False) or cfg.hidden_act != "silu":
+        return False
+    if kind == "qwen2":
+        return type(model).__name__ == "Qwen2ForCausalLM" and getattr(cfg, "sliding_window", None) is None
+    if getattr(cfg, "attention_bias", False):
         return False
     return isinstance(model, FRSpecDraft) or type(model).__name__ == "LlamaForCausalLM"
 
@@ -80,7 +86,7 @@ class FastLM:
         from tandem.frspec import FRSpecDraft
 
         if not supports(model):
-            raise ValueError(f"the fast path runs plain Llama models; not {type(model).__name__}")
+            raise ValueError(f"the fast path runs Llama and Qwen2 models; not {type(model).__name__}")
         cfg: Any = model.config
         self.hf = model  # keeps the shared weights alive; not called
         self.spec = FastSpec(

@@ -229,8 +229,8 @@ def enable_fast_path(model: nn.Module, name: str, compile: bool = True,
     if not fastlm.supports(model):
         import logging
 
-        logging.getLogger(__name__).warning("%s: no fast path for %s (plain Llama models only); it runs eager", name,
-                                            type(model).__name__)
+        logging.getLogger(__name__).warning("%s: no fast path for %s (Llama and Qwen2 models only); it runs eager",
+                                            name, type(model).__name__)
         return False
     fastlm.enable(model, compile=compile, buckets=buckets)
     return True

@@ -53,7 +53,7 @@ TARGET_HELP = (f"target model: a short name (default {DEFAULT_TARGET}; {DEMO_TAR
 DEVICE_OPT = "auto (CUDA, else MPS, else CPU), cpu, cuda[:N], mps"
 DTYPE_OPT = "auto (bfloat16 where the hardware computes it natively, else float32), float32, bfloat16 or float16"
 SIZES_OPT = "pass lengths compiled at start-up, comma-separated (default 1,2,3,4,5,6,8,12,16)"
-COMPILE_OPT = "the fast path: compiled decode and verify steps (plain Llama models; compiles at start-up)"
+COMPILE_OPT = "the fast path: compiled decode and verify steps (Llama and Qwen2 models; compiles at start-up)"
 DRAFT_HELP = f"draft model: a short name (default {DEFAULT_DRAFT}; {DEMO_DRAFT}: the code pair), a folder, or a hub id"
 _PASSTHROUGH = {"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []}
 

@@ -73,7 +73,10 @@ def test_a_positions_logits_are_the_same_in_every_shape_of_pass(exact_target: Lo
 
 
 def test_without_exact_passes_the_shapes_do_differ() -> None:
-    """The equality above is not for free: the same model's plain bfloat16 passes disagree between shapes."""
+    """The equality above is not for free: the same model's plain bfloat16 passes disagree between shapes (on a CPU
+    that computes bfloat16 natively, where oneDNN's kernels are measured to; emulated bfloat16 may not)."""
+    if not cpu_bf16_flags():
+        pytest.skip("no native bfloat16 on this CPU")
     model = tiny_qwen(0)
     rng = random.Random(0)
     context = [rng.randrange(2, TINY_VOCAB) for _ in range(90)]

@@ -59,6 +59,25 @@ def test_fast_logits_equal_the_hf_model_and_rollback_is_a_position(tiny_target: 
     torch.testing.assert_close(fast.forward([11]), slow.forward([11]), rtol=1e-4, atol=1e-4)
 
 
+def test_a_qwen2_draft_runs_on_the_fast_path() -> None:
+    """Qwen2's block is Llama's with q/k/v biases (carried by its projections): the same logits as the HF model."""
+    from test_exact import tiny_qwen
+
+    hf = tiny_qwen(0, torch.float32)
+    model = copy.deepcopy(hf)
+    assert fastlm.supports(model)
+    fastlm.enable(model, compile=False)
+    prompt = PROMPTS[5]
+    slow, fast = SequenceState(hf, prompt), SequenceState(model, prompt)  # type: ignore[arg-type]
+    torch.testing.assert_close(fast.forward([7, 8, 9]), slow.forward([7, 8, 9]), rtol=1e-4, atol=1e-4)
+    fast.rollback(len(prompt) - 1)
+    slow.rollback(len(prompt) - 1)
+    torch.testing.assert_close(fast.forward([11]), slow.forward([11]), rtol=1e-4, atol=1e-4)
+    windowed = tiny_qwen(0, torch.float32)
+    windowed.config.sliding_window = 16
+    assert not fastlm.supports(windowed)
+
+
 def test_the_cache_grows_past_its_first_capacity() -> None:
     hf = tiny_model(3, context=4 * fastlm.CACHE_STEP)
     model = copy.deepcopy(hf)
