@@ -222,24 +222,16 @@ def attend_alone(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: flo
 def _attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
                **kwargs: Any) -> tuple[torch.Tensor, None]:
-    """transformers' attention seam. The mask is None (no mask function is registered for this implementation:
-    causal over the last n keys) or a caller's 4D one (a tree: additive, 0 where visible, or bool)."""
+    """transformers' attention seam, for both names: the layer's own exact attention (`attention_of`). The mask is None
+    (no mask function is registered for these names: causal over the last n keys) or a caller's 4D one (a tree:
+    additive, 0 where visible, or bool)."""
     visible = None
     if attention_mask is not None:
         mask = attention_mask[0, 0]  # [n, L]
         visible = mask if mask.dtype == torch.bool else mask == 0
-    return attend(query, key, value, scaling, visible).transpose(1, 2).contiguous(), None
-
-
-def _attention_alone(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                     attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
-                     **kwargs: Any) -> tuple[torch.Tensor, None]:
-    visible = None
-    if attention_mask is not None:
-        mask = attention_mask[0, 0]  # [n, L]
-        visible = mask if mask.dtype == torch.bool else mask == 0
-    return attend_alone(query, key, value, scaling, visible).transpose(1, 2).contiguous(), None
+    how = attention_of(module) or attend
+    return how(query, key, value, scaling, visible).transpose(1, 2).contiguous(), None
 
 
 AttentionInterface.register(ATTENTION, _attention)
-AttentionInterface.register(ATTENTION_ALONE, _attention_alone)
+AttentionInterface.register(ATTENTION_ALONE, _attention)

@@ -72,6 +72,17 @@ def test_a_positions_logits_are_the_same_in_every_shape_of_pass(exact_target: Lo
         assert torch.equal(rows(exact_target.model, context, seq, split), one_by_one), split
 
 
+def test_the_fallback_attention_is_exact_too() -> None:
+    """Where `attend` fails its probe, each query goes through SDPA alone: the same equality, through the seam."""
+    model = tiny_qwen(0)
+    exact.enable(model, exact.ExactPasses(2, False, True, "each query alone"))
+    assert model.config._attn_implementation == exact.ATTENTION_ALONE
+    rng = random.Random(3)
+    context = [rng.randrange(2, TINY_VOCAB) for _ in range(70)]
+    seq = [rng.randrange(2, TINY_VOCAB) for _ in range(20)]
+    assert torch.equal(rows(model, context, seq, splits(len(seq), rng)), rows(model, context, seq, [1] * len(seq)))
+
+
 def test_without_exact_passes_the_shapes_do_differ() -> None:
     """The equality above is not for free: the same model's plain bfloat16 passes disagree between shapes (on a CPU
     that computes bfloat16 natively, where oneDNN's kernels are measured to; emulated bfloat16 may not)."""
