@@ -24,7 +24,7 @@ COPY edge_client ./edge_client
 RUN python -m pip wheel --no-deps --wheel-dir /wheels . \
  && python -c "import sys, zipfile, glob; names = zipfile.ZipFile(glob.glob('/wheels/tandem-*.whl')[0]).namelist(); \
 sys.exit(0 if any(n.startswith('tandem/demo/target/') and n.endswith('.safetensors') for n in names) \
-and 'tandem/drafts/smollm2-135m-draft/frspec.safetensors' in names \
+and 'tandem/drafts/smollm2-135m-draft/weights.int8.safetensors' in names \
 else 'the wheel lacks the shipped models (tandem/demo/, tandem/drafts/): are they in the build context?')"
 
 # --- stage 2: the runtime image

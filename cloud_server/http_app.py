@@ -33,6 +33,7 @@ from tandem_protocol.openai_api.responses import (
     completion_response,
 )
 from tandem_protocol.openai_api.schemas import ChatRequest, CompletionRequest
+from tandem_protocol.openai_api.webui import install_web_ui
 
 
 def get_worker(request: Request) -> ModelWorker:
@@ -197,6 +198,7 @@ def create_app(settings: ServerSettings, worker: ModelWorker) -> FastAPI:
     app.state.created = int(time.time())
     app.include_router(public)
     app.include_router(api)
+    install_web_ui(app, "cloud")
     install_error_handling(app, settings.max_body_bytes, worker.metrics)
     t = worker.target
     install_openapi(app, Limits(t.vocab_size, t.context_length, settings.max_tokens_limit, settings.max_prompt_tokens,

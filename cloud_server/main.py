@@ -18,7 +18,7 @@ from cloud_server.grpc_service import create_grpc_server, set_serving
 from cloud_server.http_app import create_app
 from cloud_server.settings import ServerSettings
 from cloud_server.worker import ModelWorker
-from tandem.models import LoadedModel, load_model
+from tandem.models import LoadedModel, load_target
 from tandem_protocol.metrics import Metrics
 
 log = logging.getLogger("cloud_server")
@@ -83,8 +83,7 @@ def _add_port(server: grpc.aio.Server, settings: ServerSettings) -> int:
 async def start_servers(settings: ServerSettings, target: LoadedModel | None = None) -> ServerHandle:
     """Load the target (unless given), start the worker, gRPC and HTTP; ports 0 are bound to free ports."""
     if target is None:
-        target = await asyncio.to_thread(load_model, settings.target, settings.dtype, settings.device, settings.compile,
-                                         settings.compile_sizes, settings.exact_passes)
+        target = await asyncio.to_thread(load_target, settings.target, settings, settings.threads)
     worker = ModelWorker(target, settings, Metrics())
     await worker.start()
     grpc_server, health_servicer = create_grpc_server(settings, worker)

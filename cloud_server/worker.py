@@ -51,7 +51,8 @@ def kv_bytes_per_token(model: LoadedModel) -> int:
     heads = getattr(cfg, "num_attention_heads", 1)
     kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-    dtype_bytes = next(model.model.parameters(), torch.empty(0)).element_size()
+    # llama.cpp keeps its cache in float16
+    dtype_bytes = 2 if model.backend == "llama.cpp" else torch.empty(0, dtype=model.dtype).element_size()
     return 2 * layers * kv_heads * head_dim * dtype_bytes
 
 

@@ -15,12 +15,14 @@ import time
 from typing import Annotated, Any, Literal
 
 import uvicorn
-from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Header, Request
 from fastapi.responses import PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import Field
 
 from edge_client.service import EdgeGeneration, EdgeService
 from edge_client.settings import EdgeSettings
+from tandem.config import Mode
 from tandem.errors import InvalidRequestError
 from tandem.models import LoadedModel
 from tandem.session import validate_prompt
@@ -40,6 +42,7 @@ from tandem_protocol.openai_api.responses import (
     error_responses,
 )
 from tandem_protocol.openai_api.schemas import ChatRequest, CompletionRequest
+from tandem_protocol.openai_api.webui import install_web_ui
 
 log = logging.getLogger("edge_client")
 
@@ -58,6 +61,13 @@ def get_client(request: Request, service: ServiceDep) -> str:
 
 
 ClientDep = Annotated[str, Depends(get_client)]
+
+
+# per request, the edge's own settings overridden (the page's cloud-only rerun); other servers ignore these headers
+ModeHeader = Annotated[Mode | None, Header(alias="x-tandem-mode", description="this request's mode (default: the "
+                                           "edge's TANDEM_MODE)")]
+GammaHeader = Annotated[Annotated[int, Field(ge=0, le=64)] | Literal["adaptive"] | None, Header(
+    alias="x-tandem-gamma", description="this request's draft block length, or adaptive (default: TANDEM_GAMMA)")]
 
 
 async def require_api_key(request: Request, service: ServiceDep, _: BearerDep) -> None:
@@ -87,19 +97,23 @@ async def models(service: ServiceDep, request: Request) -> dict[str, Any]:
 
 
 @api.post("/v1/completions", responses=COMPLETION_RESPONSES)
-async def completions(body: CompletionRequest, service: ServiceDep, client: ClientDep) -> Response:
+async def completions(body: CompletionRequest, service: ServiceDep, client: ClientDep, mode: ModeHeader = None,
+                      gamma: GammaHeader = None) -> Response:
     ids = await completion_prompt(body, service.draft.tokenizer)
-    return await _complete(service, body, ids, body.max_tokens, "text", client)
+    return await _complete(service, body, ids, body.max_tokens, "text", client, mode, gamma)
 
 
 @api.post("/v1/chat/completions", responses=COMPLETION_RESPONSES)
-async def chat_completions(body: ChatRequest, service: ServiceDep, client: ClientDep) -> Response:
+async def chat_completions(body: ChatRequest, service: ServiceDep, client: ClientDep, mode: ModeHeader = None,
+                           gamma: GammaHeader = None) -> Response:
     ids = await chat_completion_prompt(body, service.draft.tokenizer)
-    return await _complete(service, body, ids, body.max_completion_tokens or body.max_tokens, "chat", client)
+    return await _complete(service, body, ids, body.max_completion_tokens or body.max_tokens, "chat", client, mode,
+                           gamma)
 
 
 async def _complete(service: EdgeService, body: CompletionRequest | ChatRequest, ids: list[int],
-                    max_tokens: int | None, kind: Literal["text", "chat"], client: str) -> Response:
+                    max_tokens: int | None, kind: Literal["text", "chat"], client: str, mode: Mode | None = None,
+                    gamma: int | Literal["adaptive"] | None = None) -> Response:
     s, draft = service.settings, service.draft
     check_model(body, s.model_name)
     choices = sampling_params(body, max_tokens, len(ids), draft.context_length, s.max_tokens_limit)
@@ -116,7 +130,7 @@ async def _complete(service: EdgeService, body: CompletionRequest | ChatRequest,
     async with service.gate.admit(client) as ticket:  # one slot per request; its generations hold it while they run
         try:
             for params in choices:  # n > 1: one generation per choice, in turn on the draft thread
-                gens.append(await service.start(ids, params, ticket))
+                gens.append(await service.start(ids, params, ticket, mode, gamma))
         except BaseException:
             for gen in gens:
                 gen.close()
@@ -132,6 +146,7 @@ def create_app(settings: EdgeSettings, draft: LoadedModel) -> FastAPI:
     app.state.created = int(time.time())
     app.include_router(public)
     app.include_router(api)
+    install_web_ui(app, "edge")
     install_error_handling(app, settings.max_body_bytes, service.metrics)
     install_openapi(app, Limits(draft.vocab_size, draft.context_length, settings.max_tokens_limit),
                     secured=bool(settings.edge_api_keys))
@@ -166,13 +181,11 @@ class EdgeServer(uvicorn.Server):
 def run(settings: EdgeSettings) -> None:
     import torch
 
-    from tandem.fastlm import DRAFT_BUCKETS
-    from tandem.models import load_model
+    from tandem.models import load_draft
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(settings.threads)
-    draft = load_model(settings.draft, settings.draft_dtype, settings.draft_device, settings.draft_compile,
-                       DRAFT_BUCKETS)
+    draft = load_draft(settings.draft, settings, settings.threads)
     log.info("edge endpoint on %s://%s:%d (draft %s, %d torch threads; cloud %s over %s, mode %s)",
              "https" if settings.edge_tls_cert_file else "http", settings.host, settings.port, draft.describe(),
              settings.threads,

@@ -16,6 +16,7 @@ from edge_client.client import EdgeClient, make_verifier
 from edge_client.remote import GrpcVerifier, HttpVerifier
 from edge_client.settings import EdgeSettings
 from tandem.blocks import TokenLogprob
+from tandem.config import Gamma, Mode
 from tandem.messages import Step
 from tandem.models import LoadedModel
 from tandem.sampling import SamplingParams
@@ -56,8 +57,10 @@ class EdgeService:
             if self._running is gen and self._verifier is not None:
                 self._verifier.abort()
 
-    async def start(self, prompt: list[int], params: SamplingParams, ticket: Ticket) -> EdgeGeneration:
-        gen = EdgeGeneration(self, prompt, params, ticket)
+    async def start(self, prompt: list[int], params: SamplingParams, ticket: Ticket, mode: Mode | None = None,
+                    gamma: Gamma | None = None) -> EdgeGeneration:
+        """`mode`, `gamma`: this request's (default: the settings')."""
+        gen = EdgeGeneration(self, prompt, params, ticket, mode, gamma)
         await gen.start()
         return gen
 
@@ -69,12 +72,14 @@ class EdgeService:
 class EdgeGeneration:
     """One request on the draft thread; its tokens reach the event loop through a queue."""
 
-    def __init__(self, service: EdgeService, prompt: list[int], params: SamplingParams, ticket: Ticket) -> None:
+    def __init__(self, service: EdgeService, prompt: list[int], params: SamplingParams, ticket: Ticket,
+                 mode: Mode | None = None, gamma: Gamma | None = None) -> None:
         ticket.share()
         self.ticket = ticket
         self.service = service
         self.prompt = prompt
         self.params = params
+        self.mode, self.gamma = mode, gamma
         self.tokens = 0
         self.result: GenerationResult | None = None
         self._loop = asyncio.get_running_loop()
@@ -103,7 +108,8 @@ class EdgeGeneration:
         try:
             result = service.client.generate(
                 self.prompt, self.params, on_tokens=self._on_tokens, on_round=m.observe_verify,
-                cancelled=self._cancel.is_set, on_logprobs=self._on_logprobs, stats=self.stats,
+                cancelled=self._cancel.is_set, on_logprobs=self._on_logprobs, stats=self.stats, mode=self.mode,
+                gamma=self.gamma,
             )
             self._put("done", result)
         except BaseException as e:
@@ -116,7 +122,8 @@ class EdgeGeneration:
         self._logprobs = logprobs
 
     def _on_tokens(self, tokens: list[int]) -> None:
-        self._put("tokens", (tokens, self._logprobs))
+        origins = self.stats.origins[len(self.stats.origins) - len(tokens):]  # the loop records them just before
+        self._put("tokens", (tokens, self._logprobs, origins))
         self._logprobs = None
 
     def speculative_metrics(self) -> dict[str, object]:
@@ -144,12 +151,12 @@ class EdgeGeneration:
             kind, value = event
             self._first = None
             if kind == "tokens":
-                tokens, logprobs = value
+                tokens, logprobs, origins = value
                 if self.tokens == 0:
                     m.ttft.observe(time.perf_counter() - self._t0)
                 self.tokens += len(tokens)
                 m.generation_tokens.inc(len(tokens))
-                yield Step(tokens, None, logprobs)
+                yield Step(tokens, None, logprobs, origins)
             elif kind == "done":
                 self.result = value
                 yield Step([], value.finish_reason)

@@ -21,6 +21,7 @@ from transformers.cache_utils import DynamicLayer
 from tandem import exact
 from tandem.errors import CacheRollbackError
 from tandem.kv import SequenceState
+from tandem.models import State
 
 _ATTENTION = "tandem_packed"
 # models whose attention goes through transformers' AttentionInterface
@@ -28,7 +29,7 @@ _SUPPORTED = ("sdpa", "eager", exact.ATTENTION, exact.ATTENTION_ALONE)
 _current = threading.local()  # the packed cache of the pass running on this thread
 
 
-def forward_batch(states: list[SequenceState], extras: list[list[int]]) -> list[torch.Tensor]:
+def forward_batch(states: list[State], extras: list[list[int]]) -> list[torch.Tensor]:
     """`[s.forward(extra) for s, extra in zip(states, extras)]` in one model call: the same logits, the same caches.
 
     The states share one model. The pass switches the model's attention implementation while it runs; a plain,
@@ -39,11 +40,13 @@ def forward_batch(states: list[SequenceState], extras: list[list[int]]) -> list[
         raise ValueError(f"{len(states)} states but {len(extras)} blocks")
     if len({id(s) for s in states}) != len(states):
         raise ValueError("a state appears twice in one batch")
-    if len(states) == 1 or not _batchable(states):
+    torch_states = [s for s in states if isinstance(s, SequenceState)]  # llama.cpp sequences: one pass each
+    if len(states) == 1 or len(torch_states) < len(states) or not _batchable(torch_states):
         return [s.forward(extra) for s, extra in zip(states, extras, strict=True)]
+    states_ = torch_states
     feeds: list[list[int]] = []
     skips: list[int] = []  # rows of each feed before the one predicting the token after `tokens`
-    for s, extra in zip(states, extras, strict=True):
+    for s, extra in zip(states_, extras, strict=True):
         if s.cached > len(s.tokens):
             raise CacheRollbackError("the cache runs past the committed tokens: commit or roll back first")
         if s.cached == len(s.tokens):
@@ -53,7 +56,7 @@ def forward_batch(states: list[SequenceState], extras: list[list[int]]) -> list[
         pending = s.tokens[s.cached :]
         feeds.append(pending + list(extra))
         skips.append(len(pending) - 1)
-    return _run_packed(states, feeds, skips)
+    return _run_packed(states_, feeds, skips)
 
 
 def _batchable(states: list[SequenceState]) -> bool:

@@ -34,6 +34,9 @@ class DraftBlock:
     q_probs: torch.Tensor | None = None  # [gamma, k]
     candidates: list[Candidate] = field(default_factory=list)
     report: EdgeReport | None = None  # what the edge knows, for the cloud's load-aware advice
+    # per main-path token, where a drafter got it: "draft" (a draft-model step), "vetted" or "pool" (a pool phrase);
+    # None: all the draft model's. The edge's own record: never sent
+    sources: list[str] | None = None
 
 
 @dataclass(frozen=True)
@@ -70,6 +73,16 @@ class VerifyResult:
     # per candidate of the block as sent: the target's argmax after each of its tokens ([] for one not verified)
     candidate_target_tokens: list[list[int]] = field(default_factory=list)
     logprobs: list[TokenLogprob] | None = None  # one per emitted token, when the session asked for them
+
+    def emitted_origins(self, block: DraftBlock, skipped: int = 0) -> str:
+        """Per emitted token, where it came from: d, a draft-model token the target accepted; p, a pool phrase's or a
+        candidate's; t, the target's own (recovered or bonus). `block`: as proposed, its first `skipped` tokens
+        committed before it was verified."""
+        n = self.num_accepted
+        on_main = n if self.candidate is None else max(0, block.candidates[self.candidate].parent + 1 - skipped)
+        sources = (block.sources or []) + ["draft"] * len(block.tokens)
+        main = "".join("d" if src == "draft" else "p" for src in sources[skipped : skipped + on_main])
+        return (main + "p" * (n - on_main) + "t")[: len(self.tokens)]
 
 
 def pending_part(committed: list[int], base_len: int, block_tokens: list[int]) -> int | None:

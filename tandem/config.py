@@ -38,6 +38,10 @@ Gamma = Annotated[int | Literal["adaptive"], BeforeValidator(_parse_gamma), Afte
 Mode = Literal["spec", "cloud", "edge", "auto"]
 DtypeName = Literal["auto", "float32", "bfloat16", "float16"]
 ExactSetting = Literal["auto", "on", "off"]
+Backend = Literal["auto", "torch", "llama"]
+BACKEND_HELP = ("the model runtime: torch (any HF model, GPUs, the float32 reference), llama (llama.cpp: a GGUF file "
+                "as published, on the CPU; pip install \"tandem[llama]\") or auto (llama.cpp for a GGUF file where "
+                "it is installed, else torch)")
 DEVICE_HELP = "auto (CUDA, else MPS, else CPU), cpu, cuda[:N] or mps"
 DTYPE_HELP = ("auto: bfloat16 where the hardware computes it natively (CUDA, a CPU with AVX-512 BF16 or AMX), else "
               "float32; float32 is the bit-exact reference")
@@ -62,9 +66,11 @@ def _parse_sizes(v: object) -> object:
 
 
 class TargetPlacement(BaseSettings):
-    """Where and how the target runs (TANDEM_DEVICE, TANDEM_DTYPE, TANDEM_COMPILE)."""
+    """Where and how the target runs (TANDEM_BACKEND, TANDEM_DEVICE, TANDEM_DTYPE, TANDEM_COMPILE)."""
 
     model_config = SettingsConfigDict(env_prefix="TANDEM_", extra="ignore")
+
+    backend: Backend = Field(default="torch", description=BACKEND_HELP)
 
     device: str = Field(default="auto", description=DEVICE_HELP)
     dtype: DtypeName = Field(default="auto", description=DTYPE_HELP)
@@ -75,9 +81,11 @@ class TargetPlacement(BaseSettings):
 
 
 class DraftPlacement(BaseSettings):
-    """Where and how the draft runs (TANDEM_DRAFT_DEVICE, TANDEM_DRAFT_DTYPE, TANDEM_DRAFT_COMPILE)."""
+    """Where and how the draft runs (TANDEM_DRAFT_BACKEND, TANDEM_DRAFT_DEVICE, TANDEM_DRAFT_DTYPE, ...)."""
 
     model_config = SettingsConfigDict(env_prefix="TANDEM_", extra="ignore")
+
+    draft_backend: Backend = Field(default="auto", description=BACKEND_HELP)
 
     draft_device: str = Field(default="auto", description=DEVICE_HELP)
     draft_dtype: DtypeName = Field(default="auto", description=DTYPE_HELP)

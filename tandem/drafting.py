@@ -15,7 +15,6 @@ from typing import Literal, Protocol
 import torch
 
 from tandem.blocks import DraftBlock, VerifyResult
-from tandem.kv import SequenceState
 from tandem.models import LoadedModel
 from tandem.sampling import SamplingParams, logits_to_probs, make_generator, sample
 from tandem.shaping import Shaper
@@ -94,7 +93,7 @@ class ModelDrafter:
         # q goes through the same shaping as p: penalties, bias and the grammar follow the drafted tokens too
         self.shaper = Shaper(params, self.draft.vocab_size, self.draft.tokenizer, self.draft.eos_token_ids)
         self.output_start = max(0, len(context) - params.emitted)
-        self.state = SequenceState(self.draft.model, context)
+        self.state = self.draft.state(context)
         self.generator = make_generator(None if params.seed is None else params.seed + 1, self.state.device)
 
     def reset(self, context: list[int]) -> None:

@@ -19,6 +19,7 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -153,6 +154,34 @@ def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+def tokenizer_dir(gguf: Path, sha256: str | None = None) -> Path:
+    """The cache folder holding the tokenizer of `gguf` as HF transformers reads it (what a model run by llama.cpp
+    tokenizes with, and fingerprints), made on first use."""
+    dest = cache_root() / f"{(sha256 or file_sha256(gguf))[:16]}-v{_FORMAT}-tokenizer"
+    if (dest / "tokenizer_config.json").is_file():
+        return dest
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    except (OSError, ValueError, ImportError) as e:
+        raise ModelLoadError(f"cannot read the tokenizer of the GGUF file {str(gguf)!r}: {e}") from e
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
+    try:
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, dest)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (dest / "tokenizer_config.json").is_file():
+            raise
+    return dest
+
+
+def shipped_sha256(name: str) -> str | None:
+    return PARTS[name].sha256 if name in PARTS else None
+
+
 def converted(gguf: Path, dtype: str = "float32", progress: bool = True, sha256: str | None = None) -> Path:
     """The cache folder holding `gguf` converted to `dtype` (a name of `tandem.models.DTYPES`), made on first use,
     atomically: a temp folder, then a rename. `sha256`: the file's, when already known."""
@@ -182,15 +211,25 @@ def converted(gguf: Path, dtype: str = "float32", progress: bool = True, sha256:
     model.is_quantized = False  # type: ignore[assignment]
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
-    try:
+
+    def fill(tmp: Path) -> None:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         (tmp / "SOURCE").write_text(f"{gguf.name}\n")
+
+    return publish_folder(dest, fill)
+
+
+def publish_folder(dest: Path, fill: Callable[[Path], None]) -> Path:
+    """`dest`, made by `fill` in a temp folder beside it and renamed into place: a reader never sees half a folder.
+    Two processes may race: the loser's folder is dropped if the winner's has its config.json."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
+    try:
+        fill(tmp)
         os.replace(tmp, dest)
     except OSError:
         shutil.rmtree(tmp, ignore_errors=True)
-        if not (dest / "config.json").is_file():  # another process may have won the race; else it is an error
+        if not (dest / "config.json").is_file():
             raise
     return dest

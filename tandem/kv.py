@@ -8,6 +8,7 @@ crop, for both.
 from __future__ import annotations
 
 import inspect
+from typing import Protocol
 
 import torch
 from transformers import DynamicCache, PreTrainedModel
@@ -87,13 +88,7 @@ class SequenceState:
         Returns [1 + len(extra), V] logits: the row predicting the token after `tokens`, then one row per extra token.
         The cache afterwards covers `tokens + extra`.
         """
-        if self.cached > len(self.tokens):
-            raise CacheRollbackError("the cache runs past the committed tokens: commit or roll back first")
-        if self.cached == len(self.tokens):
-            # everything is cached already: re-feed the last committed token to get its logits
-            self.rollback(self.cached - 1)
-        pending = self.tokens[self.cached :]
-        return self.run(pending + list(extra))[len(pending) - 1 :]
+        return feed_tail(self, extra)
 
     def catch_up(self, bulk: int = 0) -> None:
         """Cache every committed token but the last (a prefill). Exact passes: the first `bulk` positions in one pass
@@ -208,7 +203,33 @@ class SequenceState:
         if self.cached != length:
             raise CacheRollbackError(f"cache holds {self.cached} positions after a crop to {length}")
 
+    def close(self) -> None:
+        """Free the cache now: the state is not used again."""
+        self.cache = None  # type: ignore[assignment]
+
     def commit(self, new_tokens: list[int], keep_cached: int) -> None:
         """Append emitted tokens and keep at most `keep_cached` cached positions (those still on the sequence)."""
         self.tokens.extend(new_tokens)
         self.rollback(min(self.cached, keep_cached))
+
+
+class _Feeds(Protocol):
+    tokens: list[int]
+
+    @property
+    def cached(self) -> int: ...
+
+    def rollback(self, length: int) -> None: ...
+    def run(self, ids: list[int]) -> torch.Tensor: ...
+
+
+def feed_tail(state: _Feeds, extra: list[int] | tuple[int, ...]) -> torch.Tensor:
+    """`forward` on any runtime's state: the uncached tail of `tokens`, then `extra`, in one pass; [1 + len(extra), V]
+    logits from the row after `tokens` on."""
+    if state.cached > len(state.tokens):
+        raise CacheRollbackError("the cache runs past the committed tokens: commit or roll back first")
+    if state.cached == len(state.tokens):
+        # everything is cached already: re-feed the last committed token to get its logits
+        state.rollback(state.cached - 1)
+    pending = state.tokens[state.cached :]
+    return state.run(pending + list(extra))[len(pending) - 1 :]

@@ -56,11 +56,12 @@ class SessionVerdict:
 
 @dataclass(frozen=True)
 class Step:
-    """One step of the target alone."""
+    """One step of the target alone (or of the edge's generation, which says where its tokens came from)."""
 
     tokens: list[int]
     finish_reason: FinishReason | None
     logprobs: list[TokenLogprob] | None = None  # one per token, when the generation asked for them
+    origins: str | None = None  # one code per token (`GenerationStats.origins`); None: the target's own
 
 
 class VerifierSession(Protocol):

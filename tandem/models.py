@@ -14,8 +14,11 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from tandem import exact, fastlm, frspec, gguf
+from tandem import exact, fastlm, frspec, gguf, llamacpp, packed
+from tandem.config import DraftPlacement, TargetPlacement
 from tandem.errors import ModelLoadError, TokenizerMismatchError
+from tandem.kv import SequenceState
+from tandem.llamacpp import LlamaCppModel, LlamaSequence
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -24,16 +27,36 @@ DEMO_MODELS = {"demo-target": DEMO_DIR / "target", "demo-draft": DEMO_DIR / "dra
 # drafts distilled from a target and shipped in the package (`tandem train-draft` makes them)
 DRAFTS_DIR = Path(__file__).parent / "drafts"
 SHIPPED_DRAFTS = {"smollm2-135m-draft": DRAFTS_DIR / "smollm2-135m-draft"}
+BACKENDS = ("auto", "torch", "llama")
+State = SequenceState | LlamaSequence  # a model's state over one sequence, whichever runtime runs it
 
 
 @dataclass
 class LoadedModel:
     name: str
-    model: PreTrainedModel
+    model: PreTrainedModel | LlamaCppModel
     tokenizer: PreTrainedTokenizerBase
     fingerprint: str
     dtype_why: str = ""  # why this dtype, when it was chosen by `auto`
     rows_why: str = ""  # why its passes are padded, when they are (`tandem.exact.pad_single_rows`)
+
+    @property
+    def backend(self) -> str:
+        """The runtime behind this model: `torch` or `llama.cpp`."""
+        return "llama.cpp" if isinstance(self.model, LlamaCppModel) else "torch"
+
+    @property
+    def torch_model(self) -> PreTrainedModel:
+        """The torch module, for what only torch runs (HF generation, training); an error on llama.cpp."""
+        if isinstance(self.model, LlamaCppModel):
+            raise ModelLoadError(f"{self.name} runs on llama.cpp; this needs the torch backend (backend=torch)")
+        return self.model
+
+    def state(self, tokens: list[int]) -> State:
+        """A fresh state over `tokens` (nothing cached): the seam through which the core runs a model."""
+        if isinstance(self.model, LlamaCppModel):
+            return LlamaSequence(self.model, tokens)
+        return SequenceState(self.model, tokens)
 
     @property
     def vocab_size(self) -> int:
@@ -50,34 +73,41 @@ class LoadedModel:
 
     @property
     def n_params(self) -> int:
+        if isinstance(self.model, LlamaCppModel):
+            return self.model.n_params
         return sum(p.numel() for p in self.model.parameters())
 
     @property
     def device(self) -> torch.device:
-        p = next(self.model.parameters(), None)
+        p = None if isinstance(self.model, LlamaCppModel) else next(self.model.parameters(), None)
         return torch.device("cpu") if p is None else p.device
 
     @property
     def dtype(self) -> torch.dtype:
-        p = next(self.model.parameters(), None)
+        """The torch dtype of the weights (llama.cpp: float32, the dtype of the logits it returns)."""
+        p = None if isinstance(self.model, LlamaCppModel) else next(self.model.parameters(), None)
         return torch.float32 if p is None else p.dtype
 
     @property
     def weight_bytes(self) -> int:
         """Bytes of the weights a step reads (a tied embedding counted once)."""
+        if isinstance(self.model, LlamaCppModel):
+            return self.model.size_bytes
         return sum(p.numel() * p.element_size() for p in {id(p): p for p in self.model.parameters()}.values())
 
     @property
     def compiled(self) -> bool:
-        fast = fastlm.of(self.model)
+        fast = None if isinstance(self.model, LlamaCppModel) else fastlm.of(self.model)
         return fast is not None and fast.compiled is not None
 
     @property
     def exact(self) -> exact.ExactPasses | None:
-        return exact.of(self.model)
+        return None if isinstance(self.model, LlamaCppModel) else exact.of(self.model)
 
     def describe(self) -> str:
         """`name on device, dtype (why), compiled|eager[, exact passes: how]`: what start-up prints."""
+        if isinstance(self.model, LlamaCppModel):
+            return f"{self.name} on {self.model.describe()}{f' ({self.dtype_why})' if self.dtype_why else ''}"
         fast = fastlm.of(self.model)
         how = f"compiled in {fast.compile_s:.0f} s" if fast is not None and fast.compiled is not None else "eager"
         why = f" ({self.dtype_why})" if self.dtype_why else ""
@@ -162,7 +192,7 @@ def resolve(name_or_path: str, dtype: torch.dtype = torch.float32) -> str:
     if packaged is not None:
         if not (packaged / "config.json").exists():
             raise ModelLoadError(f"model {name_or_path!r} is missing from the package (expected {packaged})")
-        return str(packaged)
+        return str(packed.unpacked(packaged))
     dtype_name = str(dtype).removeprefix("torch.")
     if gguf.is_shipped(name_or_path):
         return str(gguf.shipped_converted(name_or_path, dtype_name))
@@ -176,15 +206,20 @@ def resolve(name_or_path: str, dtype: torch.dtype = torch.float32) -> str:
 
 def load_model(name_or_path: str, dtype: torch.dtype | str = torch.float32, device: torch.device | str = "cpu",
                compile: bool = False, buckets: tuple[int, ...] = fastlm.BUCKETS,
-               exact_passes: str | bool = False) -> LoadedModel:
+               exact_passes: str | bool = False, backend: str = "torch", threads: int | None = None) -> LoadedModel:
     """Weights are cast to `dtype` (`auto`: `auto_dtype`) on `device` (`resolve_device`). `compile`: the fast path
     (`tandem.fastlm`), a graph per pass length in `buckets` built before this returns (a draft needs
     `fastlm.DRAFT_BUCKETS`); a model it cannot run stays eager, with a warning. `exact_passes` (a target's: True, or
     auto / on / off): each position's logits independent of its pass's shape (`tandem.exact`), probed here; not with
-    the compiled fast path."""
+    the compiled fast path. `backend`: torch, llama (llama.cpp: a GGUF file as published) or auto (`pick_backend`);
+    `threads`: llama.cpp's (default: torch's intra-op count)."""
     from transformers.utils import logging as hf_logging
 
     device = resolve_device(device) if isinstance(device, str) else device
+    chosen, why_backend = pick_backend(backend, name_or_path, device)
+    if chosen == "llama":
+        return _load_llama(name_or_path, threads or torch.get_num_threads(), why_backend,
+                           exact_passes not in (False, "off"))
     why = ""
     if dtype == "auto":
         dtype, why = auto_dtype(device)
@@ -221,6 +256,56 @@ def load_model(name_or_path: str, dtype: torch.dtype | str = torch.float32, devi
         loaded.rows_why = (f"single-token steps padded to 2 rows ({two:.0f} ms against {one:.0f} ms for 1)" if padded
                            else "")
     return loaded
+
+
+def load_target(name: str, place: TargetPlacement, threads: int | None = None) -> LoadedModel:
+    """The target as `place` says (TANDEM_BACKEND, TANDEM_DEVICE, TANDEM_DTYPE, ...)."""
+    return load_model(name, place.dtype, place.device, place.compile, place.compile_sizes, place.exact_passes,
+                      place.backend, threads)
+
+
+def load_draft(name: str, place: DraftPlacement, threads: int | None = None) -> LoadedModel:
+    """The draft as `place` says (TANDEM_DRAFT_BACKEND, TANDEM_DRAFT_DEVICE, ...); `threads`: llama.cpp's."""
+    return load_model(name, place.draft_dtype, place.draft_device, place.draft_compile, fastlm.DRAFT_BUCKETS,
+                      backend=place.draft_backend, threads=threads)
+
+
+def is_gguf(name_or_path: str) -> bool:
+    """A GGUF file: a path ending in .gguf, or a short name of one shipped on PyPI."""
+    return gguf.is_shipped(name_or_path) or name_or_path.endswith(".gguf")
+
+
+def pick_backend(backend: str, name_or_path: str, device: torch.device) -> tuple[str, str]:
+    """(torch or llama, why): `auto` runs a GGUF file on llama.cpp on a CPU wherever the binding is installed."""
+    if backend not in BACKENDS:
+        raise ModelLoadError(f"unknown backend {backend!r}: use {', '.join(BACKENDS)}")
+    if backend == "torch" or (backend == "auto" and not is_gguf(name_or_path)):
+        return "torch", ""
+    if not llamacpp.available():
+        if backend == "auto":
+            return "torch", ""
+        raise ModelLoadError('backend llama needs llama-cpp-python: pip install "tandem[llama]"')
+    if not is_gguf(name_or_path):
+        raise ModelLoadError(f"backend llama runs GGUF files; {name_or_path!r} is not one")
+    if device.type != "cpu":
+        if backend == "auto":
+            return "torch", ""
+        raise ModelLoadError("backend llama runs on the CPU here (device cpu)")
+    return "llama", "auto: llama.cpp is installed and the model is a GGUF file" if backend == "auto" else ""
+
+
+def _load_llama(name_or_path: str, threads: int, why: str, exact_rows: bool) -> LoadedModel:
+    if gguf.is_shipped(name_or_path):
+        path, sha = gguf.shipped_path(name_or_path), gguf.shipped_sha256(name_or_path)
+    else:
+        path, sha = Path(name_or_path).expanduser(), None
+        if not path.is_file():
+            raise ModelLoadError(f"no GGUF file at {name_or_path!r}")
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.tokenizer_dir(path, sha)), local_files_only=True)
+    model = LlamaCppModel(path, threads)
+    if exact_rows:  # a target: its rows must not depend on how speculation cut the sequence
+        llamacpp.settle_rows(model)
+    return LoadedModel(name_or_path, model, tokenizer, tokenizer_fingerprint(tokenizer), why)
 
 
 def enable_fast_path(model: nn.Module, name: str, compile: bool = True,

@@ -149,6 +149,7 @@ class OuroborosDrafter:
         if self.costs is not None:
             block = self._cut(block, len(origin), spent + self.overhead_s, tags)
         origin = origin + ["pool"] * (len(block.tokens) - len(origin))
+        block.sources = origin
         self._proposed[id(block)] = (origin, tags)
         while len(self._proposed) > 8:  # blocks never learnt (stale, or a session that ended): forget the oldest
             del self._proposed[next(iter(self._proposed))]

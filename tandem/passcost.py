@@ -9,7 +9,6 @@ from collections.abc import Callable, Iterable
 
 import torch
 
-from tandem.kv import SequenceState
 from tandem.models import LoadedModel
 
 
@@ -39,7 +38,7 @@ def pass_times(model: LoadedModel, positions: Iterable[int], context: int = 128,
     """Median seconds of one pass over n new positions after `context` cached ones, for each n."""
     vocab = min(model.vocab_size, 30000)
     prompt = [(17 * i + 5) % (vocab - 10) + 5 for i in range(context)]
-    state = SequenceState(model.model, prompt)
+    state = model.state(prompt)
     state.run(prompt)
     out = {}
     for n in positions:

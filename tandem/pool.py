@@ -24,7 +24,7 @@ from typing import Literal
 import torch
 
 from tandem.blocks import Candidate, DraftBlock, VerifyResult
-from tandem.kv import SequenceState
+from tandem.models import State
 
 Key = tuple[int, ...]
 Phrase = tuple[int, ...]
@@ -226,7 +226,7 @@ def learn(pool: PhrasePool, context: list[int], block: DraftBlock, result: Verif
 
 
 def draft_greedy(
-    state: SequenceState, pool: PhrasePool, steps: int, limit: int, tags: BlockOrigins | None = None
+    state: State, pool: PhrasePool, steps: int, limit: int, tags: BlockOrigins | None = None
 ) -> tuple[list[int], list[str], list[Candidate], int]:
     """The draft model's greedy tokens after `state.tokens`, up to `limit` of them in `steps` passes: where the pool
     has a phrase, the draft model reads it in the same pass and keeps the part it agrees with (its own argmax each

@@ -23,7 +23,6 @@ from tandem.blocks import (
     slice_block,
 )
 from tandem.errors import ContextOverflowError, InvalidRequestError, SessionConflictError
-from tandem.kv import SequenceState
 from tandem.models import LoadedModel
 from tandem.sampling import SamplingParams, logits_to_probs, make_generator
 from tandem.shaping import Shaper, line_paths, tree_paths
@@ -69,7 +68,7 @@ class TargetSession:
         validate_prompt(prompt, target.vocab_size, target.context_length)
         self.target = target
         self.params = params
-        self.state = SequenceState(target.model, prompt)
+        self.state = target.state(prompt)
         self.device = self.state.device
         self.prompt_len = len(prompt)
         self.output_start = max(0, len(prompt) - params.emitted)  # where the output starts (penalties, grammar)
@@ -139,7 +138,9 @@ class TargetSession:
         block = slice_block(block, 0, min(len(block.tokens), room), room)
         draft_t = torch.tensor(block.tokens, dtype=torch.long)  # [gamma]
         q = None if self.params.greedy else self._checked_q(draft_t, block).to(self.device)
-        return PreparedBlock(block.tokens, draft_t.to(self.device), q, _tree(block) if block.candidates else None)
+        # a llama.cpp target verifies lines: candidates are extra options, and the main line alone is a valid block
+        tree = _tree(block) if block.candidates and self.target.backend == "torch" else None
+        return PreparedBlock(block.tokens, draft_t.to(self.device), q, tree)
 
     def finish(self, prepared: PreparedBlock, logits: torch.Tensor) -> VerifyResult:
         """The verdict from the target's logits over the block ([gamma + 1, V]); commits and rolls the cache back."""
@@ -215,7 +216,7 @@ class TargetSession:
                             logprobs=self._logprobs(raw, list(range(n + 1)), emitted))
 
     def close(self) -> None:
-        self.state.cache = None  # type: ignore[assignment]
+        self.state.close()
 
 
 def _tree(block: DraftBlock) -> TreeLayout:

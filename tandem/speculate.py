@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 from tandem.adaptive import AdaptiveGamma
 from tandem.blocks import DraftBlock, EdgeReport, FinishReason, TokenLogprob, cut_at_finish, pending_part
-from tandem.config import SpeculationSettings
+from tandem.config import Gamma, SpeculationSettings
 from tandem.costs import CostCurve, Ewma
 from tandem.drafting import Drafter, ModelDrafter
 from tandem.errors import InvalidRequestError, RemoteError
@@ -70,6 +70,7 @@ class _Run:
     cancelled: Callable[[], bool]
     t0: float
     on_logprobs: OnLogprobs | None = None
+    gamma: Gamma = "adaptive"
     out: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] | None = None  # the target's, as the verdicts bring them (when asked for)
     finish: FinishReason | None = None
@@ -86,10 +87,13 @@ class _Run:
     def remaining(self) -> int:
         return self.params.max_tokens - len(self.out)
 
-    def emit(self, tokens: list[int], finish: FinishReason | None, logprobs: list[TokenLogprob] | None = None) -> None:
+    def emit(self, tokens: list[int], finish: FinishReason | None, logprobs: list[TokenLogprob] | None = None,
+             origins: str = "") -> None:
+        """`origins`: per token, where it came from (`GenerationStats.origins`); empty: the target's own."""
         if self.cancelled():
             raise Cancelled
         if tokens:
+            self.stats.origins += origins or "t" * len(tokens)
             if not self.out:
                 self.stats.ttft_s = time.perf_counter() - self.t0
             if self.params.logprobs is not None and logprobs is not None:  # the draft alone (lossy) has none
@@ -129,15 +133,16 @@ class SpeculativeDecoder:
         self, prompt: list[int], params: SamplingParams, on_tokens: OnTokens | None = None,
         on_round: OnRound | None = None, cancelled: Callable[[], bool] = lambda: False, mode: str | None = None,
         drafter: Drafter | None = None, on_logprobs: OnLogprobs | None = None, stats: GenerationStats | None = None,
+        gamma: Gamma | None = None,
     ) -> GenerationResult:
-        """`drafter`: this request's (default: the draft model, or Ouroboros drafting per the settings)."""
+        """`drafter`, `mode`, `gamma`: this request's (default: the settings')."""
         mode = mode or self.settings.mode
         validate_prompt(prompt, self.draft.vocab_size, self.draft.context_length)
-        gamma = self.settings.gamma
+        gamma = self.settings.gamma if gamma is None else gamma
         fixed = gamma if isinstance(gamma, int) else 0
         stats = stats or GenerationStats(mode)  # a caller's: readable while it runs, and after it stops early
         stats.mode, stats.gamma, stats.accepted_per_position = mode, fixed, [0] * fixed
-        run = _Run(list(prompt), params, stats, on_tokens, cancelled, time.perf_counter(), on_logprobs)
+        run = _Run(list(prompt), params, stats, on_tokens, cancelled, time.perf_counter(), on_logprobs, gamma)
         self._on_round = on_round
         self._drafter = drafter or self._make_drafter()
         if mode == "edge":
@@ -224,7 +229,7 @@ class SpeculativeDecoder:
             emitted, finish = cut_at_finish(tokens, len(run.out), total, run.params.max_tokens, stop,
                                             self.draft.context_length)
             run.stats.edge_tokens += len(emitted)
-            run.emit(emitted, finish)
+            run.emit(emitted, finish, origins="e" * len(emitted))
 
     # --- the cloud alone (the baseline)
 
@@ -244,7 +249,7 @@ class SpeculativeDecoder:
         t_open = time.perf_counter()
         model = self.model
         # auto: what the cloud needs to advise even the first block (the edge's own bound: its largest)
-        bound = s.max_gamma if s.gamma == "adaptive" else max(1, int(s.gamma))
+        bound = s.max_gamma if run.gamma == "adaptive" else max(1, int(run.gamma))
         report = EdgeReport(model.draft_s.value * 1e3, model.rtt_s.value * 1e3, bound, s.pipeline) if auto else None
         session: VerifierSession = verifier.open(run.ctx, self._resume_params(run), session_id=run.session_id,
                                                  affinity_key=run.affinity_key, report=report)
@@ -284,10 +289,10 @@ class SpeculativeDecoder:
                         break
                     if probe:
                         g = 0
-                    elif s.gamma == "adaptive":
+                    elif run.gamma == "adaptive":
                         g = model.choose(pipelined, limit=max(room, 1))
                     else:
-                        g = int(s.gamma)
+                        g = int(run.gamma)
                     own = max(1, min(g, room))  # the edge's own choice: the bound on the cloud's advice
                     if advised is not None:
                         g = min(g, advised)
@@ -342,7 +347,8 @@ class SpeculativeDecoder:
                 if self._on_round is not None:
                     self._on_round(drafted, result.num_accepted)
                 drafter.learn(run.ctx, sent.block, result, skipped)
-                run.emit(result.tokens, result.finish_reason, result.logprobs)
+                origins = result.emitted_origins(sent.block, skipped)
+                run.emit(result.tokens, result.finish_reason, result.logprobs, origins)
                 # 4. what the target will make of the blocks still in flight (the rule it applies itself)
                 for e in inflight:
                     e.live = e.live and run.finish is None and pending_part(run.ctx, e.base, e.block.tokens) is not None
@@ -366,9 +372,6 @@ class SpeculativeDecoder:
                 session.close()
             except RemoteError as e:
                 log.debug("closing the session failed: %s", e)
-
-
-
 
     def _continue_alone(self, run: _Run, session: VerifierSession) -> None:
         """The session goes on as a cloud-only stream from the cloud's cache: nothing re-fed, lost or repeated."""

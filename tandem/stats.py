@@ -36,6 +36,9 @@ class GenerationStats:
     estimate: dict[str, float] = field(default_factory=dict)  # auto mode's decision figures
     advice: list[int] = field(default_factory=list)  # auto: the block lengths the cloud advised, verdict by verdict
     switched_at: int | None = None  # auto: the tokens emitted when the session went on as a cloud stream
+    # per emitted token, where it came from: d a draft-model token the target accepted, p a pool phrase's (or a
+    # candidate's) token it accepted, t the target's own (recovered, bonus, or the target alone), e the draft alone
+    origins: str = ""
 
     @property
     def acceptance_rate(self) -> float:
@@ -64,7 +67,7 @@ class GenerationStats:
             per_pos[i] += 1
 
     def as_dict(self) -> dict[str, object]:
-        d: dict[str, object] = {k: v for k, v in self.__dict__.items() if k not in ("rtt_ms", "gammas")}
+        d: dict[str, object] = {k: v for k, v in self.__dict__.items() if k not in ("rtt_ms", "gammas", "origins")}
         d.update(
             acceptance_rate=self.acceptance_rate, mean_acceptance_length=self.mean_acceptance_length,
             tokens_per_target_pass=self.tokens_per_target_pass, tokens_per_s=self.tokens_per_s,

@@ -20,24 +20,25 @@ from rich.table import Table
 from tandem.config import CoreSettings
 from tandem.costs import CostCurve
 from tandem.drafting import ModelDrafter
-from tandem.fastlm import DRAFT_BUCKETS
 from tandem.frspec import FRSpecDraft, as_llama
 from tandem.local import LocalVerifier
-from tandem.models import LoadedModel, check_pair, load_model
+from tandem.models import LoadedModel, check_pair, load_draft, load_model, load_target
 from tandem.ouroboros import OuroborosDrafter, SourceCounts
 from tandem.pool import PhrasePool
 from tandem.sampling import SamplingParams
 from tandem.session import generate_autoregressive
 from tandem.speculate import generate_speculative
 from tandem.stats import GenerationResult
-from tandem_tools import roofline
+from tandem_tools import llama_server, roofline
 from tandem_tools.replay_summary import CHAT_TRACE, load_trace
 from tandem_tools.train.data import heldout_prompts
 
 # ar-eager: the target alone in float32 through HF's eager forward, the exactly-lossless reference: with it, every
 # mode's output is also compared with it (the match rate of a reduced precision or compiled setting)
 # spec: blocks of up to gamma tokens, ended where the draft is unsure (its p-min); spec-fixed: always gamma tokens
-MODES = ("ar", "ar-eager", "spec", "spec-fixed", "ouroboros", "hf-assisted", "hf-assisted-constant")
+# llama-server, llama-server-spec: the peer, llama.cpp's server, alone and with the draft GGUF (llama_server.py)
+MODES = ("ar", "ar-eager", "spec", "spec-fixed", "ouroboros", "hf-assisted", "hf-assisted-constant",
+         *llama_server.MODES)
 WARM_SHIFTS = {"repeat": 0, "shifted": 32}  # the warm start's second passes: each prompt again, or its window moved on
 
 
@@ -97,7 +98,7 @@ class ModeFigures:
 
 def hf_assistant(draft: LoadedModel) -> Any:
     """The draft as HF transformers' assisted generation takes it: an FR-Spec draft as an equivalent plain Llama."""
-    return as_llama(draft.model) if isinstance(draft.model, FRSpecDraft) else draft.model
+    return as_llama(draft.model) if isinstance(draft.model, FRSpecDraft) else draft.torch_model
 
 
 def _hf_assisted(target: LoadedModel, assistant: Any, prompt: list[int], params: SamplingParams,
@@ -111,7 +112,7 @@ def _hf_assisted(target: LoadedModel, assistant: Any, prompt: list[int], params:
     ids = torch.tensor([prompt])
     t0 = time.perf_counter()
     with torch.inference_mode():
-        out = target.model.generate(  # type: ignore[operator]
+        out = target.torch_model.generate(  # type: ignore[operator]
             ids, attention_mask=torch.ones_like(ids), assistant_model=assistant, do_sample=False,
             max_new_tokens=params.max_tokens, pad_token_id=target.tokenizer.pad_token_id, **kwargs,
         )
@@ -139,10 +140,8 @@ def run_bench_local(
         raise SystemExit("bench local compares fixed block lengths: pass --gamma N")
     modes = ["ar", *[m for m in modes if m != "ar"]]  # the baseline always runs: every ratio needs it
     torch.set_num_threads(settings.threads)
-    target = load_model(settings.target, settings.dtype, settings.device, settings.compile, settings.compile_sizes,
-                        settings.exact_passes)
-    draft = load_model(settings.draft, settings.draft_dtype, settings.draft_device, settings.draft_compile,
-                       DRAFT_BUCKETS)
+    target = load_target(settings.target, settings, settings.threads)  # TANDEM_BACKEND, TANDEM_DRAFT_BACKEND
+    draft = load_draft(settings.draft, settings, settings.threads)
     check_pair(draft, target)
     exact = load_model(settings.target, "float32", settings.device) if "ar-eager" in modes else None
     if trace is None and getattr(target.tokenizer, "chat_template", None) and CHAT_TRACE.is_file():
@@ -167,6 +166,10 @@ def run_bench_local(
         console.print(line)
     pass_ms: dict[int, float] = roof["target"]["pass_ms"]  # type: ignore[index]
     curve = {n: ms / 1e3 for n, ms in pass_ms.items()}
+    # the peer: llama-server on the GGUF files, same prompt ids and threads; started for the loop below
+    peers = llama_server.Peers(modes, settings.target, settings.draft, torch.get_num_threads(),
+                               llama_server.context_size(prompts, max_tokens), warn=console.print)
+    modes = [m for m in modes if m not in peers.skipped]
     figs = {m: ModeFigures(accepted_per_position=[0] * gamma) for m in modes}
     assistant = hf_assistant(draft) if any(m.startswith("hf-") for m in modes) else None
     runners: dict[str, Callable[[list[int]], tuple[list[int], float, dict]]] = {
@@ -181,24 +184,29 @@ def run_bench_local(
                                           target, p, params, gamma),
         "hf-assisted": lambda p: (*_hf_assisted(target, assistant, p, params, None), {}),
         "hf-assisted-constant": lambda p: (*_hf_assisted(target, assistant, p, params, gamma), {}),
+        **peers.runners(max_tokens, params.ignore_eos),
     }
     runners["ar"](prompts[0][:16])  # warm-up: first-call allocations would land on one mode only
-    for i, prompt in enumerate(prompts):
-        order = modes[i % len(modes) :] + modes[: i % len(modes)]  # rotate who goes first
-        outputs: dict[str, list[int]] = {}
-        for mode in order:
-            tokens, wall, stats = runners[mode](prompt)
-            outputs[mode] = tokens
-            figs[mode].add(tokens, wall, stats)
-        for mode in modes:
-            figs[mode].matches_ar += outputs[mode] == outputs["ar"]
-            figs[mode].matches_exact += outputs[mode] == outputs.get("ar-eager")
-        console.print(f"  prompt {i + 1}/{len(prompts)} done", style="dim")
+    with peers:
+        for i, prompt in enumerate(prompts):
+            order = modes[i % len(modes) :] + modes[: i % len(modes)]  # rotate who goes first
+            outputs: dict[str, list[int]] = {}
+            for mode in order:
+                tokens, wall, stats = runners[mode](prompt)
+                outputs[mode] = tokens
+                figs[mode].add(tokens, wall, stats)
+            for mode in modes:
+                figs[mode].matches_ar += outputs[mode] == outputs["ar"]
+                figs[mode].matches_exact += outputs[mode] == outputs.get("ar-eager")
+            peers.compare(outputs, "ar")
+            console.print(f"  prompt {i + 1}/{len(prompts)} done", style="dim")
 
     base = figs["ar"].tokens / figs["ar"].wall_s
     table = Table(title=f"bench local (greedy, {trace.name if trace else 'held-out stdlib prompts'})")
     columns = ["mode", "tok/s", "vs target alone", "acceptance", "target passes/token", "== target alone"]
-    for col in columns + (["vs fp32 eager", "== fp32 eager"] if exact is not None else []):
+    peer = figs[llama_server.BASE].tokens / figs[llama_server.BASE].wall_s if llama_server.BASE in figs else None
+    for col in columns + (["vs fp32 eager", "== fp32 eager"] if exact is not None else []) + (
+            ["vs llama-server"] if peer else []):
         table.add_column(col)
     results = {}
     for mode in modes:
@@ -211,8 +219,10 @@ def run_bench_local(
         if exact is not None:
             eager = figs["ar-eager"].tokens / figs["ar-eager"].wall_s
             row += [f"{tps / eager:.2f}x", str(d["greedy_equal_to_fp32_eager"])]
-        table.add_row(*row)
+        table.add_row(*row, *([f"{tps / peer:.2f}x"] if peer else []))
     console.print(table)
+    for line in llama_server.local_report(peers, results):
+        console.print(line, highlight=False)
     for m in ("spec", "ouroboros"):
         if m in results and results[m]["acceptance_per_position"]:
             per_pos = ", ".join(f"{a:.2f}" for a in results[m]["acceptance_per_position"])  # type: ignore[attr-defined]
@@ -236,6 +246,7 @@ def run_bench_local(
         "roofline": roof,
         "machine": {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__},
         "results": results,
+        **({"llama_server": peers.info} if peers.modes else {}),
     }
     if warm:
         report["warm_start"] = _warm_start(target, draft, n_prompts, prompt_tokens, params, gamma, console)

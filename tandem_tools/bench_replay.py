@@ -36,6 +36,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from tandem.config import DEFAULT_DRAFT, DEFAULT_TARGET
+from tandem_tools import llama_server
 from tandem_tools.procs import CloudProcess, free_port, stop_process
 from tandem_tools.replay_summary import (
     FREE,
@@ -44,8 +45,10 @@ from tandem_tools.replay_summary import (
     TraceRow,
     greedy_mismatches,
     load_trace,
+    peer_summary,
     plot,
     render_markdown,
+    render_peer_markdown,
     summarize,
 )
 
@@ -199,15 +202,16 @@ def run_replay(cfg: ReplayConfig, console: Console | None = None) -> dict[str, A
     from edge_client.client import EdgeClient, make_verifier
     from edge_client.settings import EdgeSettings
     from tandem.config import DraftPlacement
-    from tandem.fastlm import DRAFT_BUCKETS
-    from tandem.models import load_model
+    from tandem.models import load_draft
     from tandem.sampling import SamplingParams
 
     console = console or Console()
     torch.set_num_threads(cfg.edge_threads)
     rows = load_trace(cfg.trace, cfg.limit)
     warnings: list[str] = []
-    modes = list(cfg.modes)
+    # llama-server, llama-server-spec: the peer (llama.cpp), each prompt once at the first RTT, no edge client
+    peer_modes = [m for m in cfg.modes if m in llama_server.MODES]
+    modes = [m for m in cfg.modes if m not in peer_modes]
     if cfg.free_twins:  # each mode also without the requests' response_format, side by side
         modes += [m + FREE for m in modes]
     if "ouroboros" in modes and "ouroboros" not in EdgeSettings.model_fields:
@@ -215,14 +219,23 @@ def run_replay(cfg: ReplayConfig, console: Console | None = None) -> dict[str, A
                         "is not in this build)")
         console.print(f"[bold yellow]warning[/]: {warnings[-1]}")
         modes.remove("ouroboros")
-    if not modes:
+    if not modes and not peer_modes:
         raise ValueError("no mode left to run")
     place = DraftPlacement()  # the draft's device, dtype and fast path: TANDEM_DRAFT_* (the cloud reads TANDEM_*)
-    draft = load_model(cfg.draft, place.draft_dtype, place.draft_device, place.draft_compile, DRAFT_BUCKETS)
+    draft = load_draft(cfg.draft, place, cfg.edge_threads)
     prompts = [r.ids(draft.tokenizer) for r in rows]
     greedy = {i for i, r in enumerate(rows) if r.temperature == 0}
     open_loop = any(r.arrival_s is not None for r in rows)
     cfg.out.mkdir(parents=True, exist_ok=True)
+
+    def warn(msg: str) -> None:
+        warnings.append(msg)
+        console.print(f"[bold yellow]warning[/]: {msg}")
+    peers = llama_server.Peers(  # the target's threads as the cloud's, the draft's as the edge's
+        peer_modes, cfg.target, cfg.draft, cfg.cloud_threads,
+        llama_server.context_size(prompts, max(r.max_tokens for r in rows)), draft_threads=cfg.edge_threads,
+        log_dir=cfg.out, warn=warn)
+    peer_records: list[llama_server.PeerRecord] = []
     cloud_proc = None if cfg.cloud else CloudProcess(
         threads=cfg.cloud_threads, env={"TANDEM_TARGET": cfg.target},
         log_path=cfg.out / "cloud.log", ready_timeout_s=900)  # a compiled target builds its graphs first
@@ -231,6 +244,7 @@ def run_replay(cfg: ReplayConfig, console: Console | None = None) -> dict[str, A
         console.print(f"starting the cloud ({cfg.target}, {cfg.cloud_threads} torch thread(s)) ...")
         cloud_proc.start()
     try:
+        peers.start()
         upstream = cfg.cloud or cloud_proc.grpc_target  # type: ignore[union-attr]
         probe = make_verifier(_edge_settings(cfg, "spec", upstream), draft)
         try:
@@ -273,9 +287,17 @@ def run_replay(cfg: ReplayConfig, console: Console | None = None) -> dict[str, A
                                     console.print(f"[red]error[/] {m} RTT {rtt:g} prompt {i}: {rec.error}")
                                 records.append(rec)
                                 progress.advance(task)
+                            if rtt == cfg.rtts[0]:  # the peer right after tandem's modes, at the first RTT only
+                                for m in peers.modes:
+                                    progress.update(task, description=f"prompt {i + 1} {m}")
+                                    peer_records.append(llama_server.replay_record(peers, m, i, ids, rows[i]))
                             if not console.is_terminal:  # no live bar in a log: a line per prompt instead
                                 console.print(f"RTT {rtt:g} ms: prompt {i + 1}/{len(prompts)} done")
+        if open_loop:  # the peer closed-loop, after the open-loop replays
+            peer_records += [llama_server.replay_record(peers, m, i, ids, rows[i])
+                             for i, ids in enumerate(prompts) for m in peers.modes]
     finally:
+        peers.stop()
         if cloud_proc is not None:
             cloud_proc.stop()
 
@@ -302,10 +324,15 @@ def run_replay(cfg: ReplayConfig, console: Console | None = None) -> dict[str, A
         "summary": summary, "greedy_mismatches": mismatches, "warnings": warnings,
         "requests": [asdict(r) for r in records],
     }
+    if peers.modes:
+        results["llama_server"] = {"info": peers.info, "summary": peer_summary(peer_records, records, greedy),
+                                   "requests": [asdict(r) for r in peer_records]}
+    markdown = render_markdown(results) + (render_peer_markdown(results["llama_server"]["summary"], peers.info)
+                                           if peers.modes else "")
     (cfg.out / "results.json").write_text(json.dumps(results, indent=1))
-    (cfg.out / "summary.md").write_text(render_markdown(results))
+    (cfg.out / "summary.md").write_text(markdown)
     plot(results, cfg.out / "speedup_vs_rtt.png")
-    console.print(render_markdown(results), markup=False, highlight=False, soft_wrap=True)
+    console.print(markdown, markup=False, highlight=False, soft_wrap=True)
     if mismatches:
         console.print(f"[bold red]GREEDY OUTPUTS DIFFER across modes for {len(mismatches)} prompt(s): a bug, "
                       "please report it[/] (results.json: greedy_mismatches)")

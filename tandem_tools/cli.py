@@ -33,18 +33,22 @@ def demo(
     mode: Annotated[str, typer.Option(help="the mode streamed first: spec, ouroboros or cloud")] = "spec",
     target: Annotated[str | None, typer.Option(help="the cloud's target model")] = None,
     draft: Annotated[str | None, typer.Option(help="the edge's draft model")] = None,
+    web: Annotated[bool, typer.Option("--web", help="start the cloud and the edge, serve the chat page")] = False,
+    port: Annotated[int, typer.Option(help="--web: the edge's (the page's) port; 0: a free one")] = 8001,
 ) -> None:
     """A pair end to end on the real path (the cloud in its own process, the edge here over gRPC): the answer
     streamed as it is accepted, then acceptance, tokens per target pass and every mode against the target alone."""
     import os
 
     from tandem.config import CoreSettings
-    from tandem_tools.demo_run import MODES, run_demo
+    from tandem_tools.demo_run import MODES, run_demo, run_web
 
     if mode not in MODES:
         raise typer.BadParameter(f"choose from {', '.join(MODES)}", param_hint="--mode")
     gamma = gamma or os.environ.get("TANDEM_GAMMA") or "adaptive"
     settings = CoreSettings(**_overrides(gamma=gamma, threads=threads, target=target, draft=draft))
+    if web:
+        return run_web(settings, port)
     run_demo(settings, prompt, max_tokens, mode)
 
 
@@ -97,7 +101,7 @@ def train_demo_cmd(
 @bench_app.command("local")
 def bench_local(
     modes: Annotated[str, typer.Option(help="comma-separated: ar, ar-eager, spec, spec-fixed, ouroboros, hf-assisted, "
-                                            "hf-assisted-constant")
+                                            "hf-assisted-constant, llama-server, llama-server-spec")
                      ] = "ar,spec,hf-assisted",
     prompts: Annotated[int, typer.Option(help="requests of the trace, or held-out stdlib prompts (a code model)")] = 10,
     prompt_tokens: Annotated[int, typer.Option()] = 128,
@@ -316,8 +320,7 @@ def generate(
 
     from edge_client.client import EdgeClient
     from tandem.errors import TandemError
-    from tandem.fastlm import DRAFT_BUCKETS
-    from tandem.models import load_model
+    from tandem.models import load_draft
     from tandem.sampling import SamplingParams
     from tandem_protocol.openai_api.text import IncrementalText, chat_prompt, encode
 
@@ -325,8 +328,7 @@ def generate(
                               pipeline=pipeline, fallback=fallback, threads=threads, ouroboros=ouroboros)
     torch.set_num_threads(settings.threads)
     try:
-        model = load_model(settings.draft, settings.draft_dtype, settings.draft_device, settings.draft_compile,
-                           DRAFT_BUCKETS)
+        model = load_draft(settings.draft, settings, settings.threads)
         chat = not raw and getattr(model.tokenizer, "chat_template", None)
         ids = chat_prompt(model.tokenizer, [{"role": "user", "content": prompt}]) if chat else encode(model.tokenizer,
                                                                                                     prompt)

@@ -3,11 +3,12 @@ client here drafting and verifying there over gRPC — streaming the answer as i
 run: acceptance, tokens per target pass, and each mode (speculative, Ouroboros, cloud-only) against the target alone.
 
 A chat model gets a chat question (its chat template applied); a code model (the standard-library pair) a held-out
-code excerpt to complete.
+code excerpt to complete. `tandem demo --web` (`run_web`) starts the same cloud and edge behind the chat page instead.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -15,12 +16,11 @@ from rich.console import Console
 from rich.table import Table
 
 from tandem.config import CoreSettings
-from tandem.fastlm import DRAFT_BUCKETS
-from tandem.models import LoadedModel, check_pair, load_model
+from tandem.models import LoadedModel, check_pair, load_draft, load_target
 from tandem.sampling import SamplingParams
 from tandem.session import generate_autoregressive
 from tandem.stats import GenerationResult
-from tandem_tools.procs import CloudProcess
+from tandem_tools.procs import CloudProcess, free_port
 
 QUESTION = "Why is the sky blue? Answer in a few sentences."
 MODES = ("spec", "ouroboros", "cloud")  # streamed first: the fastest on this machine (README, "The real pair")
@@ -45,6 +45,14 @@ def demo_prompt(draft: LoadedModel, prompt: str | None) -> list[int]:
     return encode(draft.tokenizer, prompt) if prompt else heldout_prompts(1, 96, draft.tokenizer)[0]
 
 
+def cloud_env(settings: CoreSettings) -> dict[str, str]:
+    """`tandem serve`'s settings for the demo's cloud process."""
+    return {"TANDEM_TARGET": settings.target, "TANDEM_MAX_DRAFT_TOKENS": "64", "TANDEM_DEVICE": settings.device,
+            "TANDEM_DTYPE": settings.dtype, "TANDEM_EXACT_PASSES": settings.exact_passes,
+            "TANDEM_COMPILE": str(settings.compile).lower(),
+            "TANDEM_COMPILE_SIZES": ",".join(map(str, settings.compile_sizes))}
+
+
 def run_demo(settings: CoreSettings, prompt: str | None, max_tokens: int, mode: str = MODES[0],
              console: Console | None = None) -> list[DemoRun]:
     # transports load here, not at import: `tandem --help` loads no server
@@ -53,19 +61,14 @@ def run_demo(settings: CoreSettings, prompt: str | None, max_tokens: int, mode: 
 
     console = console or Console()
     torch.set_num_threads(settings.threads)
-    draft = load_model(settings.draft, settings.draft_dtype, settings.draft_device, settings.draft_compile,
-                       DRAFT_BUCKETS)
+    draft = load_draft(settings.draft, settings, settings.threads)
     ids = demo_prompt(draft, prompt)
     params = SamplingParams(max_tokens=max_tokens)
-    env = {"TANDEM_TARGET": settings.target, "TANDEM_MAX_DRAFT_TOKENS": "64", "TANDEM_DEVICE": settings.device,
-           "TANDEM_DTYPE": settings.dtype, "TANDEM_EXACT_PASSES": settings.exact_passes,
-           "TANDEM_COMPILE": str(settings.compile).lower(),
-           "TANDEM_COMPILE_SIZES": ",".join(map(str, settings.compile_sizes))}
     console.print(f"[bold]tandem demo[/bold]: starting `tandem serve` with {settings.target} in its own process "
                   f"({settings.threads} torch thread); the draft {draft.name} ({draft.n_params / 1e6:.1f}M params) "
                   f"runs here ({torch.get_num_threads()} torch thread)")
     runs: list[DemoRun] = []
-    with CloudProcess(threads=settings.threads, env=env, ready_timeout_s=300) as cloud:
+    with CloudProcess(threads=settings.threads, env=cloud_env(settings), ready_timeout_s=300) as cloud:
         def client(m: str) -> EdgeClient:
             edge = EdgeSettings(cloud=cloud.grpc_target, transport="grpc", draft=settings.draft, gamma=settings.gamma,
                                 threads=settings.threads, retries=0, ouroboros=m == "ouroboros")
@@ -89,8 +92,7 @@ def run_demo(settings: CoreSettings, prompt: str | None, max_tokens: int, mode: 
             if m == mode:
                 console.print()
     # the target alone, in this process, after the cloud has stopped
-    target = load_model(settings.target, settings.dtype, settings.device, settings.compile, settings.compile_sizes,
-                        settings.exact_passes)
+    target = load_target(settings.target, settings, settings.threads)
     check_pair(draft, target)
     alone = generate_autoregressive(target, ids, params)
     report(console, runs, alone)
@@ -115,3 +117,33 @@ def report(console: Console, runs: list[DemoRun], alone: GenerationResult) -> No
     best = max(runs, key=lambda r: r.rate)
     console.print(f"fastest here: {best.mode}, {best.rate / base:.2f}x the target alone"
                   + (f", {best.rate / cloud:.2f}x cloud-only" if cloud else ""))
+
+
+def run_web(settings: CoreSettings, port: int = 8001, console: Console | None = None) -> None:
+    """`tandem demo --web`: `tandem serve` in its own process, the edge's endpoint here serving the chat page at `/`
+    (each token marked by where it came from, a cloud-only rerun beside it); both run until Ctrl-C."""
+    import socket
+
+    from edge_client.http_app import EdgeServer
+    from edge_client.settings import EdgeSettings
+
+    console = console or Console()
+    port = port or free_port()
+    with socket.socket() as s:  # a clear error now, not after the models load
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError as e:
+            raise SystemExit(f"port {port} is taken ({e}); choose another with --port (0: a free one)") from None
+    torch.set_num_threads(settings.threads)
+    draft = load_draft(settings.draft, settings, settings.threads)
+    console.print(f"[bold]tandem demo --web[/bold]: starting `tandem serve` with {settings.target} in its own process; "
+                  f"the draft {draft.name} runs here")
+    with CloudProcess(threads=settings.threads, env=cloud_env(settings), ready_timeout_s=300) as cloud:
+        edge = EdgeSettings(cloud=cloud.grpc_target, transport="grpc", draft=settings.draft, gamma=settings.gamma,
+                            threads=settings.threads, port=port)
+        server = EdgeServer(edge, draft)
+        console.print(f"open [bold]http://127.0.0.1:{port}/[/bold] (the edge: speculative). The cloud's own page, "
+                      f"cloud-only: {cloud.http_url}/. Ctrl-C stops both.", highlight=False)
+        with contextlib.suppress(KeyboardInterrupt):  # uvicorn stops gracefully, then raises the signal again
+            server.run()
+    console.print("stopped")

@@ -156,7 +156,7 @@ class Check:
         res: dict[str, Any] = {"target": target.describe(), "draft": draft.describe(), "context": a.context}
         res["hf-eager"] = dt.pair_figures(target, draft, a.context, a.ns, a.reps, self.peaks(dtype))
         for m in (target, draft):
-            fastlm.enable(m.model, compile=False)
+            fastlm.enable(m.torch_model, compile=False)
         res["fast-eager"] = dt.pair_figures(target, draft, a.context, a.ns, a.reps, self.peaks(dtype))
         return res
 
@@ -166,7 +166,7 @@ class Check:
         target, draft = self.pair(dtype)
         t0 = time.monotonic()
         for m, buckets in ((target, dt.compile_buckets(a.ns)), (draft, (1,))):
-            fastlm.enable(m.model, compile=False).compile(buckets)
+            fastlm.enable(m.torch_model, compile=False).compile(buckets)
         res: dict[str, Any] = {"compile_s": time.monotonic() - t0, "buckets": list(dt.compile_buckets(a.ns)),
                                "dynamo": STATIC_INTS_NOTE}
         res["fast-compiled"] = dt.pair_figures(target, draft, a.context, a.ns, a.reps, self.peaks(dtype))

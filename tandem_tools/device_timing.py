@@ -51,13 +51,13 @@ def batched_decode(model: LoadedModel, batch: int, context: int, steps: int, see
     `steps` greedy decoding steps over all rows at once, timed (the prefill is not)."""
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(FIRST_ID, model.vocab_size, (batch, context), generator=gen).to(model.device)  # [B, L]
-    cache = DynamicCache(config=model.model.config)
-    out = model.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    cache = DynamicCache(config=model.torch_model.config)
+    out = model.torch_model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
     nxt = out.logits[:, -1].argmax(-1, keepdim=True)  # [B, 1]
     sync(model.device)
     t0 = time.perf_counter()
     for _ in range(steps):
-        out = model.model(input_ids=nxt, past_key_values=cache, use_cache=True)
+        out = model.torch_model(input_ids=nxt, past_key_values=cache, use_cache=True)
         nxt = out.logits[:, -1].argmax(-1, keepdim=True)
     sync(model.device)
     wall = time.perf_counter() - t0

@@ -297,4 +297,82 @@ def plot(results: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+# --- the peer, llama.cpp's llama-server (`tandem_tools.llama_server`): each prompt once, beside every RTT's rows
+
+PEER_BASE = "llama-server"  # the peer alone: every ratio of this section is against it
+
+
+def _rate(recs: dict[int, Any], common: Sequence[int]) -> float | None:
+    e2e = sum(recs[i].e2e_s for i in common)
+    return sum(recs[i].tokens for i in common) / e2e if e2e else None
+
+
+def peer_summary(peer_records: Sequence[Any], records: Sequence[RequestRecord], greedy: set[int]) -> dict[str, Any]:
+    """Per peer (`llama_server.PeerRecord`s): its figures, and how often its greedy output equals cloud-only's (the
+    target alone in tandem); then every tandem mode x RTT's tok/s over llama-server alone's, on the prompts both
+    served (and llama-server-spec's over llama-server's)."""
+    by_peer: dict[str, dict[int, Any]] = {}
+    for p in peer_records:
+        if p.error is None:
+            by_peer.setdefault(p.mode, {})[p.prompt_index] = p
+    cloud = {r.prompt_index: r.output_sha for r in records if r.mode == "cloud" and r.error is None}
+    rows = []
+    for mode in dict.fromkeys(p.mode for p in peer_records):
+        mine = by_peer.get(mode, {})
+        ok = list(mine.values())
+        compared = [p for p in ok if p.prompt_index in greedy and p.prompt_index in cloud]
+        n, ms, drafted = sum(p.predicted_n for p in ok), sum(p.predicted_ms for p in ok), sum(p.drafted for p in ok)
+        rows.append({
+            "mode": mode, "requests": len(ok), "not_run": sum(p.mode == mode and p.error is not None
+                                                              for p in peer_records),
+            "tokens": sum(p.tokens for p in ok), "tokens_per_s": _rate(mine, list(mine)),
+            "ttft_ms": percentiles([p.ttft_s for p in ok if p.ttft_s is not None], 1e3),
+            "tpot_ms": percentiles([p.tpot_s for p in ok if p.tpot_s is not None], 1e3),
+            "e2e_ms": percentiles([p.e2e_s for p in ok], 1e3),
+            "server_decode_tokens_per_s": n / ms * 1e3 if ms else None,
+            "acceptance_rate": sum(p.accepted for p in ok) / drafted if drafted else None,
+            "equal_to_cloud": f"{sum(cloud[p.prompt_index] == p.output_sha for p in compared)}/{len(compared)}",
+        })
+    ratios: list[dict[str, Any]] = []
+    base = by_peer.get(PEER_BASE, {})
+    by: dict[tuple[str, float | None], dict[int, Any]] = {}
+    for r in records:
+        if r.error is None:
+            by.setdefault((r.mode, r.rtt_ms), {})[r.prompt_index] = r
+    by |= {(m, None): recs for m, recs in by_peer.items() if m != PEER_BASE}
+    for (mode, rtt), mine in sorted(by.items(), key=lambda kv: (kv[0][1] is None, kv[0][1] or 0.0,
+                                                                 kv[0][0] != "cloud", kv[0][0])):
+        common = [i for i in mine if i in base]
+        ours, theirs = _rate(mine, common), _rate(base, common)
+        if ours is not None and theirs:
+            ratios.append({"mode": mode, "rtt_ms": rtt, "prompts": len(common), "vs_llama_server": ours / theirs})
+    return {"rows": rows, "vs_llama_server": ratios}
+
+
+def render_peer_markdown(summary: dict[str, Any], info: dict[str, Any]) -> str:
+    """`summary.md`'s section on the peer (`peer_summary`; `info`: `llama_server.Peers.info`)."""
+    spec = info["spec"]
+    lines = ["", "## The peer: llama.cpp's llama-server, same run", "",
+             f"llama.cpp vendored in llama-cpp-python {info['version']}, on the GGUF files tandem's weights come from, "
+             f"the same prompt token ids, greedy; threads: target {info['threads']}, draft {info['draft_threads']}; "
+             f"llama-server-spec drafts with the draft GGUF (`-md`, n_max {spec['n_max']}, n_min {spec['n_min']}, "
+             f"p_min {spec['p_min']}). Each prompt once, right after tandem's modes at the first RTT; loopback HTTP, "
+             "streamed, no netem: RTT does not apply to a peer on one machine.", "",
+             "| peer | requests | tok/s | TTFT p50 ms | TPOT p50 ms | e2e p50 ms | server decode tok/s | acceptance "
+             "| greedy output == cloud-only |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in summary["rows"]:
+        lines.append(f"| {r['mode']} | {r['requests']} | {_f(r['tokens_per_s'], '.1f')} | "
+                     f"{_f(r['ttft_ms']['p50'], '.0f')} | {_f(r['tpot_ms']['p50'], '.1f')} | "
+                     f"{_f(r['e2e_ms']['p50'], '.0f')} | {_f(r['server_decode_tokens_per_s'], '.1f')} | "
+                     f"{_f(r['acceptance_rate'], '.3f')} | {r['equal_to_cloud']} |")
+    if summary["vs_llama_server"]:
+        lines += ["", "| mode | RTT ms | prompts | tok/s vs llama-server alone |", "|---|---|---|---|"]
+        lines += [f"| {r['mode']} | {'-' if r['rtt_ms'] is None else format(r['rtt_ms'], 'g')} | {r['prompts']} | "
+                  f"{r['vs_llama_server']:.2f}x |" for r in summary["vs_llama_server"]]
+    lines += ["", "- tok/s: tokens / end-to-end time (prefill included), as for tandem's modes. llama.cpp computes on "
+              "the Q4_K_M blocks, tandem on their dequantised values: greedy outputs may differ, and the last column "
+              "says how often they are identical."]
+    return "\n".join(lines) + "\n"
+
+
 # --- the processes

@@ -44,7 +44,7 @@ def measure_peaks(device: torch.device, dtype: torch.dtype, read_mb: int = 512, 
 
 def step_bytes(model: LoadedModel) -> int:
     """Weight bytes a pass reads: all parameters but input-embedding tables it only looks rows up in."""
-    m = model.model
+    m = model.torch_model
     lookup: list[torch.nn.Parameter] = []
     if isinstance(m, FRSpecDraft):
         lookup.append(m.embed_low.weight)

@@ -49,3 +49,41 @@ def test_demo_runs_the_real_path(tmp_path: Path, tiny_target: LoadedModel, tiny_
     assert len({tuple(r.result.tokens) for r in runs}) == 1  # every mode gave the same (the target's) output
     text = console.export_text()
     assert "fastest here" in text and "NO (a bug)" not in text
+
+
+def test_demo_web_serves_the_page_until_interrupted(tmp_path: Path, tiny_target: LoadedModel,
+                                                    tiny_draft: LoadedModel) -> None:
+    """`tandem demo --web`: the cloud and the edge start, the page's address is printed, Ctrl-C stops both."""
+    import os
+    import re
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    target, draft = _save(tmp_path, tiny_target, tiny_draft)
+    proc = subprocess.Popen([sys.executable, "-m", "tandem_tools.cli", "demo", "--web", "--port", "0", "--target",
+                             target, "--draft", draft, "--gamma", "3"], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, env=os.environ | {"COLUMNS": "200"}, text=True)
+    try:
+        seen = ""
+        deadline = time.monotonic() + 120
+        while "Ctrl-C" not in seen and time.monotonic() < deadline and proc.poll() is None:
+            seen += proc.stdout.readline() if proc.stdout else ""
+        found = re.search(r"open (http://127\.0\.0\.1:\d+)/", seen)
+        assert found, seen
+        url = found.group(1)
+        page = httpx.get(url + "/", timeout=30)
+        assert page.status_code == 200 and 'data-side="edge"' in page.text
+        answer = httpx.post(url + "/v1/chat/completions", timeout=60, json={
+            "model": "tandem", "messages": [{"role": "user", "content": "abc"}], "max_tokens": 8, "temperature": 0,
+            "return_token_origins": True}).json()["choices"][0]
+        assert len(answer["tandem"]["origins"]) == len(answer["tandem"]["pieces"]) > 0
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

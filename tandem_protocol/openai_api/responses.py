@@ -107,8 +107,8 @@ async def completion_response(
     """The OpenAI response (JSON, or SSE ending in `data: [DONE]`) for started generations, one per choice; closes
     them."""
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-    out = _Output(kind, model, prompt_tokens, body.return_token_ids, tokenizer)
-    choices = [_Choice(i, gen, IncrementalText(tokenizer, stop)) for i, gen in enumerate(gens)]
+    out = _Output(kind, model, prompt_tokens, body.return_token_ids, tokenizer, body.return_token_origins)
+    choices = [_Choice(i, gen, IncrementalText(tokenizer, stop), out.marked) for i, gen in enumerate(gens)]
     if body.stream:
         include_usage = body.stream_options is not None and body.stream_options.include_usage
         return StreamingResponse(_sse(choices, out, include_usage, body.return_metrics, metrics),
@@ -124,39 +124,63 @@ async def completion_response(
     return JSONResponse(full | (extra() if extra else {}))
 
 
+# `return_token_origins`: per token where it came from (`tandem.stats.GenerationStats.origins`), and the text it
+# released; the pieces partition the delta (one more, unmarked, when the end releases text held back before)
+Marks = tuple[str, list[str]]
+Delta = tuple[str, FinishReason | None, list[int], list[TokenLogprob] | None, Marks | None]
+
+
 class _Choice:
     """One choice: its generation, its text so far, what it emitted."""
 
-    def __init__(self, index: int, gen: Steps, text: IncrementalText) -> None:
+    def __init__(self, index: int, gen: Steps, text: IncrementalText, marked: bool = False) -> None:
         self.index = index
         self.gen = gen
         self.text = text
+        self.marked = marked
         self.parts: list[str] = []
         self.ids: list[int] = []
         self.logprobs: list[TokenLogprob] = []
         self.has_logprobs = False
+        self.origins = ""
+        self.pieces: list[str] = []
         self.finish: FinishReason = "length"
 
-    async def deltas(self) -> AsyncIterator[tuple[str, FinishReason | None, list[int], list[TokenLogprob] | None]]:
-        """(text delta, finish reason once finished, token ids, their logprobs) per step; stops at a stop string."""
+    def _push(self, tokens: list[int], origins: str) -> tuple[str, Marks | None]:
+        if not self.marked:
+            return self.text.push(tokens), None
+        pieces = [self.text.push([t]) for t in tokens]
+        return "".join(pieces), (origins, pieces)
+
+    async def deltas(self) -> AsyncIterator[Delta]:
+        """(text delta, finish reason once finished, token ids, their logprobs, their marks) per step; stops at a stop
+        string."""
         async for result in self.gen:
-            delta = await asyncio.to_thread(self.text.push, result.tokens)  # decoding stays off the event loop
+            # the edge's steps say where each token came from; the target alone's are all its own
+            origins = getattr(result, "origins", None) or "t" * len(result.tokens)
+            # decoding stays off the event loop
+            delta, marks = await asyncio.to_thread(self._push, result.tokens, origins)
             if self.text.stopped:
-                yield delta, "stop", result.tokens, result.logprobs
+                yield delta, "stop", result.tokens, result.logprobs, marks
                 return
             if result.finish_reason is not None:
-                yield delta + await asyncio.to_thread(self.text.flush), result.finish_reason, result.tokens, \
-                    result.logprobs
+                tail = await asyncio.to_thread(self.text.flush)
+                if tail and marks is not None:
+                    marks[1].append(tail)
+                yield delta + tail, result.finish_reason, result.tokens, result.logprobs, marks
                 return
-            yield delta, None, result.tokens, result.logprobs
+            yield delta, None, result.tokens, result.logprobs, marks
 
     async def run_whole(self) -> None:
-        async for delta, finish, tokens, logprobs in self.deltas():
+        async for delta, finish, tokens, logprobs, marks in self.deltas():
             self.parts.append(delta)
             self.ids.extend(tokens)
             if logprobs is not None:
                 self.has_logprobs = True
                 self.logprobs.extend(logprobs)
+            if marks is not None:
+                self.origins += marks[0]
+                self.pieces += marks[1]
             self.finish = finish or self.finish
 
 
@@ -189,10 +213,10 @@ async def _sse(choices: list[_Choice], out: _Output, include_usage: bool, return
             if isinstance(item, TandemError):
                 yield _event(error_body(item.code, str(item)))
                 continue
-            delta, finish, tokens, logprobs = item
+            delta, finish, tokens, logprobs, marks = item
             c.finish = finish or c.finish
-            if delta or (tokens and (out.token_ids or logprobs is not None)):
-                yield _event(out.chunk(c.index, delta, None, tokens, logprobs))
+            if delta or (tokens and (out.token_ids or out.marked or logprobs is not None)):
+                yield _event(out.chunk(c.index, delta, None, tokens, logprobs, marks=marks))
         for c in choices:
             yield _event(out.chunk(c.index, "", c.finish))
         tail: dict[str, Any] = {}
@@ -222,9 +246,10 @@ class _Output:
     """OpenAI response objects for one completion."""
 
     def __init__(self, kind: Literal["text", "chat"], model: str, prompt_tokens: int, token_ids: bool,
-                 tokenizer: PreTrainedTokenizerBase) -> None:
+                 tokenizer: PreTrainedTokenizerBase, marked: bool = False) -> None:
         self.kind = kind
         self.token_ids = token_ids
+        self.marked = marked
         self.logprobs = LogprobFormat(tokenizer, kind)
         self.id = ("cmpl-" if kind == "text" else "chatcmpl-") + uuid.uuid4().hex
         self.created = int(time.time())
@@ -251,13 +276,16 @@ class _Output:
                           "finish_reason": c.finish}
             if self.token_ids:
                 choice["token_ids"] = c.ids
+            if self.marked:
+                choice["tandem"] = {"origins": c.origins, "pieces": c.pieces}
             items.append(choice)
         obj = "text_completion" if self.kind == "text" else "chat.completion"
         return {**self.head(), "object": obj, "choices": items,
                 "usage": self.usage(sum(c.gen.tokens for c in choices))}
 
     def chunk(self, index: int, delta: str, finish: FinishReason | None, ids: list[int] | None = None,
-              logprobs: list[TokenLogprob] | None = None, role: bool = False) -> dict[str, Any]:
+              logprobs: list[TokenLogprob] | None = None, role: bool = False,
+              marks: Marks | None = None) -> dict[str, Any]:
         lp = None if logprobs is None else self.logprobs.render(logprobs)
         if self.kind == "text":
             choice: dict[str, Any] = {"index": index, "text": delta, "logprobs": lp, "finish_reason": finish}
@@ -266,4 +294,6 @@ class _Output:
             choice = {"index": index, "delta": d, "logprobs": lp, "finish_reason": finish}
         if self.token_ids and ids:
             choice["token_ids"] = ids
+        if marks is not None:
+            choice["tandem"] = {"origins": marks[0], "pieces": marks[1]}
         return {**self.head(), "choices": [choice]}

@@ -17,4 +17,4 @@ def load_target(name: str = TARGET) -> tuple[PreTrainedModel, PreTrainedTokenize
     tokenizer.padding_side = "left"
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return loaded.model, tokenizer
+    return loaded.torch_model, tokenizer

@@ -72,16 +72,16 @@ def main(argv: list[str] | None = None) -> None:
 
     if args.target:
         target = load_model(args.target)
-        target_ms = step_ms(target.model, target.vocab_size, steps=20, warmup=3)
+        target_ms = step_ms(target.torch_model, target.vocab_size, steps=20, warmup=3)
         log.info("target %s: %.2f ms/step", args.target, target_ms)
         for n in (int(x) for x in args.verify_positions.split(",") if x.strip()):
-            ms = step_ms(target.model, target.vocab_size, steps=20, warmup=3, positions=n)
+            ms = step_ms(target.torch_model, target.vocab_size, steps=20, warmup=3, positions=n)
             verify.append({"positions": n, "ms": round(ms, 2), "v": round(ms / target_ms, 3)})
             log.info(json.dumps(verify[-1]))
         del target
     if args.draft:
         draft = load_model(args.draft)
-        ms = step_ms(draft.model, draft.vocab_size)
+        ms = step_ms(draft.torch_model, draft.vocab_size)
         trained = {"draft": args.draft, "ms": round(ms, 3), "ratio": round(ms / target_ms, 4) if target_ms else None}
         log.info(json.dumps(trained))
     ints = [[int(x) for x in s.split(",")] for s in (args.layers, args.hidden, args.k, args.rank)]

@@ -145,11 +145,11 @@ def fresh_model(args: argparse.Namespace, train_rows: list[data.Row], eval_rows:
 
     target = load_model(args.target)
     vocab = target.vocab_size
-    eos = [t for t in (target.model.config.eos_token_id, target.tokenizer.eos_token_id) if isinstance(t, int)]
+    eos = [t for t in (target.torch_model.config.eos_token_id, target.tokenizer.eos_token_id) if isinstance(t, int)]
     counts = build.token_counts(train_rows)
     ranked = build.rank_tokens(counts, vocab, always=eos)
     head = ranked[: min(args.k, vocab)]  # [K]
-    model, svd = build.build_draft(target.model, head, args.layers, args.hidden, args.rank, args.intermediate,
+    model, svd = build.build_draft(target.torch_model, head, args.layers, args.hidden, args.rank, args.intermediate,
                                    args.seed, torch.tensor([counts.get(int(t), 0) for t in head]))
     info = {
         "k_coverage_train": build.coverage_table(ranked, train_rows),

@@ -1,0 +1,399 @@
+"""llama.cpp's llama-server, the peer tandem is measured against in the same run (`bench local`, `bench replay`).
+
+Mode `llama-server` is the target GGUF alone; `llama-server-spec` adds the draft GGUF with `-md` (llama.cpp's own
+draft-model speculative decoding, `SpecSettings`). Both are the binary `scripts/build-llama-server.sh` builds from
+the llama.cpp vendored in the pinned llama-cpp-python sdist, run on the same GGUF files tandem converts its weights
+from, with the same thread counts, given the same prompt token ids (tandem's tokenizer and chat template) through
+the native `/completion` endpoint, greedy (temperature 0, top-k 1, the top-k sampler only), no prompt cache reuse
+between requests (`cache_prompt` false, `--cache-ram 0`): every request pays its own prefill, as tandem's do.
+
+What is timed: the request's wall time here (prefill + decode + loopback HTTP), the counterpart of tandem's
+`stats.wall_s` (prefill + decode); the server's own `timings` (prompt_ms, predicted_ms, draft_n, draft_n_accepted)
+come along. llama.cpp computes on the Q4_K_M blocks themselves, tandem on their dequantised values in its dtype: the
+outputs can differ, and the benches report how often they are equal and how far they agree.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import shlex
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+VERSION = "0.3.36"  # the llama-cpp-python sdist whose vendored llama.cpp the build script builds
+BASE, SPEC = "llama-server", "llama-server-spec"
+MODES = (BASE, SPEC)
+BUILD_HINT = "scripts/build-llama-server.sh (or set TANDEM_LLAMA_SERVER to a llama-server binary)"
+
+
+def bin_dir() -> Path:
+    """Where the build script puts the binaries: `$TANDEM_LLAMA_DIR`, else ~/.cache/tandem/llama.cpp/VERSION/bin."""
+    explicit = os.environ.get("TANDEM_LLAMA_DIR")
+    return Path(explicit) if explicit else Path.home() / ".cache" / "tandem" / "llama.cpp" / VERSION / "bin"
+
+
+def find_binary(name: str = "llama-server") -> Path | None:
+    """`TANDEM_LLAMA_SERVER` / `TANDEM_LLAMA_BENCH` when set, else the build script's folder; None when not built."""
+    explicit = os.environ.get("TANDEM_" + name.upper().replace("-", "_"))
+    path = Path(explicit) if explicit else bin_dir() / name
+    return path if path.is_file() and os.access(path, os.X_OK) else None
+
+
+def gguf_file(model: str) -> Path:
+    """The GGUF file behind a model name tandem loads (a shipped short name, or a .gguf path); ValueError if none."""
+    from tandem import gguf
+
+    if gguf.is_shipped(model):
+        return gguf.shipped_path(model)
+    if model.endswith(".gguf") and Path(model).is_file():
+        return Path(model)
+    raise ValueError(f"{model} is not a GGUF model (llama-server needs one)")
+
+
+@dataclass(frozen=True)
+class SpecSettings:
+    """llama-server-spec's drafting: up to 16 tokens a round, cut where the draft's top probability is below 0.75
+    (llama.cpp's long-standing server defaults for a draft model, not tandem's gamma: each side as tuned by its own
+    authors). `TANDEM_LLAMA_SERVER_ARGS` appends arguments to both servers (a later flag wins)."""
+
+    n_max: int = 16
+    n_min: int = 1
+    p_min: float = 0.75
+
+    def args(self) -> list[str]:
+        return ["--spec-type", "draft-simple", "--spec-draft-n-max", str(self.n_max),
+                "--spec-draft-n-min", str(self.n_min), "--spec-draft-p-min", str(self.p_min)]
+
+
+def server_command(binary: Path, model: Path, port: int, threads: int, ctx: int, draft: Path | None = None,
+                   draft_threads: int | None = None, spec: SpecSettings = SpecSettings(),
+                   extra: Sequence[str] = ()) -> list[str]:
+    """One slot, `threads` for decoding and for prefill (-t, -tb); the draft's likewise (-td, -tbd)."""
+    cmd = [str(binary), "-m", str(model), "--host", "127.0.0.1", "--port", str(port), "-t", str(threads),
+           "-tb", str(threads), "-c", str(ctx), "-np", "1", "--cache-ram", "0", "--no-webui"]
+    if draft is not None:
+        dt = str(draft_threads or threads)
+        cmd += ["-md", str(draft), "-td", dt, "-tbd", dt, *spec.args()]
+    return cmd + list(extra)
+
+
+def completion_request(prompt: Sequence[int], max_tokens: int, temperature: float = 0.0, seed: int | None = None,
+                       ignore_eos: bool = False, stream: bool = False) -> dict[str, Any]:
+    """The `/completion` body: prompt token ids as given (no BOS added, no template), the ids back."""
+    body: dict[str, Any] = {"prompt": list(prompt), "n_predict": max_tokens, "cache_prompt": False,
+                            "return_tokens": True, "stream": stream, "ignore_eos": ignore_eos}
+    if temperature <= 0:
+        body |= {"temperature": 0.0, "top_k": 1, "samplers": ["top_k"]}
+    else:
+        body["temperature"] = temperature
+    if seed is not None:
+        body["seed"] = seed
+    return body
+
+
+@dataclass
+class PeerResult:
+    """One completion: the tokens, the wall time here, the server's timings."""
+
+    tokens: list[int]
+    wall_s: float
+    prompt_n: int = 0
+    prompt_ms: float = 0.0
+    predicted_n: int = 0
+    predicted_ms: float = 0.0
+    draft_n: int = 0
+    draft_n_accepted: int = 0
+    stop_type: str | None = None
+    arrivals_s: list[float] = field(default_factory=list)  # streamed: when each token arrived, since the request
+
+    def stats(self) -> dict[str, Any]:
+        """As `ModeFigures.add` reads them: drafted and accepted tokens."""
+        return {"drafted": self.draft_n, "accepted": self.draft_n_accepted}
+
+
+def parse_completion(body: dict[str, Any], wall_s: float, tokens: list[int] | None = None,
+                     arrivals_s: list[float] | None = None) -> PeerResult:
+    """A final `/completion` answer; `tokens`: those streamed before it (a streamed final answer holds none)."""
+    if "error" in body:
+        raise RuntimeError(f"llama-server: {body['error']}")
+    t = body.get("timings") or {}
+    out = list(tokens or []) + [int(x) for x in body.get("tokens") or []]
+    return PeerResult(out, wall_s, int(t.get("prompt_n", 0)), float(t.get("prompt_ms", 0.0)),
+                      int(t.get("predicted_n", 0)), float(t.get("predicted_ms", 0.0)), int(t.get("draft_n", 0)),
+                      int(t.get("draft_n_accepted", 0)), body.get("stop_type"), list(arrivals_s or []))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class LlamaServer:
+    """llama-server as a child process on a free loopback port; `start` waits for `/health`, `stop` ends it
+    (SIGTERM, then SIGKILL after `stop_timeout_s`)."""
+
+    def __init__(self, command: list[str], port: int, log_path: Path | None = None, ready_timeout_s: float = 300.0,
+                 request_timeout_s: float = 900.0) -> None:
+        self.command, self.port, self.log_path = command, port, log_path
+        self.ready_timeout_s, self.request_timeout_s = ready_timeout_s, request_timeout_s
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> LlamaServer:
+        out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
+        try:
+            self.proc = subprocess.Popen(self.command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        finally:
+            if self.log_path:
+                out.close()  # type: ignore[union-attr]
+        deadline = time.monotonic() + self.ready_timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"llama-server exited with {self.proc.returncode} before it was ready"
+                                   + (f" (log: {self.log_path})" if self.log_path else ""))
+            if self.healthy():
+                return self
+            time.sleep(0.2)
+        self.stop()
+        raise TimeoutError(f"llama-server was not ready within {self.ready_timeout_s:.0f} s")
+
+    def healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(self.url + "/health", timeout=2) as r:
+                return bool(r.status == 200)
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def props(self) -> dict[str, Any]:
+        try:
+            with urllib.request.urlopen(self.url + "/props", timeout=10) as r:
+                return dict(json.loads(r.read()))
+        except (urllib.error.URLError, OSError, ValueError):
+            return {}
+
+    def complete(self, prompt: Sequence[int], max_tokens: int, temperature: float = 0.0, seed: int | None = None,
+                 ignore_eos: bool = False, stream: bool = False) -> PeerResult:
+        body = completion_request(prompt, max_tokens, temperature, seed, ignore_eos, stream)
+        req = urllib.request.Request(self.url + "/completion", json.dumps(body).encode(),
+                                     {"Content-Type": "application/json"})
+        t0 = time.perf_counter()
+        try:
+            with urllib.request.urlopen(req, timeout=self.request_timeout_s) as r:
+                if not stream:
+                    return parse_completion(json.loads(r.read()), time.perf_counter() - t0)
+                tokens: list[int] = []
+                arrivals: list[float] = []
+                for raw in r:  # server-sent events: "data: {...}" lines, the last one with "stop": true
+                    line = raw.decode().strip()
+                    if not line.startswith("data:"):
+                        continue
+                    chunk = json.loads(line[5:])
+                    if chunk.get("stop") or "error" in chunk:
+                        return parse_completion(chunk, time.perf_counter() - t0, tokens, arrivals)
+                    new = [int(x) for x in chunk.get("tokens") or []]
+                    if new:
+                        tokens += new
+                        arrivals += [time.perf_counter() - t0] * len(new)
+                raise RuntimeError("llama-server: the stream ended without a final answer")
+        except urllib.error.HTTPError as e:
+            raise RuntimeError(f"llama-server: HTTP {e.code}: {e.read()[:500]!r}") from e
+
+    def stop(self, stop_timeout_s: float = 10.0) -> None:
+        from tandem_tools.procs import stop_process
+
+        stop_process(self.proc, timeout_s=stop_timeout_s)
+
+    def __enter__(self) -> LlamaServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def context_size(prompts: Sequence[Sequence[int]], max_tokens: int, spec: SpecSettings = SpecSettings()) -> int:
+    """Room for the longest prompt, its output and a draft overshoot, rounded up to 256."""
+    need = max((len(p) for p in prompts), default=0) + max_tokens + spec.n_max + 16
+    return -(-need // 256) * 256
+
+
+class Peers:
+    """The llama-server peers a bench asked for: resolved here (a mode whose binary or GGUF file is missing is
+    skipped, the reason in `skipped`), started together on entering, stopped together on leaving."""
+
+    def __init__(self, modes: Sequence[str], target: str, draft: str, threads: int, ctx: int,
+                 draft_threads: int | None = None, log_dir: Path | None = None, spec: SpecSettings = SpecSettings(),
+                 warn: Callable[[str], object] = lambda msg: None) -> None:
+        self.servers: dict[str, LlamaServer] = {}
+        self.skipped: dict[str, str] = {}
+        self.results: dict[str, list[PeerResult]] = {}
+        self.prefix: dict[str, list[tuple[int, int]]] = {}  # per prompt: tokens equal before the first divergence
+        self.info: dict[str, Any] = {"version": VERSION, "spec": asdict(spec), "threads": threads,
+                                     "draft_threads": draft_threads or threads, "ctx": ctx, "modes": {}}
+        self.wanted = [m for m in MODES if m in modes]
+        binary = find_binary() if self.wanted else None
+        reason = f"llama-server is not built: run {BUILD_HINT}"
+        try:
+            files = (gguf_file(target), gguf_file(draft)) if binary else None
+        except (ValueError, OSError, RuntimeError) as e:
+            files, reason = None, str(e)
+        if binary is None or files is None:
+            for m in self.wanted:
+                self.skipped[m] = reason
+                warn(f"mode {m} skipped: {reason}")
+            self.wanted = []
+            return
+        extra = shlex.split(os.environ.get("TANDEM_LLAMA_SERVER_ARGS", ""))
+        for m in self.wanted:
+            port = _free_port()
+            cmd = server_command(binary, files[0], port, threads, ctx, files[1] if m == SPEC else None,
+                                 draft_threads, spec, extra)
+            self.servers[m] = LlamaServer(cmd, port, log_dir / f"{m}.log" if log_dir else None)
+            self.info["modes"][m] = {"command": shlex.join(cmd)}
+
+    @property
+    def modes(self) -> list[str]:
+        return list(self.wanted)
+
+    def start(self) -> Peers:
+        try:
+            for m, server in self.servers.items():
+                server.start()
+                server.complete(list(range(100, 116)), 4)  # warm-up, not timed
+                self.info["modes"][m]["build_info"] = server.props().get("build_info")
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def run(self, mode: str, prompt: Sequence[int], max_tokens: int, temperature: float = 0.0,
+            seed: int | None = None, ignore_eos: bool = False, stream: bool = False) -> PeerResult:
+        res = self.servers[mode].complete(prompt, max_tokens, temperature, seed, ignore_eos, stream)
+        self.results.setdefault(mode, []).append(res)
+        return res
+
+    def runners(self, max_tokens: int, ignore_eos: bool) -> dict[str, Callable[[list[int]], tuple[list[int], float,
+                                                                                                   dict[str, Any]]]]:
+        """`bench local`'s runners: a prompt's tokens, wall time and counters."""
+        def one(mode: str, prompt: list[int]) -> tuple[list[int], float, dict[str, Any]]:
+            r = self.run(mode, prompt, max_tokens, ignore_eos=ignore_eos)
+            return r.tokens, r.wall_s, r.stats()
+        return {m: functools.partial(one, m) for m in self.wanted}
+
+    def compare(self, outputs: dict[str, list[int]], reference: str) -> None:
+        """After a prompt: how far each peer's output agrees with `reference`'s (tandem's target alone)."""
+        ref = outputs.get(reference)
+        for m in self.servers:
+            if ref is not None and m in outputs:
+                self.prefix.setdefault(m, []).append((common_prefix(outputs[m], ref), len(ref)))
+
+    def figures(self, mode: str) -> dict[str, Any]:
+        """The server's own timings over the run: prefill, decode-only rate, drafting, agreement with the target."""
+        rs = self.results.get(mode, [])
+        pre = self.prefix.get(mode, [])
+        n, ms = sum(r.predicted_n for r in rs), sum(r.predicted_ms for r in rs)
+        drafted = sum(r.draft_n for r in rs)
+        return {
+            "server_prompt_ms": sum(r.prompt_ms for r in rs), "server_prompt_tokens": sum(r.prompt_n for r in rs),
+            "server_decode_tokens_per_s": n / ms * 1e3 if ms else None,
+            "server_drafted": drafted, "server_draft_accepted": sum(r.draft_n_accepted for r in rs),
+            "equal_prefix_tokens": sum(p for p, _ in pre), "reference_tokens": sum(t for _, t in pre),
+        }
+
+    def stop(self) -> None:
+        for s in self.servers.values():
+            s.stop()
+
+    def __enter__(self) -> Peers:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def local_report(peers: Peers, results: dict[str, dict[str, Any]]) -> list[str]:
+    """`bench local`: the peers' own timings and agreement with the target alone (into `results` too), and each
+    mode's tok/s over llama-server alone's (`vs_llama_server`)."""
+    lines: list[str] = []
+    for m in peers.modes:
+        f = peers.figures(m)
+        results[m] |= f
+        dec = f["server_decode_tokens_per_s"]
+        lines.append(f"{m}: server-side decode {'-' if dec is None else f'{dec:.1f}'} tok/s (prefill "
+                     f"{f['server_prompt_ms']:.0f} ms for {f['server_prompt_tokens']} prompt tokens in all); output "
+                     f"== target alone {results[m]['greedy_equal_to_target']}, first "
+                     f"{f['equal_prefix_tokens']}/{f['reference_tokens']} tokens equal before divergence "
+                     "(Q4_K_M computed by llama.cpp vs dequantised weights in torch)")
+    if BASE in peers.modes:  # the table shows it too
+        base = float(results[BASE]["tokens_per_s"]) or 1e-9
+        for d in results.values():
+            d["vs_llama_server"] = float(d["tokens_per_s"]) / base
+    return lines
+
+
+# --- bench replay: the peers once per prompt, beside every RTT's rows
+
+
+@dataclass
+class PeerRecord:
+    mode: str
+    prompt_index: int
+    prompt_tokens: int
+    max_tokens: int
+    tokens: int = 0
+    e2e_s: float = 0.0
+    ttft_s: float | None = None  # the first streamed token's arrival
+    tpot_s: float | None = None  # (e2e - ttft) / (tokens - 1)
+    prompt_ms: float = 0.0
+    predicted_ms: float = 0.0
+    predicted_n: int = 0
+    drafted: int = 0
+    accepted: int = 0
+    stop_type: str | None = None
+    output_sha: str = ""
+    error: str | None = None
+
+
+def replay_record(peers: Peers, mode: str, index: int, ids: Sequence[int], row: Any) -> PeerRecord:
+    """One trace row through a peer, streamed (TTFT as the edge client sees it). Rows with an output constraint are
+    not sent (recorded as skipped): the peer's grammar engine is not tandem's."""
+    import hashlib
+
+    rec = PeerRecord(mode, index, len(ids), row.max_tokens)
+    if row.response_format is not None or row.structured_outputs is not None:
+        rec.error = "skipped: constrained output"
+        return rec
+    try:
+        r = peers.run(mode, ids, row.max_tokens, row.temperature, row.seed, stream=True)
+    except (RuntimeError, OSError) as e:
+        rec.error = str(e)
+        return rec
+    rec.tokens, rec.e2e_s, rec.stop_type = len(r.tokens), r.wall_s, r.stop_type
+    rec.ttft_s = r.arrivals_s[0] if r.arrivals_s else None
+    if rec.ttft_s is not None and rec.tokens > 1:
+        rec.tpot_s = (rec.e2e_s - rec.ttft_s) / (rec.tokens - 1)
+    rec.prompt_ms, rec.predicted_ms, rec.predicted_n = r.prompt_ms, r.predicted_ms, r.predicted_n
+    rec.drafted, rec.accepted = r.draft_n, r.draft_n_accepted
+    rec.output_sha = hashlib.sha256(json.dumps(r.tokens).encode()).hexdigest()[:16]
+    return rec
