@@ -66,7 +66,7 @@ def run_demo(settings: CoreSettings, prompt: str | None, max_tokens: int, mode: 
     params = SamplingParams(max_tokens=max_tokens)
     console.print(f"[bold]tandem demo[/bold]: starting `tandem serve` with {settings.target} in its own process "
                   f"({settings.threads} torch thread); the draft {draft.name} ({draft.n_params / 1e6:.1f}M params) "
-                  f"runs here ({torch.get_num_threads()} torch thread)")
+                  f"runs here on {draft.backend} ({settings.threads} thread)")
     runs: list[DemoRun] = []
     with CloudProcess(threads=settings.threads, env=cloud_env(settings), ready_timeout_s=300) as cloud:
         def client(m: str) -> EdgeClient:
