@@ -43,6 +43,17 @@ def available() -> bool:
     return importlib.util.find_spec("llama_cpp") is not None
 
 
+def unsafe_build() -> str:
+    """Why the installed binding is not used ('' where it is): a llama.cpp built with its AMX kernels crashed
+    (SIGSEGV in ggml_backend_amx_mul_mat) on the first decode on a Xeon with AMX. TANDEM_LLAMA_AMX=1 uses it anyway."""
+    if os.environ.get("TANDEM_LLAMA_AMX") == "1":
+        return ""
+    if "AMX_INT8 = 1" in _lib().llama_print_system_info().decode(errors="replace"):
+        return ("this llama-cpp-python build has llama.cpp's AMX kernels, which crash on the first decode on a CPU "
+                "with AMX: reinstall it with scripts/install-llama-binding.sh (TANDEM_LLAMA_AMX=1 uses it anyway)")
+    return ""
+
+
 def _lib() -> Any:
     global _backend_ready
     import llama_cpp

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -244,8 +245,6 @@ def load_model(name_or_path: str, dtype: torch.dtype | str = torch.float32, devi
     fast = compile and enable_fast_path(model, name_or_path, buckets=buckets)
     if exact_default(exact_passes, dtype) if isinstance(exact_passes, str) else exact_passes:
         if fast:
-            import logging
-
             logging.getLogger(__name__).warning("%s: the compiled fast path does not run exact passes: a position's "
                                                 "logits may depend on its pass's shape", name_or_path)
         else:
@@ -287,6 +286,12 @@ def pick_backend(backend: str, name_or_path: str, device: torch.device) -> tuple
         raise ModelLoadError('backend llama needs llama-cpp-python: pip install "tandem[llama]"')
     if not is_gguf(name_or_path):
         raise ModelLoadError(f"backend llama runs GGUF files; {name_or_path!r} is not one")
+    unsafe = llamacpp.unsafe_build()
+    if unsafe:
+        if backend == "auto":
+            logging.getLogger(__name__).warning("llama.cpp not used: %s", unsafe)
+            return "torch", ""
+        raise ModelLoadError(unsafe)
     if device.type != "cpu":
         if backend == "auto":
             return "torch", ""
@@ -312,8 +317,6 @@ def enable_fast_path(model: nn.Module, name: str, compile: bool = True,
                      buckets: tuple[int, ...] = fastlm.BUCKETS) -> bool:
     """The fast path on `model` if it can run it; False (and a warning on stderr) if not."""
     if not fastlm.supports(model):
-        import logging
-
         logging.getLogger(__name__).warning("%s: no fast path for %s (Llama and Qwen2 models only); it runs eager",
                                             name, type(model).__name__)
         return False

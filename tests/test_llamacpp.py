@@ -36,6 +36,11 @@ def test_the_backend_rules(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(ModelLoadError, match=r"tandem\[llama\]"):
         pick_backend("llama", DEFAULT_DRAFT, cpu)
     monkeypatch.setattr(llamacpp, "available", lambda: True)
+    monkeypatch.setattr(llamacpp, "unsafe_build", lambda: "a build with AMX kernels")
+    assert pick_backend("auto", DEFAULT_DRAFT, cpu)[0] == "torch"  # a crashing build is not chosen
+    with pytest.raises(ModelLoadError, match="AMX"):
+        pick_backend("llama", DEFAULT_DRAFT, cpu)
+    monkeypatch.setattr(llamacpp, "unsafe_build", lambda: "")
     assert pick_backend("auto", DEFAULT_DRAFT, cpu) == ("llama", "auto: llama.cpp is installed and the model is a "
                                                         "GGUF file")
     assert pick_backend("auto", "my/model.gguf", torch.device("cuda"))[0] == "torch"
