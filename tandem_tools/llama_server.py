@@ -29,6 +29,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tandem_tools.procs import wait_ready
+
 VERSION = "0.3.36"  # the llama-cpp-python sdist whose vendored llama.cpp the build script builds
 BASE, SPEC = "llama-server", "llama-server-spec"
 MODES = (BASE, SPEC)
@@ -159,16 +161,9 @@ class LlamaServer:
         finally:
             if self.log_path:
                 out.close()  # type: ignore[union-attr]
-        deadline = time.monotonic() + self.ready_timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"llama-server exited with {self.proc.returncode} before it was ready"
-                                   + (f" (log: {self.log_path})" if self.log_path else ""))
-            if self.healthy():
-                return self
-            time.sleep(0.2)
-        self.stop()
-        raise TimeoutError(f"llama-server was not ready within {self.ready_timeout_s:.0f} s")
+        wait_ready(self.proc, self.healthy, self.ready_timeout_s, "llama-server", self.stop,
+                   f" (log: {self.log_path})" if self.log_path else "")
+        return self
 
     def healthy(self) -> bool:
         try:

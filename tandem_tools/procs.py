@@ -14,6 +14,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 
@@ -68,15 +69,8 @@ class CloudProcess:
              "--http-port", str(self.http_port), "--grpc-port", str(self.grpc_port)],
             env=env, stdout=out, stderr=subprocess.STDOUT,
         )
-        deadline = time.monotonic() + self.ready_timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"the cloud process exited with {self.proc.returncode} before it was ready")
-            if self.ready():
-                return self
-            time.sleep(0.2)
-        self.stop()
-        raise TimeoutError(f"the cloud process was not ready within {self.ready_timeout_s:.0f} s")
+        wait_ready(self.proc, self.ready, self.ready_timeout_s, "the cloud process", self.stop)
+        return self
 
     def ready(self) -> bool:
         try:
@@ -103,3 +97,17 @@ class CloudProcess:
 
     def __exit__(self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
         self.stop()
+
+
+def wait_ready(proc: subprocess.Popen[bytes], ready: Callable[[], bool], timeout_s: float, what: str,
+               stop: Callable[[], None], log: str = "") -> None:
+    """Poll `ready` until it answers; an error if `proc` exits first, `stop()` and an error after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode} before it was ready{log}")
+        if ready():
+            return
+        time.sleep(0.2)
+    stop()
+    raise TimeoutError(f"{what} was not ready within {timeout_s:.0f} s")
