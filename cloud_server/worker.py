@@ -36,7 +36,7 @@ from tandem.passcost import pass_times
 from tandem.sampling import SamplingParams
 from tandem.session import TargetSession
 from tandem_protocol.metrics import Metrics
-from tandem_protocol.openai_api.limits import Gate, RequestTimeout, Ticket
+from tandem_protocol.openai_api.limits import Gate, RequestTimeout, Ticket, within
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -209,7 +209,7 @@ class ModelWorker:
             try:  # before admission: a block waiting for its turn holds no slot the block before it may need
                 async with entry.turn:
                     ready = entry.turn.wait_for(lambda: seq <= entry.next_seq or entry.closed)
-                    await asyncio.wait_for(ready, _PIPELINE_WAIT_S)
+                    await within(ready, _PIPELINE_WAIT_S)
             except asyncio.TimeoutError:
                 raise SessionConflictError(f"draft seq {seq} waited in vain for seq {seq - 1}") from None
         # a session's next block is admitted work: a draining server still verifies it

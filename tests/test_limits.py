@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import statistics
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -96,6 +97,22 @@ async def test_a_waiter_that_leaves_gives_up_its_place() -> None:
     assert gate.waiting == 0
     held.release()
     assert gate.running == 0
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="Python 3.10 has no asyncio.timeout; its wait_for has the race")
+async def test_a_cancel_landing_as_a_bounded_step_finishes_is_not_lost() -> None:
+    # a departed client's cancel and its step's result in the same loop iteration: asyncio.wait_for (before 3.12)
+    # returned the result and dropped the cancel, and the request ran on to its end with no one to answer
+    gate = Gate(Metrics(), max_running=1, max_request_s=30)
+    ticket = await gate.enter("a")
+    step: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+    request = asyncio.create_task(ticket.bounded(step))
+    await asyncio.sleep(0)
+    step.set_result(1)
+    request.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await request
+    ticket.release()
 
 
 async def test_shutdown_refuses_new_and_waiting_and_cancels_what_outlives_the_grace() -> None:

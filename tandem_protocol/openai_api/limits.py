@@ -12,6 +12,7 @@ import asyncio
 import collections
 import contextlib
 import math
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
@@ -77,6 +78,22 @@ def _current_task() -> asyncio.Task[object] | None:
         return None
 
 
+if sys.version_info >= (3, 11):
+
+    async def within(aw: Awaitable[T], seconds: float) -> T:
+        """`aw`, cancelled past `seconds` (raising TimeoutError)."""
+        # not asyncio.wait_for: before Python 3.12 it returns the result and drops a cancel that lands in the loop
+        # iteration where `aw` finishes, and a departed client's request then runs to its end
+        async with asyncio.timeout(seconds):
+            return await aw
+
+else:
+
+    async def within(aw: Awaitable[T], seconds: float) -> T:
+        """`aw`, cancelled past `seconds` (raising TimeoutError)."""
+        return await asyncio.wait_for(aw, seconds)  # 3.10 has no asyncio.timeout (its wait_for has the race)
+
+
 class Ticket:
     """One admitted request. Its holders (the request, each of its generations) `share` it; it leaves the gate when
     the last one `release`s it."""
@@ -103,7 +120,7 @@ class Ticket:
         if self.deadline is None:
             return await aw
         try:
-            return await asyncio.wait_for(aw, max(0.0, self.deadline - time.monotonic()))
+            return await within(aw, max(0.0, self.deadline - time.monotonic()))
         except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
             if not self.expired:
                 self.expired = True
