@@ -13,13 +13,14 @@ Short names resolve to files shipped by packages on PyPI:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -163,7 +164,8 @@ def tokenizer_dir(gguf: Path, sha256: str | None = None) -> Path:
     from transformers import AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        with _one_read():
+            tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     except (OSError, ValueError, ImportError) as e:
         raise ModelLoadError(f"cannot read the tokenizer of the GGUF file {str(gguf)!r}: {e}") from e
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -182,6 +184,29 @@ def shipped_sha256(name: str) -> str | None:
     return PARTS[name].sha256 if name in PARTS else None
 
 
+@contextlib.contextmanager
+def _one_read() -> Iterator[None]:
+    """HF transformers parses a GGUF file's header anew for its config, its weights and its tokenizer; parsing the
+    151,936-token vocabulary and its merges in gguf-py takes 20-30 s a time on a CPU. Inside this, each file is
+    parsed once (the reader maps the file read-only; its parsed fields are not changed by the readers)."""
+    import gguf as gguf_py  # the gguf-py package, not this module
+
+    original = gguf_py.GGUFReader
+    readers: dict[tuple[str, str], object] = {}
+
+    def reader(path: object, mode: str = "r") -> object:
+        key = (os.path.realpath(str(path)), mode)
+        if key not in readers:
+            readers[key] = original(path, mode)  # type: ignore[arg-type]
+        return readers[key]
+
+    gguf_py.GGUFReader = reader  # type: ignore[assignment,misc]
+    try:
+        yield
+    finally:
+        gguf_py.GGUFReader = original  # type: ignore[misc]
+
+
 def converted(gguf: Path, dtype: str = "float32", progress: bool = True, sha256: str | None = None) -> Path:
     """The cache folder holding `gguf` converted to `dtype` (a name of `tandem.models.DTYPES`), made on first use,
     atomically: a temp folder, then a rename. `sha256`: the file's, when already known."""
@@ -197,8 +222,9 @@ def converted(gguf: Path, dtype: str = "float32", progress: bool = True, sha256:
     if progress:
         hf_logging.enable_progress_bar()  # type: ignore[no-untyped-call]
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        with _one_read():
+            model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+            tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     except (OSError, ValueError, ImportError) as e:
         raise ModelLoadError(f"cannot read the GGUF file {str(gguf)!r}: {e}") from e
     finally:

@@ -9,6 +9,7 @@ code excerpt to complete. `tandem demo --web` (`run_web`) starts the same cloud 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +25,17 @@ from tandem_tools.procs import CloudProcess, free_port
 
 QUESTION = "Why is the sky blue? Answer in a few sentences."
 MODES = ("spec", "ouroboros", "cloud")  # streamed first: the fastest on this machine (README, "The real pair")
+
+
+@contextlib.contextmanager
+def cloud_loading(settings: CoreSettings) -> Iterator[CloudProcess]:
+    """`tandem serve` started, loading on its own core while the caller loads the draft (a first run converts both
+    models: in parallel, not one after the other); stopped on the way out."""
+    cloud = CloudProcess(threads=settings.threads, env=cloud_env(settings), ready_timeout_s=600).spawn()
+    try:
+        yield cloud
+    finally:
+        cloud.stop()
 
 
 @dataclass(frozen=True)
@@ -61,14 +73,17 @@ def run_demo(settings: CoreSettings, prompt: str | None, max_tokens: int, mode: 
 
     console = console or Console()
     torch.set_num_threads(settings.threads)
-    draft = load_draft(settings.draft, settings, settings.threads)
-    ids = demo_prompt(draft, prompt)
-    params = SamplingParams(max_tokens=max_tokens)
     console.print(f"[bold]tandem demo[/bold]: starting `tandem serve` with {settings.target} in its own process "
-                  f"({settings.threads} torch thread); the draft {draft.name} ({draft.n_params / 1e6:.1f}M params) "
-                  f"runs here on {draft.backend} ({settings.threads} thread)")
+                  f"({settings.threads} torch thread)")
     runs: list[DemoRun] = []
-    with CloudProcess(threads=settings.threads, env=cloud_env(settings), ready_timeout_s=300) as cloud:
+    with cloud_loading(settings) as cloud:
+        draft = load_draft(settings.draft, settings, settings.threads)
+        console.print(f"the draft {draft.name} ({draft.n_params / 1e6:.1f}M params) runs here on {draft.backend} "
+                      f"({settings.threads} thread); waiting for the cloud")
+        cloud.wait()
+        ids = demo_prompt(draft, prompt)
+        params = SamplingParams(max_tokens=max_tokens)
+
         def client(m: str) -> EdgeClient:
             edge = EdgeSettings(cloud=cloud.grpc_target, transport="grpc", draft=settings.draft, gamma=settings.gamma,
                                 threads=settings.threads, retries=0, ouroboros=m == "ouroboros")
@@ -135,10 +150,11 @@ def run_web(settings: CoreSettings, port: int = 8001, console: Console | None = 
         except OSError as e:
             raise SystemExit(f"port {port} is taken ({e}); choose another with --port (0: a free one)") from None
     torch.set_num_threads(settings.threads)
-    draft = load_draft(settings.draft, settings, settings.threads)
-    console.print(f"[bold]tandem demo --web[/bold]: starting `tandem serve` with {settings.target} in its own process; "
-                  f"the draft {draft.name} runs here")
-    with CloudProcess(threads=settings.threads, env=cloud_env(settings), ready_timeout_s=300) as cloud:
+    console.print(f"[bold]tandem demo --web[/bold]: starting `tandem serve` with {settings.target} in its own process")
+    with cloud_loading(settings) as cloud:
+        draft = load_draft(settings.draft, settings, settings.threads)
+        console.print(f"the draft {draft.name} runs here; waiting for the cloud")
+        cloud.wait()
         edge = EdgeSettings(cloud=cloud.grpc_target, transport="grpc", draft=settings.draft, gamma=settings.gamma,
                             threads=settings.threads, port=port)
         server = EdgeServer(edge, draft)

@@ -60,6 +60,11 @@ class CloudProcess:
         return f"{self.host}:{self.grpc_port}"
 
     def start(self) -> CloudProcess:
+        return self.spawn().wait()
+
+    def spawn(self) -> CloudProcess:
+        """The child started, not yet ready: load something else meanwhile (its first load may convert a model for
+        minutes), then `wait`."""
         env = os.environ | {"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
                             "TANDEM_THREADS": str(self.threads), "OMP_NUM_THREADS": str(self.threads)}
         env |= self.extra_env
@@ -69,6 +74,10 @@ class CloudProcess:
              "--http-port", str(self.http_port), "--grpc-port", str(self.grpc_port)],
             env=env, stdout=out, stderr=subprocess.STDOUT,
         )
+        return self
+
+    def wait(self) -> CloudProcess:
+        assert self.proc is not None, "spawn() first"
         wait_ready(self.proc, self.ready, self.ready_timeout_s, "the cloud process", self.stop)
         return self
 
