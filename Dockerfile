@@ -35,6 +35,11 @@ ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/${TORCH_VARIANT}
 ARG UID=1000
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1
 
+# libgomp: the prebuilt llama.cpp (the xllamacpp wheel, the draft's runtime) links GNU OpenMP; slim images lack it
+RUN if ! ldconfig -p | grep -q "libgomp.so.1"; then \
+      apt-get update && apt-get install -y --no-install-recommends libgomp1 && rm -rf /var/lib/apt/lists/*; \
+    fi
+
 # torch first, from the PyTorch index (a bare `torch` requirement from PyPI can be a multi-GB CUDA build);
 # a base image that already has torch keeps its own.
 RUN if python -c "import torch" 2>/dev/null; then \
@@ -54,7 +59,8 @@ RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('/tmp/pyproject
 
 COPY --from=wheel /wheels /tmp/wheels
 RUN python -m pip install --no-deps /tmp/wheels/*.whl && rm -rf /tmp/wheels \
- && python -c "import torch, tandem, cloud_server, edge_client; print('torch', torch.__version__)"
+ && python -c "import torch, tandem, cloud_server, edge_client; print('torch', torch.__version__)" \
+ && python -c "from tandem import llama_lib; print('llama.cpp:', llama_lib.problem() or llama_lib.system_info())"
 
 # a non-root user; its Hugging Face and tandem caches exist (and belongs to it) so a named volume mounted there is writable
 RUN useradd --create-home --uid "${UID}" --shell /bin/sh tandem \

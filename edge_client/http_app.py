@@ -92,7 +92,8 @@ async def metrics(service: ServiceDep) -> Response:
 @api.get("/v1/models")
 async def models(service: ServiceDep, request: Request) -> dict[str, Any]:
     card = {"id": service.settings.model_name, "object": "model", "created": request.app.state.created,
-            "owned_by": "tandem", "max_model_len": service.draft.context_length}
+            "owned_by": "tandem", "max_model_len": service.draft.context_length,
+            "draft": {"name": service.draft.name, "runtime": service.draft.backend}}
     return {"object": "list", "data": [card]}
 
 

@@ -1,4 +1,5 @@
-"""The llama.cpp runtime: a GGUF file executed as published (its quantised weights), through llama-cpp-python's C API.
+"""The llama.cpp runtime: a GGUF file executed as published (its quantised weights), through llama.cpp's C API
+(`tandem.llama_lib`: declared here, loaded from a prebuilt wheel).
 
 The core sees it as it sees a torch model (`tandem.kv.SequenceState`): a pass over positions with logits for the rows
 asked, and rollback to a position (one `llama_memory_seq_rm`). Each sequence owns a llama.cpp context (its KV cache)
@@ -15,10 +16,7 @@ A draft is not padded: q is whatever it computed.
 
 from __future__ import annotations
 
-import ctypes
-import importlib.util
 import logging
-import os
 import threading
 import weakref
 from dataclasses import dataclass
@@ -28,54 +26,17 @@ from typing import Any
 import numpy as np
 import torch
 
+from tandem import llama_lib
 from tandem.errors import CacheRollbackError, ModelLoadError
 from tandem.kv import feed_tail
 
 log = logging.getLogger(__name__)
 N_BATCH = 512  # positions one llama_decode takes; a longer feed is split
 DEFAULT_N_CTX = 4096  # a context's positions (the model's own training length if shorter)
-_backend_lock = threading.Lock()
-_backend_ready = False
-
-
-def available() -> bool:
-    """The binding (`pip install "tandem[llama]"`, i.e. llama-cpp-python) is installed."""
-    return importlib.util.find_spec("llama_cpp") is not None
-
-
-def unsafe_build() -> str:
-    """Why the installed binding is not used ('' where it is): a llama.cpp built with its AMX kernels crashed
-    (SIGSEGV in ggml_backend_amx_mul_mat) on the first decode on a Xeon with AMX. TANDEM_LLAMA_AMX=1 uses it anyway."""
-    if os.environ.get("TANDEM_LLAMA_AMX") == "1":
-        return ""
-    if "AMX_INT8 = 1" in _lib().llama_print_system_info().decode(errors="replace"):
-        return ("this llama-cpp-python build has llama.cpp's AMX kernels, which crash on the first decode on a CPU "
-                "with AMX: reinstall it with scripts/install-llama-binding.sh (TANDEM_LLAMA_AMX=1 uses it anyway)")
-    return ""
 
 
 def _lib() -> Any:
-    global _backend_ready
-    import llama_cpp
-
-    with _backend_lock:
-        if not _backend_ready:
-            llama_cpp.llama_backend_init()
-            if os.environ.get("TANDEM_LLAMA_LOG", "0") != "1":  # llama.cpp logs every load at length on stderr
-                llama_cpp.llama_log_set(_QUIET, ctypes.c_void_p(0))
-            _backend_ready = True
-    return llama_cpp
-
-
-def _quiet(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
-    return None
-
-
-_QUIET: Any = None
-if available():
-    import llama_cpp as _llama_cpp
-
-    _QUIET = _llama_cpp.llama_log_callback(_quiet)  # kept alive here: llama.cpp holds the pointer
+    return llama_lib.library()
 
 
 @dataclass(frozen=True)
@@ -171,7 +132,7 @@ class _Batch:
             b.pos[i] = start + i
             b.n_seq_id[i] = 1
             b.seq_id[i][0] = 0
-            b.logits[i] = outputs
+            b.logits[i] = int(outputs)
 
     def __del__(self) -> None:
         self.lib.llama_batch_free(self.raw)

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from tandem import exact, fastlm, frspec, gguf, llamacpp, packed
+from tandem import exact, fastlm, frspec, gguf, llama_lib, llamacpp, packed
 from tandem.config import DraftPlacement, TargetPlacement
 from tandem.errors import ModelLoadError, TokenizerMismatchError
 from tandem.kv import SequenceState
@@ -106,7 +106,8 @@ class LoadedModel:
         return None if isinstance(self.model, LlamaCppModel) else exact.of(self.model)
 
     def describe(self) -> str:
-        """`name on device, dtype (why), compiled|eager[, exact passes: how]`: what start-up prints."""
+        """`name on torch (device), dtype (why), compiled|eager[, exact passes: how]` or `name on llama.cpp, ...`: what
+        start-up and the benches print."""
         if isinstance(self.model, LlamaCppModel):
             return f"{self.name} on {self.model.describe()}{f' ({self.dtype_why})' if self.dtype_why else ''}"
         fast = fastlm.of(self.model)
@@ -114,7 +115,7 @@ class LoadedModel:
         why = f" ({self.dtype_why})" if self.dtype_why else ""
         passes = f"; exact passes: {self.exact.why}" if self.exact is not None else ""
         passes += f"; {self.rows_why}" if self.rows_why else ""
-        return f"{self.name} on {self.device}, {str(self.dtype).removeprefix('torch.')}{why}, {how}{passes}"
+        return f"{self.name} on torch ({self.device}), {str(self.dtype).removeprefix('torch.')}{why}, {how}{passes}"
 
 
 def resolve_device(spec: str) -> torch.device:
@@ -275,28 +276,34 @@ def is_gguf(name_or_path: str) -> bool:
 
 
 def pick_backend(backend: str, name_or_path: str, device: torch.device) -> tuple[str, str]:
-    """(torch or llama, why): `auto` runs a GGUF file on llama.cpp on a CPU wherever the binding is installed."""
+    """(torch or llama, why): `auto` runs a GGUF file on llama.cpp on a CPU wherever its library loads (else torch,
+    after one warning line saying why)."""
     if backend not in BACKENDS:
         raise ModelLoadError(f"unknown backend {backend!r}: use {', '.join(BACKENDS)}")
     if backend == "torch" or (backend == "auto" and not is_gguf(name_or_path)):
         return "torch", ""
-    if not llamacpp.available():
-        if backend == "auto":
-            return "torch", ""
-        raise ModelLoadError('backend llama needs llama-cpp-python: pip install "tandem[llama]"')
-    if not is_gguf(name_or_path):
+    if backend == "llama" and not is_gguf(name_or_path):
         raise ModelLoadError(f"backend llama runs GGUF files; {name_or_path!r} is not one")
-    unsafe = llamacpp.unsafe_build()
-    if unsafe:
-        if backend == "auto":
-            logging.getLogger(__name__).warning("llama.cpp not used: %s", unsafe)
-            return "torch", ""
-        raise ModelLoadError(unsafe)
     if device.type != "cpu":
         if backend == "auto":
             return "torch", ""
         raise ModelLoadError("backend llama runs on the CPU here (device cpu)")
-    return "llama", "auto: llama.cpp is installed and the model is a GGUF file" if backend == "auto" else ""
+    problem = llama_lib.problem()
+    if problem:
+        if backend == "llama":
+            raise ModelLoadError(problem)
+        _warn_once(f"{problem}: running {name_or_path} on torch")
+        return "torch", ""
+    return "llama", "auto: llama.cpp loads here and the model is a GGUF file" if backend == "auto" else ""
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(line: str) -> None:
+    if line not in _warned:
+        _warned.add(line)
+        logging.getLogger(__name__).warning("%s", line)
 
 
 def _load_llama(name_or_path: str, threads: int, why: str, exact_rows: bool) -> LoadedModel:

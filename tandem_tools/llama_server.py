@@ -1,16 +1,20 @@
 """llama.cpp's llama-server, the peer tandem is measured against in the same run (`bench local`, `bench replay`).
 
 Mode `llama-server` is the target GGUF alone; `llama-server-spec` adds the draft GGUF with `-md` (llama.cpp's own
-draft-model speculative decoding, `SpecSettings`). Both are the binary `scripts/build-llama-server.sh` builds from
-the llama.cpp vendored in the pinned llama-cpp-python sdist, run on the same GGUF files tandem converts its weights
-from, with the same thread counts, given the same prompt token ids (tandem's tokenizer and chat template) through
-the native `/completion` endpoint, greedy (temperature 0, top-k 1, the top-k sampler only), no prompt cache reuse
-between requests (`cache_prompt` false, `--cache-ram 0`): every request pays its own prefill, as tandem's do.
+draft-model speculative decoding, `SpecSettings`). The server is llama.cpp's own, from the prebuilt `xllamacpp` wheel
+(llama.cpp b11549), run as a child process with llama-server's flags (`python -m tandem_tools.llama_peer`): nothing is
+built. `TANDEM_LLAMA_SERVER=/path/to/llama-server` runs one's own llama-server binary instead, same command line.
+Where neither can run, the modes are skipped with one line saying why. Either gets the GGUF files tandem converts its
+weights from, the same thread counts, the same prompt token ids (tandem's tokenizer and chat template) through the
+native `/completion` endpoint, greedy (temperature 0, top-k 1, the top-k sampler only), no prompt cache reuse
+(`cache_prompt` false, `--cache-ram 0`): every request pays its own prefill, as tandem's do.
 
 What is timed: the request's wall time here (prefill + decode + loopback HTTP), the counterpart of tandem's
-`stats.wall_s` (prefill + decode); the server's own `timings` (prompt_ms, predicted_ms, draft_n, draft_n_accepted)
-come along. llama.cpp computes on the Q4_K_M blocks themselves, tandem on their dequantised values in its dtype: the
-outputs can differ, and the benches report how often they are equal and how far they agree.
+`stats.wall_s`; the server's own `timings` (prompt_ms, predicted_ms, draft_n, draft_n_accepted) come along.
+llama.cpp computes on the Q4_K_M blocks, tandem on their dequantised values: the outputs can differ, and the benches
+report how often they are equal and how far they agree. llama.cpp's speculation is not bit-exact either (a pass over
+several drafted positions need not round as one position's does): `llama-server-spec`'s greedy outputs are counted
+against `llama-server`'s, its own target alone, beside tandem's speculative modes' against tandem's target alone.
 """
 
 from __future__ import annotations
@@ -19,7 +23,6 @@ import functools
 import json
 import os
 import shlex
-import socket
 import subprocess
 import time
 import urllib.error
@@ -29,25 +32,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tandem_tools.procs import wait_ready
+from tandem_tools import llama_peer
+from tandem_tools.procs import free_port, wait_ready
 
-VERSION = "0.3.36"  # the llama-cpp-python sdist whose vendored llama.cpp the build script builds
+VERSION = llama_peer.VERSION  # the xllamacpp wheel the peer runs by default
 BASE, SPEC = "llama-server", "llama-server-spec"
 MODES = (BASE, SPEC)
-BUILD_HINT = "scripts/build-llama-server.sh (or set TANDEM_LLAMA_SERVER to a llama-server binary)"
-
-
-def bin_dir() -> Path:
-    """Where the build script puts the binaries: `$TANDEM_LLAMA_DIR`, else ~/.cache/tandem/llama.cpp/VERSION/bin."""
-    explicit = os.environ.get("TANDEM_LLAMA_DIR")
-    return Path(explicit) if explicit else Path.home() / ".cache" / "tandem" / "llama.cpp" / VERSION / "bin"
-
-
-def find_binary(name: str = "llama-server") -> Path | None:
-    """`TANDEM_LLAMA_SERVER` / `TANDEM_LLAMA_BENCH` when set, else the build script's folder; None when not built."""
-    explicit = os.environ.get("TANDEM_" + name.upper().replace("-", "_"))
-    path = Path(explicit) if explicit else bin_dir() / name
-    return path if path.is_file() and os.access(path, os.X_OK) else None
+BUILD_HINT = llama_peer.HINT
+peer_program, describe_peer = llama_peer.program, llama_peer.describe
 
 
 def gguf_file(model: str) -> Path:
@@ -76,11 +68,13 @@ class SpecSettings:
                 "--spec-draft-n-min", str(self.n_min), "--spec-draft-p-min", str(self.p_min)]
 
 
-def server_command(binary: Path, model: Path, port: int, threads: int, ctx: int, draft: Path | None = None,
-                   draft_threads: int | None = None, spec: SpecSettings = SpecSettings(),
+def server_command(program: Path | Sequence[str], model: Path, port: int, threads: int, ctx: int,
+                   draft: Path | None = None, draft_threads: int | None = None, spec: SpecSettings = SpecSettings(),
                    extra: Sequence[str] = ()) -> list[str]:
-    """One slot, `threads` for decoding and for prefill (-t, -tb); the draft's likewise (-td, -tbd)."""
-    cmd = [str(binary), "-m", str(model), "--host", "127.0.0.1", "--port", str(port), "-t", str(threads),
+    """llama-server's command line after `program` (a binary, or `peer_program()`'s): one slot, `threads` for
+    decoding and for prefill (-t, -tb); the draft's likewise (-td, -tbd)."""
+    head = [str(program)] if isinstance(program, Path) else list(program)
+    cmd = [*head, "-m", str(model), "--host", "127.0.0.1", "--port", str(port), "-t", str(threads),
            "-tb", str(threads), "-c", str(ctx), "-np", "1", "--cache-ram", "0", "--no-webui"]
     if draft is not None:
         dt = str(draft_threads or threads)
@@ -112,6 +106,7 @@ class PeerResult:
     prompt_ms: float = 0.0
     predicted_n: int = 0
     predicted_ms: float = 0.0
+    predicted_per_token_ms: float = 0.0  # the server's: per decode step (the first token comes with the prefill)
     draft_n: int = 0
     draft_n_accepted: int = 0
     stop_type: str | None = None
@@ -130,14 +125,9 @@ def parse_completion(body: dict[str, Any], wall_s: float, tokens: list[int] | No
     t = body.get("timings") or {}
     out = list(tokens or []) + [int(x) for x in body.get("tokens") or []]
     return PeerResult(out, wall_s, int(t.get("prompt_n", 0)), float(t.get("prompt_ms", 0.0)),
-                      int(t.get("predicted_n", 0)), float(t.get("predicted_ms", 0.0)), int(t.get("draft_n", 0)),
+                      int(t.get("predicted_n", 0)), float(t.get("predicted_ms", 0.0)),
+                      float(t.get("predicted_per_token_ms", 0.0)), int(t.get("draft_n", 0)),
                       int(t.get("draft_n_accepted", 0)), body.get("stop_type"), list(arrivals_s or []))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class LlamaServer:
@@ -225,7 +215,7 @@ def context_size(prompts: Sequence[Sequence[int]], max_tokens: int, spec: SpecSe
 
 
 class Peers:
-    """The llama-server peers a bench asked for: resolved here (a mode whose binary or GGUF file is missing is
+    """The llama-server peers a bench asked for: resolved here (a mode whose server or GGUF file cannot be had is
     skipped, the reason in `skipped`), started together on entering, stopped together on leaving."""
 
     def __init__(self, modes: Sequence[str], target: str, draft: str, threads: int, ctx: int,
@@ -235,25 +225,26 @@ class Peers:
         self.skipped: dict[str, str] = {}
         self.results: dict[str, list[PeerResult]] = {}
         self.prefix: dict[str, list[tuple[int, int]]] = {}  # per prompt: tokens equal before the first divergence
+        self.spec_equal: list[bool] = []  # per prompt both ran: llama-server-spec's output == llama-server's
         self.info: dict[str, Any] = {"version": VERSION, "spec": asdict(spec), "threads": threads,
                                      "draft_threads": draft_threads or threads, "ctx": ctx, "modes": {}}
         self.wanted = [m for m in MODES if m in modes]
-        binary = find_binary() if self.wanted else None
-        reason = f"llama-server is not built: run {BUILD_HINT}"
+        program, reason = peer_program() if self.wanted else (None, "")
         try:
-            files = (gguf_file(target), gguf_file(draft)) if binary else None
+            files = (gguf_file(target), gguf_file(draft)) if program else None
         except (ValueError, OSError, RuntimeError) as e:
             files, reason = None, str(e)
-        if binary is None or files is None:
+        if program is None or files is None:
             for m in self.wanted:
                 self.skipped[m] = reason
                 warn(f"mode {m} skipped: {reason}")
             self.wanted = []
             return
+        self.info["peer"] = describe_peer(program)
         extra = shlex.split(os.environ.get("TANDEM_LLAMA_SERVER_ARGS", ""))
         for m in self.wanted:
-            port = _free_port()
-            cmd = server_command(binary, files[0], port, threads, ctx, files[1] if m == SPEC else None,
+            port = free_port()
+            cmd = server_command(program, files[0], port, threads, ctx, files[1] if m == SPEC else None,
                                  draft_threads, spec, extra)
             self.servers[m] = LlamaServer(cmd, port, log_dir / f"{m}.log" if log_dir else None)
             self.info["modes"][m] = {"command": shlex.join(cmd)}
@@ -288,11 +279,14 @@ class Peers:
         return {m: functools.partial(one, m) for m in self.wanted}
 
     def compare(self, outputs: dict[str, list[int]], reference: str) -> None:
-        """After a prompt: how far each peer's output agrees with `reference`'s (tandem's target alone)."""
+        """After a greedy prompt: how far each peer's output agrees with `reference`'s (tandem's target alone), and
+        whether llama-server-spec's equals llama-server's (its own target alone)."""
         ref = outputs.get(reference)
         for m in self.servers:
             if ref is not None and m in outputs:
                 self.prefix.setdefault(m, []).append((common_prefix(outputs[m], ref), len(ref)))
+        if BASE in outputs and SPEC in outputs:
+            self.spec_equal.append(outputs[SPEC] == outputs[BASE])
 
     def figures(self, mode: str) -> dict[str, Any]:
         """The server's own timings over the run: prefill, decode-only rate, drafting, agreement with the target."""
@@ -305,6 +299,8 @@ class Peers:
             "server_decode_tokens_per_s": n / ms * 1e3 if ms else None,
             "server_drafted": drafted, "server_draft_accepted": sum(r.draft_n_accepted for r in rs),
             "equal_prefix_tokens": sum(p for p, _ in pre), "reference_tokens": sum(t for _, t in pre),
+            **({"greedy_equal_to_llama_server": f"{sum(self.spec_equal)}/{len(self.spec_equal)}"}
+               if mode == SPEC and self.spec_equal else {}),
         }
 
     def stop(self) -> None:
@@ -328,8 +324,9 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
 
 
 def local_report(peers: Peers, results: dict[str, dict[str, Any]]) -> list[str]:
-    """`bench local`: the peers' own timings and agreement with the target alone (into `results` too), and each
-    mode's tok/s over llama-server alone's (`vs_llama_server`)."""
+    """`bench local`: the peers' own timings and agreement with the target alone (into `results` too), how often
+    each side's speculation equals its own target alone, and each mode's tok/s over llama-server alone's
+    (`vs_llama_server`)."""
     lines: list[str] = []
     for m in peers.modes:
         f = peers.figures(m)
@@ -340,6 +337,12 @@ def local_report(peers: Peers, results: dict[str, dict[str, Any]]) -> list[str]:
                      f"== target alone {results[m]['greedy_equal_to_target']}, first "
                      f"{f['equal_prefix_tokens']}/{f['reference_tokens']} tokens equal before divergence "
                      "(Q4_K_M computed by llama.cpp vs dequantised weights in torch)")
+    if SPEC in results and "greedy_equal_to_llama_server" in results[SPEC]:
+        ours = ", ".join(f"{m} {d['greedy_equal_to_target']}" for m, d in results.items()
+                         if m not in (*MODES, "ar", "ar-eager"))
+        lines.append(f"speculation's greedy output == its own target alone: {SPEC} == {BASE} "
+                     f"{results[SPEC]['greedy_equal_to_llama_server']} (llama.cpp's is not bit-exact)"
+                     + (f"; tandem's == ar: {ours}" if ours else ""))
     if BASE in peers.modes:  # the table shows it too
         base = float(results[BASE]["tokens_per_s"]) or 1e-9
         for d in results.values():

@@ -1,11 +1,13 @@
-"""The llama.cpp runtime's pass costs beside llama.cpp's own `llama-bench`, in one run, same GGUF file and threads.
+"""The llama.cpp runtime's pass costs beside llama.cpp's own generation, in one run, same GGUF file and threads.
 
     python -m tandem_tools.llama_step --model qwen2.5-coder-0.5b-instruct --threads 1 --json out.json
 
 A step is what drafting costs: one position fed after a cached context (`LlamaSequence.run`), unpadded as a draft
 runs it; `--rows` adds passes over more positions, unpadded and padded as an exact target pads them
-(`tandem.llamacpp.settle_rows`). `llama-bench -p 0 -n N` gives llama.cpp's own generation time per token (its
-`avg_ns` over `-r` repetitions); the ratio is ours over its.
+(`tandem.llamacpp.settle_rows`). llama.cpp's own generation time per token is its server's (the peer of
+`tandem_tools.llama_server`: one slot, no draft, the same threads): a greedy generation of `--bench-tokens` tokens
+after a prompt as long as our cached context, its `timings.predicted_per_token_ms` (per decode step), the median of
+`--bench-runs`, measured before and after ours; the ratio is ours over the mean of the two.
 """
 
 from __future__ import annotations
@@ -14,14 +16,14 @@ import argparse
 import json
 import platform
 import statistics
-import subprocess
 import time
 from pathlib import Path
 
 from rich.console import Console
 
 from tandem import llamacpp
-from tandem_tools.llama_server import find_binary, gguf_file
+from tandem_tools.llama_server import LlamaServer, describe_peer, gguf_file, peer_program, server_command
+from tandem_tools.procs import free_port
 
 
 def _median_ms(seq: llamacpp.LlamaSequence, at: int, ids: list[int], repeats: int) -> float:
@@ -52,15 +54,16 @@ def pass_costs(path: Path, threads: int, rows: list[int], context: int,
     return plain, padded, model.rows_why
 
 
-def llama_bench(path: Path, threads: int, tokens: int, repetitions: int) -> float | None:
-    """llama-bench's generation ms per token (`-p 0 -n tokens`), or None without the binary."""
-    binary = find_binary("llama-bench")
-    if binary is None:
-        return None
-    out = subprocess.run([str(binary), "-m", str(path), "-p", "0", "-n", str(tokens), "-t", str(threads),
-                          "-r", str(repetitions), "-o", "json"], capture_output=True, text=True, check=True).stdout
-    row = json.loads(out)[0]
-    return float(row["avg_ns"]) / 1e6 / tokens
+def peer_ms(program: list[str], path: Path, threads: int, context: int, tokens: int, runs: int) -> float:
+    """llama.cpp's own ms per generated token through its server (one slot, no draft, `threads`): the median over
+    `runs` greedy generations of `tokens` after a `context`-token prompt, of `timings.predicted_per_token_ms`."""
+    port = free_port()
+    ctx = -(-(context + tokens + 16) // 256) * 256
+    prompt = [1000 + i % 20000 for i in range(context)]
+    with LlamaServer(server_command(program, path, port, threads, ctx), port, ready_timeout_s=600) as server:
+        server.complete(prompt[:16], 4)  # warm-up
+        return statistics.median(server.complete(prompt, tokens, ignore_eos=True).predicted_per_token_ms
+                                 for _ in range(runs))
 
 
 def main() -> None:
@@ -70,29 +73,37 @@ def main() -> None:
     ap.add_argument("--rows", default="1,2,4,8,9,12,16", help="pass sizes measured (comma-separated)")
     ap.add_argument("--context", type=int, default=128, help="positions cached before each pass")
     ap.add_argument("--repeats", type=int, default=15)
-    ap.add_argument("--bench-tokens", type=int, default=32)
+    ap.add_argument("--bench-tokens", type=int, default=32, help="tokens llama.cpp's server generates a run")
+    ap.add_argument("--bench-runs", type=int, default=3)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     path = gguf_file(args.model)
     rows = [int(r) for r in args.rows.split(",")]
     console = Console()
-    # llama-bench before and after: its figure is the mean of the two, so drift on a shared machine shows
-    first = llama_bench(path, args.threads, args.bench_tokens, 3)
+    program, why = peer_program()
+
+    def own() -> float | None:
+        return None if program is None else peer_ms(program, path, args.threads, args.context, args.bench_tokens,
+                                                    args.bench_runs)
+    # llama.cpp's own before and after ours: its figure is the mean of the two, so drift on a shared machine shows
+    first = own()
     plain, padded, rule = pass_costs(path, args.threads, rows, args.context, args.repeats)
-    last = llama_bench(path, args.threads, args.bench_tokens, 3)
+    last = own()
     step = plain[1] if 1 in plain else pass_costs(path, args.threads, [1], args.context, args.repeats)[0][1]
     result: dict[str, object] = {"model": path.name, "threads": args.threads, "machine": platform.machine(),
                                  "context": args.context, "plain_ms": plain, "exact_ms": padded, "exact_rule": rule}
     console.print(f"{path.name}, {args.threads} thread(s), after {args.context} cached positions; exact: {rule}")
     for n in rows:
         console.print(f"  pass over {n:>2}: {plain[n]:7.1f} ms plain, {padded[n]:7.1f} ms exact")
-    if first is not None and last is not None:
-        bench = (first + last) / 2
-        result |= {"llama_bench_ms": [first, last], "step_over_llama_bench": step / bench}
-        console.print(f"  llama-bench generation: {first:.1f} and {last:.1f} ms/token; our step {step:.1f} ms = "
-                      f"{step / bench:.2f}x")
+    if program is not None and first is not None and last is not None:
+        mean = (first + last) / 2
+        result |= {"llama_server": describe_peer(program), "llama_server_ms": [first, last],
+                   "step_over_llama_server": step / mean}
+        console.print(f"  llama.cpp's own generation, its server from {describe_peer(program)}, one slot, no draft: "
+                      f"{first:.1f} and {last:.1f} ms/token; our step {step:.1f} ms = {step / mean:.2f}x",
+                      highlight=False)
     else:
-        console.print("  llama-bench not built (scripts/build-llama-server.sh): no ratio")
+        console.print(f"  no llama.cpp generation to compare with: {why}", highlight=False)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=1) + "\n")

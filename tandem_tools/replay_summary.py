@@ -308,14 +308,15 @@ def _rate(recs: dict[int, Any], common: Sequence[int]) -> float | None:
 
 
 def peer_summary(peer_records: Sequence[Any], records: Sequence[RequestRecord], greedy: set[int]) -> dict[str, Any]:
-    """Per peer (`llama_server.PeerRecord`s): its figures, and how often its greedy output equals cloud-only's (the
-    target alone in tandem); then every tandem mode x RTT's tok/s over llama-server alone's, on the prompts both
-    served (and llama-server-spec's over llama-server's)."""
+    """Per peer (`llama_server.PeerRecord`s): its figures, its greedy outputs equal to cloud-only's (tandem's target
+    alone) and llama-server's (its own); each side's speculation against its own target alone (`speculation_equal`);
+    every mode x RTT's tok/s over llama-server alone's, on the prompts both served (llama-server-spec's too)."""
     by_peer: dict[str, dict[int, Any]] = {}
     for p in peer_records:
         if p.error is None:
             by_peer.setdefault(p.mode, {})[p.prompt_index] = p
     cloud = {r.prompt_index: r.output_sha for r in records if r.mode == "cloud" and r.error is None}
+    base = by_peer.get(PEER_BASE, {})
     rows = []
     for mode in dict.fromkeys(p.mode for p in peer_records):
         mine = by_peer.get(mode, {})
@@ -332,46 +333,66 @@ def peer_summary(peer_records: Sequence[Any], records: Sequence[RequestRecord], 
             "server_decode_tokens_per_s": n / ms * 1e3 if ms else None,
             "acceptance_rate": sum(p.accepted for p in ok) / drafted if drafted else None,
             "equal_to_cloud": f"{sum(cloud[p.prompt_index] == p.output_sha for p in compared)}/{len(compared)}",
+            "equal_to_llama_server": None if mode == PEER_BASE else _equal(mine, base, greedy)[0],
         })
-    ratios: list[dict[str, Any]] = []
-    base = by_peer.get(PEER_BASE, {})
     by: dict[tuple[str, float | None], dict[int, Any]] = {}
     for r in records:
         if r.error is None:
             by.setdefault((r.mode, r.rtt_ms), {})[r.prompt_index] = r
+    spec_equal: list[dict[str, Any]] = [{"mode": m, "reference": PEER_BASE, "rtt_ms": None, **_equal(
+        recs, base, greedy)[1]} for m, recs in by_peer.items() if m != PEER_BASE and base]
+    for (m, rtt), recs in sorted(by.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        ref = "cloud" + FREE * m.endswith(FREE)  # a free twin against cloud-only's twin
+        if ref != m and (ref, rtt) in by:
+            spec_equal.append({"mode": m, "reference": ref, "rtt_ms": rtt, **_equal(recs, by[(ref, rtt)], greedy)[1]})
     by |= {(m, None): recs for m, recs in by_peer.items() if m != PEER_BASE}
+    ratios: list[dict[str, Any]] = []
     for (mode, rtt), mine in sorted(by.items(), key=lambda kv: (kv[0][1] is None, kv[0][1] or 0.0,
                                                                  kv[0][0] != "cloud", kv[0][0])):
         common = [i for i in mine if i in base]
         ours, theirs = _rate(mine, common), _rate(base, common)
         if ours is not None and theirs:
             ratios.append({"mode": mode, "rtt_ms": rtt, "prompts": len(common), "vs_llama_server": ours / theirs})
-    return {"rows": rows, "vs_llama_server": ratios}
+    return {"rows": rows, "speculation_equal": spec_equal, "vs_llama_server": ratios}
+
+
+def _equal(mine: dict[int, Any], ref: dict[int, Any], greedy: set[int]) -> tuple[str, dict[str, int]]:
+    """Greedy prompts both served, and how many of `mine`'s outputs equal `ref`'s: 'k/n' and the counts."""
+    both = [i for i in mine if i in ref and i in greedy]
+    equal = sum(mine[i].output_sha == ref[i].output_sha for i in both)
+    return f"{equal}/{len(both)}", {"equal": equal, "compared": len(both)}
 
 
 def render_peer_markdown(summary: dict[str, Any], info: dict[str, Any]) -> str:
     """`summary.md`'s section on the peer (`peer_summary`; `info`: `llama_server.Peers.info`)."""
     spec = info["spec"]
     lines = ["", "## The peer: llama.cpp's llama-server, same run", "",
-             f"llama.cpp vendored in llama-cpp-python {info['version']}, on the GGUF files tandem's weights come from, "
-             f"the same prompt token ids, greedy; threads: target {info['threads']}, draft {info['draft_threads']}; "
-             f"llama-server-spec drafts with the draft GGUF (`-md`, n_max {spec['n_max']}, n_min {spec['n_min']}, "
-             f"p_min {spec['p_min']}). Each prompt once, right after tandem's modes at the first RTT; loopback HTTP, "
-             "streamed, no netem: RTT does not apply to a peer on one machine.", "",
+             f"llama.cpp's server from {info.get('peer', info['version'])}, on the GGUF files tandem's weights come "
+             f"from, the same prompt token ids, greedy; threads: target {info['threads']}, draft "
+             f"{info['draft_threads']}; llama-server-spec drafts with the draft GGUF (`-md`, n_max {spec['n_max']}, "
+             f"n_min {spec['n_min']}, p_min {spec['p_min']}). Each prompt once, right after tandem's modes at the "
+             "first RTT; loopback HTTP, streamed, no netem: RTT does not apply to a peer on one machine.", "",
              "| peer | requests | tok/s | TTFT p50 ms | TPOT p50 ms | e2e p50 ms | server decode tok/s | acceptance "
-             "| greedy output == cloud-only |", "|---|---|---|---|---|---|---|---|---|"]
+             "| greedy output == cloud-only | == llama-server |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in summary["rows"]:
         lines.append(f"| {r['mode']} | {r['requests']} | {_f(r['tokens_per_s'], '.1f')} | "
                      f"{_f(r['ttft_ms']['p50'], '.0f')} | {_f(r['tpot_ms']['p50'], '.1f')} | "
                      f"{_f(r['e2e_ms']['p50'], '.0f')} | {_f(r['server_decode_tokens_per_s'], '.1f')} | "
-                     f"{_f(r['acceptance_rate'], '.3f')} | {r['equal_to_cloud']} |")
+                     f"{_f(r['acceptance_rate'], '.3f')} | {r['equal_to_cloud']} | "
+                     f"{r.get('equal_to_llama_server') or '-'} |")
+    if summary.get("speculation_equal"):
+        lines += ["", "Speculation against its own target alone, greedy prompts: llama.cpp's (llama-server-spec vs "
+                  "llama-server; not bit-exact) beside tandem's (each mode vs cloud-only at the same RTT).", "",
+                  "| mode | vs | RTT ms | greedy output equal |", "|---|---|---|---|"]
+        lines += [f"| {r['mode']} | {r['reference']} | {'-' if r['rtt_ms'] is None else format(r['rtt_ms'], 'g')} | "
+                  f"{r['equal']}/{r['compared']} |" for r in summary["speculation_equal"]]
     if summary["vs_llama_server"]:
         lines += ["", "| mode | RTT ms | prompts | tok/s vs llama-server alone |", "|---|---|---|---|"]
         lines += [f"| {r['mode']} | {'-' if r['rtt_ms'] is None else format(r['rtt_ms'], 'g')} | {r['prompts']} | "
                   f"{r['vs_llama_server']:.2f}x |" for r in summary["vs_llama_server"]]
     lines += ["", "- tok/s: tokens / end-to-end time (prefill included), as for tandem's modes. llama.cpp computes on "
-              "the Q4_K_M blocks, tandem on their dequantised values: greedy outputs may differ, and the last column "
-              "says how often they are identical."]
+              "the Q4_K_M blocks, tandem on their dequantised values: greedy outputs may differ, and the "
+              "`== cloud-only` column says how often they are identical."]
     return "\n".join(lines) + "\n"
 
 

@@ -91,9 +91,11 @@ async function connect() {
   }
   const body = await res.json();
   state.model = body.data[0].id;
+  const draft = body.data[0].draft;
   $("key-panel").hidden = true;
   clearError();
-  setStatus("Connected: " + state.model + (side === "edge" ? " (the edge)." : " (the cloud)."));
+  setStatus("Connected: " + state.model + (side !== "edge" ? " (the cloud)."
+    : draft ? " (the edge: " + draft.name + " drafts on " + draft.runtime + ")." : " (the edge)."));
   return true;
 }
 
