@@ -30,14 +30,16 @@ def demo(
                                                    "on the measured cost curve, ended where the draft is unsure)")]
     = None,
     threads: Annotated[int, typer.Option(help="torch threads for each of the cloud and the edge (one core each)")] = 1,
-    mode: Annotated[str, typer.Option(help="the mode streamed first: spec, ouroboros or cloud")] = "spec",
+    mode: Annotated[str, typer.Option(help="the mode streamed first: spec, auto, cloud or ouroboros (ouroboros "
+                                           "runs only when chosen)")] = "spec",
     target: Annotated[str | None, typer.Option(help="the cloud's target model")] = None,
     draft: Annotated[str | None, typer.Option(help="the edge's draft model")] = None,
     web: Annotated[bool, typer.Option("--web", help="start the cloud and the edge, serve the chat page")] = False,
     port: Annotated[int, typer.Option(help="--web: the edge's (the page's) port; 0: a free one")] = 8001,
 ) -> None:
     """A pair end to end on the real path (the cloud in its own process, the edge here over gRPC): the answer
-    streamed as it is accepted, then acceptance, tokens per target pass and every mode against the target alone."""
+    streamed as it is accepted, then acceptance, tokens per target pass and every mode against cloud-only (the target
+    alone)."""
     import os
 
     from tandem.config import CoreSettings

@@ -44,7 +44,7 @@ def test_demo_runs_the_real_path(tmp_path: Path, tiny_target: LoadedModel, tiny_
     settings = CoreSettings(target=target, draft=draft, gamma=3, threads=1)
     console = Console(record=True, width=160)
     runs = run_demo(settings, "abc", 12, console=console)
-    assert [r.mode for r in runs] == list(MODES)
+    assert [r.mode for r in runs] == list(MODES[:3])
     assert all(len(r.result.tokens) > 0 for r in runs)
     assert len({tuple(r.result.tokens) for r in runs}) == 1  # every mode gave the same (the target's) output
     text = console.export_text()
