@@ -10,8 +10,7 @@
 #   UID              the uid of the non-root user `tandem` (default 1000).
 ARG BASE_IMAGE=python:3.11-slim
 
-# --- stage 1: build the project's wheel (the code pair and the distilled draft ship inside the package:
-# tandem/demo/, tandem/drafts/)
+# --- stage 1: build the project's wheel (the code pair ships inside the package: tandem/demo/)
 FROM ${BASE_IMAGE} AS wheel
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONDONTWRITEBYTECODE=1
 WORKDIR /src
@@ -24,8 +23,7 @@ COPY edge_client ./edge_client
 RUN python -m pip wheel --no-deps --wheel-dir /wheels . \
  && python -c "import sys, zipfile, glob; names = zipfile.ZipFile(glob.glob('/wheels/tandem-*.whl')[0]).namelist(); \
 sys.exit(0 if any(n.startswith('tandem/demo/target/') and n.endswith('.safetensors') for n in names) \
-and 'tandem/drafts/smollm2-135m-draft/weights.int8.safetensors' in names \
-else 'the wheel lacks the shipped models (tandem/demo/, tandem/drafts/): are they in the build context?')"
+else 'the wheel lacks the shipped models (tandem/demo/): are they in the build context?')"
 
 # --- stage 2: the runtime image
 FROM ${BASE_IMAGE}

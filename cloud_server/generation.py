@@ -3,26 +3,27 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Any
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
+from cloud_server.batcher import Batcher
 from tandem.blocks import DraftBlock, VerifyResult
+from tandem.load import LoadPolicy
 from tandem.session import TargetSession
+from tandem_protocol.metrics import Metrics
 from tandem_protocol.openai_api.figures import speculative_counts
 from tandem_protocol.openai_api.limits import Ticket
-
-if TYPE_CHECKING:
-    from cloud_server.worker import ModelWorker
 
 
 class Generation:
     """One completion run by the target alone, a token per step, holding its request's admission until closed.
     Each step is bounded by the request's wall-time limit; a closed generation schedules nothing more."""
 
-    def __init__(self, worker: ModelWorker, ticket: Ticket) -> None:
+    def __init__(self, ticket: Ticket, batcher: Batcher, metrics: Metrics, policy: LoadPolicy | None,
+                 release: Callable[[TargetSession], None]) -> None:
         ticket.share()
         self.ticket = ticket
-        self.worker = worker
+        self.batcher, self.metrics, self.policy, self.release = batcher, metrics, policy, release
         self.session: TargetSession | None = None
         self.tokens = 0
         self._t0 = time.perf_counter()
@@ -37,15 +38,15 @@ class Generation:
     async def __aiter__(self) -> AsyncIterator[VerifyResult]:
         session = self.session
         assert session is not None
-        metrics = self.worker.metrics
-        policy, key = self.worker.policy, f"stream-{id(self)}"
+        metrics = self.metrics
+        policy, key = self.policy, f"stream-{id(self)}"
         last: float | None = None
-        with self.worker.batcher.stream():
+        with self.batcher.stream():
             while session.finish_reason is None:
                 if policy is not None:
                     policy.stream(key, time.monotonic())  # a cloud stream: a token a pass
                 # a zero-length block: the target's own next token, batched with whatever else is waiting
-                step = self.worker.batcher.step(session, DraftBlock([]), key=self.ticket.key)
+                step = self.batcher.step(session, DraftBlock([]), key=self.ticket.key)
                 result, queued_s, pass_s = await self.ticket.bounded(step)
                 now = time.perf_counter()
                 if policy is not None and last is not None:  # a step's time beyond its wait and its pass
@@ -63,10 +64,10 @@ class Generation:
         if self._closed:
             return
         self._closed = True
-        if self.worker.policy is not None:
-            self.worker.policy.drop(f"stream-{id(self)}")
+        if self.policy is not None:
+            self.policy.drop(f"stream-{id(self)}")
         self.ticket.release()
         if self.session is not None:
-            self.worker.release(self.session)
+            self.release(self.session)
         if self._t_first is not None and self.tokens > 1:
-            self.worker.metrics.tpot.observe((self._t_last - self._t_first) / (self.tokens - 1))
+            self.metrics.tpot.observe((self._t_last - self._t_first) / (self.tokens - 1))

@@ -324,9 +324,9 @@ class ModelWorker:
 
     def _generation(self, ticket: Ticket | None) -> Generation:
         if ticket is not None:
-            return Generation(self, ticket)
+            return Generation(ticket, self.batcher, self.metrics, self.policy, self.release)
         with self.gate.hold() as own:
-            return Generation(self, own)
+            return Generation(own, self.batcher, self.metrics, self.policy, self.release)
 
     async def continue_generation(self, session_id: str, context: list[int],
                                   ticket: Ticket | None = None) -> Generation:

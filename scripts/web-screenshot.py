@@ -1,7 +1,7 @@
 """The README's screenshot of the chat page: a question typed, its answer streamed, then the cloud-only rerun (after
 an unseen warm-up request in each mode: the first request of a process pays its allocations).
 
-    tandem demo --web --target smollm2-135m-instruct --draft smollm2-135m-draft --port 8001 &
+    tandem demo --web --port 8001 &
     python scripts/web-screenshot.py http://127.0.0.1:8001 docs/web-ui.png
 """
 

@@ -13,9 +13,6 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 # (`requirements-models.txt`), assembled and converted once
 DEFAULT_TARGET = "qwen2.5-coder-1.5b-instruct"
 DEFAULT_DRAFT = "qwen2.5-coder-0.5b-instruct"
-# SmolLM2-135M-Instruct (GGUF from PyPI) and the FR-Spec draft distilled from it, shipped in this package
-SMOLLM_TARGET = "smollm2-135m-instruct"
-SMOLLM_DRAFT = "smollm2-135m-draft"
 # the standard-library code pair trained for the tests and code benchmarks (small, fast, no chat template)
 DEMO_TARGET = "demo-target"
 DEMO_DRAFT = "demo-draft"

@@ -63,30 +63,9 @@ def min_rows(model: torch.nn.Module) -> int:
     return passes.min_rows if passes is not None else int(getattr(model, _PAD_ATTR, 1))
 
 
-def pad_single_rows(model: torch.nn.Module, context: int = 64, reps: int = 3) -> tuple[bool, float, float]:
-    """Where a one-row pass is slower than a two-row one (bfloat16 on a CPU: the matrix-vector path), pad a drafter's
-    single-token steps to two rows. Measured here on the model itself: (padded, 1-row ms, 2-row ms)."""
-    import time
-
-    from transformers import DynamicCache
-
-    from tandem.kv import cache_kwarg  # kv reads this module: imported here
-
-    kw = cache_kwarg(model)
-    device = next(model.parameters()).device
-    ids = torch.zeros(1, context + 2, dtype=torch.long, device=device)
-    best = {1: float("inf"), 2: float("inf")}
-    with torch.inference_mode():
-        for _ in range(reps):
-            for rows in (1, 2):
-                cache = DynamicCache(config=model.config)  # type: ignore[arg-type]
-                model(input_ids=ids[:, :context], use_cache=True, **{kw: cache})
-                t0 = time.perf_counter()
-                model(input_ids=ids[:, context : context + rows], use_cache=True, **{kw: cache})
-                best[rows] = min(best[rows], time.perf_counter() - t0)
-    padded = best[2] < 0.95 * best[1]
-    object.__setattr__(model, _PAD_ATTR, 2 if padded else 1)
-    return padded, best[1] * 1e3, best[2] * 1e3
+def set_min_rows(model: torch.nn.Module, rows: int) -> None:
+    """Pad `model`'s passes to at least `rows` rows (`tandem.kv.pad_single_rows` chooses, from a measurement)."""
+    object.__setattr__(model, _PAD_ATTR, rows)
 
 
 def enable(model: Any, passes: ExactPasses | None = None) -> ExactPasses:

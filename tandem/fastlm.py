@@ -1,10 +1,10 @@
 """The fast path: a Llama-family causal LM over a preallocated KV cache indexed by slot, compiled per block length.
 
-In the manner of gpt-fast. `FastLM` shares the weights of a loaded HF `LlamaForCausalLM` (or an FR-Spec draft, whose
-backbone is a `LlamaModel`) and runs one pure function of (ids, positions, slots, mask, caches): the new keys and
-values are written at `slots` of the caller's cache tensors, every query attends to the slots its mask allows. No
-Python object grows during a pass, so `torch.compile` captures the whole step; the caller (`tandem.kv`) keeps the
-length, and a rollback is that length alone.
+In the manner of gpt-fast. `FastLM` shares the weights of a loaded HF `LlamaForCausalLM` (or `Qwen2ForCausalLM`) and
+runs one pure function of (ids, positions, slots, mask, caches): the new keys and values are written at `slots` of
+the caller's cache tensors, every query attends to the slots its mask allows. No Python object grows during a pass,
+so `torch.compile` captures the whole step; the caller (`tandem.kv`) keeps the length, and a rollback is that length
+alone.
 
 Passes of 1..`max(BUCKETS)` positions are padded up to the next bucket and run compiled (one graph each, built at
 start-up by `FastLM.compile`); longer feeds (a prompt) run the same module eagerly. On a GPU the graphs are CUDA graphs.
@@ -42,9 +42,7 @@ class FastSpec:
 
 def supports(model: nn.Module) -> bool:
     """A plain Llama (HF `LlamaForCausalLM`, default RoPE, no biases), a Qwen2 (`Qwen2ForCausalLM`: the same block
-    with q/k/v biases, which its projections carry; no sliding window) or a `tandem.frspec.FRSpecDraft`."""
-    from tandem.frspec import FRSpecDraft
-
+    with q/k/v biases, which its projections carry; no sliding window)."""
     cfg = getattr(model, "config", None)
     kind = getattr(cfg, "model_type", None)
     if cfg is None or kind not in ("llama", "qwen2"):
@@ -58,7 +56,7 @@ def supports(model: nn.Module) -> bool:
         return type(model).__name__ == "Qwen2ForCausalLM" and getattr(cfg, "sliding_window", None) is None
     if getattr(cfg, "attention_bias", False):
         return False
-    return isinstance(model, FRSpecDraft) or type(model).__name__ == "LlamaForCausalLM"
+    return type(model).__name__ == "LlamaForCausalLM"
 
 
 def of(model: nn.Module) -> FastLM | None:
@@ -83,8 +81,6 @@ class FastLM:
     """One Llama forward over (ids, positions, slots, mask) and caches the caller owns; weights shared, not copied."""
 
     def __init__(self, model: nn.Module) -> None:
-        from tandem.frspec import FRSpecDraft
-
         if not supports(model):
             raise ValueError(f"the fast path runs Llama and Qwen2 models; not {type(model).__name__}")
         cfg: Any = model.config
@@ -96,12 +92,11 @@ class FastLM:
             rope_theta=float((cfg.rope_parameters or {}).get("rope_theta", getattr(cfg, "rope_theta", 10000.0))),
             max_positions=cfg.max_position_embeddings,
         )
-        self.frspec = model if isinstance(model, FRSpecDraft) else None
-        backbone: Any = model.backbone if isinstance(model, FRSpecDraft) else model.model
+        backbone: Any = model.model
         self.blocks = list(backbone.layers)
         self.norm_w: torch.Tensor = backbone.norm.weight
-        self.embed: Any = None if isinstance(model, FRSpecDraft) else backbone.embed_tokens
-        self.head: Any = None if isinstance(model, FRSpecDraft) else model.lm_head
+        self.embed: Any = backbone.embed_tokens
+        self.head: Any = model.lm_head
         p = next(model.parameters())
         self.dtype, self.device = p.dtype, p.device
         s = self.spec
@@ -147,7 +142,7 @@ class FastLM:
         """[n, V] float32 logits."""
         s = self.spec
         n = ids.shape[0]
-        h = self.frspec.embed(ids[None])[0] if self.frspec is not None else self.embed(ids)  # [n, hidden]
+        h = self.embed(ids)  # [n, hidden]
         cos, sin = self.cos[positions][None], self.sin[positions][None]  # [1, n, D]
         for i, blk in enumerate(self.blocks):
             att = blk.self_attn
@@ -167,8 +162,6 @@ class FastLM:
             mlp = blk.mlp
             h = h + mlp.down_proj(F.silu(mlp.gate_proj(x)) * mlp.up_proj(x))
         h = self._norm(h, self.norm_w)
-        if self.frspec is not None:
-            return self.frspec.expand(self.frspec.subset_logits(h)).float()
         return self.head(h).float()  # type: ignore[no-any-return]
 
     def run(self, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, mask: torch.Tensor,

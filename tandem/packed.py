@@ -1,10 +1,10 @@
 """Weights shipped inside the package as int8 with one scale per row: half the bytes of bfloat16.
 
-A shipped model folder (the code pair, the SmolLM2 draft) holds `weights.int8.safetensors` in place of its weights
-file. On first use it is unpacked into the cache (`unpacked`) as the bfloat16 file its loader reads, next to copies
-of the folder's other files, and loaded from there like any folder. The int8 values are the model: each matrix of
-at least `MIN_NUMEL` weights is w[r, :] = q[r, :] * scale[r], rounded once to bfloat16; smaller tensors (norms,
-biases, ids) are stored as they are. Pack a folder with `python -m tandem.packed FOLDER WEIGHTS_FILE`.
+A shipped model folder (the code pair's target) holds `weights.int8.safetensors` in place of its weights file. On
+first use it is unpacked into the cache (`unpacked`) as the bfloat16 file its loader reads, next to copies of the
+folder's other files, and loaded from there like any folder. The int8 values are the model: each matrix of at least
+`MIN_NUMEL` weights is w[r, :] = q[r, :] * scale[r], rounded once to bfloat16; smaller tensors (norms, biases, ids)
+are stored as they are. Pack a folder with `python -m tandem.packed FOLDER WEIGHTS_FILE`.
 """
 
 from __future__ import annotations

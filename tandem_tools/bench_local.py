@@ -20,7 +20,6 @@ from rich.table import Table
 from tandem.config import CoreSettings
 from tandem.costs import CostCurve
 from tandem.drafting import ModelDrafter
-from tandem.frspec import FRSpecDraft, as_llama
 from tandem.local import LocalVerifier
 from tandem.models import LoadedModel, check_pair, load_draft, load_model, load_target
 from tandem.ouroboros import OuroborosDrafter, SourceCounts
@@ -96,11 +95,6 @@ class ModeFigures:
         }
 
 
-def hf_assistant(draft: LoadedModel) -> Any:
-    """The draft as HF transformers' assisted generation takes it: an FR-Spec draft as an equivalent plain Llama."""
-    return as_llama(draft.model) if isinstance(draft.model, FRSpecDraft) else draft.torch_model
-
-
 def _hf_assisted(target: LoadedModel, assistant: Any, prompt: list[int], params: SamplingParams,
                  gamma: int | None) -> tuple[list[int], float]:
     kwargs: dict[str, object] = {}
@@ -171,7 +165,7 @@ def run_bench_local(
                                llama_server.context_size(prompts, max_tokens), warn=console.print)
     modes = [m for m in modes if m not in peers.skipped]
     figs = {m: ModeFigures(accepted_per_position=[0] * gamma) for m in modes}
-    assistant = hf_assistant(draft) if any(m.startswith("hf-") for m in modes) else None
+    assistant = draft.torch_model if any(m.startswith("hf-") for m in modes) else None
     runners: dict[str, Callable[[list[int]], tuple[list[int], float, dict]]] = {
         "ar": lambda p: _ours(generate_autoregressive(target, p, params)),
         "ar-eager": lambda p: _ours(generate_autoregressive(exact, p, params)),  # type: ignore[arg-type]

@@ -61,43 +61,6 @@ DTYPE_OPT = "auto (bfloat16 where the hardware computes it natively, else float3
 SIZES_OPT = "pass lengths compiled at start-up, comma-separated (default 1,2,3,4,5,6,8,12,16)"
 COMPILE_OPT = "the fast path: compiled decode and verify steps (Llama and Qwen2 models; compiles at start-up)"
 DRAFT_HELP = f"draft model: a short name (default {DEFAULT_DRAFT}; {DEMO_DRAFT}: the code pair), a folder, or a hub id"
-_PASSTHROUGH = {"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []}
-
-
-@app.command("distill-data", context_settings=_PASSTHROUGH, add_help_option=False)
-def distill_data(ctx: typer.Context) -> None:
-    """Generate the target's answers to the distillation prompts (resumable; `--help` for the options)."""
-    from tandem_tools.distill.generate import main
-
-    main(ctx.args)
-
-
-@app.command("train-draft", context_settings=_PASSTHROUGH, add_help_option=False)
-def train_draft(ctx: typer.Context) -> None:
-    """Train the FR-Spec draft on the distillation data (resumable; `--help` for the options)."""
-    from tandem_tools.draft.train import main
-
-    main(ctx.args)
-
-
-@app.command("train-demo")
-def train_demo_cmd(
-    out: Annotated[Path, typer.Option(help="where the tokenizer and both models are written")] = Path("demo-out"),
-    work_dir: Annotated[Path, typer.Option(help="checkpoints and logs; rerun to resume")] = Path("demo-work"),
-    target_steps: Annotated[int | None, typer.Option()] = None,
-    draft_steps: Annotated[int | None, typer.Option()] = None,
-    threads: Annotated[int, typer.Option()] = 2,
-) -> None:
-    """Reproduce the demo pair from the standard library's own sources (resumable)."""
-    import torch
-
-    from tandem_tools.train.trainer import TrainConfig, train_demo
-
-    torch.set_num_threads(threads)
-    cfg = TrainConfig(**_overrides(target_steps=target_steps, draft_steps=draft_steps))
-    report = train_demo(out, work_dir, cfg, echo=None)
-    typer.echo(f"target held-out loss {report['target_heldout_loss']:.3f}, draft {report['draft_heldout_loss']:.3f}")
-    typer.echo(f"wrote {out}; copy it over tandem/demo to ship it")
 
 
 @bench_app.command("local")

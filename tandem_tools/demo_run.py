@@ -10,6 +10,8 @@ code excerpt to complete. `tandem demo --web` (`run_web`) starts the same cloud 
 from __future__ import annotations
 
 import contextlib
+import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -152,8 +154,15 @@ def run_web(settings: CoreSettings, port: int = 8001, console: Console | None = 
         edge = EdgeSettings(cloud=cloud.grpc_target, transport="grpc", draft=settings.draft, gamma=settings.gamma,
                             threads=settings.threads, port=port)
         server = EdgeServer(edge, draft)
-        console.print(f"open [bold]http://127.0.0.1:{port}/[/bold] (the edge: speculative). The cloud's own page, "
-                      f"cloud-only: {cloud.http_url}/. Ctrl-C stops both.", highlight=False)
+
+        def announce() -> None:  # the address once the edge accepts connections, not before
+            while not server.started and not server.should_exit:
+                time.sleep(0.05)
+            if server.started:
+                console.print(f"open [bold]http://127.0.0.1:{port}/[/bold] (the edge: speculative). The cloud's own "
+                              f"page, cloud-only: {cloud.http_url}/. Ctrl-C stops both.", highlight=False)
+
+        threading.Thread(target=announce, name="announce", daemon=True).start()
         with contextlib.suppress(KeyboardInterrupt):  # uvicorn stops gracefully, then raises the signal again
             server.run()
     console.print("stopped")

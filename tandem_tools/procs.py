@@ -72,7 +72,7 @@ class CloudProcess:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "tandem_tools.cli", "serve", "--host", self.host,
              "--http-port", str(self.http_port), "--grpc-port", str(self.grpc_port)],
-            env=env, stdout=out, stderr=subprocess.STDOUT,
+            env=env, stdout=out, stderr=subprocess.STDOUT, preexec_fn=die_with_parent,
         )
         return self
 
@@ -106,6 +106,15 @@ class CloudProcess:
 
     def __exit__(self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
         self.stop()
+
+
+def die_with_parent() -> None:
+    """In a child before it execs: SIGTERM when the process that started it dies, however it dies (SIGKILL too), so
+    no cloud outlives its demo or bench (Linux: PR_SET_PDEATHSIG; elsewhere nothing)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
 
 
 def wait_ready(proc: subprocess.Popen[bytes], ready: Callable[[], bool], timeout_s: float, what: str,

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 
 import torch
 
-from tandem.frspec import FRSpecDraft
 from tandem.models import LoadedModel
 from tandem.passcost import median_s, pass_times
 
@@ -43,15 +42,15 @@ def measure_peaks(device: torch.device, dtype: torch.dtype, read_mb: int = 512, 
 
 
 def step_bytes(model: LoadedModel) -> int:
-    """Weight bytes a pass reads: all parameters but input-embedding tables it only looks rows up in."""
+    """Weight bytes a pass reads: all parameters but input-embedding tables it only looks rows up in (llama.cpp:
+    the file's tensors as published, every one counted)."""
+    if model.backend != "torch":
+        return model.weight_bytes
     m = model.torch_model
     lookup: list[torch.nn.Parameter] = []
-    if isinstance(m, FRSpecDraft):
-        lookup.append(m.embed_low.weight)
-    else:
-        emb, head = m.get_input_embeddings(), m.get_output_embeddings()
-        if emb is not None and (head is None or head.weight is not emb.weight):  # untied: the table is a lookup
-            lookup.append(emb.weight)  # type: ignore[arg-type]
+    emb, head = m.get_input_embeddings(), m.get_output_embeddings()
+    if emb is not None and (head is None or head.weight is not emb.weight):  # untied: the table is a lookup
+        lookup.append(emb.weight)  # type: ignore[arg-type]
     skip = {id(p) for p in lookup}
     unique = {id(p): p for p in m.parameters() if id(p) not in skip}
     return sum(p.numel() * p.element_size() for p in unique.values())
@@ -59,6 +58,8 @@ def step_bytes(model: LoadedModel) -> int:
 
 def matmul_params(model: LoadedModel) -> int:
     """Parameters in matrices a pass multiplies by (each costs 2 FLOPs per position)."""
+    if model.backend != "torch":  # quantised blocks: bytes say nothing of the count
+        return model.n_params
     return step_bytes(model) // model.dtype.itemsize
 
 

@@ -16,7 +16,7 @@ TRANSPORTS = {"grpc", "grpc_health", "grpc_reflection", "fastapi", "uvicorn", "s
 CORE = ["tandem.speculate", "tandem.session", "tandem.local", "tandem.drafting", "tandem.blocks", "tandem.messages",
         "tandem.verify", "tandem.kv", "tandem.models", "tandem.sampling", "tandem.config", "tandem.batch",
         "tandem.pool", "tandem.adaptive", "tandem.stats", "tandem_tools.bench_local", "tandem_tools.demo_run",
-        "tandem_tools.cli", "tandem_tools.train.trainer", "tandem_tools.netem", "tandem_tools.procs",
+        "tandem_tools.cli", "tandem_tools.netem", "tandem_tools.procs",
         "tandem_tools.bench_load", "tandem_tools.bench_capacity", "tandem_tools.bench_replay", "tandem_tools.figures"]
 
 

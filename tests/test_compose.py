@@ -308,7 +308,7 @@ def local_stack() -> Iterator[LocalCompose]:
         "CLOUD_HTTP_PORT": str(http), "CLOUD_GRPC_PORT": str(grpc_port), "EDGE_PORT": str(edge),
         "TANDEM_BIND_HOST": "127.0.0.1",  # what the host-network override uses too: no service names without Docker
         "EDGE_CLOUD": f"127.0.0.1:{grpc_port}", "TANDEM_THREADS": "1",
-        # the small code pair, not the default real one: service wiring is under test here (test_real_pair covers
+        # the small code pair, not the default real one: service wiring is under test here (test_qwen_pair covers
         # the default pair)
         "TANDEM_TARGET": "demo-target", "TANDEM_DRAFT": "demo-draft",
     }

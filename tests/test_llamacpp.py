@@ -177,3 +177,11 @@ def test_a_llama_target_speculates_equal_to_itself_alone(llama_draft: LoadedMode
     sampled = SamplingParams(max_tokens=16, temperature=0.8, seed=3)
     assert generate_speculative(ModelDrafter(llama_draft, q_form="sparse"), LocalVerifier(target), prompt, sampled,
                                 4).tokens
+
+
+@needs_llama
+def test_the_roofline_reads_a_llama_model_without_torch(llama_draft: LoadedModel) -> None:
+    from tandem_tools import roofline
+
+    assert roofline.step_bytes(llama_draft) == llama_draft.weight_bytes > 0
+    assert roofline.matmul_params(llama_draft) == llama_draft.n_params

@@ -1,7 +1,7 @@
 """The default pair: Qwen2.5-Coder-0.5B-Instruct drafts, Qwen2.5-Coder-1.5B-Instruct verifies (Q4_K_M GGUF files
 assembled from their PyPI parts). Lossless in the dtype they run in (`auto`: bfloat16 with exact passes where the CPU
 computes it natively, else float32) and in float32, speculative greedy output equals the target alone's token for
-token, plainly, with Ouroboros, and with two sessions batched in one pass."""
+token, plainly, with Ouroboros, with two sessions batched in one pass, and under a JSON schema with logprobs."""
 
 from __future__ import annotations
 
@@ -96,3 +96,27 @@ def test_speculation_in_float32_equals_the_target_alone(pair: tuple[LoadedModel,
     want = generate_autoregressive(wide, prompt, params).tokens
     spec = generate_speculative(ModelDrafter(draft, p_min=0.75), LocalVerifier(wide), prompt, params, 8)
     assert spec.tokens == want and spec.stats.accepted > 0
+
+
+def test_the_pair_under_a_json_schema_with_logprobs(pair: tuple[LoadedModel, LoadedModel]) -> None:
+    """Structured output on the default pair: valid JSON, the target alone's tokens and logprobs, drafts accepted."""
+    import json
+
+    import jsonschema
+
+    from tandem_tools.replay_summary import TRACES, load_trace
+
+    draft, target = pair
+    row = load_trace(TRACES / "structured.jsonl", limit=1)[0]
+    prompt = row.ids(target.tokenizer)
+    params = SamplingParams(max_tokens=64, grammar=row.grammar(), logprobs=2)
+    alone = generate_autoregressive(target, prompt, params)
+    spec = generate_speculative(ModelDrafter(draft), LocalVerifier(target), prompt, params, gamma=4)
+    assert spec.tokens == alone.tokens and spec.stats.accepted > 0
+    assert alone.finish_reason == "stop"
+    schema = row.response_format["json_schema"]["schema"]  # type: ignore[index]
+    jsonschema.validate(json.loads(target.tokenizer.decode(alone.tokens, skip_special_tokens=True)), schema)
+    assert spec.logprobs is not None and alone.logprobs is not None
+    for a, b in zip(spec.logprobs, alone.logprobs, strict=True):
+        assert a.token == b.token and a.logprob == pytest.approx(b.logprob, abs=1e-4)
+        assert [i for i, _ in a.top] == [i for i, _ in b.top]

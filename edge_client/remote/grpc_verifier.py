@@ -11,6 +11,7 @@ from typing import Any
 import grpc
 
 from edge_client.remote.common import AFFINITY_HEADER, TLS_HINT, Pipelined, cancelled_error, is_tls_failure
+from edge_client.remote.watchdog import WATCHDOG
 from tandem.blocks import DraftBlock, EdgeReport, VerifyResult
 from tandem.errors import RemoteError
 from tandem.messages import OpenRequest, SessionVerdict, Step
@@ -246,15 +247,14 @@ class GrpcStreamSession:
 
     def _finish(self) -> None:
         self._requests.put(None)  # half-close: the server ends the stream and closes the session
-        timer = threading.Timer(self.verifier.timeout_s, self._call.cancel)
-        timer.start()
+        timer = WATCHDOG.arm(self.verifier.timeout_s, self._call.cancel)
         try:
             for _ in self._replies:
                 pass
         except grpc.RpcError:
             pass
         finally:
-            timer.cancel()
+            WATCHDOG.disarm(timer)
             self.verifier.untrack(self._call)
 
     def close(self) -> None:
@@ -271,8 +271,7 @@ def _next_with_deadline(replies: Iterator[Any], cancel: Callable[[], Any], timeo
         expired.set()  # before cancelling: the cancelled call may raise while this thread is still running
         cancel()
 
-    timer = threading.Timer(timeout_s, expire)
-    timer.start()
+    timer = WATCHDOG.arm(timeout_s, expire)
     try:
         return next(replies)
     except StopIteration:
@@ -282,4 +281,4 @@ def _next_with_deadline(replies: Iterator[Any], cancel: Callable[[], Any], timeo
             raise RemoteError("deadline_exceeded", "no answer in time", "DEADLINE_EXCEEDED") from None
         raise _from_rpc_error(e, verifier is not None and verifier.aborted) from None
     finally:
-        timer.cancel()
+        WATCHDOG.disarm(timer)

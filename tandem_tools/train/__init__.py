@@ -1,1 +1,1 @@
-"""Reproduce the demo model pair (tokenizer, target, distilled draft) from the CPython standard library."""
+"""The code pair's corpus: the CPython standard library's sources, split by file (`data`), and prompts cut from it."""

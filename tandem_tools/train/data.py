@@ -7,9 +7,8 @@ every machine; `files.json` in the demo assets records the exact list the shippe
 from __future__ import annotations
 
 import hashlib
-import json
 import sysconfig
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 HELDOUT_MODULUS = 20  # about 5% of files held out
@@ -52,11 +51,6 @@ def read_texts(files: list[CorpusFile], split: str, root: Path | None = None) ->
     return [
         (root / f.path).read_text(encoding="utf-8", errors="replace") for f in files if f.split == split
     ]
-
-
-def write_manifest(files: list[CorpusFile], path: Path, python_version: str) -> None:
-    payload = {"python": python_version, "heldout_modulus": HELDOUT_MODULUS, "files": [asdict(f) for f in files]}
-    path.write_text(json.dumps(payload, indent=0) + "\n")
 
 
 def heldout_prompts(
