@@ -7,31 +7,24 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncIterator
-from typing import Annotated, Any, Literal
+from collections.abc import AsyncIterator, Sequence
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
-from prometheus_client import CONTENT_TYPE_LATEST
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
 
 from cloud_server.settings import ServerSettings
 from cloud_server.worker import Generation, ModelWorker
+from tandem.sampling import SamplingParams
 from tandem_protocol import bodies
 from tandem_protocol.bodies import ClosedBody, ContinueBody, DraftBody, OpenBody, OpenedBody, StepBody, VerdictBody
-from tandem_protocol.errors import BEARER_HEADER, error_body, error_code, require_bearer
-from tandem_protocol.openai_api.limits import client_key
+from tandem_protocol.errors import error_body, error_code
+from tandem_protocol.openai_api.limits import Ticket
 from tandem_protocol.openai_api.middleware import install_error_handling
 from tandem_protocol.openai_api.openapi import Limits, install_openapi
 from tandem_protocol.openai_api.params import sampling_params
-from tandem_protocol.openai_api.responses import (
-    API_ERRORS,
-    COMPLETION_RESPONSES,
-    BearerDep,
-    chat_completion_prompt,
-    check_model,
-    completion_prompt,
-    completion_response,
-)
+from tandem_protocol.openai_api.responses import API_ERRORS, Steps, check_model
+from tandem_protocol.openai_api.routes import client_of, no_overrides, openai_routers
 from tandem_protocol.openai_api.schemas import ChatRequest, CompletionRequest
 from tandem_protocol.openai_api.webui import install_web_ui
 
@@ -48,19 +41,6 @@ WorkerDep = Annotated[ModelWorker, Depends(get_worker)]
 SettingsDep = Annotated[ServerSettings, Depends(get_settings)]
 
 
-def get_client(request: Request, settings: SettingsDep) -> str:
-    """Whose share the request counts against (its key; on an open server its address)."""
-    address = request.client.host if request.client is not None else ""
-    return client_key(request.headers.get("authorization", ""), address, bool(settings.api_keys))
-
-
-ClientDep = Annotated[str, Depends(get_client)]
-
-
-async def require_api_key(request: Request, settings: SettingsDep, _: BearerDep) -> None:
-    require_bearer(request.headers.get("authorization", ""), settings.api_keys, BEARER_HEADER)
-
-
 async def known_session(session_id: str, worker: WorkerDep) -> None:
     """404 for an unknown session before its body is read: what a request says matters only to a live one."""
     worker.sessions.get(session_id)
@@ -69,16 +49,46 @@ async def known_session(session_id: str, worker: WorkerDep) -> None:
 SessionDep = Depends(known_session)
 
 
-public = APIRouter()
-api = APIRouter(dependencies=[Depends(require_api_key)], responses=API_ERRORS)
+class CloudOpenAI:
+    """The OpenAI routes' side here: the target alone, one generation per choice, batched by the worker."""
+
+    def __init__(self, settings: ServerSettings, worker: ModelWorker) -> None:
+        self.settings, self.worker = settings, worker
+        self.served_name, self.api_keys = settings.served_model_name, settings.api_keys
+        self.tokenizer, self.gate, self.metrics = worker.target.tokenizer, worker.gate, worker.metrics
+
+    def card(self) -> dict[str, Any]:
+        return {"max_model_len": self.worker.target.context_length}
+
+    def choices(self, body: CompletionRequest | ChatRequest, ids: list[int],
+                max_tokens: int | None) -> list[SamplingParams]:
+        target = self.worker.target
+        check_model(body, self.served_name, target.name)
+        return sampling_params(body, max_tokens, len(ids), target.context_length, self.settings.max_tokens_limit)
+
+    async def start(self, ids: list[int], params: SamplingParams, ticket: Ticket, overrides: None) -> Generation:
+        return await self.worker.start_generation(ids, params, ticket)
+
+    def figures(self, gens: Sequence[Steps]) -> dict[str, Any]:
+        return {}
+
+
+def get_openai(request: Request) -> CloudOpenAI:
+    return request.app.state.openai
+
+
+OpenAIDep = Annotated[CloudOpenAI, Depends(get_openai)]
+
+
+def get_client(request: Request, openai: OpenAIDep) -> str:
+    return client_of(request, openai)
+
+
+ClientDep = Annotated[str, Depends(get_client)]
+public, api = openai_routers(get_openai, no_overrides, API_ERRORS)
 
 
 # --- health and metrics
-
-
-@public.get("/health")
-async def health() -> dict[str, str]:
-    return {"status": "ok"}
 
 
 _READINESS = {"content": {"application/json": {"schema": {
@@ -91,11 +101,6 @@ async def ready(worker: WorkerDep) -> JSONResponse:
     if worker.ready:
         return JSONResponse({"status": "ready", "model": worker.target.name})
     return JSONResponse({"status": "not ready"}, status_code=503)
-
-
-@public.get("/metrics", response_class=PlainTextResponse)
-async def metrics(worker: WorkerDep) -> Response:
-    return Response(worker.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 
 # --- verification sessions
@@ -142,52 +147,6 @@ async def close_session(session_id: str, worker: WorkerDep) -> ClosedBody:
     return ClosedBody(session_id=session_id, closed=await worker.close_session(session_id))
 
 
-# --- OpenAI-compatible: the target alone
-
-
-@api.get("/v1/models")
-async def models(worker: WorkerDep, settings: SettingsDep, request: Request) -> dict[str, Any]:
-    card = {
-        "id": settings.served_model_name, "object": "model", "created": request.app.state.created,
-        "owned_by": "tandem", "max_model_len": worker.target.context_length,
-    }
-    return {"object": "list", "data": [card]}
-
-
-@api.post("/v1/completions", responses=COMPLETION_RESPONSES)
-async def completions(body: CompletionRequest, worker: WorkerDep, settings: SettingsDep,
-                      client: ClientDep) -> Response:
-    ids = await completion_prompt(body, worker.target.tokenizer)
-    return await _complete(worker, settings, body, ids, body.max_tokens, "text", client)
-
-
-@api.post("/v1/chat/completions", responses=COMPLETION_RESPONSES)
-async def chat_completions(body: ChatRequest, worker: WorkerDep, settings: SettingsDep,
-                           client: ClientDep) -> Response:
-    ids = await chat_completion_prompt(body, worker.target.tokenizer)
-    return await _complete(worker, settings, body, ids, body.max_completion_tokens or body.max_tokens, "chat",
-                           client)
-
-
-async def _complete(
-    worker: ModelWorker, settings: ServerSettings, body: CompletionRequest | ChatRequest, ids: list[int],
-    max_tokens: int | None, kind: Literal["text", "chat"], client: str,
-) -> Response:
-    check_model(body, settings.served_model_name, worker.target.name)
-    choices = sampling_params(body, max_tokens, len(ids), worker.target.context_length, settings.max_tokens_limit)
-    gens: list[Generation] = []
-    async with worker.gate.admit(client) as ticket:  # one slot per request; its generations hold it while they run
-        try:
-            for params in choices:  # n > 1: one generation per choice, batched together by the worker
-                gens.append(await worker.start_generation(ids, params, ticket))
-        except BaseException:
-            for gen in gens:
-                gen.close()
-            raise
-        return await completion_response(gens, worker.target.tokenizer, body, kind, settings.served_model_name,
-                                          len(ids), metrics=worker.metrics)
-
-
 # --- wiring
 
 
@@ -196,6 +155,7 @@ def create_app(settings: ServerSettings, worker: ModelWorker) -> FastAPI:
     app.state.settings = settings
     app.state.worker = worker
     app.state.created = int(time.time())
+    app.state.openai = CloudOpenAI(settings, worker)
     app.include_router(public)
     app.include_router(api)
     install_web_ui(app, "cloud")

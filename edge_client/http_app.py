@@ -12,12 +12,12 @@ import logging
 import socket
 import threading
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 import uvicorn
-from fastapi import APIRouter, Depends, FastAPI, Header, Request
-from fastapi.responses import PlainTextResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST
+from fastapi import FastAPI, Header, Request
 from pydantic import Field
 
 from edge_client.service import EdgeGeneration, EdgeService
@@ -25,42 +25,18 @@ from edge_client.settings import EdgeSettings
 from tandem.config import Mode
 from tandem.errors import InvalidRequestError
 from tandem.models import LoadedModel
+from tandem.sampling import SamplingParams
 from tandem.session import validate_prompt
-from tandem_protocol.errors import BEARER_HEADER, require_bearer
-from tandem_protocol.openai_api.limits import client_key
+from tandem_protocol.openai_api.limits import Ticket
 from tandem_protocol.openai_api.middleware import install_error_handling
 from tandem_protocol.openai_api.openapi import Limits, install_openapi
 from tandem_protocol.openai_api.params import sampling_params
-from tandem_protocol.openai_api.responses import (
-    API_ERRORS,
-    COMPLETION_RESPONSES,
-    BearerDep,
-    chat_completion_prompt,
-    check_model,
-    completion_prompt,
-    completion_response,
-    error_responses,
-)
+from tandem_protocol.openai_api.responses import API_ERRORS, Steps, check_model, error_responses
+from tandem_protocol.openai_api.routes import openai_routers
 from tandem_protocol.openai_api.schemas import ChatRequest, CompletionRequest
 from tandem_protocol.openai_api.webui import install_web_ui
 
 log = logging.getLogger("edge_client")
-
-
-def get_service(request: Request) -> EdgeService:
-    return request.app.state.service
-
-
-ServiceDep = Annotated[EdgeService, Depends(get_service)]
-
-
-def get_client(request: Request, service: ServiceDep) -> str:
-    """Whose share the request counts against (its key; on an open endpoint its address)."""
-    address = request.client.host if request.client is not None else ""
-    return client_key(request.headers.get("authorization", ""), address, bool(service.settings.edge_api_keys))
-
-
-ClientDep = Annotated[str, Depends(get_client)]
 
 
 # per request, the edge's own settings overridden (the page's cloud-only rerun); other servers ignore these headers
@@ -70,80 +46,63 @@ GammaHeader = Annotated[Annotated[int, Field(ge=0, le=64)] | Literal["adaptive"]
     alias="x-tandem-gamma", description="this request's draft block length, or adaptive (default: TANDEM_GAMMA)")]
 
 
-async def require_api_key(request: Request, service: ServiceDep, _: BearerDep) -> None:
-    require_bearer(request.headers.get("authorization", ""), service.settings.edge_api_keys, BEARER_HEADER)
+@dataclass(frozen=True)
+class Overrides:
+    """This request's mode and block length, where its headers set them."""
+
+    mode: Mode | None
+    gamma: int | Literal["adaptive"] | None
 
 
-public = APIRouter()
-# the cloud's errors, and 502 (the cloud's certificate refused) / 504 (no answer from the cloud in time)
-api = APIRouter(dependencies=[Depends(require_api_key)], responses=API_ERRORS | error_responses(502, 504))
+def get_overrides(mode: ModeHeader = None, gamma: GammaHeader = None) -> Overrides:
+    return Overrides(mode, gamma)
 
 
-@public.get("/health")
-async def health() -> dict[str, str]:
-    return {"status": "ok"}
+class EdgeOpenAI:
+    """The OpenAI routes' side here: the speculative loop on the draft's worker thread, the cloud verifying."""
 
+    def __init__(self, service: EdgeService) -> None:
+        self.service = service
+        self.served_name, self.api_keys = service.settings.model_name, service.settings.edge_api_keys
+        self.tokenizer, self.gate, self.metrics = service.draft.tokenizer, service.gate, service.metrics
 
-@public.get("/metrics", response_class=PlainTextResponse)
-async def metrics(service: ServiceDep) -> Response:
-    return Response(service.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+    def card(self) -> dict[str, Any]:
+        draft = self.service.draft
+        return {"max_model_len": draft.context_length, "draft": {"name": draft.name, "runtime": draft.backend}}
 
+    def choices(self, body: CompletionRequest | ChatRequest, ids: list[int],
+                max_tokens: int | None) -> list[SamplingParams]:
+        s, draft = self.service.settings, self.service.draft
+        check_model(body, s.model_name)
+        choices = sampling_params(body, max_tokens, len(ids), draft.context_length, s.max_tokens_limit)
+        if choices[0].max_tokens > s.max_tokens_limit:
+            raise InvalidRequestError(f"max_tokens is {choices[0].max_tokens}; this endpoint allows at most "
+                                      f"{s.max_tokens_limit}")
+        validate_prompt(ids, draft.vocab_size, draft.context_length)
+        return choices
 
-@api.get("/v1/models")
-async def models(service: ServiceDep, request: Request) -> dict[str, Any]:
-    card = {"id": service.settings.model_name, "object": "model", "created": request.app.state.created,
-            "owned_by": "tandem", "max_model_len": service.draft.context_length,
-            "draft": {"name": service.draft.name, "runtime": service.draft.backend}}
-    return {"object": "list", "data": [card]}
+    async def start(self, ids: list[int], params: SamplingParams, ticket: Ticket,
+                    overrides: Overrides) -> EdgeGeneration:
+        return await self.service.start(ids, params, ticket, overrides.mode, overrides.gamma)
 
-
-@api.post("/v1/completions", responses=COMPLETION_RESPONSES)
-async def completions(body: CompletionRequest, service: ServiceDep, client: ClientDep, mode: ModeHeader = None,
-                      gamma: GammaHeader = None) -> Response:
-    ids = await completion_prompt(body, service.draft.tokenizer)
-    return await _complete(service, body, ids, body.max_tokens, "text", client, mode, gamma)
-
-
-@api.post("/v1/chat/completions", responses=COMPLETION_RESPONSES)
-async def chat_completions(body: ChatRequest, service: ServiceDep, client: ClientDep, mode: ModeHeader = None,
-                           gamma: GammaHeader = None) -> Response:
-    ids = await chat_completion_prompt(body, service.draft.tokenizer)
-    return await _complete(service, body, ids, body.max_completion_tokens or body.max_tokens, "chat", client, mode,
-                           gamma)
-
-
-async def _complete(service: EdgeService, body: CompletionRequest | ChatRequest, ids: list[int],
-                    max_tokens: int | None, kind: Literal["text", "chat"], client: str, mode: Mode | None = None,
-                    gamma: int | Literal["adaptive"] | None = None) -> Response:
-    s, draft = service.settings, service.draft
-    check_model(body, s.model_name)
-    choices = sampling_params(body, max_tokens, len(ids), draft.context_length, s.max_tokens_limit)
-    if choices[0].max_tokens > s.max_tokens_limit:
-        raise InvalidRequestError(f"max_tokens is {choices[0].max_tokens}; this endpoint allows at most "
-                                  f"{s.max_tokens_limit}")
-    validate_prompt(ids, draft.vocab_size, draft.context_length)
-    gens: list[EdgeGeneration] = []
-
-    def stats() -> dict[str, Any]:
-        done = [g.result.stats.as_dict() for g in gens if g.result is not None]
+    def figures(self, gens: Sequence[Steps]) -> dict[str, Any]:
+        done = [g.result.stats.as_dict() for g in gens if isinstance(g, EdgeGeneration) and g.result is not None]
         return {"tandem": done[0] if len(done) == 1 else done} if done else {}
 
-    async with service.gate.admit(client) as ticket:  # one slot per request; its generations hold it while they run
-        try:
-            for params in choices:  # n > 1: one generation per choice, in turn on the draft thread
-                gens.append(await service.start(ids, params, ticket, mode, gamma))
-        except BaseException:
-            for gen in gens:
-                gen.close()
-            raise
-        return await completion_response(gens, draft.tokenizer, body, kind, s.model_name, len(ids), extra=stats,
-                                         metrics=service.metrics)
+
+def get_openai(request: Request) -> EdgeOpenAI:
+    return request.app.state.openai
+
+
+# the cloud's errors, and 502 (the cloud's certificate refused) / 504 (no answer from the cloud in time)
+public, api = openai_routers(get_openai, get_overrides, API_ERRORS | error_responses(502, 504))
 
 
 def create_app(settings: EdgeSettings, draft: LoadedModel) -> FastAPI:
     service = EdgeService(settings, draft)
     app = FastAPI(title="tandem edge", docs_url=None, redoc_url=None)
     app.state.service = service
+    app.state.openai = EdgeOpenAI(service)
     app.state.created = int(time.time())
     app.include_router(public)
     app.include_router(api)

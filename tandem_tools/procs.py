@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -72,7 +73,10 @@ class CloudProcess:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "tandem_tools.cli", "serve", "--host", self.host,
              "--http-port", str(self.http_port), "--grpc-port", str(self.grpc_port)],
-            env=env, stdout=out, stderr=subprocess.STDOUT, preexec_fn=die_with_parent,
+            env=env, stdout=out, stderr=subprocess.STDOUT,
+            # the kernel ties PR_SET_PDEATHSIG to the forking *thread*: a child spawned from a short-lived thread
+            # would die with that thread, so only the main thread's children get it
+            preexec_fn=die_with_parent if threading.current_thread() is threading.main_thread() else None,
         )
         return self
 

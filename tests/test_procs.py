@@ -41,3 +41,23 @@ def _alive(pid: int) -> bool:
             return f.read().split(") ")[-1][:1] not in ("Z", "X")  # a zombie has already gone
     except FileNotFoundError:
         return False
+
+
+def test_a_cloud_spawned_from_a_passing_thread_outlives_that_thread(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The death signal follows the forking thread: a replica started from a helper thread must not get it."""
+    import threading
+
+    from tandem_tools import procs
+
+    seen: list[object] = []
+
+    class Recorder:
+        def __init__(self, *args: object, preexec_fn: object = None, **kwargs: object) -> None:
+            seen.append(preexec_fn)
+
+    monkeypatch.setattr(procs.subprocess, "Popen", Recorder)
+    procs.CloudProcess().spawn()
+    t = threading.Thread(target=lambda: procs.CloudProcess().spawn())
+    t.start()
+    t.join()
+    assert seen == [procs.die_with_parent, None]
