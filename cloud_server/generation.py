@@ -7,8 +7,8 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from cloud_server.batcher import Batcher
+from tandem.advice import LoadPolicy
 from tandem.blocks import DraftBlock, VerifyResult
-from tandem.load import LoadPolicy
 from tandem.session import TargetSession
 from tandem_protocol.metrics import Metrics
 from tandem_protocol.openai_api.figures import speculative_counts

@@ -26,13 +26,13 @@ from cloud_server.batcher import Batcher
 from cloud_server.generation import Generation
 from cloud_server.registry import SessionRegistry
 from cloud_server.settings import ServerSettings
+from tandem.advice import LoadPolicy, StreamLoad
 from tandem.blocks import DraftBlock, EdgeReport, VerifyResult
 from tandem.costs import CostCurve
 from tandem.errors import ContextOverflowError, InvalidRequestError, SessionConflictError, TokenizerMismatchError
-from tandem.load import LoadPolicy, StreamLoad
 from tandem.messages import OpenRequest, SessionInfo, SessionVerdict
 from tandem.models import LoadedModel
-from tandem.passcost import pass_times
+from tandem.pass_timing import pass_times
 from tandem.sampling import SamplingParams
 from tandem.session import TargetSession
 from tandem_protocol.metrics import Metrics

@@ -64,7 +64,7 @@ def _batchable(states: list[SequenceState]) -> bool:
     model = states[0].model
     if getattr(model.config, "_attn_implementation", None) not in _SUPPORTED:
         return False
-    passes = exact.of(model)
+    passes = exact.passes_of(model)
     if passes is not None and passes.fixed:  # rows change with the pass's size here: one session per pass
         return False
     return all(

@@ -53,13 +53,13 @@ class ExactPasses:
         return ATTENTION_ALONE if self.alone else ATTENTION
 
 
-def of(model: torch.nn.Module) -> ExactPasses | None:
+def passes_of(model: torch.nn.Module) -> ExactPasses | None:
     return getattr(model, _ATTR, None)
 
 
 def min_rows(model: torch.nn.Module) -> int:
     """The fewest rows a pass of `model` runs on: its exact passes', else `pad_single_rows`'s choice, else 1."""
-    passes = of(model)
+    passes = passes_of(model)
     return passes.min_rows if passes is not None else int(getattr(model, _PAD_ATTR, 1))
 
 
@@ -138,7 +138,7 @@ def _attend_invariant(heads: int, kv_heads: int, dim: int, dtype: torch.dtype, d
 
 def attention_of(module: torch.nn.Module) -> Callable[..., torch.Tensor] | None:
     """The exact attention an attention layer uses (None: not exact)."""
-    passes = of(module)
+    passes = passes_of(module)
     return None if passes is None else attend_alone if passes.alone else attend
 
 

@@ -59,7 +59,7 @@ def supports(model: nn.Module) -> bool:
     return type(model).__name__ == "LlamaForCausalLM"
 
 
-def of(model: nn.Module) -> FastLM | None:
+def fast_path_of(model: nn.Module) -> FastLM | None:
     """The fast path `enable` put on `model`, if any."""
     return getattr(model, _ATTR, None)
 
@@ -67,7 +67,7 @@ def of(model: nn.Module) -> FastLM | None:
 def enable(model: nn.Module, compile: bool = True, buckets: tuple[int, ...] = BUCKETS) -> FastLM:
     """Put the fast path on `model` (every `tandem.kv.SequenceState` over it then uses a `StaticKV`); with `compile`,
     build the graphs now. Raises ValueError for a model it cannot run."""
-    fast = of(model) or FastLM(model)
+    fast = fast_path_of(model) or FastLM(model)
     object.__setattr__(model, _ATTR, fast)  # a plain attribute, not a submodule
     if compile and fast.compiled is None:
         fast.compile(buckets)

@@ -70,12 +70,12 @@ class SequenceState:
     def __init__(self, model: PreTrainedModel, tokens: list[int]) -> None:
         self.model = model
         self.tokens = list(tokens)
-        self.fast = fastlm.of(model)
+        self.fast = fastlm.fast_path_of(model)
         self.cache: DynamicCache | StaticKV = (
             DynamicCache(config=model.config) if self.fast is None else StaticKV(self.fast, fastlm.CACHE_STEP)
         )
         self.device = model_device(model)
-        self.exact = exact.of(model)
+        self.exact = exact.passes_of(model)
         self.min_rows = exact.min_rows(model)
         self.cache_kw = cache_kwarg(model)
 

@@ -94,19 +94,19 @@ class LoadedModel:
 
     @property
     def compiled(self) -> bool:
-        fast = None if isinstance(self.model, LlamaCppModel) else fastlm.of(self.model)
+        fast = None if isinstance(self.model, LlamaCppModel) else fastlm.fast_path_of(self.model)
         return fast is not None and fast.compiled is not None
 
     @property
     def exact(self) -> exact.ExactPasses | None:
-        return None if isinstance(self.model, LlamaCppModel) else exact.of(self.model)
+        return None if isinstance(self.model, LlamaCppModel) else exact.passes_of(self.model)
 
     def describe(self) -> str:
         """`name on torch (device), dtype (why), compiled|eager[, exact passes: how]` or `name on llama.cpp, ...`: what
         start-up and the benches print."""
         if isinstance(self.model, LlamaCppModel):
             return f"{self.name} on {self.model.describe()}{f' ({self.dtype_why})' if self.dtype_why else ''}"
-        fast = fastlm.of(self.model)
+        fast = fastlm.fast_path_of(self.model)
         how = f"compiled in {fast.compile_s:.0f} s" if fast is not None and fast.compiled is not None else "eager"
         why = f" ({self.dtype_why})" if self.dtype_why else ""
         passes = f"; exact passes: {self.exact.why}" if self.exact is not None else ""

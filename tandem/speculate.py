@@ -116,7 +116,7 @@ class SpeculativeDecoder:
         self.draft = draft
         self.connect = connect
         # live measurements (acceptance, draft and verify times, RTT); kept across requests: a warm start
-        self.model = AdaptiveGamma(max_gamma=settings.max_gamma)
+        self.gamma_policy = AdaptiveGamma(max_gamma=settings.max_gamma)
         self._on_round: OnRound | None = None
         # Ouroboros: one phrase pool per client id, kept across requests (a warm start)
         self.pools = PoolRegistry(settings.pool_max_clients, settings.pool_max_tokens)
@@ -168,7 +168,7 @@ class SpeculativeDecoder:
             return ModelDrafter(self.draft, "sparse", s.q_top_k, s.draft_p_min)
         # blocks sized on the cost curve the loop measures (one object: the drafter reads what the loop observes)
         return OuroborosDrafter(self.draft, self.pools.get(s.client_id), self.ouroboros, "sparse", s.q_top_k,
-                                costs=self.model.costs, p_min=s.draft_p_min)
+                                costs=self.gamma_policy.costs, p_min=s.draft_p_min)
 
     def _auto_prefers_cloud(self) -> bool:
         if not self._auto_cloud:
@@ -247,17 +247,17 @@ class SpeculativeDecoder:
     def _speculate(self, run: _Run, verifier: Verifier, auto: bool) -> None:
         s, stats = self.settings, run.stats
         t_open = time.perf_counter()
-        model = self.model
+        policy = self.gamma_policy
         # auto: what the cloud needs to advise even the first block (the edge's own bound: its largest)
         bound = s.max_gamma if run.gamma == "adaptive" else max(1, int(run.gamma))
-        report = EdgeReport(model.draft_s.value * 1e3, model.rtt_s.value * 1e3, bound, s.pipeline) if auto else None
+        report = EdgeReport(policy.draft_s.value * 1e3, policy.rtt_s.value * 1e3, bound, s.pipeline) if auto else None
         session: VerifierSession = verifier.open(run.ctx, self._resume_params(run), session_id=run.session_id,
                                                  affinity_key=run.affinity_key, report=report)
         run.session_id = session.session_id
         opened = session.opened
         max_draft, context = opened.max_draft_tokens, opened.context_length
-        if not model.rtt_s.samples:  # connection set-up included: an upper bound, only until a round measures it
-            model.observe_rtt(time.perf_counter() - t_open - opened.server_ms / 1e3)
+        if not policy.rtt_s.samples:  # connection set-up included: an upper bound, only until a round measures it
+            policy.observe_rtt(time.perf_counter() - t_open - opened.server_ms / 1e3)
             self._rtt_from_open = True
         drafter = self._drafter
         drafter.start(run.ctx, self._resume_params(run))
@@ -290,7 +290,7 @@ class SpeculativeDecoder:
                     if probe:
                         g = 0
                     elif run.gamma == "adaptive":
-                        g = model.choose(pipelined, limit=max(room, 1))
+                        g = policy.choose(pipelined, limit=max(room, 1))
                     else:
                         g = int(run.gamma)
                     own = max(1, min(g, room))  # the edge's own choice: the bound on the cloud's advice
@@ -307,11 +307,11 @@ class SpeculativeDecoder:
                     spent, steps = time.perf_counter() - t0, drafter.steps - steps
                     g = min(g, len(block.tokens) - (tail is not None))  # a drafter may end a block early (p-min)
                     if auto and not probe:  # load-aware: what the cloud needs to advise the next block
-                        block.report = EdgeReport(model.draft_s.value * 1e3, model.rtt_s.value * 1e3, own, pipelined)
+                        block.report = EdgeReport(policy.draft_s.value * 1e3, policy.rtt_s.value * 1e3, own, pipelined)
                     for e in inflight:
                         e.clean = False
                     if steps:
-                        model.observe_draft_step(spent / steps)
+                        policy.observe_draft_step(spent / steps)
                     stats.gammas.append(g)
                     session.send(block, base if pipelined else None)
                     sent = _Sent(base, block, True, time.perf_counter(), clean=not any(e.live for e in inflight))
@@ -333,16 +333,16 @@ class SpeculativeDecoder:
                 candidates = sum(len(c.tokens) for c in sent.block.candidates)
                 # 3. learn: acceptance, the server's time, the round trip; the drafter learns the verdict
                 stats.count_round(drafted + candidates, result.num_accepted)
-                model.observe_round(drafted, result.num_accepted)
+                policy.observe_round(drafted, result.num_accepted)
                 # the pass's cost over all its positions (candidates' too), without its wait for the model thread
                 # (other sessions' batches)
-                model.observe_verify(drafted + 1 + candidates, (reply.server_ms - reply.queue_ms) / 1e3)
+                policy.observe_verify(drafted + 1 + candidates, (reply.server_ms - reply.queue_ms) / 1e3)
                 if sent.clean:
                     rtt = time.perf_counter() - sent.t_sent - reply.server_ms / 1e3
                     if self._rtt_from_open:  # the first round trip measured replaces the open's upper bound
-                        model.rtt_s = Ewma(0.0, model.rtt_s.weight)
+                        policy.rtt_s = Ewma(0.0, policy.rtt_s.weight)
                         self._rtt_from_open = False
-                    model.observe_rtt(rtt)
+                    policy.observe_rtt(rtt)
                     stats.rtt_ms.append(rtt * 1e3)
                 if self._on_round is not None:
                     self._on_round(drafted, result.num_accepted)
@@ -361,10 +361,10 @@ class SpeculativeDecoder:
                     alone = advised == 0
                 elif stats.rounds >= s.auto_probe_rounds:  # a cloud that gives no advice: the edge's own estimate
                     self._cloud_advises = False
-                    self._auto_cloud = alone = model.best_rate(pipelined) < model.cloud_rate() * s.auto_margin
+                    self._auto_cloud = alone = policy.best_rate(pipelined) < policy.cloud_rate() * s.auto_margin
                 if alone:  # the edge's own view at the switch, for the record
-                    stats.estimate = {"spec_tok_s": model.best_rate(pipelined), "cloud_tok_s": model.cloud_rate(),
-                                      "rtt_ms": model.rtt_s.value * 1e3}
+                    stats.estimate = {"spec_tok_s": policy.best_rate(pipelined), "cloud_tok_s": policy.cloud_rate(),
+                                      "rtt_ms": policy.rtt_s.value * 1e3}
         finally:
             stats.bytes_sent += session.bytes_sent
             stats.bytes_received += session.bytes_received
@@ -413,5 +413,5 @@ def generate_speculative(drafter: Drafter, verifier: Verifier, prompt: list[int]
     decoder = SpeculativeDecoder(settings, drafter.draft, lambda: _Borrowed(verifier))
     costs = getattr(drafter, "costs", None)
     if isinstance(costs, CostCurve):
-        decoder.model.costs = costs  # the loop feeds the curve the drafter sizes its blocks by
+        decoder.gamma_policy.costs = costs  # the loop feeds the curve the drafter sizes its blocks by
     return decoder.generate(prompt, params, on_tokens, drafter=drafter)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from tandem.models import LoadedModel
-from tandem.passcost import median_s, pass_times
+from tandem.pass_timing import median_s, pass_times
 
 
 @dataclass(frozen=True)

@@ -163,7 +163,7 @@ def _continues_as_a_stream(server: ServerHandle, tiny_draft: LoadedModel, expect
         settings = EdgeSettings(cloud=f"127.0.0.1:{proxy.port}", transport=transport, mode="auto", timeout_s=10,
                                 retries=0)
         client = EdgeClient(settings, tiny_draft)
-        client.model.draft_s = Ewma(1e-6)  # says drafting is free (then measures it): the first blocks are advised
+        client.gamma_policy.draft_s = Ewma(1e-6)  # drafting free (then measured): first blocks advised
         result = client.generate(PROMPT, GREEDY)
         # the edge now knows its round trip and says so at open: the cloud advises 0 before any block
         again = client.generate(PROMPT, GREEDY)

@@ -36,7 +36,7 @@ def _fast_pair(compile: bool, buckets: tuple[int, ...] = fastlm.BUCKETS,
         m.to(device)  # type: ignore[arg-type]
         fastlm.enable(m, compile=False)
         if compile:
-            fastlm.of(m).compile(buckets)  # type: ignore[union-attr]
+            fastlm.fast_path_of(m).compile(buckets)  # type: ignore[union-attr]
     return wrap(target, "fast-target"), wrap(draft, "fast-draft")
 
 
@@ -124,7 +124,7 @@ def test_greedy_equality_on_the_fast_path(fast_pair: tuple[LoadedModel, LoadedMo
 def test_greedy_equality_compiled(tiny_target: LoadedModel) -> None:
     """The compiled graphs (buckets kept few: each costs seconds of compilation on a CPU)."""
     target, draft = _fast_pair(compile=True, buckets=(1, 2, 5))
-    assert fastlm.of(target.model).compiled is not None  # type: ignore[union-attr]
+    assert fastlm.fast_path_of(target.model).compiled is not None  # type: ignore[union-attr]
     _check_equality(target, draft, reference=tiny_target)
 
 

@@ -120,12 +120,12 @@ def test_pipelined_with_a_shared_curve_equals_the_target_alone(tiny_target: Load
     settings = SpeculationSettings.model_construct(mode="spec", gamma="adaptive", max_gamma=6, pipeline=True,
                                                    retries=0)
     decoder = SpeculativeDecoder(settings, tiny_draft, lambda: _Borrowed(LocalVerifier(tiny_target)))
-    decoder.model.costs = CostCurve(CPU.as_dict(16))
-    d = OuroborosDrafter(tiny_draft, cfg=WIDE, costs=decoder.model.costs)
+    decoder.gamma_policy.costs = CostCurve(CPU.as_dict(16))
+    d = OuroborosDrafter(tiny_draft, cfg=WIDE, costs=decoder.gamma_policy.costs)
     for prompt in PROMPTS:
         want = generate_autoregressive(tiny_target, prompt, GREEDY).tokens
         assert decoder.generate(prompt, GREEDY, drafter=d).tokens == want
-    assert decoder.model.costs.measured  # the loop's passes reached the curve the drafter reads
+    assert decoder.gamma_policy.costs.measured  # the loop's passes reached the curve the drafter reads
     sampled = SamplingParams(max_tokens=16, temperature=0.8, seed=2, ignore_eos=True)
     runs = [decoder.generate(PROMPTS[2], sampled, drafter=OuroborosDrafter(tiny_draft, costs=CPU)).tokens
             for _ in range(2)]

@@ -90,7 +90,7 @@ def test_speculation_in_float32_equals_the_target_alone(pair: tuple[LoadedModel,
     model = copy.deepcopy(target.model)
     exact.disable(model)
     wide = LoadedModel(target.name, model.float(), target.tokenizer, target.fingerprint)
-    assert exact.of(wide.model) is None and wide.dtype == torch.float32
+    assert exact.passes_of(wide.model) is None and wide.dtype == torch.float32
     params = SamplingParams(max_tokens=12)
     prompt = chat_prompt(target.tokenizer, [{"role": "user", "content": QUESTIONS[0]}])
     want = generate_autoregressive(wide, prompt, params).tokens

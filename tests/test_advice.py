@@ -1,4 +1,4 @@
-"""Load-aware speculation: the cloud's model of its streams and the advice it gives (`tandem.load`)."""
+"""Load-aware speculation: the cloud's model of its streams and the advice it gives (`tandem.advice`)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import pytest
 
 from cloud_server.settings import ServerSettings
 from cloud_server.worker import ModelWorker
+from tandem.advice import STREAM_GAP_S, LoadPolicy, StreamLoad, predict
 from tandem.blocks import DraftBlock, EdgeReport, VerifyResult
 from tandem.costs import CostCurve, Ewma
-from tandem.load import STREAM_GAP_S, LoadPolicy, StreamLoad, predict
 from tandem.messages import OpenRequest, SessionInfo, SessionVerdict
 from tandem.models import LoadedModel
 from tandem.sampling import SamplingParams
