@@ -21,18 +21,10 @@ from tandem_tools.train.data import list_corpus, read_texts
 
 OUT = Path(__file__).parent / "traces" / "code-completion.jsonl"
 MIN_LINES, MAX_LINES = 10, 40
-MAX_CHARS = 1600  # keeps prompt + completion well inside the demo models' context
+MAX_CHARS = 1600  # keeps prompt + completion well inside the test pair's context
 MAX_LINE_CHARS = 120
 PER_FILE = 4
 MIN_TOKENS, MAX_TOKENS = 64, 256
-
-
-def window_length(k: int) -> int:
-    return MIN_LINES + (k * 13) % (MAX_LINES - MIN_LINES + 1)
-
-
-def max_tokens_for(i: int) -> int:
-    return MIN_TOKENS + (i * 71) % (MAX_TOKENS - MIN_TOKENS + 1)
 
 
 def usable(lines: list[str]) -> bool:
@@ -53,7 +45,7 @@ def cut_file(path: str, text: str, per_file: int) -> list[tuple[str, str]]:
     out: list[tuple[str, str]] = []
     for k in range(per_file):
         start = len(lines) * k // per_file
-        n = window_length(k + len(path))
+        n = MIN_LINES + ((k + len(path)) * 13) % (MAX_LINES - MIN_LINES + 1)  # window lengths vary
         # slide forward a little until the window is usable, staying inside this file's k-th stretch
         for s in range(start, min(start + 40, len(lines) - n)):
             window = lines[s : s + n]
@@ -99,7 +91,8 @@ def make_trace(n: int, packages: list[str] | None = None) -> list[dict[str, obje
     for w in windows:
         by_file.setdefault(w[1].rsplit(":", 1)[0], []).append(w)
     ordered = [ws[k] for k in range(PER_FILE) for ws in by_file.values() if k < len(ws)]
-    return [{"prompt": p, "max_tokens": max_tokens_for(i), "source": src} for i, (p, src) in enumerate(ordered[:n])]
+    return [{"prompt": p, "max_tokens": MIN_TOKENS + (i * 71) % (MAX_TOKENS - MIN_TOKENS + 1), "source": src}
+            for i, (p, src) in enumerate(ordered[:n])]
 
 
 def main() -> None:

@@ -32,18 +32,6 @@ from tandem_protocol.metrics import Metrics
 
 T = TypeVar("T")
 
-def _same(rows: torch.Tensor) -> torch.Tensor:
-    return rows
-
-
-def _timed(job: _Job, prepared: PreparedBlock) -> torch.Tensor:
-    """A block's own (tree) forward pass, its time kept on the job."""
-    t0 = time.perf_counter()
-    logits = job.core.forward(prepared)
-    job.pass_s = time.perf_counter() - t0
-    return logits
-
-
 @dataclass(eq=False)  # compared by identity: a block's q tensors have no truth value
 class _Job:
     """One block (or completion step) waiting for the model thread."""
@@ -187,7 +175,14 @@ class Batcher:
                 job.future.set_result(prepared)
             elif prepared.tree is not None:  # candidates need their own tree mask: verified alone
                 self.metrics.batch_size.observe(1)
-                self._finish(job, prepared, functools.partial(_timed, job, prepared))
+                passes, t0 = job.core.passes, time.perf_counter()
+                try:
+                    tree_logits = job.core.forward(prepared)
+                except BaseException as e:
+                    job.future.set_exception(e)
+                    continue
+                job.pass_s = time.perf_counter() - t0
+                self._finish(job, prepared, tree_logits, passes)
                 self._observe(len(prepared.tokens) + 1, job.pass_s)
             else:
                 ready.append((job, prepared))
@@ -206,17 +201,17 @@ class Batcher:
         for job, _ in ready:
             job.pass_s = seconds
         for (job, prepared), rows in zip(ready, logits, strict=True):
-            self._finish(job, prepared, functools.partial(_same, rows))
+            self._finish(job, prepared, rows, job.core.passes)
 
     def _observe(self, positions: int, seconds: float) -> None:
         self.metrics.batch_positions.observe(positions)
         if self._on_pass is not None:
             self._on_pass(positions, seconds)
 
-    def _finish(self, job: _Job, prepared: PreparedBlock, logits: Callable[[], torch.Tensor]) -> None:
-        passes = job.core.passes
+    def _finish(self, job: _Job, prepared: PreparedBlock, logits: torch.Tensor, passes: int) -> None:
+        """`passes`: the session's count before its pass (a tree's own forward may have prefilled)."""
         try:
-            job.future.set_result(job.core.finish(prepared, logits()))
+            job.future.set_result(job.core.finish(prepared, logits))
         except BaseException as e:
             job.future.set_exception(e)
         finally:

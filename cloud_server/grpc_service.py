@@ -122,9 +122,8 @@ class VerifierServicer(pb_grpc.VerifierServicer):
         try:
             step = 0
             async for result in gen:
-                yield pb.Verdict(seq=step, next_token=result.next_token, tokens=result.tokens, kind=pb.TOKEN_KIND_BONUS,
-                                 finish_reason=wire.finish_to_pb(result.finish_reason), generated=gen.tokens,
-                                 logprobs=wire.logprobs_to_pb(result.logprobs))
+                yield pb.Verdict(seq=step, tokens=result.tokens, finish_reason=wire.finish_to_pb(result.finish_reason),
+                                 generated=gen.tokens, logprobs=wire.logprobs_to_pb(result.logprobs))
                 step += 1
         except asyncio.CancelledError:  # the client went away: close() frees the slot and the model's session
             self.worker.metrics.disconnects.labels(route="grpc Generate").inc()

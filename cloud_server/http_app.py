@@ -33,12 +33,7 @@ def get_worker(request: Request) -> ModelWorker:
     return request.app.state.worker
 
 
-def get_settings(request: Request) -> ServerSettings:
-    return request.app.state.settings
-
-
 WorkerDep = Annotated[ModelWorker, Depends(get_worker)]
-SettingsDep = Annotated[ServerSettings, Depends(get_settings)]
 
 
 async def known_session(session_id: str, worker: WorkerDep) -> None:

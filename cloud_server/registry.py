@@ -14,8 +14,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from tandem.blocks import VerifyResult
 from tandem.errors import CapacityError, SessionConflictError, SessionNotFoundError
-from tandem.messages import SessionVerdict
 from tandem.session import TargetSession
 from tandem_protocol.metrics import Metrics
 
@@ -32,7 +32,7 @@ class Session:
     last_used: float
     core: TargetSession | None = None  # None while prefilling
     next_seq: int = 0
-    last: SessionVerdict | None = None
+    last: VerifyResult | None = None
     busy: bool = True
     turn: asyncio.Condition = field(default_factory=asyncio.Condition)  # notified when next_seq moves or on close
     closed: bool = False

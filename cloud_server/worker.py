@@ -30,7 +30,7 @@ from tandem.advice import LoadPolicy, StreamLoad
 from tandem.blocks import DraftBlock, EdgeReport, VerifyResult
 from tandem.costs import CostCurve
 from tandem.errors import ContextOverflowError, InvalidRequestError, SessionConflictError, TokenizerMismatchError
-from tandem.messages import OpenRequest, SessionInfo, SessionVerdict
+from tandem.messages import OpenRequest, SessionInfo
 from tandem.models import LoadedModel
 from tandem.pass_timing import pass_times
 from tandem.sampling import SamplingParams
@@ -202,7 +202,7 @@ class ModelWorker:
 
     async def verify(
         self, session_id: str, seq: int, block: DraftBlock, base_len: int | None = None, key: str = ""
-    ) -> SessionVerdict:
+    ) -> VerifyResult:
         arrived = time.monotonic()
         entry = self.sessions.get(session_id)
         if seq == entry.next_seq + 1:  # sent ahead (pipelined, maybe on another connection): wait for its turn
@@ -246,7 +246,8 @@ class ModelWorker:
                 self.policy.round_overhead.update(max(0.0, elapsed - queued_s - pass_s))
             advice = None if result.stale else self._advise(session_id, block, skipped, result, arrived)
             entry.next_seq += 1
-            entry.last = SessionVerdict(seq, result, core.generated, elapsed * 1e3, queued_s * 1e3, advice)
+            entry.last = dataclasses.replace(result, seq=seq, generated=core.generated, server_ms=elapsed * 1e3,
+                                             queue_ms=queued_s * 1e3, advice=advice)
             async with entry.turn:
                 entry.turn.notify_all()
             return entry.last

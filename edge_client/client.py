@@ -1,29 +1,22 @@
 """The edge client: the core's speculative loop, its draft model here, its verifier the cloud over the wire.
 
-`EdgeClient.generate` is one request (modes spec, cloud, edge, auto; pipelining, Ouroboros drafting, adaptive
+`edge_decoder(...).generate` is one request (modes spec, cloud, edge, auto; pipelining, Ouroboros drafting, adaptive
 gamma, resume and fallback are the loop's: `tandem.speculate`). This module only says how to reach the cloud.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 from edge_client.remote import GrpcVerifier, HttpVerifier
 from edge_client.settings import EdgeSettings
-from tandem.messages import Verifier
 from tandem.models import LoadedModel
 from tandem.speculate import SpeculativeDecoder
 
 
-class EdgeClient(SpeculativeDecoder):
-    """One edge: a draft model and the cloud (`connect` overrides how to reach it, e.g. for tests)."""
-
-    settings: EdgeSettings
-
-    def __init__(self, settings: EdgeSettings, draft: LoadedModel,
-                 connect: Callable[[], Verifier] | None = None) -> None:
-        super().__init__(settings, draft, connect or (lambda: make_verifier(settings, draft)))
+def edge_decoder(settings: EdgeSettings, draft: LoadedModel) -> SpeculativeDecoder:
+    """One edge: the core's loop with this draft model, a fresh verifier of the cloud for each attempt."""
+    return SpeculativeDecoder(settings, draft, lambda: make_verifier(settings, draft))
 
 
 def make_verifier(settings: EdgeSettings, draft: LoadedModel) -> GrpcVerifier | HttpVerifier:

@@ -26,7 +26,6 @@ from tandem.config import Mode
 from tandem.errors import InvalidRequestError
 from tandem.models import LoadedModel
 from tandem.sampling import SamplingParams
-from tandem.session import validate_prompt
 from tandem_protocol.openai_api.limits import Ticket
 from tandem_protocol.openai_api.middleware import install_error_handling
 from tandem_protocol.openai_api.openapi import Limits, install_openapi
@@ -78,7 +77,6 @@ class EdgeOpenAI:
         if choices[0].max_tokens > s.max_tokens_limit:
             raise InvalidRequestError(f"max_tokens is {choices[0].max_tokens}; this endpoint allows at most "
                                       f"{s.max_tokens_limit}")
-        validate_prompt(ids, draft.vocab_size, draft.context_length)
         return choices
 
     async def start(self, ids: list[int], params: SamplingParams, ticket: Ticket,

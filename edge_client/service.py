@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from edge_client.client import EdgeClient, make_verifier
+from edge_client.client import make_verifier
 from edge_client.remote import GrpcVerifier, HttpVerifier
 from edge_client.settings import EdgeSettings
 from tandem.blocks import TokenLogprob
@@ -20,7 +20,7 @@ from tandem.config import Gamma, Mode
 from tandem.messages import Step
 from tandem.models import LoadedModel
 from tandem.sampling import SamplingParams
-from tandem.speculate import Cancelled
+from tandem.speculate import Cancelled, SpeculativeDecoder
 from tandem.stats import GenerationResult, GenerationStats
 from tandem_protocol.metrics import Metrics
 from tandem_protocol.openai_api.figures import edge_metrics
@@ -33,7 +33,7 @@ class EdgeService:
     def __init__(self, settings: EdgeSettings, draft: LoadedModel) -> None:
         self.settings = settings
         self.draft = draft
-        self.client = EdgeClient(settings, draft, self._connect)
+        self.client = SpeculativeDecoder(settings, draft, self._connect)
         self.metrics = Metrics()
         s = settings
         self.gate = Gate(self.metrics, s.max_concurrent_requests, s.max_requests_per_key, s.max_queue,

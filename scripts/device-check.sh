@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The device check, for a machine with a CUDA GPU and no network, in under 10 minutes: the in-process equality tests
 # (CUDA ones included), then `python -m tandem_tools.device_check` (speed figures: random-weight 1B target and 72M
-# draft built from tandem/configs, the shipped code pair) into $OUT (default device-check-out): results.json,
+# draft built from tandem/configs, the test pair) into $OUT (default device-check-out): results.json,
 # summary.md and the logs. Extra arguments go to device_check (e.g. --quick, --no-compile, --dtypes bfloat16).
 #
 # Nothing is downloaded. Python packages the core needs that the machine lacks can come as wheels in $TANDEM_WHEELS
@@ -75,11 +75,11 @@ check_rc=0
 timeout $((left - 5)) "$PY" -m tandem_tools.device_check --out "$OUT" --budget-s "$budget" "$@" 2>&1 \
   | tee "$OUT/device-check.log" || check_rc=$?
 # capacity with the cloud on the GPU: cloud-only, fixed-gamma and load-aware speculation at 1 and 8 clients, the
-# code pair, replay edges (the draft's recorded proposals and pace: the edges cost the GPU machine nothing)
+# test pair, replay edges (the draft's recorded proposals and pace: the edges cost the GPU machine nothing)
 left=$((LIMIT_S - SECONDS))
 if ((left > 150)) && "$PY" -c "import cloud_server.main, edge_client.client, matplotlib" 2>/dev/null; then
   TANDEM_DEVICE=cuda timeout $((left - 10)) "$PY" -m tandem_tools.cli bench capacity --clients 1,8 \
-    --target demo-target --draft demo-draft --max-tokens 48 --requests 1 --out "$OUT/capacity" 2>&1 \
+    --target test-target --draft test-draft --max-tokens 48 --requests 1 --out "$OUT/capacity" 2>&1 \
     | tee "$OUT/capacity.log" || echo "device-check: the capacity run did not finish (see $OUT/capacity.log)"
 else
   echo "device-check: capacity run skipped ($left s left, or the server stack does not import here)"

@@ -1,23 +1,17 @@
-"""Choosing the draft length from live measurements.
+"""Choosing the draft length from live measurements (adaptive gamma).
 
-A round drafts gamma tokens (gamma draft steps of `draft_s` each), sends them (a round trip `rtt_s`) and has the
-target verify gamma + 1 positions in one pass (`verify_time(gamma + 1)`, read from `costs`: a `tandem.costs.CostCurve`
-of what the server reports per position count, not a line: a pass's cost is not linear in its positions). It
-emits E(gamma) = 1 + a_0 + a_0 a_1 + ... + a_0...a_{gamma-1} tokens, a_i being the chance that position i is accepted
-once reached (an EWMA per position; with one alpha everywhere this is (1 - alpha^(gamma+1)) / (1 - alpha)).
-
-Synchronous rounds cost sync = gamma * draft_s + rtt_s + verify_time(gamma + 1). Pipelined rounds (one block sent
-ahead) cost max(verify_time(gamma + 1), sync / 2) while blocks keep being accepted whole; a rejection flushes the
-pipeline and that round costs a synchronous one.
-
-The cloud alone streams a token per target step: `cloud_rate()` = 1 / verify_time(1); its round trip is paid once.
+A round of gamma drafted tokens emits E(gamma) = 1 + a_0 + a_0 a_1 + ... tokens (a_i: the chance position i is
+accepted once reached). Synchronous rounds cost gamma * draft_s + rtt_s + verify_time(gamma + 1) (`costs`, a
+`tandem.costs.CostCurve`); pipelined rounds cost max(verify_time(gamma + 1), sync / 2) while blocks are accepted
+whole, a synchronous round after a rejection. The cloud alone streams a token per target step: `cloud_rate()`.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
-from tandem.costs import CostCurve, Ewma
+from tandem.costs import Acceptance, CostCurve, Ewma
 
 
 @dataclass
@@ -29,17 +23,17 @@ class AdaptiveGamma:
     # the target's pass time by positions; pass `CostCurve(prior)` to start from a curve measured at start-up, and
     # share it with an `OuroborosDrafter(costs=...)` so that both learn from the same passes
     costs: CostCurve = field(default_factory=CostCurve)
-    acceptance: list[Ewma] = field(default_factory=list)
+    acceptance: Acceptance = field(init=False)  # per position; deeper than any measured: the deepest (or the prior)
     chosen: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.acceptance = Acceptance(self.prior_acceptance, weight=0.3)
 
     # --- measurements
 
     def observe_round(self, drafted: int, accepted: int) -> None:
         """A verified block: positions 0..accepted-1 accepted, position `accepted` rejected (if it was drafted)."""
-        for i in range(min(accepted + 1, drafted)):
-            while len(self.acceptance) <= i:
-                self.acceptance.append(Ewma(self.prior_acceptance))
-            self.acceptance[i].update(1.0 if i < accepted else 0.0)
+        self.acceptance.observe(drafted, accepted)
 
     def observe_draft_step(self, seconds: float) -> None:
         self.draft_s.update(seconds)
@@ -53,26 +47,12 @@ class AdaptiveGamma:
 
     # --- the model
 
-    def alpha(self, i: int) -> float:
-        return self.acceptance[i].value if i < len(self.acceptance) else self._tail()
-
-    def _tail(self) -> float:
-        # positions never reached yet: as good as the deepest one measured (or the prior)
-        return self.acceptance[-1].value if self.acceptance else self.prior_acceptance
-
     def expected_tokens(self, gamma: int) -> float:
         """E(gamma): tokens a round emits (accepted + the one the target adds)."""
-        total, reach = 1.0, 1.0
-        for i in range(gamma):
-            reach *= self.alpha(i)
-            total += reach
-        return total
+        return sum(self.acceptance.gains(gamma), 1.0)
 
     def p_all(self, gamma: int) -> float:
-        p = 1.0
-        for i in range(gamma):
-            p *= self.alpha(i)
-        return p
+        return math.prod(self.acceptance(i) for i in range(gamma))
 
     def verify_time(self, positions: int) -> float:
         return self.costs.time(positions)

@@ -1,30 +1,14 @@
-"""Load-aware speculation: the block length the cloud advises each stream, decided with its load and the network in
-view.
-
-The cloud sees every stream it serves: speculative sessions (acceptance per position, the edge's draft time per token
-and round trip, whether it pipelines, its own upper bound on the block) and cloud-only streams (a token per pass). It
-knows what a batched pass costs by the positions it feeds, C(P): its shape measured at start-up on a quiet machine (a
-`tandem.costs.CostCurve`), its level rescaled by every live pass (one factor: single live passes are too noisy, and a
-noisy point would raise the whole curve beyond it). From these a small queueing model predicts, for any choice of block
-lengths, each stream's time per output token and the aggregate tokens per second (`predict`). A stream's advice
-(`LoadPolicy.advise`) is the block length (0: continue as a cloud-only stream) that maximises the predicted aggregate,
-the others held at what they do, among those that keep its own time per token no worse than a cloud-only stream would
-get with every stream cloud-only, C(N).
-
-The model, per stream i with block g_i (0: a cloud stream), p_i = g_i + 1 positions and E_i tokens a round:
-- edge part e_i = g_i d_i + rtt_i (a cloud stream: none); pipelined, only the share of rounds that miss (the next
-  block was drafted on a guess that failed) pays it;
-- round T_i = e_i + w_i + tau: a block arriving while other streams keep the cloud busy (probability rho_-i) waits
-  half a pass w_i = rho_-i tau / 2 (a cloud stream re-queues as its pass ends: no wait);
-- the cloud is idle only while every stream is at its edge: rho = 1 - prod_i (e_i / T_i); it starts rho / tau passes
-  a second, so stream i is in a share x_i = min(1, tau / (rho T_i)) of them, and a pass feeds P = sum_i p_i x_i
-  positions: tau = C(P), solved by fixed-point iteration.
-Aggregate tokens per second: sum_i E_i / T_i. With one stream it is the edge's own rule (`tandem.adaptive`): its
-rate E(g) / (g d + rtt + C(g + 1)) against the cloud's 1 / C(1). On a compute-bound target (C grows with every
-position) a crowded cloud gains more from a token per position than from blocks that fill a part of theirs, so
-advice falls to 0 as load grows; on a bandwidth-bound one (C flat) blocks stay.
-
-Pure numpy over the streams; no model, no transport.
+"""Load-aware speculation: the block length the cloud advises each stream, its load and the network in view
+(docs/capacity.md). A small queueing model (`predict`) gives, for any choice of block lengths, each stream's time per
+output token and the aggregate tokens per second; `LoadPolicy.advise` picks a stream's block (0: continue as a
+cloud-only stream). The model, per stream i with block g_i (0: a cloud stream), p_i = g_i + 1 positions and E_i tokens
+a round:
+- edge part e_i = g_i d_i + rtt_i (a cloud stream: none); pipelined, only the rounds whose block sent ahead missed;
+- round T_i = e_i + w_i + tau, w_i = rho_-i tau / 2: half a pass, while other streams keep the cloud busy (a cloud
+  stream re-queues as its pass ends: no wait);
+- the cloud's busy share rho = 1 - prod_i (e_i / T_i); stream i is in a share x_i = min(1, tau / (rho T_i)) of the
+  passes, a pass feeds P = sum_i p_i x_i positions, and tau = C(P), solved by fixed-point iteration.
+Aggregate tokens per second: sum_i E_i / T_i. Pure numpy; no model, no transport.
 """
 
 from __future__ import annotations

@@ -1,11 +1,8 @@
 """One forward pass over several sequences' separate KV caches: batched verification across sessions.
 
 `forward_batch(states, extras)` returns what `[s.forward(x) for s, x in zip(states, extras)]` returns and leaves each
-cache as that solo pass would, up to floating-point summation order. The layout is packed, not padded: every row's
-fed tokens go side by side in one sequence [1, T] (T = the sum of the feeds) through the model's linear layers, each
-at its own positions; in attention, each row's queries attend to its own cache only, extended by its new keys and
-values (`_PackedCache` appends them to the row's own `SequenceState` cache, as a solo pass does). No padding, no
-copy of any cache into a batch, and rollback stays each state's one crop.
+cache as that solo pass would: the rows' feeds packed side by side, each attending to its own cache only
+(docs/capacity.md). No padding, no copy of any cache, and rollback stays each state's one crop.
 """
 
 from __future__ import annotations
@@ -19,8 +16,7 @@ from transformers import AttentionInterface, DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from tandem import exact
-from tandem.errors import CacheRollbackError
-from tandem.kv import SequenceState
+from tandem.kv import SequenceState, pending_tail
 from tandem.models import State
 
 _ATTENTION = "tandem_packed"
@@ -30,12 +26,9 @@ _current = threading.local()  # the packed cache of the pass running on this thr
 
 
 def forward_batch(states: list[State], extras: list[list[int]]) -> list[torch.Tensor]:
-    """`[s.forward(extra) for s, extra in zip(states, extras)]` in one model call: the same logits, the same caches.
-
-    The states share one model. The pass switches the model's attention implementation while it runs; a plain,
-    unpadded forward of the same model on another thread meanwhile still gets causal attention over its own keys.
-    Returns per state [1 + len(extra), V] float32 logits.
-    """
+    """`[s.forward(extra) for s, extra in zip(states, extras)]` in one model call (per state [1 + len(extra), V]
+    float32 logits). The states share one model, whose attention implementation the pass switches while it runs; a
+    plain, unpadded forward of the same model on another thread meanwhile still gets causal attention."""
     if len(states) != len(extras):
         raise ValueError(f"{len(states)} states but {len(extras)} blocks")
     if len({id(s) for s in states}) != len(states):
@@ -47,10 +40,7 @@ def forward_batch(states: list[State], extras: list[list[int]]) -> list[torch.Te
     feeds: list[list[int]] = []
     skips: list[int] = []  # rows of each feed before the one predicting the token after `tokens`
     for s, extra in zip(states_, extras, strict=True):
-        if s.cached > len(s.tokens):
-            raise CacheRollbackError("the cache runs past the committed tokens: commit or roll back first")
-        if s.cached == len(s.tokens):
-            s.rollback(s.cached - 1)  # as in `forward`: re-feed the last committed token for its logits
+        pending_tail(s)  # as in `forward`: the last committed token fed again when everything is cached
         if s.exact is not None:
             s.catch_up()  # exact passes: a longer tail (a candidate's tokens) goes in first, as solo passes do
         pending = s.tokens[s.cached :]

@@ -12,8 +12,6 @@ from typing import Literal
 
 import torch
 
-from tandem.verify import TokenKind
-
 FinishReason = Literal["stop", "length"]
 
 
@@ -29,7 +27,8 @@ class Candidate:
 @dataclass
 class DraftBlock:
     tokens: list[int]  # the main path: the draft model's tokens, maybe lengthened from a phrase pool
-    q_full: torch.Tensor | None = None  # [gamma, V]
+    # under sampling, the distribution q each token was drawn from, as its top-k support (a full q: k = V); None:
+    # a point mass at each token
     q_ids: torch.Tensor | None = None  # [gamma, k] int64
     q_probs: torch.Tensor | None = None  # [gamma, k]
     candidates: list[Candidate] = field(default_factory=list)
@@ -62,10 +61,11 @@ class TokenLogprob:
 
 @dataclass(frozen=True)
 class VerifyResult:
+    """The target's answer to one block: the session's own (`TargetSession.verify`), what goes on the wire, and
+    what the edge's loop reads; the server adds the fields after `logprobs`."""
+
     num_accepted: int
-    next_token: int
-    kind: TokenKind
-    tokens: list[int]  # emitted this round: accepted draft tokens + next token, cut at a stop token or max_tokens
+    tokens: list[int]  # emitted this round: accepted draft tokens + the target's next token, cut at a stop or length
     finish_reason: FinishReason | None
     target_tokens: list[int]  # the target's argmax from the first rejected position to the end of the block
     stale: bool = False  # a block sent ahead that no longer applies: nothing verified, nothing changed
@@ -73,6 +73,11 @@ class VerifyResult:
     # per candidate of the block as sent: the target's argmax after each of its tokens ([] for one not verified)
     candidate_target_tokens: list[list[int]] = field(default_factory=list)
     logprobs: list[TokenLogprob] | None = None  # one per emitted token, when the session asked for them
+    seq: int = 0  # the block's number in its session
+    generated: int = 0  # tokens emitted in the session so far
+    server_ms: float = 0.0  # the verifier's own time on the block; the rest of the wait is the network
+    queue_ms: float = 0.0  # of server_ms: waiting for the model (batching); the rest is the verification itself
+    advice: int | None = None  # the block length the cloud advises next (0: continue as its stream); None: no advice
 
     def emitted_origins(self, block: DraftBlock, skipped: int = 0) -> str:
         """Per emitted token, where it came from: d, a draft-model token the target accepted; p, a pool phrase's or a
@@ -116,7 +121,7 @@ def slice_block(block: DraftBlock, start: int, end: int, room: int | None = None
         if room is not None:
             keep = keep[: max(0, room - parent - 1)]
         cands.append(Candidate(parent if keep else -1, list(keep)))
-    return DraftBlock(block.tokens[start:end], cut(block.q_full), cut(block.q_ids), cut(block.q_probs), cands)
+    return DraftBlock(block.tokens[start:end], cut(block.q_ids), cut(block.q_probs), cands)
 
 
 def cut_at_finish(

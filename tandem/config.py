@@ -13,9 +13,10 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 # (`requirements-models.txt`), assembled and converted once
 DEFAULT_TARGET = "qwen2.5-coder-1.5b-instruct"
 DEFAULT_DRAFT = "qwen2.5-coder-0.5b-instruct"
-# the standard-library code pair trained for the tests and code benchmarks (small, fast, no chat template)
-DEMO_TARGET = "demo-target"
-DEMO_DRAFT = "demo-draft"
+# the test pair: small code models trained on the standard library for the tests and code benchmarks (fast, no chat
+# template); its weights live in a source checkout (tests/fixtures/test_pair), not in the package
+TEST_TARGET = "test-target"
+TEST_DRAFT = "test-draft"
 
 
 def _parse_gamma(v: object) -> object:

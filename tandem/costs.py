@@ -1,13 +1,8 @@
-"""What a target pass costs, and which block shape is worth it.
+"""What a target pass costs, and which block shape is worth it (pure Python: no model, no torch).
 
-- `CostCurve`: the seconds of one target pass over n positions, measured: an EWMA per n, read between and beyond
-  the measured n's (see `CostCurve.time`). A pass's cost is far from linear in n (a CPU: ~1.0, 1.15, 1.23, 1.67 steps
-  for 1..4 positions; a GPU: ~1 step up to 16 and more), so blocks are sized by this curve, not by a fitted line.
-- `Acceptance`: per position of a chain of drafted tokens, the chance it is accepted once reached (EWMA).
-- `keep_nodes`: given what each optional node of a block is expected to add (accepted tokens) and the curve, how many
-  nodes of each chain to keep so that the block's expected tokens per second is the highest.
-
-Pure Python: no model, no torch.
+`CostCurve`: the seconds of one target pass over n positions, measured (far from linear in n: blocks are sized by it,
+not by a fitted line); `Acceptance`: per position of a drafted chain, the chance it is accepted once reached;
+`keep_nodes`: how many optional nodes of each chain a block keeps for the most expected tokens per second.
 """
 
 from __future__ import annotations
@@ -56,19 +51,11 @@ def _grow(table: list[float], n: int, raw: Callable[[int], float]) -> float:
 
 
 class CostCurve:
-    """Seconds of one target pass over n positions (n >= 1).
-
-    Measured points are an EWMA per n. `time(n)` is, before it is made non-decreasing in n (a running maximum, so
-    that a longer pass never looks cheaper than a shorter one):
-    - nothing measured: the prior (default: `DEFAULT_STEP_S` flat);
-    - no prior given: linear between measured neighbours, the smallest measured value below them, the last measured
-      segment's slope beyond them;
-    - a prior given (e.g. measured at start-up): the prior's shape, scaled to the measurements: prior(n) times the
-      ratio measured / prior, that ratio linear between measured neighbours and held beyond them. The live passes
-      may include overheads or load the start-up ones did not; the prior still knows where the cost jumps.
-
-    A prior's own points are read the no-prior way (linear between them, the last slope beyond).
-    """
+    """Seconds of one target pass over n positions (n >= 1), an EWMA per measured n. `time(n)`, made non-decreasing
+    in n: nothing measured, the prior (default: `DEFAULT_STEP_S` flat; a prior's points are read linearly between,
+    the last slope beyond); no prior, the measurements read that way; else the prior's shape scaled to the
+    measurements (the ratio measured / prior linear between measured n's, held beyond): live passes may carry
+    overheads the start-up ones did not, but the prior still knows where the cost jumps."""
 
     def __init__(self, prior: Mapping[int, float] | None = None, weight: float = 0.3) -> None:
         if prior is not None and (not prior or min(prior) < 1 or min(prior.values()) <= 0):
@@ -102,10 +89,6 @@ class CostCurve:
 
     def time(self, n: int) -> float:
         return _grow(self._table, max(1, n), self._raw)
-
-    def marginal(self, n: int) -> float:
-        """What one more position costs a pass over n: time(n + 1) - time(n) (>= 0)."""
-        return self.time(n + 1) - self.time(n)
 
     def as_dict(self, max_n: int) -> dict[int, float]:
         """time(n) for n = 1..max_n: to log, or to hand another curve as its prior."""

@@ -19,8 +19,8 @@ from tandem.models import LoadedModel
 from tandem.sampling import SamplingParams, logits_to_probs, make_generator, sample
 from tandem.shaping import Shaper
 
-QForm = Literal["full", "sparse", "none"]
-DraftRow = tuple[torch.Tensor, torch.Tensor] | torch.Tensor | None  # sparse (ids [k], probs [k]) | full q [V] | none
+QForm = Literal["sparse", "none"]  # q sent as its top-k support (k = V: all of it), or not (point masses)
+DraftRow = tuple[torch.Tensor, torch.Tensor] | None  # (ids [k], probs [k]) | none
 
 
 class Drafter(Protocol):
@@ -55,23 +55,20 @@ def draw_draft_token(
     if params.greedy:
         return int(logits.argmax()), None
     q = logits_to_probs(logits, params)  # [V]
-    if q_form == "sparse":
-        top = torch.topk(q, min(q_top_k, q.shape[-1]))
-        probs = top.values / top.values.sum()  # the truncated q the draft really samples from
-        return int(top.indices[sample(probs, generator)]), (top.indices, probs)
-    return sample(q, generator), (q if q_form == "full" else None)
+    if q_form == "none":
+        return sample(q, generator), None
+    top = torch.topk(q, min(q_top_k, q.shape[-1]))
+    probs = top.values / top.values.sum()  # the truncated q the draft really samples from
+    return int(top.indices[sample(probs, generator)]), (top.indices, probs)
 
 
 def draft_block(tokens: list[int], rows: list[DraftRow]) -> DraftBlock:
     """The block as it goes on the wire: q rows on the CPU, wherever the draft ran."""
-    first = rows[0] if rows else None
-    if first is None:
+    pairs = [r for r in rows if r is not None]
+    if not pairs:
         return DraftBlock(tokens)
-    if isinstance(first, tuple):
-        pairs = [r for r in rows if isinstance(r, tuple)]
-        return DraftBlock(tokens, q_ids=torch.stack([r[0] for r in pairs]).cpu(),
-                          q_probs=torch.stack([r[1] for r in pairs]).cpu())
-    return DraftBlock(tokens, q_full=torch.stack([r for r in rows if isinstance(r, torch.Tensor)]).cpu())
+    return DraftBlock(tokens, q_ids=torch.stack([r[0] for r in pairs]).cpu(),
+                      q_probs=torch.stack([r[1] for r in pairs]).cpu())
 
 
 class ModelDrafter:
@@ -150,8 +147,6 @@ class ModelDrafter:
         if self.params.greedy or self.q_form == "none":
             return None
         v, dev = self.draft.vocab_size, self.state.device
-        if self.q_form == "full":
-            return torch.nn.functional.one_hot(torch.tensor(token, device=dev), v).float()
         k = min(self.q_top_k, v)
         ids = (token + torch.arange(k, device=dev)) % v  # [k] the token, then distinct ids at probability 0
         return ids, torch.nn.functional.one_hot(torch.tensor(0, device=dev), k).float()

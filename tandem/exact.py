@@ -1,17 +1,8 @@
 """Exact passes: a position's logits and keys independent of how many positions share its pass (batch invariance).
 
-In float32 the target's greedy output differs between pass shapes only at rare near-ties; in bfloat16 a position's
-logits move by up to ~0.2 between a 1-, 4- and 8-row pass, so speculative greedy output (blocks of 2-17 rows) drifts
-from the target alone's (1-row steps). Two things depend on the pass's shape on a CPU:
-- the matmuls: oneDNN and MKL take a matrix-vector path for a single row, which sums in another order. For two rows
-  and more a row's result is the same whatever the other rows hold or how many there are. So no pass runs on fewer
-  than `min_rows` rows: a shorter feed is padded, and the padding's cache entries dropped (`tandem.kv`).
-- attention: SDPA blocks keys and queries by the pass's shape. `attend` computes each query's result from its own
-  values and the keys it sees alone (a tree node gathers its keys in order: those of the line it lies on).
-`probe` checks both on the machine at start-up, with the model's dtype and shapes. Where rows change with the pass's
-size, every pass is padded to one fixed shape and passes are not batched across sessions; where `attend` fails, each
-query goes through SDPA alone (slow, sure). A pass of more than `PREFILL_ROWS` rows is a prefill, the same in every
-mode, and runs as it always did.
+Below float32 a pass's shape moves its rows' logits (matmul paths for one row, SDPA's blocking), so speculative greedy
+output would drift from the target alone's. `probe` checks both at start-up; `attend` is the shape-independent
+attention. The why and the measurements: docs/exactness.md.
 """
 
 from __future__ import annotations

@@ -1,13 +1,6 @@
-"""The fast path: a Llama-family causal LM over a preallocated KV cache indexed by slot, compiled per block length.
-
-In the manner of gpt-fast. `FastLM` shares the weights of a loaded HF `LlamaForCausalLM` (or `Qwen2ForCausalLM`) and
-runs one pure function of (ids, positions, slots, mask, caches): the new keys and values are written at `slots` of
-the caller's cache tensors, every query attends to the slots its mask allows. No Python object grows during a pass,
-so `torch.compile` captures the whole step; the caller (`tandem.kv`) keeps the length, and a rollback is that length
-alone.
-
-Passes of 1..`max(BUCKETS)` positions are padded up to the next bucket and run compiled (one graph each, built at
-start-up by `FastLM.compile`); longer feeds (a prompt) run the same module eagerly. On a GPU the graphs are CUDA graphs.
+"""The fast path (in the manner of gpt-fast): a Llama-family causal LM as one pure function of (ids, positions, slots,
+mask, caches) over a preallocated KV cache indexed by slot, compiled per pass length (docs/fast-path.md). `FastLM`
+shares the weights of a loaded HF model; no Python object grows during a pass, so `torch.compile` captures the step.
 """
 
 from __future__ import annotations

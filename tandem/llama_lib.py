@@ -1,11 +1,7 @@
-"""llama.cpp's C library, declared here with ctypes: only the functions and structs the runtime (`tandem.llamacpp`)
-calls, loaded from the shared object of one pinned prebuilt wheel (`xllamacpp`, llama.cpp build b11549), found by its
-package path; nothing is compiled at install and no server is imported.
-
-The declarations are written against that build's `llama.h`, so `library()` checks before it hands them out: the
-wheel's exact version, the CPU features the build needs, libgomp, every symbol, and the struct layouts (the library's
-own default parameters read at the offsets declared here). Any failure is one `LlamaLibError` saying what is missing
-and what to install; `problem()` is that sentence, or '' where the library is usable.
+"""llama.cpp's C library, declared here with ctypes: only what the runtime (`tandem.llamacpp`) calls, loaded from the
+shared object of one pinned prebuilt wheel (`xllamacpp`, llama.cpp build b11549), found by its package path.
+`library()` checks the wheel's version, the CPU, libgomp, every symbol and the struct layouts first
+(docs/llama-cpp.md); any failure is one `LlamaLibError` saying what is missing and what to install.
 """
 
 from __future__ import annotations

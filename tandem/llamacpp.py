@@ -1,17 +1,7 @@
 """The llama.cpp runtime: a GGUF file executed as published (its quantised weights), through llama.cpp's C API
-(`tandem.llama_lib`: declared here, loaded from a prebuilt wheel).
-
-The core sees it as it sees a torch model (`tandem.kv.SequenceState`): a pass over positions with logits for the rows
-asked, and rollback to a position (one `llama_memory_seq_rm`). Each sequence owns a llama.cpp context (its KV cache)
-taken from its model's pool and handed back when the sequence is collected.
-
-Pass shapes: on a CPU, ggml picks its kernels by the pass's row count (a vector product per weight row for a few
-rows, tiled products in groups of 4 for more), and the last layer runs on the output rows alone; so a position's
-logits change in their last bits with the shape of the pass that computed them (measured on the Qwen pair: about
-half the rows of random splits, up to 0.6 in a logit). A target must not: its greedy output would then depend on
-how speculation cut the sequence. `settle_rows` pads every pass to at least 8 rows and a multiple of 4, with every
-row an output row, and `probe` checks at load that rows then come out of any split bit for bit as from one pass.
-A draft is not padded: q is whatever it computed.
+(`tandem.llama_lib`). The core sees it as a `tandem.kv.SequenceState`; each sequence owns a llama.cpp context (its KV
+cache) from its model's pool. A pass's row count changes ggml's kernels, and with them a row's last bits: a target's
+passes are padded (`settle_rows`, probed at load; docs/llama-cpp.md); a draft's are not (q is what it computed).
 """
 
 from __future__ import annotations

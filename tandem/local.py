@@ -6,6 +6,7 @@ in-process runs and tests measure the code the edge ships.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import uuid
 from collections import deque
@@ -13,7 +14,7 @@ from collections.abc import Iterator
 
 from tandem.blocks import DraftBlock, EdgeReport, VerifyResult
 from tandem.errors import InvalidRequestError
-from tandem.messages import SessionInfo, SessionVerdict, Step
+from tandem.messages import SessionInfo, Step
 from tandem.models import LoadedModel
 from tandem.sampling import SamplingParams
 from tandem.session import TargetSession
@@ -38,15 +39,12 @@ class LocalSession:
         self._queue.append((self.seq, block, base_len))
         self.seq += 1
 
-    def recv(self) -> SessionVerdict:
+    def recv(self) -> VerifyResult:
         seq, block, base_len = self._queue.popleft()
         t0 = time.perf_counter()
         result = self.core.verify(block, base_len)
-        return SessionVerdict(seq, result, self.core.generated, (time.perf_counter() - t0) * 1e3)
-
-    def verify(self, block: DraftBlock) -> VerifyResult:
-        self.send(block)
-        return self.recv().result
+        return dataclasses.replace(result, seq=seq, generated=self.core.generated,
+                                   server_ms=(time.perf_counter() - t0) * 1e3)
 
     def continue_alone(self, context: list[int]) -> Iterator[Step]:
         if context != self.core.state.tokens:

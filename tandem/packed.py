@@ -1,6 +1,6 @@
-"""Weights shipped inside the package as int8 with one scale per row: half the bytes of bfloat16.
+"""Weights stored as int8 with one scale per row: half the bytes of bfloat16.
 
-A shipped model folder (the code pair's target) holds `weights.int8.safetensors` in place of its weights file. On
+A packed model folder (the test pair's target) holds `weights.int8.safetensors` in place of its weights file. On
 first use it is unpacked into the cache (`unpacked`) as the bfloat16 file its loader reads, next to copies of the
 folder's other files, and loaded from there like any folder. The int8 values are the model: each matrix of at least
 `MIN_NUMEL` weights is w[r, :] = q[r, :] * scale[r], rounded once to bfloat16; smaller tensors (norms, biases, ids)
@@ -67,7 +67,7 @@ def cache_dir() -> Path:
 
 
 def unpacked(folder: Path) -> Path:
-    """`folder` itself if it ships no packed weights; else its unpacked copy in the cache, made on first use
+    """`folder` itself if it holds no packed weights; else its unpacked copy in the cache, made on first use
     (atomically: a temp folder, then a rename)."""
     packed = folder / PACKED
     if not packed.is_file():

@@ -301,16 +301,13 @@ def lengthen(block: DraftBlock, main: list[int], vocab: int) -> DraftBlock:
     """The block with pool tokens appended; their q rows (under sampling) are point masses at the token."""
     extra = main[len(block.tokens) :]
     if not extra:
-        return DraftBlock(main, block.q_full, block.q_ids, block.q_probs)
+        return DraftBlock(main, block.q_ids, block.q_probs)
     x = torch.tensor(extra, dtype=torch.long)  # [e]
-    q_full = q_ids = q_probs = None
-    if block.q_full is not None:
-        rows = torch.zeros(len(extra), vocab).scatter_(1, x[:, None], 1.0)  # [e, V]
-        q_full = torch.cat([block.q_full, rows])
+    q_ids = q_probs = None
     if block.q_ids is not None and block.q_probs is not None:
         k = block.q_ids.shape[-1]
         ids = (x[:, None] + torch.arange(k)[None]) % vocab  # [e, k] the token, then distinct ids at probability 0
         probs = torch.zeros(len(extra), k)
         probs[:, 0] = 1.0
         q_ids, q_probs = torch.cat([block.q_ids, ids]), torch.cat([block.q_probs, probs])
-    return DraftBlock(main, q_full, q_ids, q_probs)
+    return DraftBlock(main, q_ids, q_probs)

@@ -27,7 +27,7 @@ from tandem.models import LoadedModel
 from tandem.sampling import SamplingParams, logits_to_probs, make_generator
 from tandem.shaping import Shaper, line_paths, tree_paths
 from tandem.stats import GenerationResult, GenerationStats, OnTokens
-from tandem.verify import Verdict, dense_q, verify_greedy, verify_stochastic, verify_tree_greedy
+from tandem.verify import SparseQ, Verdict, checked_q, verify_greedy, verify_stochastic, verify_tree_greedy
 
 
 @dataclass(frozen=True)
@@ -46,7 +46,7 @@ class PreparedBlock:
 
     tokens: list[int]
     draft: torch.Tensor  # [gamma] int64
-    q: torch.Tensor | None  # [gamma, V]; None under greedy
+    q: SparseQ | None  # None: greedy, or a point mass at each drafted token
     tree: TreeLayout | None = None  # set: the forward pass is over a tree (`TargetSession.forward`), not a line
 
 
@@ -121,7 +121,7 @@ class TargetSession:
         if base_len is not None:
             current = None if self.finish_reason is not None else self.align(block, base_len)
             if current is None:
-                return VerifyResult(0, 0, "recovered", [], self.finish_reason, [], stale=True)
+                return VerifyResult(0, [], self.finish_reason, [], stale=True)
             block = current
         if self.finish_reason is not None:
             raise SessionConflictError(f"the session has finished ({self.finish_reason})")
@@ -137,7 +137,9 @@ class TargetSession:
         # near the context end: verify what fits, drop the rest
         block = slice_block(block, 0, min(len(block.tokens), room), room)
         draft_t = torch.tensor(block.tokens, dtype=torch.long)  # [gamma]
-        q = None if self.params.greedy else self._checked_q(draft_t, block).to(self.device)
+        q = None if self.params.greedy else checked_q(draft_t, self.target.vocab_size, block.q_ids, block.q_probs)
+        if q is not None:
+            q = SparseQ(q.ids.to(self.device), q.probs.to(self.device))
         # a llama.cpp target verifies lines: candidates are extra options, and the main line alone is a valid block
         tree = _tree(block) if block.candidates and self.target.backend == "torch" else None
         return PreparedBlock(block.tokens, draft_t.to(self.device), q, tree)
@@ -151,20 +153,12 @@ class TargetSession:
                                        tree_paths(prepared.tree.parents, prepared.tree.nodes))
             return self._finish_tree(prepared, prepared.tree, logits, raw)
         logits = self.shaper.shape(logits, self.state.tokens, self.output_start, line_paths(prepared.tokens))
-        if prepared.q is None:
+        if self.params.greedy:
             verdict = verify_greedy(prepared.draft, logits)
         else:
             verdict = verify_stochastic(prepared.draft, prepared.q, logits_to_probs(logits, self.params),
                                         self.generator)
         return self._commit(prepared.tokens, verdict, logits, raw)
-
-    def _checked_q(self, draft: torch.Tensor, block: DraftBlock) -> torch.Tensor:
-        """[gamma, V] q in dense form; raises InvalidRequestError for a q the draft cannot have sampled from."""
-        q = dense_q(draft, self.target.vocab_size, block.q_full, block.q_ids, block.q_probs)
-        if len(draft) and bool((q[torch.arange(len(draft)), draft] <= 0).any()):
-            raise InvalidRequestError("q gives zero probability to a drafted token: the draft cannot have sampled it")
-        # the draft's q went through its own copy of the sampling transformation; normalise away rounding
-        return q / q.sum(-1, keepdim=True)
 
     def _logprobs(self, raw: torch.Tensor, rows: list[int], tokens: list[int]) -> list[TokenLogprob] | None:
         """The target's log-probabilities of `tokens`, each from its row of the raw logits ([1 + nodes, V])."""
@@ -197,7 +191,7 @@ class TargetSession:
         self.finish_reason = finish
         rows = argmax.tolist()
         return VerifyResult(
-            len(tv.path), tv.next_token, tv.kind, emitted, finish, rows[on_main : gamma + 1], candidate=taken,
+            len(tv.path), emitted, finish, rows[on_main : gamma + 1], candidate=taken,
             candidate_target_tokens=[rows[start + 1 : start + 1 + n] for start, n in tree.spans],
             logprobs=self._logprobs(raw, [0, *(i + 1 for i in tv.path)], emitted),
         )
@@ -212,7 +206,7 @@ class TargetSession:
         self.state.commit(emitted, keep_cached=before + min(n, len(emitted)))
         self.finish_reason = finish
         target_tokens = logits[n:].argmax(-1).tolist()
-        return VerifyResult(n, verdict.next_token, verdict.kind, emitted, finish, target_tokens,
+        return VerifyResult(n, emitted, finish, target_tokens,
                             logprobs=self._logprobs(raw, list(range(n + 1)), emitted))
 
     def close(self) -> None:

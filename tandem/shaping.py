@@ -1,10 +1,6 @@
 """The part of the one sampling transformation that depends on the sequence: penalties, logit bias and the grammar
-mask. The target shapes its logits for p and the draft its logits for q with the same `Shaper` rules, each over
-its own rows, before `tandem.sampling.logits_to_probs`; greedy takes the argmax of the shaped logits.
-
-Rules (vLLM's and OpenAI's): presence and frequency penalties count the output tokens; the repetition penalty
-divides a positive logit (multiplies a negative one) of any token of the prompt or the output; `logit_bias` adds to
-a token's logit; the grammar leaves -inf on every token it does not allow next.
+mask, with the same `Shaper` rules for the target's p and the draft's q (vLLM's and OpenAI's; docs/api.md, "One
+transformation for p and q"), before `tandem.sampling.logits_to_probs`.
 """
 
 from __future__ import annotations

@@ -8,11 +8,7 @@ with a cloud that gives none the edge's own estimate that the cloud alone is fas
 cloud-only stream from the cloud's cache, nothing lost or repeated). Faults: reconnect with backoff and resume from
 the context, or fall back to the draft alone.
 
-Pipelined rounds: every block carries `base_len`, the sequence position of its first token. While block k is being
-verified, block k+1 = [guess, y_1..y_g] is drafted as if block k will be accepted whole with the draft's own guess as
-the bonus token, and sent ahead with base_len = base_k + len(block k). The target applies the core's rule
-(`tandem.blocks.pending_part`): the block is verified from the committed position on if its overlap matches, or
-answered `stale` with nothing changed. The loop applies the same rule to know what the target will do.
+Pipelined rounds and block sizes: `tandem.rounds`.
 """
 
 from __future__ import annotations
@@ -21,20 +17,20 @@ import dataclasses
 import logging
 import time
 import uuid
-from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from tandem.adaptive import AdaptiveGamma
-from tandem.blocks import DraftBlock, EdgeReport, FinishReason, TokenLogprob, cut_at_finish, pending_part
+from tandem.blocks import DraftBlock, FinishReason, TokenLogprob, VerifyResult, cut_at_finish
 from tandem.config import Gamma, SpeculationSettings
 from tandem.costs import CostCurve, Ewma
 from tandem.drafting import Drafter, ModelDrafter
 from tandem.errors import InvalidRequestError, RemoteError
-from tandem.messages import Step, Verifier, VerifierSession
+from tandem.messages import Verifier, VerifierSession
 from tandem.models import LoadedModel
 from tandem.ouroboros import OuroborosDrafter
 from tandem.pool import OuroborosConfig, PoolRegistry
+from tandem.rounds import BlockPlan, Pipeline, Sent, Slot
 from tandem.sampling import SamplingParams
 from tandem.session import validate_prompt
 from tandem.stats import GenerationResult, GenerationStats, OnLogprobs, OnTokens
@@ -48,17 +44,6 @@ RETRYABLE = {"unavailable", "deadline_exceeded", "session_not_found", "internal_
 
 class Cancelled(Exception):
     """The caller stopped the generation (the edge endpoint's client went away)."""
-
-
-@dataclass
-class _Sent:
-    base: int  # position of block.tokens[0]
-    block: DraftBlock
-    live: bool  # the server will verify (part of) it; False: it will come back stale
-    t_sent: float
-    # its wait minus the server's time is the round trip if nothing was queued ahead of it at the server and the
-    # edge did not draft meanwhile (the verdict may then have waited unread)
-    clean: bool = True
 
 
 @dataclass
@@ -111,10 +96,13 @@ class SpeculativeDecoder:
     """A draft model and a way to reach the target (`connect` makes a verifier). `generate` is the whole request;
     what it learns (acceptance, timings, phrase pools, auto's decision) carries over to the next one."""
 
-    def __init__(self, settings: SpeculationSettings, draft: LoadedModel, connect: Callable[[], Verifier]) -> None:
+    def __init__(self, settings: SpeculationSettings, draft: LoadedModel, connect: Callable[[], Verifier],
+                 owns: bool = True) -> None:
+        """`owns`: each verifier `connect` makes is closed after its attempt (False: the caller's, left open)."""
         self.settings = settings
         self.draft = draft
         self.connect = connect
+        self.owns = owns
         # live measurements (acceptance, draft and verify times, RTT); kept across requests: a warm start
         self.gamma_policy = AdaptiveGamma(max_gamma=settings.max_gamma)
         self._on_round: OnRound | None = None
@@ -186,6 +174,7 @@ class SpeculativeDecoder:
         attempt = 0
         while run.finish is None:
             verifier = self.connect()
+            sent, received = verifier.bytes_sent, verifier.bytes_received  # of its `generate` calls
             try:
                 body(run, verifier)
                 attempt = 0
@@ -207,9 +196,10 @@ class SpeculativeDecoder:
                 log.info("cloud call failed (%s); reconnecting in %.2f s (attempt %d)", e, delay, attempt)
                 time.sleep(delay)
             finally:
-                run.stats.bytes_sent += verifier.bytes_sent
-                run.stats.bytes_received += verifier.bytes_received
-                verifier.close()
+                run.stats.bytes_sent += verifier.bytes_sent - sent
+                run.stats.bytes_received += verifier.bytes_received - received
+                if self.owns:
+                    verifier.close()
 
     def _resume_params(self, run: _Run) -> SamplingParams:
         """For a session over the context so far: what is still wanted; the output in the context marked as such."""
@@ -245,126 +235,39 @@ class SpeculativeDecoder:
     # --- speculative rounds
 
     def _speculate(self, run: _Run, verifier: Verifier, auto: bool) -> None:
-        s, stats = self.settings, run.stats
-        t_open = time.perf_counter()
-        policy = self.gamma_policy
-        # auto: what the cloud needs to advise even the first block (the edge's own bound: its largest)
-        bound = s.max_gamma if run.gamma == "adaptive" else max(1, int(run.gamma))
-        report = EdgeReport(policy.draft_s.value * 1e3, policy.rtt_s.value * 1e3, bound, s.pipeline) if auto else None
-        session: VerifierSession = verifier.open(run.ctx, self._resume_params(run), session_id=run.session_id,
-                                                 affinity_key=run.affinity_key, report=report)
-        run.session_id = session.session_id
+        """Rounds: draft a block (and, pipelined, one ahead of it), send, take the oldest verdict, emit what it
+        accepted (the drafter and the policies learn it), know which blocks in flight still apply; repeat."""
+        s, stats, drafter = self.settings, run.stats, self._drafter
+        plan = BlockPlan(run.gamma, self.gamma_policy, s.pipeline, auto)
+        session = self._open(run, verifier, plan)
         opened = session.opened
-        max_draft, context = opened.max_draft_tokens, opened.context_length
-        if not policy.rtt_s.samples:  # connection set-up included: an upper bound, only until a round measures it
-            policy.observe_rtt(time.perf_counter() - t_open - opened.server_ms / 1e3)
-            self._rtt_from_open = True
-        drafter = self._drafter
+        pipe = Pipeline(s.pipeline, opened.max_draft_tokens, opened.context_length)
         drafter.start(run.ctx, self._resume_params(run))
-        pipelined = s.pipeline
-        inflight: deque[_Sent] = deque()
-        advised = opened.advice if auto else None  # auto: the cloud's last advice
-        if advised is not None:
-            self._cloud_advises = True
-            stats.advice.append(advised)
-        # auto with a cloud that gives no advice: a first empty block measures one target step, the cloud's pace
-        probe = auto and stats.rounds == 0 and not self._cloud_advises
-        measure = True  # the session's first block goes alone: a clean round-trip sample before pipelining
-        alone = advised == 0  # auto: no more blocks; once those in flight are answered, the session goes on as a stream
         try:
             while run.finish is None:
-                if alone and not inflight:
-                    self._continue_alone(run, session)
-                    return
-                # 1. fill the pipeline: one block at the committed position, and (pipelined) one sent ahead of it
-                live = [e for e in inflight if e.live]
-                while not alone and len(live) < (2 if pipelined else 1):
-                    tail = live[-1] if live else None
-                    base = len(run.ctx) if tail is None else tail.base + len(tail.block.tokens)
-                    # the tokens still wanted after `base`, less the one the target adds (for a block sent ahead:
-                    # less the bonus it assumes too)
-                    room = run.params.max_tokens - (base - len(run.prompt)) - 1
-                    room = min(room, context - base - 2, max_draft - (tail is not None))
-                    if tail is not None and room < 1:
+                if plan.alone and not pipe.inflight:
+                    return self._continue_alone(run, session)
+                while not plan.alone and (slot := pipe.slot(run.ctx, len(run.prompt) + run.params.max_tokens)):
+                    g = self._draft_and_send(run, session, pipe, plan, slot)
+                    if plan.last_of_fill(g):
                         break
-                    if probe:
-                        g = 0
-                    elif run.gamma == "adaptive":
-                        g = policy.choose(pipelined, limit=max(room, 1))
-                    else:
-                        g = int(run.gamma)
-                    own = max(1, min(g, room))  # the edge's own choice: the bound on the cloud's advice
-                    if advised is not None:
-                        g = min(g, advised)
-                    g = max(0, min(g, room))
-                    n = g + (tail is not None)  # a block sent ahead starts with the guessed bonus token
-                    spec_ctx = run.ctx if tail is None else run.ctx[: live[0].base] + [
-                        t for e in live for t in e.block.tokens]
-                    t0, steps = time.perf_counter(), drafter.steps
-                    # a probe's empty block measures one target step
-                    block = DraftBlock([]) if probe else drafter.propose(spec_ctx, n, max(n, room + (tail is not None)),
-                                                                         at_least=min(n, 1 + (tail is not None)))
-                    spent, steps = time.perf_counter() - t0, drafter.steps - steps
-                    g = min(g, len(block.tokens) - (tail is not None))  # a drafter may end a block early (p-min)
-                    if auto and not probe:  # load-aware: what the cloud needs to advise the next block
-                        block.report = EdgeReport(policy.draft_s.value * 1e3, policy.rtt_s.value * 1e3, own, pipelined)
-                    for e in inflight:
-                        e.clean = False
-                    if steps:
-                        policy.observe_draft_step(spent / steps)
-                    stats.gammas.append(g)
-                    session.send(block, base if pipelined else None)
-                    sent = _Sent(base, block, True, time.perf_counter(), clean=not any(e.live for e in inflight))
-                    inflight.append(sent)
-                    live.append(sent)
-                    if probe or g == 0 or measure:
-                        break
-                probe = measure = False
-                # 2. the oldest answer
-                sent = inflight.popleft()
-                committed = len(run.ctx)
+                plan.probe = plan.measure = False
+                sent, committed = pipe.inflight.popleft(), len(run.ctx)
                 reply = session.recv()
-                result = reply.result
-                if result.stale:
+                if reply.stale:
                     stats.stale += 1
                     continue
-                skipped = max(0, committed - sent.base) if pipelined else 0
-                drafted = len(sent.block.tokens) - skipped
-                candidates = sum(len(c.tokens) for c in sent.block.candidates)
-                # 3. learn: acceptance, the server's time, the round trip; the drafter learns the verdict
-                stats.count_round(drafted + candidates, result.num_accepted)
-                policy.observe_round(drafted, result.num_accepted)
-                # the pass's cost over all its positions (candidates' too), without its wait for the model thread
-                # (other sessions' batches)
-                policy.observe_verify(drafted + 1 + candidates, (reply.server_ms - reply.queue_ms) / 1e3)
-                if sent.clean:
-                    rtt = time.perf_counter() - sent.t_sent - reply.server_ms / 1e3
-                    if self._rtt_from_open:  # the first round trip measured replaces the open's upper bound
-                        policy.rtt_s = Ewma(0.0, policy.rtt_s.weight)
-                        self._rtt_from_open = False
-                    policy.observe_rtt(rtt)
-                    stats.rtt_ms.append(rtt * 1e3)
-                if self._on_round is not None:
-                    self._on_round(drafted, result.num_accepted)
-                drafter.learn(run.ctx, sent.block, result, skipped)
-                origins = result.emitted_origins(sent.block, skipped)
-                run.emit(result.tokens, result.finish_reason, result.logprobs, origins)
-                # 4. what the target will make of the blocks still in flight (the rule it applies itself)
-                for e in inflight:
-                    e.live = e.live and run.finish is None and pending_part(run.ctx, e.base, e.block.tokens) is not None
-                if not auto or run.finish is not None:
-                    continue
-                if reply.advice is not None:  # the cloud decides, with every stream it serves in view
-                    self._cloud_advises = True
-                    advised = reply.advice
-                    stats.advice.append(reply.advice)
-                    alone = advised == 0
-                elif stats.rounds >= s.auto_probe_rounds:  # a cloud that gives no advice: the edge's own estimate
-                    self._cloud_advises = False
-                    self._auto_cloud = alone = policy.best_rate(pipelined) < policy.cloud_rate() * s.auto_margin
-                if alone:  # the edge's own view at the switch, for the record
-                    stats.estimate = {"spec_tok_s": policy.best_rate(pipelined), "cloud_tok_s": policy.cloud_rate(),
-                                      "rtt_ms": policy.rtt_s.value * 1e3}
+                skipped = max(0, committed - sent.base) if s.pipeline else 0
+                self._learn(run, sent, reply, skipped)
+                drafter.learn(run.ctx, sent.block, reply, skipped)
+                run.emit(reply.tokens, reply.finish_reason, reply.logprobs, reply.emitted_origins(sent.block, skipped))
+                pipe.settle(run.ctx, run.finish is not None)
+                if auto and run.finish is None:
+                    decided = plan.advise(reply, stats, s.auto_probe_rounds, s.auto_margin)
+                    if decided is not None:
+                        self._cloud_advises = decided == "cloud"
+                    if decided == "edge":
+                        self._auto_cloud = plan.alone
         finally:
             stats.bytes_sent += session.bytes_sent
             stats.bytes_received += session.bytes_received
@@ -372,6 +275,69 @@ class SpeculativeDecoder:
                 session.close()
             except RemoteError as e:
                 log.debug("closing the session failed: %s", e)
+
+    def _open(self, run: _Run, verifier: Verifier, plan: BlockPlan) -> VerifierSession:
+        """The session over the context so far; in auto, with what the cloud needs to advise even the first block
+        (the edge's own bound: its largest)."""
+        s, policy = self.settings, self.gamma_policy
+        t_open = time.perf_counter()
+        bound = s.max_gamma if run.gamma == "adaptive" else max(1, int(run.gamma))
+        session = verifier.open(run.ctx, self._resume_params(run), session_id=run.session_id,
+                                affinity_key=run.affinity_key, report=plan.report(bound) if plan.auto else None)
+        run.session_id = session.session_id
+        if not policy.rtt_s.samples:  # connection set-up included: an upper bound, only until a round measures it
+            policy.observe_rtt(time.perf_counter() - t_open - session.opened.server_ms / 1e3)
+            self._rtt_from_open = True
+        if plan.auto and session.opened.advice is not None:
+            self._cloud_advises = True
+            plan.advised = session.opened.advice
+            run.stats.advice.append(plan.advised)
+        plan.alone = plan.advised == 0
+        plan.probe = plan.auto and run.stats.rounds == 0 and not self._cloud_advises
+        return session
+
+    def _draft_and_send(self, run: _Run, session: VerifierSession, pipe: Pipeline, plan: BlockPlan,
+                        slot: Slot) -> int:
+        """Draft the block for `slot` and send it; returns its draft tokens (a block sent ahead: past its guess)."""
+        ahead = slot.ahead_of is not None
+        g, own = plan.size(slot.room)
+        n = g + ahead  # a block sent ahead starts with the guessed bonus token
+        t0, steps = time.perf_counter(), self._drafter.steps
+        if plan.probe:  # an empty block measures one target step
+            block = DraftBlock([])
+        else:
+            block = self._drafter.propose(pipe.draft_context(run.ctx, slot), n, max(n, slot.room + ahead),
+                                          at_least=min(n, 1 + ahead))
+        spent, steps = time.perf_counter() - t0, self._drafter.steps - steps
+        g = min(g, len(block.tokens) - ahead)  # a drafter may end a block early (p-min)
+        if plan.auto and not plan.probe:  # load-aware: what the cloud needs to advise the next block
+            block.report = plan.report(own)
+        if steps:
+            self.gamma_policy.observe_draft_step(spent / steps)
+        run.stats.gammas.append(g)
+        session.send(block, slot.base if pipe.pipelined else None)
+        pipe.sent(slot, block)
+        return g
+
+    def _learn(self, run: _Run, sent: Sent, reply: VerifyResult, skipped: int) -> None:
+        """Acceptance, the server's time and the round trip, into the stats and the adaptive policy."""
+        policy = self.gamma_policy
+        drafted = len(sent.block.tokens) - skipped
+        candidates = sum(len(c.tokens) for c in sent.block.candidates)
+        run.stats.count_round(drafted + candidates, reply.num_accepted)
+        policy.observe_round(drafted, reply.num_accepted)
+        # the pass's cost over all its positions (candidates' too), without its wait for the model thread (other
+        # sessions' batches)
+        policy.observe_verify(drafted + 1 + candidates, (reply.server_ms - reply.queue_ms) / 1e3)
+        if sent.clean:
+            rtt = time.perf_counter() - sent.t_sent - reply.server_ms / 1e3
+            if self._rtt_from_open:  # the first round trip measured replaces the open's upper bound
+                policy.rtt_s = Ewma(0.0, policy.rtt_s.weight)
+                self._rtt_from_open = False
+            policy.observe_rtt(rtt)
+            run.stats.rtt_ms.append(rtt * 1e3)
+        if self._on_round is not None:
+            self._on_round(drafted, reply.num_accepted)
 
     def _continue_alone(self, run: _Run, session: VerifierSession) -> None:
         """The session goes on as a cloud-only stream from the cloud's cache: nothing re-fed, lost or repeated."""
@@ -385,24 +351,6 @@ class SpeculativeDecoder:
         raise RemoteError("unavailable", "the cloud's stream ended before the generation did", "OK")
 
 
-class _Borrowed:
-    """A caller's verifier, used for one generation and left open."""
-
-    def __init__(self, verifier: Verifier) -> None:
-        self.inner = verifier
-        self.bytes_sent = self.bytes_received = 0
-
-    def open(self, prompt: list[int], params: SamplingParams, session_id: str | None = None,
-             affinity_key: str | None = None, report: EdgeReport | None = None) -> VerifierSession:
-        return self.inner.open(prompt, params, session_id, affinity_key, report)
-
-    def generate(self, prompt: list[int], params: SamplingParams) -> Iterator[Step]:
-        return self.inner.generate(prompt, params)
-
-    def close(self) -> None:
-        pass
-
-
 def generate_speculative(drafter: Drafter, verifier: Verifier, prompt: list[int], params: SamplingParams, gamma: int,
                          on_tokens: OnTokens | None = None) -> GenerationResult:
     """One request through the loop with a fixed block length, synchronous rounds and no retries."""
@@ -410,7 +358,7 @@ def generate_speculative(drafter: Drafter, verifier: Verifier, prompt: list[int]
         raise InvalidRequestError(f"gamma must be >= 0, got {gamma}")
     # built field by field, not from the environment: the caller's drafter and gamma say it all
     settings = SpeculationSettings.model_construct(mode="spec", gamma=gamma, pipeline=False, retries=0)
-    decoder = SpeculativeDecoder(settings, drafter.draft, lambda: _Borrowed(verifier))
+    decoder = SpeculativeDecoder(settings, drafter.draft, lambda: verifier, owns=False)
     costs = getattr(drafter, "costs", None)
     if isinstance(costs, CostCurve):
         decoder.gamma_policy.costs = costs  # the loop feeds the curve the drafter sizes its blocks by

@@ -8,9 +8,9 @@ Names follow the papers (Leviathan et al. 2023; Chen et al. 2023):
 - a *bonus* token: drawn from p at position gamma + 1 when every draft token is accepted.
 Every round therefore emits `num_accepted + 1` tokens, distributed exactly as the target alone would emit them.
 
-Three exact forms of q reach the rule through `dense_q`: the full distribution; a sparse top-k q (exact when the
-draft sampled from that truncated q); and none, read as a point mass at the drafted token (accept with p(x),
-recover from p without x).
+q reaches the rule sparse (`SparseQ`: the top-k support the draft sampled from, exact for that truncated q; a full
+q is k = V) or as none, a point mass at the drafted token (accept with p(x), recover from p without x). Only a
+rejection's residual needs a dense row.
 """
 
 from __future__ import annotations
@@ -81,17 +81,32 @@ def verify_tree_greedy(
     return TreeVerdict(path, int(argmax[best + 1]), "bonus" if leaf or (best < 0 and not tokens) else "recovered")
 
 
+@dataclass(frozen=True)
+class SparseQ:
+    """q by its support: at position i, token ids[i, j] has probability probs[i, j], every other token 0. A full q
+    is the case k = V. (In place of a SparseQ, None reads as a point mass at each drafted token.)"""
+
+    ids: torch.Tensor  # [gamma, k] int64
+    probs: torch.Tensor  # [gamma, k]
+
+    def at(self, tokens: torch.Tensor) -> torch.Tensor:  # tokens [gamma] -> [gamma]
+        return (self.probs * (self.ids == tokens[:, None])).sum(-1)
+
+    def row(self, i: int, vocab_size: int) -> torch.Tensor:  # [V]: the one dense row, for a residual
+        return torch.zeros(vocab_size, dtype=self.probs.dtype, device=self.probs.device).scatter_add_(
+            0, self.ids[i], self.probs[i])
+
+
 def verify_stochastic(
     draft_tokens: torch.Tensor,  # [gamma] int64
-    q: torch.Tensor,  # [gamma, V] the distributions the draft sampled x_1..x_gamma from
+    q: SparseQ | None,  # the distributions the draft sampled x_1..x_gamma from; None: point masses
     p: torch.Tensor,  # [gamma + 1, V] target distributions after the same sampling transformation
     generator: torch.Generator | None,
 ) -> Verdict:
-    gamma = draft_tokens.shape[0]
+    gamma, vocab = draft_tokens.shape[0], p.shape[-1]
     wide = _wide(p.device)
-    idx = torch.arange(gamma, device=p.device)
-    p_x = p[idx, draft_tokens].to(wide)  # [gamma]
-    q_x = q[idx, draft_tokens].to(wide)  # [gamma]
+    p_x = p[torch.arange(gamma, device=p.device), draft_tokens].to(wide)  # [gamma]
+    q_x = torch.ones_like(p_x) if q is None else q.at(draft_tokens).to(wide)  # [gamma]
     if bool((q_x <= 0).any()):
         raise InvalidRequestError("q gives zero probability to a drafted token: the draft cannot have sampled it")
     r = torch.rand(gamma, generator=generator, dtype=wide, device=p.device)  # [gamma]
@@ -99,36 +114,35 @@ def verify_stochastic(
     if not len(rejected):
         return Verdict(gamma, _draw(p[gamma], generator), "bonus")
     n = int(rejected[0, 0])
-    residual = (p[n].to(wide) - q[n].to(wide)).clamp_min(0)  # [V]
+    q_n = torch.nn.functional.one_hot(draft_tokens[n], vocab) if q is None else q.row(n, vocab)  # [V]
+    residual = (p[n].to(wide) - q_n.to(wide)).clamp_min(0)  # [V]
     if float(residual.sum()) <= 0:  # p == q up to rounding: the rejection had probability ~0
         residual = p[n].to(wide)
     return Verdict(n, _draw(residual, generator), "recovered")
 
 
-def dense_q(
+def checked_q(
     draft_tokens: torch.Tensor,  # [gamma] int64
     vocab_size: int,
-    full: torch.Tensor | None = None,  # [gamma, V]
-    sparse_ids: torch.Tensor | None = None,  # [gamma, k] int64
-    sparse_probs: torch.Tensor | None = None,  # [gamma, k]
-) -> torch.Tensor:
-    """The q the rule needs, [gamma, V], from whichever of the three forms the draft sent."""
+    ids: torch.Tensor | None,  # [gamma, k] int64
+    probs: torch.Tensor | None,  # [gamma, k]
+) -> SparseQ | None:
+    """The q a block sent, checked and each row normalised (the draft's copy of the sampling transformation
+    rounds differently); None for a point mass. Raises InvalidRequestError for a q the draft cannot have sampled
+    its tokens from."""
+    if ids is None or probs is None:
+        return None
     gamma = draft_tokens.shape[0]
-    if full is not None:
-        if full.shape != (gamma, vocab_size):
-            raise InvalidRequestError(f"q must have shape {(gamma, vocab_size)}, got {tuple(full.shape)}")
-        return full.float()
-    q = torch.zeros(gamma, vocab_size, device=draft_tokens.device)
-    if sparse_ids is not None and sparse_probs is not None:
-        if sparse_ids.shape != sparse_probs.shape or sparse_ids.shape[0] != gamma:
-            raise InvalidRequestError("sparse q ids and probs must both be [gamma, k]")
-        if bool(((sparse_ids < 0) | (sparse_ids >= vocab_size)).any()):
-            raise InvalidRequestError("sparse q has an out-of-vocabulary token id")
-        if bool((sparse_probs < 0).any()) or not bool(torch.isfinite(sparse_probs).all()):
-            raise InvalidRequestError("sparse q has a negative or non-finite probability")
-        return q.scatter_(1, sparse_ids.long(), sparse_probs.float())
-    # point mass at the drafted token
-    return q.scatter_(1, draft_tokens[:, None], 1.0)
+    if ids.shape != probs.shape or ids.dim() != 2 or ids.shape[0] != gamma:
+        raise InvalidRequestError("sparse q ids and probs must both be [gamma, k]")
+    if bool(((ids < 0) | (ids >= vocab_size)).any()):
+        raise InvalidRequestError("sparse q has an out-of-vocabulary token id")
+    if bool((probs < 0).any()) or not bool(torch.isfinite(probs).all()):
+        raise InvalidRequestError("sparse q has a negative or non-finite probability")
+    q = SparseQ(ids.long(), probs.float())
+    if gamma and bool((q.at(draft_tokens) <= 0).any()):
+        raise InvalidRequestError("q gives zero probability to a drafted token: the draft cannot have sampled it")
+    return SparseQ(q.ids, q.probs / q.probs.sum(-1, keepdim=True))
 
 
 def _wide(device: torch.device) -> torch.dtype:

@@ -10,7 +10,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from tandem.blocks import Candidate, DraftBlock, EdgeReport, TokenLogprob, VerifyResult
 from tandem.grammar import Grammar, GrammarKind
-from tandem.messages import OpenRequest, SessionInfo, SessionVerdict
+from tandem.messages import OpenRequest, SessionInfo
 from tandem.sampling import MIN_REPETITION_PENALTY, SamplingParams
 from tandem_protocol.flat import block_to_sparse, sparse_block
 
@@ -67,6 +67,22 @@ class TokenLogprobBody(BaseModel):
     top: list[tuple[int, float]] = Field(default_factory=list)
 
 
+class EdgeReportBody(BaseModel):
+    """See the proto's EdgeReport; limit 0: no advice wanted."""
+
+    draft_ms: Annotated[Float, Field(ge=0)] = 0.0
+    rtt_ms: Annotated[Float, Field(ge=0)] = 0.0
+    limit: Annotated[int, Field(ge=0), JSON_INT] = 0
+    pipelined: Flag = False  # JSON's true or false, never 0 or "yes"
+
+    @classmethod
+    def of(cls, r: EdgeReport) -> EdgeReportBody:
+        return cls(draft_ms=r.draft_ms, rtt_ms=r.rtt_ms, limit=r.limit, pipelined=r.pipelined)
+
+    def core(self) -> EdgeReport | None:
+        return EdgeReport(self.draft_ms, self.rtt_ms, self.limit, self.pipelined) if self.limit else None
+
+
 class OpenBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -76,11 +92,7 @@ class OpenBody(BaseModel):
     draft_name: str = ""
     client_id: str = ""
     session_id: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")] | None = None
-    # for an advice on the first block: see the proto's Open.edge_*; edge_limit 0: no advice wanted
-    edge_draft_ms: Annotated[Float, Field(ge=0)] = 0.0
-    edge_rtt_ms: Annotated[Float, Field(ge=0)] = 0.0
-    edge_limit: Annotated[int, Field(ge=0), JSON_INT] = 0
-    edge_pipelined: Flag = False  # JSON's true or false, never 0 or "yes"
+    report: EdgeReportBody | None = None  # for an advice on the first block: see the proto's Open.report
 
 
 class ContinueBody(BaseModel):
@@ -133,18 +145,12 @@ class DraftBody(BaseModel):
     q_probs: list[Float] = Field(default_factory=list)
     base_len: Annotated[int, Field(ge=0), JSON_INT] | None = None  # pipelined rounds: see the proto's Draft.base_len
     candidates: list[CandidateBody] = Field(default_factory=list)  # see the proto's Draft.candidate_parents
-    # for the cloud's load-aware advice: see the proto's Draft.edge_*; edge_limit 0: no advice wanted
-    edge_draft_ms: Annotated[Float, Field(ge=0)] = 0.0
-    edge_rtt_ms: Annotated[Float, Field(ge=0)] = 0.0
-    edge_limit: Annotated[int, Field(ge=0), JSON_INT] = 0
-    edge_pipelined: Flag = False
+    report: EdgeReportBody | None = None  # for the cloud's load-aware advice: see the proto's Draft.report
 
 
 class VerdictBody(BaseModel):
     seq: int
     num_accepted: int
-    next_token: int
-    kind: Literal["recovered", "bonus"]
     tokens: list[int]
     finish_reason: Literal["stop", "length"] | None
     target_tokens: list[int]
@@ -201,20 +207,14 @@ def logprobs_from_body(items: list[TokenLogprobBody] | None) -> list[TokenLogpro
 
 def open_to_json(req: OpenRequest) -> dict[str, Any]:
     body = OpenBody(prompt=req.prompt, sampling=params_to_body(req.params), draft_fingerprint=req.draft_fingerprint,
-                    draft_name=req.draft_name, client_id=req.client_id, session_id=req.session_id)
-    if req.report is not None:
-        r = req.report
-        body.edge_draft_ms, body.edge_rtt_ms, body.edge_limit, body.edge_pipelined = (r.draft_ms, r.rtt_ms, r.limit,
-                                                                                     r.pipelined)
-        return body.model_dump(mode="json")
-    return body.model_dump(mode="json", exclude={"edge_draft_ms", "edge_rtt_ms", "edge_limit", "edge_pipelined"})
+                    draft_name=req.draft_name, client_id=req.client_id, session_id=req.session_id,
+                    report=None if req.report is None else EdgeReportBody.of(req.report))
+    return body.model_dump(mode="json", exclude=set() if req.report else {"report"})
 
 
 def open_from_body(body: OpenBody) -> OpenRequest:
-    report = EdgeReport(body.edge_draft_ms, body.edge_rtt_ms, body.edge_limit, body.edge_pipelined) \
-        if body.edge_limit else None
     return OpenRequest(body.prompt, params_from_body(body.sampling), body.draft_fingerprint, body.draft_name,
-                       body.client_id, body.session_id, report)
+                       body.client_id, body.session_id, None if body.report is None else body.report.core())
 
 
 def opened_to_body(info: SessionInfo) -> OpenedBody:
@@ -240,33 +240,28 @@ def draft_to_json(block: DraftBlock, seq: int, base_len: int | None) -> dict[str
     if block.candidates:  # only then: a server without multi-candidate verification refuses the field
         body["candidates"] = [{"parent": c.parent, "tokens": c.tokens} for c in block.candidates]
     if block.report is not None:  # likewise: only when advice is wanted
-        r = block.report
-        body |= {"edge_draft_ms": r.draft_ms, "edge_rtt_ms": r.rtt_ms, "edge_limit": r.limit,
-                 "edge_pipelined": r.pipelined}
+        body["report"] = EdgeReportBody.of(block.report).model_dump(mode="json")
     return body
 
 
 def draft_from_body(body: DraftBody) -> DraftBlock:
     block = sparse_block(body.tokens, body.q_k, body.q_ids, body.q_probs)
     block.candidates = [Candidate(c.parent, c.tokens) for c in body.candidates]
-    if body.edge_limit:
-        block.report = EdgeReport(body.edge_draft_ms, body.edge_rtt_ms, body.edge_limit, body.edge_pipelined)
+    block.report = None if body.report is None else body.report.core()
     return block
 
 
-def verdict_to_body(v: SessionVerdict) -> VerdictBody:
-    r = v.result
+def verdict_to_body(r: VerifyResult) -> VerdictBody:
     return VerdictBody(
-        seq=v.seq, num_accepted=r.num_accepted, next_token=r.next_token, kind=r.kind, tokens=r.tokens,
-        finish_reason=r.finish_reason, target_tokens=r.target_tokens, generated=v.generated, stale=r.stale,
-        server_ms=v.server_ms, queue_ms=v.queue_ms, candidate=r.candidate,
-        candidate_target_tokens=r.candidate_target_tokens, advised_gamma=v.advice,
-        logprobs=logprobs_to_body(r.logprobs),
+        seq=r.seq, num_accepted=r.num_accepted, tokens=r.tokens, finish_reason=r.finish_reason,
+        target_tokens=r.target_tokens, generated=r.generated, stale=r.stale, server_ms=r.server_ms,
+        queue_ms=r.queue_ms, candidate=r.candidate, candidate_target_tokens=r.candidate_target_tokens,
+        advised_gamma=r.advice, logprobs=logprobs_to_body(r.logprobs),
     )
 
 
-def verdict_from_json(obj: dict[str, Any]) -> SessionVerdict:
+def verdict_from_json(obj: dict[str, Any]) -> VerifyResult:
     b = VerdictBody.model_validate(obj)
-    result = VerifyResult(b.num_accepted, b.next_token, b.kind, b.tokens, b.finish_reason, b.target_tokens, b.stale,
-                          b.candidate, b.candidate_target_tokens, logprobs_from_body(b.logprobs))
-    return SessionVerdict(b.seq, result, b.generated, b.server_ms, b.queue_ms, b.advised_gamma)
+    return VerifyResult(b.num_accepted, b.tokens, b.finish_reason, b.target_tokens, b.stale, b.candidate,
+                        b.candidate_target_tokens, logprobs_from_body(b.logprobs), b.seq, b.generated, b.server_ms,
+                        b.queue_ms, b.advised_gamma)

@@ -25,7 +25,7 @@ class ShuttingDownError(TandemError):
     code = "unavailable"
 
 
-# code -> (HTTP status, gRPC status, OpenAI-style error type)
+# code -> (HTTP status, gRPC status, OpenAI-style error type); a gRPC status received reads as its first code here
 _STATUS: dict[str, tuple[int, grpc.StatusCode, str]] = {
     "invalid_request": (400, grpc.StatusCode.INVALID_ARGUMENT, "invalid_request_error"),
     "context_length_exceeded": (400, grpc.StatusCode.INVALID_ARGUMENT, "invalid_request_error"),
@@ -34,8 +34,8 @@ _STATUS: dict[str, tuple[int, grpc.StatusCode, str]] = {
     "model_not_found": (404, grpc.StatusCode.NOT_FOUND, "not_found_error"),
     "tokenizer_mismatch": (409, grpc.StatusCode.FAILED_PRECONDITION, "invalid_request_error"),
     "session_conflict": (409, grpc.StatusCode.ABORTED, "invalid_request_error"),
-    "request_too_large": (413, grpc.StatusCode.RESOURCE_EXHAUSTED, "invalid_request_error"),
     "over_capacity": (429, grpc.StatusCode.RESOURCE_EXHAUSTED, "rate_limit_error"),
+    "request_too_large": (413, grpc.StatusCode.RESOURCE_EXHAUSTED, "invalid_request_error"),
     "unavailable": (503, grpc.StatusCode.UNAVAILABLE, "service_unavailable_error"),
     "deadline_exceeded": (504, grpc.StatusCode.DEADLINE_EXCEEDED, "service_unavailable_error"),  # upstream slow
     "tls_error": (502, grpc.StatusCode.UNAVAILABLE, "service_unavailable_error"),  # the edge refused the cloud's cert
@@ -51,17 +51,7 @@ def grpc_status(code: str) -> grpc.StatusCode:
     return _STATUS.get(code, _INTERNAL)[1]
 
 
-# a gRPC status received -> the error code it carries (the inverse of grpc_status where it is one to one)
-_FROM_GRPC = {
-    grpc.StatusCode.INVALID_ARGUMENT: "invalid_request",
-    grpc.StatusCode.NOT_FOUND: "session_not_found",
-    grpc.StatusCode.FAILED_PRECONDITION: "tokenizer_mismatch",
-    grpc.StatusCode.ABORTED: "session_conflict",
-    grpc.StatusCode.RESOURCE_EXHAUSTED: "over_capacity",
-    grpc.StatusCode.UNAUTHENTICATED: "unauthenticated",
-    grpc.StatusCode.UNAVAILABLE: "unavailable",
-    grpc.StatusCode.DEADLINE_EXCEEDED: "deadline_exceeded",
-}
+_FROM_GRPC = {status: code for code, (_, status, _) in reversed(_STATUS.items())}  # the first code wins
 
 
 def code_from_grpc(status: grpc.StatusCode) -> str:

@@ -23,11 +23,8 @@ def sparse_block(tokens: list[int], q_k: int, q_ids: list[int], q_probs: list[fl
 
 
 def block_to_sparse(block: DraftBlock) -> tuple[int, list[int], list[float]]:
-    """(q_k, q_ids, q_probs) flattened; a dense q is sent whole, as k = V."""
+    """(q_k, q_ids, q_probs) flattened."""
     ids, probs = block.q_ids, block.q_probs
-    if block.q_full is not None:
-        probs = block.q_full  # [gamma, V]
-        ids = torch.arange(probs.shape[-1]).expand(probs.shape[0], -1)
     if ids is None or probs is None or not block.tokens:
         return 0, [], []
     return int(ids.shape[-1]), ids.reshape(-1).tolist(), probs.float().reshape(-1).tolist()

@@ -9,9 +9,8 @@ from collections.abc import Sequence
 
 from tandem.blocks import DraftBlock, EdgeReport, FinishReason, TokenLogprob, VerifyResult
 from tandem.grammar import Grammar
-from tandem.messages import OpenRequest, SessionInfo, SessionVerdict
+from tandem.messages import OpenRequest, SessionInfo
 from tandem.sampling import SamplingParams
-from tandem.verify import TokenKind
 from tandem_protocol.flat import (
     block_to_sparse,
     candidates_from_flat,
@@ -21,8 +20,6 @@ from tandem_protocol.flat import (
 )
 from tandem_protocol.proto import verifier_pb2 as pb
 
-_KIND_TO_PB = {"recovered": pb.TOKEN_KIND_RECOVERED, "bonus": pb.TOKEN_KIND_BONUS}
-_KIND_FROM_PB: dict[int, TokenKind] = {pb.TOKEN_KIND_RECOVERED: "recovered", pb.TOKEN_KIND_BONUS: "bonus"}
 _FINISH_TO_PB: dict[FinishReason | None, pb.FinishReason] = {
     None: pb.FINISH_REASON_UNSPECIFIED, "stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH,
 }
@@ -78,8 +75,7 @@ def open_from_pb(msg: pb.Open) -> OpenRequest:
         prompt=list(msg.prompt), params=params_from_pb(msg.sampling), draft_fingerprint=msg.draft_fingerprint,
         draft_name=msg.draft_name, client_id=msg.client_id,
         session_id=msg.session_id if msg.HasField("session_id") else None,
-        report=EdgeReport(msg.edge_draft_ms, msg.edge_rtt_ms, msg.edge_limit, msg.edge_pipelined)
-        if msg.edge_limit else None,
+        report=report_from_pb(msg.report) if msg.HasField("report") else None,
     )
 
 
@@ -89,10 +85,17 @@ def open_to_pb(req: OpenRequest) -> pb.Open:
     if req.session_id is not None:
         msg.session_id = req.session_id
     if req.report is not None:
-        r = req.report
-        msg.edge_draft_ms, msg.edge_rtt_ms, msg.edge_limit, msg.edge_pipelined = (r.draft_ms, r.rtt_ms, r.limit,
-                                                                                   r.pipelined)
+        msg.report.CopyFrom(report_to_pb(req.report))
     return msg
+
+
+def report_to_pb(r: EdgeReport) -> pb.EdgeReport:
+    return pb.EdgeReport(draft_ms=r.draft_ms, rtt_ms=r.rtt_ms, limit=r.limit, pipelined=r.pipelined)
+
+
+def report_from_pb(msg: pb.EdgeReport) -> EdgeReport | None:
+    """None for a limit of 0: no advice wanted."""
+    return EdgeReport(msg.draft_ms, msg.rtt_ms, msg.limit, msg.pipelined) if msg.limit else None
 
 
 def continue_to_pb(session_id: str, context: list[int]) -> pb.Open:
@@ -125,8 +128,8 @@ def block_from_pb(msg: pb.Draft) -> DraftBlock:
     block = sparse_block(list(msg.tokens), msg.q_k, list(msg.q_ids), list(msg.q_probs))
     block.candidates = candidates_from_flat(list(msg.candidate_parents), list(msg.candidate_lengths),
                                             list(msg.candidate_tokens))
-    if msg.edge_limit:
-        block.report = EdgeReport(msg.edge_draft_ms, msg.edge_rtt_ms, msg.edge_limit, msg.edge_pipelined)
+    if msg.HasField("report"):
+        block.report = report_from_pb(msg.report)
     return block
 
 
@@ -142,26 +145,21 @@ def block_to_pb(block: DraftBlock, seq: int, base_len: int | None = None) -> pb.
     if base_len is not None:
         msg.base_len = base_len
     if block.report is not None:
-        r = block.report
-        msg.edge_draft_ms, msg.edge_rtt_ms, msg.edge_limit, msg.edge_pipelined = (r.draft_ms, r.rtt_ms, r.limit,
-                                                                                   r.pipelined)
+        msg.report.CopyFrom(report_to_pb(block.report))
     return msg
 
 
-def verdict_to_pb(v: SessionVerdict) -> pb.Verdict:
-    r = v.result
+def verdict_to_pb(r: VerifyResult) -> pb.Verdict:
     msg = pb.Verdict(
-        seq=v.seq, num_accepted=r.num_accepted, next_token=r.next_token, kind=_KIND_TO_PB[r.kind], tokens=r.tokens,
-        finish_reason=_FINISH_TO_PB[r.finish_reason], target_tokens=r.target_tokens, generated=v.generated,
-        stale=r.stale, server_ms=v.server_ms, queue_ms=v.queue_ms,
-        candidate_target_lengths=[len(c) for c in r.candidate_target_tokens],
-        candidate_target_tokens=[t for c in r.candidate_target_tokens for t in c],
-        logprobs=logprobs_to_pb(r.logprobs),
+        seq=r.seq, num_accepted=r.num_accepted, tokens=r.tokens, finish_reason=_FINISH_TO_PB[r.finish_reason],
+        target_tokens=r.target_tokens, generated=r.generated, stale=r.stale, server_ms=r.server_ms,
+        queue_ms=r.queue_ms, candidate_target_lengths=[len(c) for c in r.candidate_target_tokens],
+        candidate_target_tokens=[t for c in r.candidate_target_tokens for t in c], logprobs=logprobs_to_pb(r.logprobs),
     )
     if r.candidate is not None:
         msg.candidate = r.candidate
-    if v.advice is not None:
-        msg.advised_gamma = v.advice
+    if r.advice is not None:
+        msg.advised_gamma = r.advice
     return msg
 
 
@@ -173,18 +171,13 @@ def finish_from_pb(value: int) -> FinishReason | None:
     return _FINISH_FROM_PB.get(value)
 
 
-def verdict_from_pb(msg: pb.Verdict) -> SessionVerdict:
-    return SessionVerdict(msg.seq, result_from_pb(msg), msg.generated, msg.server_ms, msg.queue_ms,
-                          msg.advised_gamma if msg.HasField("advised_gamma") else None)
-
-
-def result_from_pb(msg: pb.Verdict) -> VerifyResult:
+def verdict_from_pb(msg: pb.Verdict) -> VerifyResult:
     return VerifyResult(
-        num_accepted=msg.num_accepted, next_token=msg.next_token, kind=_KIND_FROM_PB.get(msg.kind, "recovered"),
-        tokens=list(msg.tokens), finish_reason=_FINISH_FROM_PB.get(msg.finish_reason),
+        num_accepted=msg.num_accepted, tokens=list(msg.tokens), finish_reason=_FINISH_FROM_PB.get(msg.finish_reason),
         target_tokens=list(msg.target_tokens), stale=msg.stale,
         candidate=msg.candidate if msg.HasField("candidate") else None,
         candidate_target_tokens=feedback_from_flat(list(msg.candidate_target_lengths),
                                                    list(msg.candidate_target_tokens)),
-        logprobs=logprobs_from_pb(msg.logprobs),
+        logprobs=logprobs_from_pb(msg.logprobs), seq=msg.seq, generated=msg.generated, server_ms=msg.server_ms,
+        queue_ms=msg.queue_ms, advice=msg.advised_gamma if msg.HasField("advised_gamma") else None,
     )

@@ -19,8 +19,8 @@ from tandem.models import LoadedModel
 from tandem.sampling import SamplingParams
 from tandem.session import generate_autoregressive
 from tandem.speculate import SpeculativeDecoder, generate_speculative
-from tandem_tools.bench_capacity import CapacityConfig, parse_metrics, percentile, run_bench_capacity
-from tandem_tools.capacity_figures import bucket_counts, histogram_buckets
+from tandem_tools.bench_capacity import CapacityConfig, run_bench_capacity
+from tandem_tools.capacity_figures import bucket_counts, histogram_buckets, parse_metrics, percentile
 from tandem_tools.replay_edge import TABLE_FILE, ReplayDrafter, ReplayTable, ensure_table, record_table
 
 PROMPTS = [[(7 * i + 3 * j) % 90 + 2 for j in range(16 + 9 * i)] for i in range(2)]  # different lengths

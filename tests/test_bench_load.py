@@ -11,17 +11,16 @@ from typer.testing import CliRunner
 from cloud_server.main import BackgroundServer
 from cloud_server.settings import ServerSettings
 from tandem.models import LoadedModel
-from tandem_tools.bench_load import compare, parse_metrics, slope, slope_stderr, summarize, vm_rss_mib
+from tandem_tools.bench_load import compare, parse_metrics, slope, summarize, vm_rss_mib
 from tandem_tools.cli import app
 from tandem_tools.figures import percentile
 
 
 def test_slope_is_least_squares() -> None:
-    assert slope([0, 1, 2, 3], [10, 12, 14, 16]) == pytest.approx(2.0)
-    assert slope([0, 1, 2, 3], [5, 7, 5, 7]) == pytest.approx(0.4)
-    assert slope([1], [3]) is None and slope([2, 2], [1, 5]) is None
-    assert slope_stderr([0, 1, 2, 3], [10, 12, 14, 16]) == pytest.approx(0.0)
-    assert slope_stderr([0, 1, 2, 3], [5, 7, 5, 7]) == pytest.approx((3.2 / 2 / 5) ** 0.5)  # residuals +-0.4, +-1.2
+    assert slope([0, 1, 2, 3], [10, 12, 14, 16]) == pytest.approx((2.0, 0.0))
+    assert slope([0, 1, 2, 3], [5, 7, 5, 7]) == pytest.approx((0.4, (3.2 / 2 / 5) ** 0.5))  # residuals +-0.4, +-1.2
+    assert slope([1], [3]) == slope([2, 2], [1, 5]) == slope([], []) == (None, None)
+    assert slope([0, 1], [3, 5]) == (2.0, None)  # no error from two points
 
 
 def test_compare_counts_lost_and_duplicated_tokens() -> None:

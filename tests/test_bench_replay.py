@@ -11,7 +11,7 @@ import pytest
 
 from cloud_server.main import BackgroundServer, ServerHandle
 from cloud_server.settings import ServerSettings
-from edge_client.client import EdgeClient
+from edge_client.client import edge_decoder
 from edge_client.settings import EdgeSettings
 from tandem.models import LoadedModel
 from tandem.sampling import SamplingParams
@@ -126,7 +126,7 @@ def test_auto_goes_straight_to_the_cloud_once_it_decided(
     # a margin no speculation can meet: auto must decide for the cloud after its probe rounds
     settings = EdgeSettings(cloud=f"127.0.0.1:{server.grpc_port}", mode="auto", gamma=3, auto_margin=1000.0,
                             timeout_s=10, retries=0)
-    client = EdgeClient(settings, tiny_draft)
+    client = edge_decoder(settings, tiny_draft)
     first = client.generate(PROMPT, params)
     assert first.tokens == expected
     assert first.stats.switched_to_cloud and first.stats.rounds >= settings.auto_probe_rounds

@@ -52,7 +52,7 @@ def test_each_floor_imports_only_from_below() -> None:
 def test_the_layering_check_catches_an_upward_import(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     fake = tmp_path / "tandem"
     fake.mkdir()
-    (fake / "x.py").write_text("def f():\n    from edge_client.client import EdgeClient\n    import grpc\n")
+    (fake / "x.py").write_text("def f():\n    from edge_client.client import edge_decoder\n    import grpc\n")
     (tmp_path / "edge_client").mkdir()
     (tmp_path / "edge_client" / "y.py").write_text("from cloud_server import worker\n")
     monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)

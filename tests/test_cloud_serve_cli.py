@@ -1,4 +1,4 @@
-"""`tandem serve` as a user runs it: the demo target, the official openai client, a graceful SIGTERM."""
+"""`tandem serve` as a user runs it: the test pair's target, the official openai client, a graceful SIGTERM."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ def test_tandem_serve_answers_openai_client_and_stops_gracefully() -> None:
     http_port, grpc_port = free_port(), free_port()
     env = os.environ | {"HF_HUB_OFFLINE": "1", "TANDEM_THREADS": "1", "TANDEM_SHUTDOWN_GRACE_S": "20"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tandem_tools.cli", "serve", "--target", "demo-target", "--http-port", str(http_port),
+        [sys.executable, "-m", "tandem_tools.cli", "serve", "--target", "test-target", "--http-port", str(http_port),
          "--grpc-port", str(grpc_port)],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
@@ -47,16 +47,16 @@ def test_tandem_serve_answers_openai_client_and_stops_gracefully() -> None:
             pytest.fail("the server did not become ready")
 
         client = openai.OpenAI(base_url=base + "/v1", api_key="unused", timeout=60, max_retries=0)
-        assert client.models.list().data[0].id == "demo-target"
-        done = client.completions.create(model="demo-target", prompt="def fib(n):", max_tokens=8, temperature=0)
+        assert client.models.list().data[0].id == "test-target"
+        done = client.completions.create(model="test-target", prompt="def fib(n):", max_tokens=8, temperature=0)
         assert done.usage is not None and done.usage.completion_tokens >= 1
         chat = client.chat.completions.create(
-            model="demo-target", messages=[{"role": "user", "content": "import os"}], max_tokens=4, temperature=0
+            model="test-target", messages=[{"role": "user", "content": "import os"}], max_tokens=4, temperature=0
         )
         assert chat.choices[0].message.content is not None
 
         # SIGTERM mid-stream: the stream in flight still finishes, then the process exits cleanly
-        stream = client.completions.create(model="demo-target", prompt="class A:", max_tokens=48, temperature=0,
+        stream = client.completions.create(model="test-target", prompt="class A:", max_tokens=48, temperature=0,
                                            stream=True, extra_body={"ignore_eos": True})
         chunks = iter(stream)
         first = next(chunks)

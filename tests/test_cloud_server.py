@@ -22,10 +22,11 @@ from hypothesis import strategies as st
 from cloud_server.main import BackgroundServer, ServerHandle
 from cloud_server.settings import ServerSettings
 from edge_client.remote import GrpcVerifier, HttpVerifier, RemoteError
-from tandem.blocks import DraftBlock
+from tandem.blocks import DraftBlock, VerifyResult
 from tandem.drafting import ModelDrafter
 from tandem.errors import CapacityError, SessionConflictError
 from tandem.local import LocalVerifier
+from tandem.messages import VerifierSession
 from tandem.models import LoadedModel
 from tandem.sampling import SamplingParams
 from tandem.session import generate_autoregressive
@@ -39,6 +40,11 @@ KEY = "test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 GRPC_AUTH = (("authorization", f"Bearer {KEY}"),)
 PROMPT = [10, 20, 30, 40, 50, 60, 70]
+
+
+def one_block(session: VerifierSession, block: DraftBlock) -> VerifyResult:
+    session.send(block)
+    return session.recv()
 
 
 def settings(**kw: object) -> ServerSettings:
@@ -152,9 +158,9 @@ def test_raw_sse_ends_with_done_and_stop_strings_cut(server: ServerHandle, tiny_
 def test_incremental_text_keeps_multibyte_characters_whole() -> None:
     from transformers import AutoTokenizer
 
-    from tandem.models import DEMO_DIR
+    from tandem.models import find_test_pair
 
-    tok = AutoTokenizer.from_pretrained(DEMO_DIR / "tokenizer")
+    tok = AutoTokenizer.from_pretrained(find_test_pair() / "tokenizer")
     text = "s = 'héllo ✓ 日本語 🙂'  # done"
     ids = tok.encode(text, add_special_tokens=False)
     stream = IncrementalText(tok)
@@ -228,7 +234,7 @@ def test_metrics_move_when_work_is_done(server: ServerHandle, tiny_target: Loade
         assert metric(server, "tandem_open_sessions") == 1
         drafter = ModelDrafter(tiny_draft)
         drafter.start(PROMPT, SamplingParams(max_tokens=8))
-        result = session.verify(drafter.propose(PROMPT, 4))
+        result = one_block(session, drafter.propose(PROMPT, 4))
         session.close()
     assert metric(server, "tandem_open_sessions") == 0
     httpx.post(http(server) + "/v1/completions", headers=AUTH, timeout=30,
@@ -358,7 +364,7 @@ def test_capacity_limits_and_ttl(tight: ServerHandle, tiny_target: LoadedModel) 
         assert info.value.code == "over_capacity" and info.value.status == "RESOURCE_EXHAUSTED"
         time.sleep(1.2)  # past the TTL: evicted
         with pytest.raises(RemoteError) as info:
-            first.verify(DraftBlock([]))
+            one_block(first, DraftBlock([]))
         assert info.value.code == "session_not_found"
         verifier.open(PROMPT, params).close()  # the slot is free again
 
@@ -388,12 +394,12 @@ def test_resume_after_restart_gives_identical_output(tiny_target: LoadedModel, t
     out: list[int] = []
     for _ in range(3):
         block = drafter.propose(PROMPT + out, 3)
-        result = session.verify(block)
+        result = one_block(session, block)
         drafter.learn(PROMPT + out, block, result)
         out.extend(result.tokens)
     first.stop(grace=0.2)  # the cloud goes away mid-session
     with pytest.raises(RemoteError):
-        session.verify(drafter.propose(PROMPT + out, 3))
+        one_block(session, drafter.propose(PROMPT + out, 3))
     verifier.close()
     assert 0 < len(out) < params.max_tokens
 
@@ -429,7 +435,7 @@ async def test_worker_bounds_session_memory_and_replaces_a_resumed_id(tiny_targe
         again = await worker.open_session(OpenRequest(PROMPT, params, session_id="a"))
         assert first.session_id == again.session_id == "a" and again.resumed and worker.open_sessions == 1
         verdict = await worker.verify("a", 0, DraftBlock([]))
-        assert verdict.generated == 1 and verdict.result.kind == "bonus"
+        assert verdict.generated == 1 and verdict.num_accepted == 0 and len(verdict.tokens) == 1
     finally:
         await worker.shutdown()
     with pytest.raises(ShuttingDownError):
@@ -504,7 +510,7 @@ def test_the_model_runs_only_on_the_worker_thread(server: ServerHandle, tiny_tar
         assert httpx.post(http(server) + "/v1/completions", json=body, headers=AUTH, timeout=30).status_code == 200
         with GrpcVerifier(grpc_addr(server), api_key=KEY, timeout_s=30) as verifier:
             session = verifier.open(PROMPT, SamplingParams(max_tokens=4))
-            session.verify(DraftBlock([1, 2]))
+            one_block(session, DraftBlock([1, 2]))
             session.close()
     finally:
         hook.remove()

@@ -144,11 +144,17 @@ def test_dockerfile_is_one_offline_non_root_image_with_a_healthcheck() -> None:
     assert "HF_HUB_OFFLINE=1" in text
     assert re.search(r"^HEALTHCHECK ", text, re.M)
     # what the image needs is not excluded from the build context
-    ignored = {line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()}
-    for needed in ("tandem", "tandem/demo", "cloud_server", "edge_client", "benchmarks", "benchmarks/traces",
-                   "pyproject.toml", "README.md"):
-        assert needed not in ignored, needed
+    lines = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()]
+    for needed in ("tandem", "cloud_server", "edge_client", "benchmarks", "benchmarks/traces", "pyproject.toml",
+                   "README.md", "tests/fixtures/test_pair"):
+        assert needed not in lines, needed
     assert (ROOT / "benchmarks" / "traces" / "code-completion.jsonl").is_file()
+    # the test pair, not in the package, is let back in after tests/ (a later line wins) and copied where the image's
+    # TANDEM_TEST_PAIR points
+    assert lines.index("!tests/fixtures/test_pair") > lines.index("tests")
+    assert (ROOT / "tests" / "fixtures" / "test_pair" / "target" / "config.json").is_file()
+    copied = re.search(r"^COPY tests/fixtures/test_pair (\S+)$", text, re.M)
+    assert copied and re.search(rf"^\s*TANDEM_TEST_PAIR={re.escape(copied[1])}\b", text, re.M), "the image's test pair"
 
 
 def test_interpolation_follows_compose_rules() -> None:
@@ -308,9 +314,9 @@ def local_stack() -> Iterator[LocalCompose]:
         "CLOUD_HTTP_PORT": str(http), "CLOUD_GRPC_PORT": str(grpc_port), "EDGE_PORT": str(edge),
         "TANDEM_BIND_HOST": "127.0.0.1",  # what the host-network override uses too: no service names without Docker
         "EDGE_CLOUD": f"127.0.0.1:{grpc_port}", "TANDEM_THREADS": "1",
-        # the small code pair, not the default real one: service wiring is under test here (test_qwen_pair covers
+        # the test pair, not the default real one: service wiring is under test here (test_qwen_pair covers
         # the default pair)
-        "TANDEM_TARGET": "demo-target", "TANDEM_DRAFT": "demo-draft",
+        "TANDEM_TARGET": "test-target", "TANDEM_DRAFT": "test-draft",
     }
     with tempfile.TemporaryDirectory() as tmp:
         stack = LocalCompose(env, Path(tmp))
@@ -343,7 +349,7 @@ def test_cloud_service_command_serves_and_passes_its_healthcheck(local_stack: Lo
     base = f"http://127.0.0.1:{local_stack.env['CLOUD_HTTP_PORT']}"
     assert subprocess.run(healthcheck_argv(svc), capture_output=True, timeout=30).returncode == 0
     model = httpx.get(base + "/v1/models", timeout=10).json()["data"][0]["id"]
-    assert model == "demo-target"
+    assert model == "test-target"
     assert _complete(base, model, PROMPTS[0], 8)
 
 
@@ -359,7 +365,7 @@ def test_edge_service_gives_the_clouds_greedy_text(local_stack: LocalCompose) ->
     cloud = f"http://127.0.0.1:{local_stack.env['CLOUD_HTTP_PORT']}"
     edge_model = httpx.get(edge + "/v1/models", timeout=10).json()["data"][0]["id"]
     for prompt in PROMPTS:
-        want = _complete(cloud, "demo-target", prompt, 24)
+        want = _complete(cloud, "test-target", prompt, 24)
         assert want
         got = _completion(edge, edge_model, prompt, 24)
         assert got["choices"][0]["text"] == want, prompt

@@ -14,7 +14,7 @@ CPU = {1: 1.0, 2: 1.15, 3: 1.23, 4: 1.67, 5: 1.69, 6: 1.77, 8: 1.99}
 def test_nothing_measured_and_no_prior_is_one_step_flat() -> None:
     c = CostCurve()
     assert [c.time(n) for n in (1, 2, 16)] == [DEFAULT_STEP_S] * 3
-    assert c.marginal(4) == 0
+    assert c.time(5) - c.time(4) == 0
 
 
 def test_measured_points_interpolate_and_the_last_segment_extrapolates() -> None:
@@ -23,7 +23,7 @@ def test_measured_points_interpolate_and_the_last_segment_extrapolates() -> None
     assert c.time(3) == pytest.approx(2.5)
     assert c.time(5) == pytest.approx(4.5)
     assert c.time(8) == pytest.approx(9.0)  # the slope of 4 -> 6 carried on
-    assert c.marginal(4) == pytest.approx(1.5)
+    assert c.time(5) - c.time(4) == pytest.approx(1.5)
     assert c.as_dict(3) == pytest.approx({1: 2.0, 2: 2.0, 3: 2.5})
 
 
@@ -120,7 +120,7 @@ def test_adaptive_gamma_reads_its_verify_time_from_the_curve() -> None:
 def test_a_curve_that_jumps_keeps_adaptive_blocks_short_of_the_jump() -> None:
     def chosen(curve: dict[int, float]) -> int:
         m = AdaptiveGamma(max_gamma=8, costs=CostCurve.from_measurements(curve))
-        m.acceptance = [Ewma(0.7, samples=1) for _ in range(8)]
+        m.acceptance.positions = [Ewma(0.7, samples=1) for _ in range(8)]
         m.observe_draft_step(0.00005)
         return m.choose()
 

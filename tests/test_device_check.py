@@ -68,7 +68,7 @@ def test_quick_run_on_cpu_writes_every_section(tmp_path: Path) -> None:
     results = json.loads((out / "results.json").read_text())
     assert results["environment"]["device"] == "cpu" and results["environment"]["torch"] == torch.__version__
     secs = results["sections"]
-    assert list(secs) == ["bounds", "timing-bfloat16", "capacity-bfloat16", "demo-eager", "timing-float32",
+    assert list(secs) == ["bounds", "timing-bfloat16", "capacity-bfloat16", "test-pair-eager", "timing-float32",
                           "capacity-float32"]  # no compiled sections on a CPU unless asked
     assert not [name for name, s in secs.items() if "error" in s or "skipped" in s]
     for d in ("bfloat16", "float32"):
@@ -81,9 +81,9 @@ def test_quick_run_on_cpu_writes_every_section(tmp_path: Path) -> None:
             assert timing[path]["c"] == draft["pass_ms"]["1"] / target["pass_ms"]["1"]
         assert set(secs[f"capacity-{d}"]["batches"]) == {"1", "2", "4"}
         assert all(b["tokens_per_s"] > 0 for b in secs[f"capacity-{d}"]["batches"].values())
-    demo = secs["demo-eager"]
-    assert set(demo["modes"]) == {"ar", "spec", "ouroboros"} and demo["prompts_done"] == 2
-    assert demo["all_equal_to_target_alone"]  # greedy: both speculative modes reproduce the target alone
-    assert demo["modes"]["spec"]["acceptance_rate"] > 0
+    pair = secs["test-pair-eager"]
+    assert set(pair["modes"]) == {"ar", "spec", "ouroboros"} and pair["prompts_done"] == 2
+    assert pair["all_equal_to_target_alone"]  # greedy: both speculative modes reproduce the target alone
+    assert pair["modes"]["spec"]["acceptance_rate"] > 0
     summary = (out / "summary.md").read_text()
     assert "| hf-eager |" in summary and "capacity-float32" in summary and "| ouroboros |" in summary

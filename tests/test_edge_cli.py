@@ -1,4 +1,4 @@
-"""`tandem generate` as a user runs it: the demo pair, a cloud server on loopback, one JSON object out."""
+"""`tandem generate` as a user runs it: the test pair, a cloud server on loopback, one JSON object out."""
 
 from __future__ import annotations
 
@@ -22,13 +22,13 @@ PROMPT = "def fibonacci(n):\n    "
 
 @pytest.mark.slow
 def test_generate_json_streams_the_targets_output() -> None:
-    target = load_model("demo-target")
+    target = load_model("test-target")
     ids = target.tokenizer.encode(PROMPT, add_special_tokens=False)
     expected = generate_autoregressive(target, ids, SamplingParams(max_tokens=24)).tokens
     env = os.environ | {"HF_HUB_OFFLINE": "1"}
     with BackgroundServer(ServerSettings(http_port=0, grpc_port=0, threads=1), target) as h:
         cmd = [sys.executable, "-m", "tandem_tools.cli", "generate", "--cloud", f"127.0.0.1:{h.grpc_port}",
-               "--max-tokens", "24", "--threads", "1", "--json", "--gamma", "adaptive", "--draft", "demo-draft", PROMPT]
+               "--max-tokens", "24", "--threads", "1", "--json", "--gamma", "adaptive", "--draft", "test-draft", PROMPT]
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
         assert done.returncode == 0, done.stderr
         out = json.loads(done.stdout)
@@ -41,7 +41,7 @@ def test_generate_json_streams_the_targets_output() -> None:
 
         # the same command in process (no interpreter start-up): text streamed, the figures on stderr
         args = ["generate", "--cloud", f"127.0.0.1:{h.grpc_port}", "--max-tokens", "24", "--threads", "1", "--draft",
-                "demo-draft"]
+                "test-draft"]
         streamed = CliRunner().invoke(app, [*args, "--mode", "cloud", PROMPT])
         assert streamed.exit_code == 0, streamed.output
         assert streamed.stdout.rstrip("\n") == out["text"]

@@ -101,7 +101,7 @@ def test_sampled_remainder_slices_q_rows(chain: LoadedModel) -> None:
 def measured(alpha: float, draft_ms: float, rtt_ms: float, verify_ms: tuple[float, float]) -> AdaptiveGamma:
     """verify_ms: (fixed, per position)."""
     m = AdaptiveGamma(max_gamma=16)
-    m.acceptance = [Ewma(alpha, samples=1) for _ in range(16)]
+    m.acceptance.positions = [Ewma(alpha, samples=1) for _ in range(16)]
     m.observe_draft_step(draft_ms / 1e3)
     m.observe_rtt(rtt_ms / 1e3)
     for n in (1, 3, 5, 9):
@@ -138,9 +138,9 @@ def test_pipelining_hides_the_round_trip() -> None:
 def test_acceptance_per_position_learns_only_positions_reached() -> None:
     m = AdaptiveGamma(prior_acceptance=0.5)
     m.observe_round(drafted=4, accepted=1)  # position 0 accepted, 1 rejected, 2 and 3 never reached
-    assert [round(a.value, 3) for a in m.acceptance] == [1.0, 0.0]
+    assert [round(a.value, 3) for a in m.acceptance.positions] == [1.0, 0.0]
     m.observe_round(drafted=4, accepted=4)
-    assert len(m.acceptance) == 4 and m.acceptance[0].value == 1.0 and 0 < m.acceptance[1].value < 1
+    assert len(m.acceptance.positions) == 4 and m.acceptance(0) == 1.0 and 0 < m.acceptance(1) < 1
 
 
 def test_cloud_rate_is_one_target_step_per_token() -> None:

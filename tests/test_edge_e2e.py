@@ -13,7 +13,7 @@ import pytest
 
 from cloud_server.main import BackgroundServer, ServerHandle
 from cloud_server.settings import ServerSettings
-from edge_client.client import EdgeClient
+from edge_client.client import edge_decoder
 from edge_client.http_app import BackgroundEdge
 from edge_client.remote import RemoteError
 from edge_client.settings import EdgeSettings
@@ -70,7 +70,7 @@ def test_greedy_output_equals_the_target_alone(
     server: ServerHandle, tiny_draft: LoadedModel, expected: list[int], transport: str, pipeline: bool,
     gamma: int | str,
 ) -> None:
-    result = EdgeClient(edge(server, transport, pipeline=pipeline, gamma=gamma), tiny_draft).generate(PROMPT, GREEDY)
+    result = edge_decoder(edge(server, transport, pipeline=pipeline, gamma=gamma), tiny_draft).generate(PROMPT, GREEDY)
     assert result.tokens == expected
     s = result.stats.as_dict()
     assert s["rounds"] == s["target_passes"] > 0 and 0 < s["accepted"] <= s["drafted"]
@@ -84,18 +84,18 @@ def test_greedy_output_equals_the_target_alone(
 
 def test_unary_grpc_pipelined_and_sampled_runs(server: ServerHandle, tiny_draft: LoadedModel,
                                                 expected: list[int]) -> None:
-    assert EdgeClient(edge(server, "grpc-unary", gamma=3), tiny_draft).generate(PROMPT, GREEDY).tokens == expected
+    assert edge_decoder(edge(server, "grpc-unary", gamma=3), tiny_draft).generate(PROMPT, GREEDY).tokens == expected
     sampled = SamplingParams(max_tokens=24, temperature=0.8, top_p=0.95, seed=5, ignore_eos=True)
-    result = EdgeClient(edge(server, "grpc", gamma=3), tiny_draft).generate(PROMPT, sampled)
+    result = edge_decoder(edge(server, "grpc", gamma=3), tiny_draft).generate(PROMPT, sampled)
     assert len(result.tokens) == 24 and result.stats.rounds > 0
 
 
 def test_cloud_and_edge_modes(server: ServerHandle, tiny_draft: LoadedModel, expected: list[int]) -> None:
     for transport in ("grpc", "http"):
-        cloud = EdgeClient(edge(server, transport, mode="cloud"), tiny_draft).generate(PROMPT, GREEDY)
+        cloud = edge_decoder(edge(server, transport, mode="cloud"), tiny_draft).generate(PROMPT, GREEDY)
         assert cloud.tokens == expected and cloud.stats.target_passes == len(expected)
         assert cloud.stats.bytes_received > 0
-    alone = EdgeClient(edge(server, mode="edge"), tiny_draft).generate(PROMPT, GREEDY)
+    alone = edge_decoder(edge(server, mode="edge"), tiny_draft).generate(PROMPT, GREEDY)
     assert alone.tokens == generate_autoregressive(tiny_draft, PROMPT, GREEDY).tokens
     assert alone.stats.lossy and alone.stats.edge_tokens == len(alone.tokens)
 
@@ -128,7 +128,7 @@ def test_cloud_restart_mid_generation_loses_and_duplicates_nothing(
     restarter = threading.Thread(target=restart)
     settings = edge(h1, transport, gamma=3, retries=6, backoff_s=0.1)
     try:
-        result = EdgeClient(settings, tiny_draft).generate(PROMPT, GREEDY, on_tokens=on_tokens)
+        result = edge_decoder(settings, tiny_draft).generate(PROMPT, GREEDY, on_tokens=on_tokens)
     finally:
         for s in second:
             s.stop(grace=0.1)
@@ -139,10 +139,10 @@ def test_cloud_restart_mid_generation_loses_and_duplicates_nothing(
 def test_unreachable_cloud_is_a_clear_error_or_the_lossy_fallback(tiny_draft: LoadedModel) -> None:
     settings = EdgeSettings(cloud=f"127.0.0.1:{free_port()}", timeout_s=2, retries=1, backoff_s=0.05)
     with pytest.raises(RemoteError, match="unreachable") as info:
-        EdgeClient(settings, tiny_draft).generate(PROMPT, GREEDY)
+        edge_decoder(settings, tiny_draft).generate(PROMPT, GREEDY)
     assert "--fallback edge" in str(info.value)
     fallback = settings.model_copy(update={"fallback": "edge"})
-    result = EdgeClient(fallback, tiny_draft).generate(PROMPT, GREEDY)
+    result = edge_decoder(fallback, tiny_draft).generate(PROMPT, GREEDY)
     assert result.tokens == generate_autoregressive(tiny_draft, PROMPT, GREEDY).tokens
     assert result.stats.lossy and result.stats.edge_tokens == len(result.tokens)
 
@@ -162,7 +162,7 @@ def _continues_as_a_stream(server: ServerHandle, tiny_draft: LoadedModel, expect
     with start_in_thread("127.0.0.1", 0, "127.0.0.1", port, NetemConfig(rtt_ms=250)) as proxy:
         settings = EdgeSettings(cloud=f"127.0.0.1:{proxy.port}", transport=transport, mode="auto", timeout_s=10,
                                 retries=0)
-        client = EdgeClient(settings, tiny_draft)
+        client = edge_decoder(settings, tiny_draft)
         client.gamma_policy.draft_s = Ewma(1e-6)  # drafting free (then measured): first blocks advised
         result = client.generate(PROMPT, GREEDY)
         # the edge now knows its round trip and says so at open: the cloud advises 0 before any block

@@ -180,7 +180,7 @@ def test_device_and_dtype_names() -> None:
 
 
 def test_load_model_casts_and_compiles_the_shipped_draft() -> None:
-    draft = load_model("demo-draft", dtype="bfloat16")
+    draft = load_model("test-draft", dtype="bfloat16")
     assert draft.dtype is torch.bfloat16 and not draft.compiled
     assert draft.weight_bytes == sum(p.numel() * 2 for p in {id(p): p for p in draft.model.parameters()}.values())
     assert "bfloat16, eager" in draft.describe()

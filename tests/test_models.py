@@ -1,4 +1,4 @@
-"""One loader for any causal LM: a local folder, a demo model by name, a hub id (offline: a clear error)."""
+"""One loader for any causal LM: a local folder, the test pair by name, a hub id (offline: a clear error)."""
 
 from __future__ import annotations
 
@@ -42,7 +42,20 @@ def test_missing_folder_or_offline_hub_id_is_a_clear_error(monkeypatch: pytest.M
         load_model("no-such-org/no-such-model")
 
 
-def test_demo_models_load_by_name() -> None:
-    target, draft = load_model("demo-target"), load_model("demo-draft")
+def test_the_test_pair_loads_by_name() -> None:
+    target, draft = load_model("test-target"), load_model("test-draft")
     check_pair(draft, target)
     assert target.tokenizer.decode(target.tokenizer.encode("def f(x):\n    return x\n")) == "def f(x):\n    return x\n"
+
+
+def test_an_unknown_short_name_lists_the_known_ones(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelLoadError, match=r"the short names are qwen2\.5-coder-1\.5b-instruct, .*, test-target, "
+                                             "test-draft"):
+        load_model("no-such-target")
+
+
+def test_the_test_pair_outside_a_checkout_is_a_clear_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("TANDEM_TEST_PAIR", str(tmp_path))  # as an installed package sees it: no test pair there
+    with pytest.raises(ModelLoadError, match="exists only in a source checkout"):
+        load_model("test-draft")

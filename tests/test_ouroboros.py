@@ -10,7 +10,7 @@ import torch
 
 from cloud_server.main import BackgroundServer, ServerHandle
 from cloud_server.settings import ServerSettings
-from edge_client.client import EdgeClient
+from edge_client.client import edge_decoder
 from edge_client.settings import EdgeSettings
 from tandem.blocks import VerifyResult
 from tandem.local import LocalVerifier
@@ -20,7 +20,7 @@ from tandem.pool import OuroborosConfig, PhrasePool
 from tandem.sampling import SamplingParams
 from tandem.session import TargetSession, generate_autoregressive
 from tandem.speculate import generate_speculative
-from tandem.verify import verify_stochastic
+from tandem.verify import SparseQ, verify_stochastic
 
 PROMPTS = [[10, 20, 30, 40, 50, 60, 70], [5, 9, 14, 3, 22, 40, 41, 5, 9, 14], [33] * 6 + [34, 35]]
 GREEDY = SamplingParams(max_tokens=40, ignore_eos=True)
@@ -87,7 +87,7 @@ def test_point_mass_rows_keep_the_targets_distribution() -> None:
     """A pool token x under sampling: accept with p(x), else recover from p without x. The emitted token is ~ p."""
     p = torch.tensor([0.05, 0.4, 0.25, 0.2, 0.1])
     x = torch.tensor([1])
-    q = torch.zeros(1, 5).scatter_(1, x[:, None], 1.0)  # [1, V] one-hot at the pool's token
+    q = SparseQ(torch.arange(5)[None], torch.zeros(1, 5).scatter_(1, x[:, None], 1.0))  # one-hot at the pool's token
     gen = torch.Generator().manual_seed(0)
     n = 8000
     counts = torch.zeros(5)
@@ -142,7 +142,7 @@ def test_greedy_equals_the_target_alone_over_the_wire(
     port = server.http_port if transport == "http" else server.grpc_port
     settings = EdgeSettings(cloud=f"127.0.0.1:{port}", transport=transport, timeout_s=10, retries=0, gamma=3,
                             pipeline=pipeline, ouroboros=True, ouroboros_candidates=2, client_id="t")
-    client = EdgeClient(settings, tiny_draft)
+    client = edge_decoder(settings, tiny_draft)
     for prompt in PROMPTS[:2]:
         want = generate_autoregressive(tiny_target, prompt, GREEDY).tokens
         for _ in range(2):  # the second time with the pool the first one filled: a warm start
@@ -154,11 +154,11 @@ def test_greedy_equals_the_target_alone_over_the_wire(
 
 
 @pytest.mark.slow
-def test_demo_pair_greedy_equals_the_target_alone() -> None:
+def test_the_test_pair_greedy_equals_the_target_alone() -> None:
     from tandem.models import load_model
     from tandem_tools.train.data import heldout_prompts
 
-    target, draft = load_model("demo-target"), load_model("demo-draft")
+    target, draft = load_model("test-target"), load_model("test-draft")
     params = SamplingParams(max_tokens=48, ignore_eos=True)
     for prompt in heldout_prompts(2, 64, target.tokenizer):
         want = generate_autoregressive(target, prompt, params).tokens
@@ -169,7 +169,6 @@ def test_demo_pair_greedy_equals_the_target_alone() -> None:
 
 
 def test_candidates_and_feedback_cross_the_wire_and_old_messages_carry_none() -> None:
-    from cloud_server.worker import SessionVerdict
     from tandem.blocks import Candidate, DraftBlock, VerifyResult
     from tandem_protocol import pb as wire
 
@@ -177,10 +176,10 @@ def test_candidates_and_feedback_cross_the_wire_and_old_messages_carry_none() ->
     back = wire.block_from_pb(wire.block_to_pb(block, seq=3, base_len=10))
     assert back.tokens == block.tokens and back.candidates == block.candidates
     assert wire.block_from_pb(wire.block_to_pb(DraftBlock([4]), seq=0)).candidates == []
-    result = VerifyResult(3, 2, "bonus", [4, 5, 8, 2], None, [6, 1], candidate=1,
-                          candidate_target_tokens=[[3], [9, 2]])
-    assert wire.result_from_pb(wire.verdict_to_pb(SessionVerdict(3, result, 4))) == result
-    plain = VerifyResult(1, 2, "recovered", [4, 2], None, [2, 0])
-    msg = wire.verdict_to_pb(SessionVerdict(0, plain, 2))
+    result = VerifyResult(3, [4, 5, 8, 2], None, [6, 1], candidate=1, candidate_target_tokens=[[3], [9, 2]], seq=3,
+                          generated=4)
+    assert wire.verdict_from_pb(wire.verdict_to_pb(result)) == result
+    plain = VerifyResult(1, [4, 2], None, [2, 0], generated=2)
+    msg = wire.verdict_to_pb(plain)
     assert not msg.HasField("candidate") and not msg.candidate_target_tokens
-    assert wire.result_from_pb(msg) == plain
+    assert wire.verdict_from_pb(msg) == plain

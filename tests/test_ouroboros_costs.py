@@ -14,7 +14,7 @@ from tandem.ouroboros import OuroborosDrafter, ShapeStats
 from tandem.pool import OuroborosConfig, PhrasePool
 from tandem.sampling import SamplingParams
 from tandem.session import generate_autoregressive
-from tandem.speculate import SpeculativeDecoder, _Borrowed, generate_speculative
+from tandem.speculate import SpeculativeDecoder, generate_speculative
 
 PROMPTS = [[10, 20, 30, 40, 50, 60, 70], [5, 9, 14, 3, 22, 40, 41, 5, 9, 14], [33] * 6 + [34, 35]]
 GREEDY = SamplingParams(max_tokens=40, ignore_eos=True)
@@ -48,7 +48,7 @@ def test_the_drafter_learns_acceptance_per_chain_from_a_verdict() -> None:
     # main [1, 2 | 3, 4]: the draft model's two, the pool's two; a candidate after main[1]
     block = DraftBlock([1, 2, 3, 4], candidates=[Candidate(1, [7, 8, 9]), Candidate(0, [6])])
     # main accepted to 2, the candidate's 7 and 8 too (the target's 5 after them), 9 not reached
-    result = VerifyResult(4, 5, "recovered", [1, 2, 7, 8, 5], None, [7, 0, 0], candidate=0,
+    result = VerifyResult(4, [1, 2, 7, 8, 5], None, [7, 0, 0], candidate=0,
                           candidate_target_tokens=[[8, 5, 1], [2]])
     s = ShapeStats()
     s.learn(block, own=2, on_main=2, result=result)
@@ -119,7 +119,7 @@ def test_pipelined_with_a_shared_curve_equals_the_target_alone(tiny_target: Load
                                                                tiny_draft: LoadedModel) -> None:
     settings = SpeculationSettings.model_construct(mode="spec", gamma="adaptive", max_gamma=6, pipeline=True,
                                                    retries=0)
-    decoder = SpeculativeDecoder(settings, tiny_draft, lambda: _Borrowed(LocalVerifier(tiny_target)))
+    decoder = SpeculativeDecoder(settings, tiny_draft, lambda: LocalVerifier(tiny_target))
     decoder.gamma_policy.costs = CostCurve(CPU.as_dict(16))
     d = OuroborosDrafter(tiny_draft, cfg=WIDE, costs=decoder.gamma_policy.costs)
     for prompt in PROMPTS:

@@ -76,7 +76,7 @@ def test_learn_files_emitted_tokens_and_the_targets_feedback() -> None:
     context = [1, 2]
     block = DraftBlock([3, 4, 5], candidates=[Candidate(0, [7, 8]), Candidate(0, [9, 9])])
     # 3 accepted; the target said 6 after it (not 4), then 60 after the draft's 4 and 61 after its 5
-    result = VerifyResult(1, 6, "recovered", [3, 6], None, [6, 60, 61],
+    result = VerifyResult(1, [3, 6], None, [6, 60, 61],
                           candidate_target_tokens=[[8, 30], [0, 0]])
     learn(pool, context, block, result)
     assert pool.lookup([1, 2], 4) == [[3, 6]]  # the emitted tokens
@@ -84,7 +84,7 @@ def test_learn_files_emitted_tokens_and_the_targets_feedback() -> None:
     assert pool.lookup([4, 5], 4) == [[61]]
     # candidate [7, 8] began wrong (the target said 6 after 3): not filed; the target's own 6 is
     assert [7, 8, 30] not in pool.lookup([2, 3], 4, k=4)
-    stale = VerifyResult(0, 0, "recovered", [], None, [], stale=True)
+    stale = VerifyResult(0, [], None, [], stale=True)
     before = pool.size
     learn(pool, context, block, stale)
     assert pool.size == before
@@ -141,7 +141,7 @@ def test_origins_are_kept_returned_and_the_first_one_stays() -> None:
 def test_learn_tags_output_and_feedback() -> None:
     pool = PhrasePool(phrase_len=4)
     block = DraftBlock([3, 4, 5])
-    learn(pool, [1, 2], block, VerifyResult(1, 6, "recovered", [3, 6], None, [6, 60, 61]))
+    learn(pool, [1, 2], block, VerifyResult(1, [3, 6], None, [6, 60, 61]))
     assert pool.lookup_tagged([1, 2], 4) == [([3, 6], "output")]
     assert pool.lookup_tagged([3, 4], 4) == [([60, 61], "feedback")]
 

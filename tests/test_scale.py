@@ -25,7 +25,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from edge_client.client import EdgeClient
+from edge_client.client import edge_decoder
 from edge_client.settings import EdgeSettings
 from tandem.models import LoadedModel
 from tandem.sampling import SamplingParams
@@ -158,7 +158,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     if binary is None:
         pytest.skip("no nginx binary on this machine (Debian: apt-get install nginx)")
     workdir = tmp_path_factory.mktemp("scale")
-    env = {"TANDEM_SHUTDOWN_GRACE_S": "1", "TANDEM_TARGET": "demo-target"}
+    env = {"TANDEM_SHUTDOWN_GRACE_S": "1", "TANDEM_TARGET": "test-target"}
     replicas = [CloudProcess(threads=1, env=env, log_path=workdir / f"cloud-{i}.log")
                 for i in range(2)]
     errors: list[BaseException] = []
@@ -189,7 +189,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
 def draft() -> LoadedModel:
     from tandem.models import load_model
 
-    return load_model("demo-draft")
+    return load_model("test-draft")
 
 
 def encode(draft: LoadedModel, text: str) -> list[int]:
@@ -207,7 +207,7 @@ def test_sessions_stick_to_one_replica_and_both_replicas_serve(cluster: Cluster,
     opens = ("POST /v1/sessions ", "POST /tandem.v1.Verifier/Session ", "POST /tandem.v1.Verifier/OpenSession ")
     for transport in ("grpc", "grpc-unary", "http"):
         since = cluster.nginx.log_size()
-        client = EdgeClient(cluster.edge(transport), draft)
+        client = edge_decoder(cluster.edge(transport), draft)
         seen: set[int] = set()
         n = 0
         # consistent hashing of random ids: go on until both replicas have had sessions (2^-11 to fail by chance)
@@ -257,7 +257,7 @@ def _kill_mid_generation(cluster: Cluster, draft: LoadedModel, transport: str, p
     params = SamplingParams(max_tokens=24, ignore_eos=True)
     settings = cluster.edge(transport)
     before = cluster.nginx.log_size()
-    undisturbed = EdgeClient(settings, draft).generate(prompt, params).tokens
+    undisturbed = edge_decoder(settings, draft).generate(prompt, params).tokens
     streamed: list[int] = []
     killed: list[int] = []
 
@@ -270,7 +270,7 @@ def _kill_mid_generation(cluster: Cluster, draft: LoadedModel, transport: str, p
             cluster.replicas[holding[0]].kill()
             killed.append(holding[0])
 
-    result = EdgeClient(settings, draft).generate(prompt, params, on_tokens=on_tokens)
+    result = edge_decoder(settings, draft).generate(prompt, params, on_tokens=on_tokens)
     assert killed, f"{transport}: the generation ended before a replica was killed"
     assert result.tokens == undisturbed and streamed == undisturbed, transport
     assert result.stats.resumes >= 1, result.stats

@@ -14,7 +14,7 @@ from certs import Certs, make_certs
 
 from cloud_server.main import BackgroundServer, ServerHandle
 from cloud_server.settings import ServerSettings
-from edge_client.client import EdgeClient
+from edge_client.client import edge_decoder
 from edge_client.http_app import BackgroundEdge
 from edge_client.remote import GrpcVerifier, RemoteError
 from edge_client.settings import EdgeSettings
@@ -101,7 +101,7 @@ def test_grpc_over_tls(server: ServerHandle, certs: Certs) -> None:
 def test_edge_verifies_the_cloud_with_a_custom_ca(
     server: ServerHandle, tiny_draft: LoadedModel, certs: Certs, expected: list[int], transport: str
 ) -> None:
-    result = EdgeClient(edge(server, transport, certs.ca_file), tiny_draft).generate(PROMPT, GREEDY)
+    result = edge_decoder(edge(server, transport, certs.ca_file), tiny_draft).generate(PROMPT, GREEDY)
     assert result.tokens == expected
 
 
@@ -111,7 +111,7 @@ def test_a_wrong_ca_fails_at_once_naming_tls(
 ) -> None:
     settings = edge(server, transport, other_ca.ca_file, retries=5, backoff_s=2.0)
     with pytest.raises(RemoteError) as info:
-        EdgeClient(settings, tiny_draft).generate(PROMPT, GREEDY)
+        edge_decoder(settings, tiny_draft).generate(PROMPT, GREEDY)
     assert info.value.code == "tls_error" and "TLS" in str(info.value)
     assert "unreachable after" not in str(info.value)  # not retried: with 5 retries at 2 s the test would time out
 

@@ -31,11 +31,11 @@ GREEDY = SamplingParams(max_tokens=40, ignore_eos=True)
 def test_a_verdicts_origins() -> None:
     block = DraftBlock([1, 2, 3, 4, 5], sources=["draft", "draft", "vetted", "pool", "pool"],
                        candidates=[Candidate(1, [7, 8])])
-    plain = VerifyResult(3, 9, "recovered", [1, 2, 3, 9], None, [])
+    plain = VerifyResult(3, [1, 2, 3, 9], None, [])
     assert plain.emitted_origins(block) == "ddpt"
     assert plain.emitted_origins(DraftBlock([1, 2, 3, 4])) == "dddt"  # no sources: all the draft model's
-    assert VerifyResult(2, 9, "recovered", [2, 3], "stop", []).emitted_origins(block, skipped=1) == "dp"  # cut
-    taken = VerifyResult(4, 9, "bonus", [1, 2, 7, 8, 9], None, [], candidate=0)  # main[:2], then the candidate
+    assert VerifyResult(2, [2, 3], "stop", []).emitted_origins(block, skipped=1) == "dp"  # cut
+    taken = VerifyResult(4, [1, 2, 7, 8, 9], None, [], candidate=0)  # main[:2], then the candidate
     assert taken.emitted_origins(block) == "ddppt"
 
 

@@ -14,7 +14,7 @@ from tandem_tools.train.data import split_of, stdlib_root
 
 ROOT = Path(__file__).resolve().parents[1]
 TRACE = ROOT / "benchmarks" / "traces" / "code-completion.jsonl"
-MANIFEST = ROOT / "tandem" / "demo" / "files.json"
+MANIFEST = ROOT / "tests" / "fixtures" / "test_pair" / "files.json"
 SOURCE = re.compile(r"^(?P<path>[\w./-]+\.py):(?P<first>\d+)-(?P<last>\d+)$")
 
 
@@ -42,12 +42,12 @@ def test_sources_are_heldout_line_ranges(rows: list[dict]) -> None:
         assert 10 <= last - first + 1 <= 40
         assert r["prompt"].count("\n") == last - first + 1
         assert split_of(m["path"]) == "heldout", r["source"]
-        assert manifest.get(m["path"]) == "heldout", r["source"]  # and so it was for the shipped models
+        assert manifest.get(m["path"]) == "heldout", r["source"]  # and so it was for the test pair
     assert len({SOURCE.match(r["source"])["path"] for r in rows}) >= 15  # type: ignore[index]
 
 
 def test_trace_regenerates_from_this_stdlib(rows: list[dict]) -> None:
-    """On the interpreter the demo models were trained with, the prompts are the cited lines, and the script
+    """On the interpreter the test pair was trained with, the prompts are the cited lines, and the script
     reproduces the file exactly."""
     if platform.python_version() != json.loads(MANIFEST.read_text())["python"]:
         pytest.skip("a different stdlib: line numbers may differ")
@@ -81,7 +81,7 @@ def test_chat_rows_use_the_chat_template(tmp_path: Path) -> None:
     from tandem.models import load_model
     from tandem_tools.replay_summary import load_trace
 
-    tok = load_model("demo-target").tokenizer  # no chat template: the messages' text, joined
+    tok = load_model("test-target").tokenizer  # no chat template: the messages' text, joined
     row = load_trace(CHAT)[0]
     assert row.ids(tok) == tok.encode("\n".join(m["content"] for m in row.messages or ()), add_special_tokens=False)
     bad = tmp_path / "bad.jsonl"

@@ -8,9 +8,14 @@ import torch
 from tandem.blocks import cut_at_finish
 from tandem.errors import InvalidRequestError
 from tandem.sampling import SamplingParams
-from tandem.verify import dense_q, verify_greedy, verify_stochastic
+from tandem.verify import SparseQ, checked_q, verify_greedy, verify_stochastic
 
 V = 10
+
+
+def full(q: torch.Tensor) -> SparseQ:
+    """A dense q [gamma, V] in the rule's form: its support is every token."""
+    return SparseQ(torch.arange(q.shape[-1]).expand(q.shape[0], -1), q)
 
 
 def logits_spelling(tokens: list[int]) -> torch.Tensor:
@@ -63,7 +68,7 @@ def test_context_end_reached_mid_block() -> None:
 
 def test_stochastic_identical_p_q_accepts_everything() -> None:
     p = torch.softmax(torch.randn(4, V, generator=torch.Generator().manual_seed(1)), -1)
-    v = verify_stochastic(torch.tensor([1, 2, 3]), p[:3], p, torch.Generator().manual_seed(0))
+    v = verify_stochastic(torch.tensor([1, 2, 3]), full(p[:3]), p, torch.Generator().manual_seed(0))
     assert (v.num_accepted, v.kind) == (3, "bonus")
 
 
@@ -72,7 +77,7 @@ def test_stochastic_zero_p_rejects_and_recovers_elsewhere() -> None:
     p[0, 4] = 0.0  # the target never emits 4 first
     q = torch.full((2, V), 1 / V)
     for seed in range(20):
-        v = verify_stochastic(torch.tensor([4, 4]), q, p, torch.Generator().manual_seed(seed))
+        v = verify_stochastic(torch.tensor([4, 4]), full(q), p, torch.Generator().manual_seed(seed))
         assert v.num_accepted == 0 and v.next_token != 4 and v.kind == "recovered"
 
 
@@ -81,20 +86,23 @@ def test_q_zero_at_drafted_token_is_rejected_as_bad_input() -> None:
     q = torch.zeros(1, V)
     q[0, 2] = 1.0
     with pytest.raises(InvalidRequestError):
-        verify_stochastic(torch.tensor([5]), q, p, None)
+        verify_stochastic(torch.tensor([5]), full(q), p, None)
 
 
-def test_dense_q_forms() -> None:
+def test_sparse_q_reads_its_support_and_checks_what_was_sent() -> None:
     x = torch.tensor([2, 7])
-    point = dense_q(x, V)
-    assert point[0, 2] == 1 and point[1, 7] == 1 and point.sum() == 2
-    ids, probs = torch.tensor([[2, 3], [7, 1]]), torch.tensor([[0.6, 0.4], [0.9, 0.1]])
-    sparse = dense_q(x, V, sparse_ids=ids, sparse_probs=probs)
-    assert sparse[0, 3] == pytest.approx(0.4) and sparse[1, 1] == pytest.approx(0.1)
-    with pytest.raises(InvalidRequestError):
-        dense_q(x, V, sparse_ids=torch.tensor([[2, 99], [7, 1]]), sparse_probs=torch.ones(2, 2) / 2)
-    with pytest.raises(InvalidRequestError):
-        dense_q(x, V, full=torch.ones(3, V))
+    assert checked_q(x, V, None, None) is None  # a point mass at each drafted token
+    ids, probs = torch.tensor([[2, 3], [7, 1]]), torch.tensor([[1.2, 0.8], [0.9, 0.1]])
+    q = checked_q(x, V, ids, probs)
+    assert q is not None
+    assert q.at(x).tolist() == pytest.approx([0.6, 0.9])  # each row normalised
+    assert q.row(1, V)[1] == pytest.approx(0.1) and q.row(1, V).sum() == pytest.approx(1.0)
+    with pytest.raises(InvalidRequestError, match="out-of-vocabulary"):
+        checked_q(x, V, torch.tensor([[2, 99], [7, 1]]), torch.ones(2, 2) / 2)
+    with pytest.raises(InvalidRequestError, match="zero probability"):
+        checked_q(x, V, torch.tensor([[3, 4], [7, 1]]), torch.ones(2, 2) / 2)
+    with pytest.raises(InvalidRequestError, match=r"\[gamma, k\]"):
+        checked_q(x, V, torch.arange(V).expand(3, -1), torch.ones(3, V))
 
 
 # --- the distribution test -------------------------------------------------------------------------------------------
@@ -114,12 +122,12 @@ def _round(form: str, gen: torch.Generator, wrong_rule: bool = False) -> list[in
         probs = top.values / top.values.sum(-1, keepdim=True)
         pick = torch.multinomial(probs, 1, generator=gen)[:, 0]
         x = top.indices[torch.arange(gamma), pick]
-        q = dense_q(x, VS, sparse_ids=top.indices, sparse_probs=probs)
+        q: SparseQ | None = SparseQ(top.indices, probs)
     else:
         x = torch.multinomial(Q_DRAFT, 1, generator=gen)[:, 0]
-        q = Q_DRAFT if form == "full" else dense_q(x, VS)  # "none": point mass at the drafted token
+        q = full(Q_DRAFT) if form == "full" else None  # "none": point mass at the drafted token
     if wrong_rule:  # a plausible bug: forget the draft's q and accept with p(x) as if q were uniform
-        q = torch.full((gamma, VS), 1.0 / VS)
+        q = full(torch.full((gamma, VS), 1.0 / VS))
     v = verify_stochastic(x, q, P, gen)
     return [*x[:v.num_accepted].tolist(), v.next_token]
 

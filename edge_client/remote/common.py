@@ -7,7 +7,6 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 from tandem.blocks import DraftBlock, VerifyResult
 from tandem.errors import RemoteError
-from tandem.messages import SessionVerdict
 
 AFFINITY_HEADER = "x-tandem-session"  # HTTP header and gRPC metadata key (lowercase, as gRPC requires)
 
@@ -32,25 +31,21 @@ class Pipelined:
     bytes_sent: int
     bytes_received: int
 
-    def _call(self, block: DraftBlock, seq: int, base_len: int | None) -> SessionVerdict:
+    def _call(self, block: DraftBlock, seq: int, base_len: int | None) -> VerifyResult:
         raise NotImplementedError
 
     def _setup(self) -> None:
         self.seq = 0
         self.bytes_sent = self.bytes_received = 0
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tandem-remote")
-        self._pending: deque[Future[SessionVerdict]] = deque()
+        self._pending: deque[Future[VerifyResult]] = deque()
 
     def send(self, block: DraftBlock, base_len: int | None = None) -> None:
         self._pending.append(self._pool.submit(self._call, block, self.seq, base_len))
         self.seq += 1
 
-    def recv(self) -> SessionVerdict:
+    def recv(self) -> VerifyResult:
         return self._pending.popleft().result()
-
-    def verify(self, block: DraftBlock) -> VerifyResult:
-        self.send(block)
-        return self.recv().result
 
     def _shutdown(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

@@ -14,7 +14,7 @@ from edge_client.remote.common import AFFINITY_HEADER, TLS_HINT, Pipelined, canc
 from edge_client.remote.watchdog import WATCHDOG
 from tandem.blocks import DraftBlock, EdgeReport, VerifyResult
 from tandem.errors import RemoteError
-from tandem.messages import OpenRequest, SessionVerdict, Step
+from tandem.messages import OpenRequest, Step
 from tandem.sampling import SamplingParams
 from tandem_protocol import pb as wire
 from tandem_protocol.errors import code_from_grpc
@@ -168,7 +168,7 @@ class GrpcUnarySession(Pipelined):
         self._setup()
         self.bytes_received = opened.ByteSize()
 
-    def _call(self, block: DraftBlock, seq: int, base_len: int | None) -> SessionVerdict:
+    def _call(self, block: DraftBlock, seq: int, base_len: int | None) -> VerifyResult:
         v = self.verifier
         request = pb.VerifyRequest(session_id=self.session_id, draft=wire.block_to_pb(block, seq, base_len))
         self.bytes_sent += request.ByteSize()
@@ -231,15 +231,11 @@ class GrpcStreamSession:
         self._requests.put(msg)
         self.seq += 1
 
-    def recv(self) -> SessionVerdict:
+    def recv(self) -> VerifyResult:
         reply = self._next()
         if reply.WhichOneof("msg") != "verdict":
             raise self._error(reply)
         return wire.verdict_from_pb(reply.verdict)
-
-    def verify(self, block: DraftBlock) -> VerifyResult:
-        self.send(block)
-        return self.recv().result
 
     def continue_alone(self, context: list[int]) -> Iterator[Step]:
         """On a Generate stream of its own; this stream, closed after, then finds its session gone (as it should)."""

@@ -11,9 +11,9 @@ from typing import Any
 import httpx
 
 from edge_client.remote.common import AFFINITY_HEADER, TLS_HINT, Pipelined, cancelled_error, is_tls_failure
-from tandem.blocks import DraftBlock, EdgeReport
+from tandem.blocks import DraftBlock, EdgeReport, VerifyResult
 from tandem.errors import RemoteError
-from tandem.messages import OpenRequest, SessionVerdict, Step
+from tandem.messages import OpenRequest, Step
 from tandem.sampling import SamplingParams
 from tandem_protocol import bodies
 
@@ -168,7 +168,7 @@ class HttpSession(Pipelined):
             self.bytes_sent += sent
             self.bytes_received += received
 
-    def _call(self, block: DraftBlock, seq: int, base_len: int | None) -> SessionVerdict:
+    def _call(self, block: DraftBlock, seq: int, base_len: int | None) -> VerifyResult:
         body = bodies.draft_to_json(block, seq, base_len)
         v = self.verifier.request("POST", f"/v1/sessions/{self.session_id}/verify", body, self._count,
                                   self.affinity_key)

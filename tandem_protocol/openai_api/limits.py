@@ -1,9 +1,6 @@
-"""Admission, shared by both servers (HTTP and gRPC): how many requests run at once, in all and per client (its API
-key, or its address on an open server); a bounded queue for the rest, served round-robin across clients so that one
-client's flood cannot starve another's requests; and each request's wall-time limit. Touched only from the event loop.
-
-Refusals carry the wait worth retrying after (`retry_after_s`): HTTP sends it as `Retry-After`, gRPC as the
-`grpc-retry-pushback-ms` trailer.
+"""Admission, shared by both servers (HTTP and gRPC): requests running at once, in all and per client (its API key, or
+its address on an open server), a bounded queue served round-robin across clients, each request's wall-time limit,
+and the wait worth retrying after a refusal (docs/reliability.md). Touched only from the event loop.
 """
 
 from __future__ import annotations
@@ -171,11 +168,6 @@ class Gate:
         self.metrics.rejected.labels(reason=reason).inc()
         return Overloaded(message, self._retry_after())
 
-    def _check_open(self, new: bool) -> None:
-        if new and not self.accepting:
-            self.metrics.rejected.labels(reason="shutdown").inc()
-            raise ShuttingDownError("the server is shutting down")
-
     def try_enter(self, key: str, new: bool = True) -> Ticket:
         """Admit at once or refuse (429). `new`: False for a call on work already admitted (a session's next
         block), which a draining server still takes."""
@@ -186,7 +178,9 @@ class Gate:
 
     def _try(self, key: str, new: bool) -> Ticket | tuple[str, str]:
         """A ticket, or why not: (reason, message)."""
-        self._check_open(new)
+        if new and not self.accepting:
+            self.metrics.rejected.labels(reason="shutdown").inc()
+            raise ShuttingDownError("the server is shutting down")
         if self._fits(key) and not self._queues.get(key):
             return self._admit(key, _current_task())
         if self.running >= self.max_running:
@@ -310,13 +304,7 @@ class Gate:
         deadline = time.monotonic() + grace_s
         while time.monotonic() < deadline and not (self.running == 0 and (idle is None or idle())):
             await asyncio.sleep(0.05)
-        self.cancel_running("shutdown")
-
-    def cancel_running(self, reason: str) -> int:
-        cancelled = 0
         for ticket in list(self._tickets):
             if ticket.task is not None and not ticket.task.done() and ticket.task is not asyncio.current_task():
                 ticket.task.cancel()
-                self.metrics.cancelled.labels(reason=reason).inc()
-                cancelled += 1
-        return cancelled
+                self.metrics.cancelled.labels(reason="shutdown").inc()

@@ -24,12 +24,8 @@ def response_format_grammar(rf: ResponseFormat) -> Grammar | None:
     return None
 
 
-def grammar_of(body: CompletionRequest | ChatRequest) -> Grammar | None:
-    """`response_format` (OpenAI) or `structured_outputs` (vLLM's extension): at most one constraint."""
-    return constraint(body.response_format, body.structured_outputs)
-
-
 def constraint(rf: ResponseFormat | None, so: StructuredOutputs | None) -> Grammar | None:
+    """`response_format` (OpenAI) or `structured_outputs` (vLLM's extension): at most one constraint."""
     found: list[Grammar] = []
     g = None if rf is None else response_format_grammar(rf)
     if g is not None:
@@ -68,7 +64,7 @@ def sampling_params(body: CompletionRequest | ChatRequest, max_tokens: int | Non
         ignore_eos=body.ignore_eos, min_p=body.min_p or 0.0, presence_penalty=body.presence_penalty or 0.0,
         frequency_penalty=body.frequency_penalty or 0.0,
         repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
-        logit_bias=bias, grammar=grammar_of(body), logprobs=logprobs_of(body),
+        logit_bias=bias, grammar=constraint(body.response_format, body.structured_outputs), logprobs=logprobs_of(body),
     )
     if body.seed is None:
         return [params] * body.n

@@ -75,7 +75,9 @@ def check_model(body: CompletionRequest | ChatRequest, served: str, *aliases: st
         raise ModelNotFoundError(f"model {body.model!r} is not served here; this server serves {served!r}")
 
 
-class Step(Protocol):
+class Emitted(Protocol):
+    """What a generation step gives the API: the edge's `tandem.messages.Step`, the cloud's `VerifyResult`."""
+
     @property
     def tokens(self) -> list[int]: ...
 
@@ -92,7 +94,7 @@ class Steps(Protocol):
 
     tokens: int
 
-    def __aiter__(self) -> AsyncIterator[Step]: ...
+    def __aiter__(self) -> AsyncIterator[Emitted]: ...
 
     def speculative_metrics(self) -> dict[str, Any]: ...
 

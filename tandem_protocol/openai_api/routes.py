@@ -1,9 +1,7 @@
 """The OpenAI-compatible routes both servers serve, once: `/health`, `/metrics`, `/v1/models`, `/v1/completions` and
 `/v1/chat/completions`. Each side supplies what generates (`Side`: the cloud's target alone, the edge's speculative
-loop); a route converts the request, calls the side, and converts the answer back.
-
-(No `from __future__ import annotations` here: FastAPI reads the routes' annotations, which name the factory's own
-dependencies.)
+loop). No `from __future__ import annotations`: FastAPI reads the routes' annotations, which name the factory's own
+dependencies.
 """
 
 from collections.abc import Callable, Sequence

@@ -10,10 +10,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from tandem.sampling import MIN_REPETITION_PENALTY
+from tandem.sampling import MAX_LOGPROBS, MIN_REPETITION_PENALTY  # MAX_LOGPROBS: 20, as OpenAI's chat API allows
 from tandem_protocol.bodies import JSON_INT, Flag, Float, TokenId
-
-MAX_LOGPROBS = 20  # top alternatives per token, as OpenAI's chat API allows
 
 
 class ErrorDetail(BaseModel):

@@ -7,20 +7,11 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
-class TokenKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
-    __slots__ = ()
-    TOKEN_KIND_UNSPECIFIED: _ClassVar[TokenKind]
-    TOKEN_KIND_RECOVERED: _ClassVar[TokenKind]
-    TOKEN_KIND_BONUS: _ClassVar[TokenKind]
-
 class FinishReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     FINISH_REASON_UNSPECIFIED: _ClassVar[FinishReason]
     FINISH_REASON_STOP: _ClassVar[FinishReason]
     FINISH_REASON_LENGTH: _ClassVar[FinishReason]
-TOKEN_KIND_UNSPECIFIED: TokenKind
-TOKEN_KIND_RECOVERED: TokenKind
-TOKEN_KIND_BONUS: TokenKind
 FINISH_REASON_UNSPECIFIED: FinishReason
 FINISH_REASON_STOP: FinishReason
 FINISH_REASON_LENGTH: FinishReason
@@ -107,7 +98,7 @@ class TokenLogprob(_message.Message):
     def __init__(self, token: _Optional[int] = ..., logprob: _Optional[float] = ..., top_ids: _Optional[_Iterable[int]] = ..., top_logprobs: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class Open(_message.Message):
-    __slots__ = ("prompt", "sampling", "draft_fingerprint", "draft_name", "client_id", "session_id", "continue_session", "edge_draft_ms", "edge_rtt_ms", "edge_limit", "edge_pipelined")
+    __slots__ = ("prompt", "sampling", "draft_fingerprint", "draft_name", "client_id", "session_id", "continue_session", "report")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     DRAFT_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
@@ -115,10 +106,7 @@ class Open(_message.Message):
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     CONTINUE_SESSION_FIELD_NUMBER: _ClassVar[int]
-    EDGE_DRAFT_MS_FIELD_NUMBER: _ClassVar[int]
-    EDGE_RTT_MS_FIELD_NUMBER: _ClassVar[int]
-    EDGE_LIMIT_FIELD_NUMBER: _ClassVar[int]
-    EDGE_PIPELINED_FIELD_NUMBER: _ClassVar[int]
+    REPORT_FIELD_NUMBER: _ClassVar[int]
     prompt: _containers.RepeatedScalarFieldContainer[int]
     sampling: SamplingParams
     draft_fingerprint: str
@@ -126,11 +114,20 @@ class Open(_message.Message):
     client_id: str
     session_id: str
     continue_session: bool
-    edge_draft_ms: float
-    edge_rtt_ms: float
-    edge_limit: int
-    edge_pipelined: bool
-    def __init__(self, prompt: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., draft_fingerprint: _Optional[str] = ..., draft_name: _Optional[str] = ..., client_id: _Optional[str] = ..., session_id: _Optional[str] = ..., continue_session: _Optional[bool] = ..., edge_draft_ms: _Optional[float] = ..., edge_rtt_ms: _Optional[float] = ..., edge_limit: _Optional[int] = ..., edge_pipelined: _Optional[bool] = ...) -> None: ...
+    report: EdgeReport
+    def __init__(self, prompt: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., draft_fingerprint: _Optional[str] = ..., draft_name: _Optional[str] = ..., client_id: _Optional[str] = ..., session_id: _Optional[str] = ..., continue_session: _Optional[bool] = ..., report: _Optional[_Union[EdgeReport, _Mapping]] = ...) -> None: ...
+
+class EdgeReport(_message.Message):
+    __slots__ = ("draft_ms", "rtt_ms", "limit", "pipelined")
+    DRAFT_MS_FIELD_NUMBER: _ClassVar[int]
+    RTT_MS_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    PIPELINED_FIELD_NUMBER: _ClassVar[int]
+    draft_ms: float
+    rtt_ms: float
+    limit: int
+    pipelined: bool
+    def __init__(self, draft_ms: _Optional[float] = ..., rtt_ms: _Optional[float] = ..., limit: _Optional[int] = ..., pipelined: _Optional[bool] = ...) -> None: ...
 
 class Opened(_message.Message):
     __slots__ = ("session_id", "target_name", "target_fingerprint", "vocab_size", "context_length", "prompt_tokens", "max_draft_tokens", "resumed", "eos_token_ids", "server_ms", "advised_gamma")
@@ -159,7 +156,7 @@ class Opened(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., target_name: _Optional[str] = ..., target_fingerprint: _Optional[str] = ..., vocab_size: _Optional[int] = ..., context_length: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., max_draft_tokens: _Optional[int] = ..., resumed: _Optional[bool] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., server_ms: _Optional[float] = ..., advised_gamma: _Optional[int] = ...) -> None: ...
 
 class Draft(_message.Message):
-    __slots__ = ("seq", "tokens", "q_k", "q_ids", "q_probs", "candidate_parents", "candidate_lengths", "candidate_tokens", "base_len", "edge_draft_ms", "edge_rtt_ms", "edge_limit", "edge_pipelined")
+    __slots__ = ("seq", "tokens", "q_k", "q_ids", "q_probs", "candidate_parents", "candidate_lengths", "candidate_tokens", "base_len", "report")
     SEQ_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     Q_K_FIELD_NUMBER: _ClassVar[int]
@@ -169,10 +166,7 @@ class Draft(_message.Message):
     CANDIDATE_LENGTHS_FIELD_NUMBER: _ClassVar[int]
     CANDIDATE_TOKENS_FIELD_NUMBER: _ClassVar[int]
     BASE_LEN_FIELD_NUMBER: _ClassVar[int]
-    EDGE_DRAFT_MS_FIELD_NUMBER: _ClassVar[int]
-    EDGE_RTT_MS_FIELD_NUMBER: _ClassVar[int]
-    EDGE_LIMIT_FIELD_NUMBER: _ClassVar[int]
-    EDGE_PIPELINED_FIELD_NUMBER: _ClassVar[int]
+    REPORT_FIELD_NUMBER: _ClassVar[int]
     seq: int
     tokens: _containers.RepeatedScalarFieldContainer[int]
     q_k: int
@@ -182,18 +176,13 @@ class Draft(_message.Message):
     candidate_lengths: _containers.RepeatedScalarFieldContainer[int]
     candidate_tokens: _containers.RepeatedScalarFieldContainer[int]
     base_len: int
-    edge_draft_ms: float
-    edge_rtt_ms: float
-    edge_limit: int
-    edge_pipelined: bool
-    def __init__(self, seq: _Optional[int] = ..., tokens: _Optional[_Iterable[int]] = ..., q_k: _Optional[int] = ..., q_ids: _Optional[_Iterable[int]] = ..., q_probs: _Optional[_Iterable[float]] = ..., candidate_parents: _Optional[_Iterable[int]] = ..., candidate_lengths: _Optional[_Iterable[int]] = ..., candidate_tokens: _Optional[_Iterable[int]] = ..., base_len: _Optional[int] = ..., edge_draft_ms: _Optional[float] = ..., edge_rtt_ms: _Optional[float] = ..., edge_limit: _Optional[int] = ..., edge_pipelined: _Optional[bool] = ...) -> None: ...
+    report: EdgeReport
+    def __init__(self, seq: _Optional[int] = ..., tokens: _Optional[_Iterable[int]] = ..., q_k: _Optional[int] = ..., q_ids: _Optional[_Iterable[int]] = ..., q_probs: _Optional[_Iterable[float]] = ..., candidate_parents: _Optional[_Iterable[int]] = ..., candidate_lengths: _Optional[_Iterable[int]] = ..., candidate_tokens: _Optional[_Iterable[int]] = ..., base_len: _Optional[int] = ..., report: _Optional[_Union[EdgeReport, _Mapping]] = ...) -> None: ...
 
 class Verdict(_message.Message):
-    __slots__ = ("seq", "num_accepted", "next_token", "kind", "tokens", "finish_reason", "target_tokens", "generated", "candidate", "candidate_target_lengths", "candidate_target_tokens", "stale", "server_ms", "queue_ms", "advised_gamma", "logprobs")
+    __slots__ = ("seq", "num_accepted", "tokens", "finish_reason", "target_tokens", "generated", "candidate", "candidate_target_lengths", "candidate_target_tokens", "stale", "server_ms", "queue_ms", "advised_gamma", "logprobs")
     SEQ_FIELD_NUMBER: _ClassVar[int]
     NUM_ACCEPTED_FIELD_NUMBER: _ClassVar[int]
-    NEXT_TOKEN_FIELD_NUMBER: _ClassVar[int]
-    KIND_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     TARGET_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -208,8 +197,6 @@ class Verdict(_message.Message):
     LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     seq: int
     num_accepted: int
-    next_token: int
-    kind: TokenKind
     tokens: _containers.RepeatedScalarFieldContainer[int]
     finish_reason: FinishReason
     target_tokens: _containers.RepeatedScalarFieldContainer[int]
@@ -222,7 +209,7 @@ class Verdict(_message.Message):
     queue_ms: float
     advised_gamma: int
     logprobs: _containers.RepeatedCompositeFieldContainer[TokenLogprob]
-    def __init__(self, seq: _Optional[int] = ..., num_accepted: _Optional[int] = ..., next_token: _Optional[int] = ..., kind: _Optional[_Union[TokenKind, str]] = ..., tokens: _Optional[_Iterable[int]] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., target_tokens: _Optional[_Iterable[int]] = ..., generated: _Optional[int] = ..., candidate: _Optional[int] = ..., candidate_target_lengths: _Optional[_Iterable[int]] = ..., candidate_target_tokens: _Optional[_Iterable[int]] = ..., stale: _Optional[bool] = ..., server_ms: _Optional[float] = ..., queue_ms: _Optional[float] = ..., advised_gamma: _Optional[int] = ..., logprobs: _Optional[_Iterable[_Union[TokenLogprob, _Mapping]]] = ...) -> None: ...
+    def __init__(self, seq: _Optional[int] = ..., num_accepted: _Optional[int] = ..., tokens: _Optional[_Iterable[int]] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., target_tokens: _Optional[_Iterable[int]] = ..., generated: _Optional[int] = ..., candidate: _Optional[int] = ..., candidate_target_lengths: _Optional[_Iterable[int]] = ..., candidate_target_tokens: _Optional[_Iterable[int]] = ..., stale: _Optional[bool] = ..., server_ms: _Optional[float] = ..., queue_ms: _Optional[float] = ..., advised_gamma: _Optional[int] = ..., logprobs: _Optional[_Iterable[_Union[TokenLogprob, _Mapping]]] = ...) -> None: ...
 
 class VerifyRequest(_message.Message):
     __slots__ = ("session_id", "draft")

@@ -1,4 +1,5 @@
-"""The shipped demo pair: loads offline, shares one tokenizer, and speculative greedy output equals the target's."""
+"""The test pair (tests/fixtures/test_pair): loads offline, shares one tokenizer, and speculative greedy output equals
+the target's."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ N_PROMPTS, MAX_TOKENS = 20, 40
 
 @pytest.fixture(scope="module")
 def pair() -> tuple[LoadedModel, LoadedModel]:
-    target, draft = load_model("demo-target"), load_model("demo-draft")
+    target, draft = load_model("test-target"), load_model("test-draft")
     check_pair(draft, target)
     return target, draft
 
@@ -34,7 +35,7 @@ def reference(pair: tuple[LoadedModel, LoadedModel], prompts: list[list[int]]) -
     return [generate_autoregressive(pair[0], p, params).tokens for p in prompts]
 
 
-def test_demo_pair_is_small_and_cheap(pair: tuple[LoadedModel, LoadedModel]) -> None:
+def test_the_pair_is_small_and_cheap(pair: tuple[LoadedModel, LoadedModel]) -> None:
     target, draft = pair
     assert 20e6 <= target.n_params <= 40e6
     assert draft.n_params <= target.n_params / 10
@@ -42,7 +43,7 @@ def test_demo_pair_is_small_and_cheap(pair: tuple[LoadedModel, LoadedModel]) -> 
 
 
 @pytest.mark.parametrize("gamma", [1, 4, 8])
-def test_demo_greedy_equality(
+def test_greedy_equality(
     gamma: int, pair: tuple[LoadedModel, LoadedModel], prompts: list[list[int]], reference: list[list[int]]
 ) -> None:
     target, draft = pair
