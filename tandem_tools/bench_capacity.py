@@ -1,28 +1,14 @@
 """`tandem bench capacity`: how much the cloud serves as clients are added, in three modes side by side.
 
-A real cloud (`tandem serve` in a child process, batching verify blocks and completion steps) and edge clients,
-each its own process (`python -m tandem_tools.bench_capacity --worker ...`, the edge client over gRPC). At each
-concurrency c, c clients run the same held-out prompts in each mode, one mode after the other, the order rotating
-between concurrencies: `cloud` (the cloud's own stream), `spec` (a fixed gamma; the edge ignores the cloud's
-advice), `auto` (load-aware: the edge follows the block length the cloud advises with each verdict, 0 = continue as
-a cloud stream). Greedy, `ignore_eos`: every request generates exactly `max_tokens`, and all modes' outputs for a
-prompt must be identical.
-
-Edges: `replay` (default; `tandem_tools.replay_edge`): before the cloud starts, the target's outputs and the draft's
-proposals along them are recorded in this process, and each edge replays them, sleeping the measured draft time:
-the blocks a real draft sends, at its pace, at no cost to the cloud's CPU. `real`: the draft model runs in each edge
-process, on the cloud's cores.
-
-Figures per (c, mode): aggregate tokens/s (all clients' tokens over the phase's wall time), per-client tokens/s (a
-request's tokens over its own wall time, TTFT included, averaged), p50/p99 time per output token (per request, after
-the first token), TTFT, the share of requests that switched to the cloud, and from the cloud's /metrics deltas:
-target passes per generated token, mean positions per batched pass, the mean advised gamma, and the cloud
-process's CPU time per generated token (/proc). Each mode's aggregate is also given against cloud-only's.
+A real cloud (`tandem serve`, a child process) and edge clients, each its own process (this module, its settings one
+JSON argument, driven with JSON lines over stdin/stdout), run the same held-out prompts at each concurrency in each
+mode, the order rotating: `cloud`, `spec` (a fixed gamma) and `auto` (load-aware: the block length the cloud advises).
+Greedy, `ignore_eos`: every mode's output for a prompt must be identical. Replay edges and the figures:
+docs/capacity.md ("Measured: `tandem bench capacity`").
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import os
@@ -35,35 +21,19 @@ from pathlib import Path
 from typing import IO, Any
 
 from tandem.config import DEFAULT_DRAFT, DEFAULT_TARGET
-from tandem_tools.capacity_figures import (
-    bucket_counts,
-    compare_modes,
-    cpu_seconds,
-    goal_line,
-    goals,
-    histogram_buckets,
-    parse_metrics,
-    percentile,
-    phase_figures,
-    plot_capacity,
-    print_table,
-)
+from tandem_tools import capacity_figures as cf
+from tandem_tools.bench_common import cpu_seconds
 from tandem_tools.replay_edge import TABLE_FILE, ReplayDrafter, ReplayTable, ensure_table
 from tandem_tools.replay_summary import CHAT_TRACE, load_trace
 
-__all__ = ["CapacityConfig", "parse_metrics", "percentile", "run_bench_capacity"]
-
 MODES = ("cloud", "spec", "auto")
 EDGES = ("replay", "real")
-NOTE_REPLAY = (
-    "Replay edges: each edge replays the draft's recorded greedy proposals and sleeps the draft time measured while "
-    "recording, so drafting costs the cloud's machine no CPU, as with edges on hardware of their own."
-)
-NOTE_SHARED_CORES = (
-    "Real edges on the cloud's machine here: their draft models compete with the cloud for the same CPU cores, "
-    "which real edge devices would not. Tokens per cloud CPU-second (the cloud process's own CPU time) is the "
-    "capacity figure that carries over to edges on their own machines."
-)
+NOTE_REPLAY = ("Replay edges: each edge replays the draft's recorded greedy proposals and sleeps the draft time "
+               "measured while recording, so drafting costs the cloud's machine no CPU, as with edges on hardware of "
+               "their own.")
+NOTE_SHARED_CORES = ("Real edges on the cloud's machine here: their draft models compete with the cloud for the same "
+                     "CPU cores, which real edge devices would not. Tokens per cloud CPU-second (the cloud process's "
+                     "own CPU time) is the capacity figure that carries over to edges on their own machines.")
 
 
 @dataclass(frozen=True)
@@ -101,30 +71,32 @@ class CapacityConfig:
 
 
 def worker_main(cloud: str, draft_name: str, gamma: str, max_gamma: int, threads: int, nice: int, pipeline: bool,
-                table_path: Path | None, inp: IO[str], out: IO[str]) -> None:
+                table_path: str | None, inp: IO[str], out: IO[str]) -> None:
     """One edge device: load the draft (replay: for its metadata only), say ready, then run each job line (JSON)
     and answer one JSON line."""
     import torch
 
-    from edge_client.client import EdgeClient
+    from edge_client.client import edge_decoder
     from edge_client.settings import EdgeSettings
     from tandem.models import load_model
     from tandem.sampling import SamplingParams
+    from tandem.speculate import SpeculativeDecoder
 
     if nice:
         os.nice(nice)
     torch.set_num_threads(threads)
     draft = load_model(draft_name)
-    table = ReplayTable.load(table_path) if table_path is not None else None
+    table = ReplayTable.load(Path(table_path)) if table_path is not None else None
 
-    def client(mode: str) -> EdgeClient:
+    def client(mode: str) -> SpeculativeDecoder:
         # a fresh edge per phase: what auto learnt at one concurrency must not carry into the next
         settings = EdgeSettings.model_validate(dict(
             cloud=cloud, transport="grpc", draft=draft_name, gamma="adaptive" if mode == "auto" else gamma,
             max_gamma=max_gamma, threads=threads, pipeline=pipeline, ouroboros=False, retries=0, timeout_s=300.0))
-        return EdgeClient(settings, draft)
+        return edge_decoder(settings, draft)
 
-    def run(c: EdgeClient, prompt: list[int], max_tokens: int, mode: str, on_tokens: Any = None) -> tuple[Any, int]:
+    def run(c: SpeculativeDecoder, prompt: list[int], max_tokens: int, mode: str,
+            on_tokens: Any = None) -> tuple[Any, int]:
         """The result, and the replay edge's proposals off the table (blocks sent ahead on a wrong guess)."""
         drafter = None if table is None else ReplayDrafter(table, draft)  # None: the draft model, here
         result = c.generate(prompt, SamplingParams(max_tokens=max_tokens, ignore_eos=True), on_tokens=on_tokens,
@@ -170,13 +142,10 @@ class EdgeProcess:
     """An edge client in a child process, driven over its stdin/stdout with JSON lines."""
 
     def __init__(self, cloud: str, cfg: CapacityConfig, log_path: Path | None, table: Path | None) -> None:
-        args = [sys.executable, "-m", "tandem_tools.bench_capacity", "--worker", "--cloud", cloud, "--draft", cfg.draft,
-                "--gamma", cfg.gamma, "--max-gamma", str(cfg.max_gamma), "--threads", str(cfg.edge_threads),
-                "--nice", str(cfg.edge_nice), "--edges", cfg.edges]
-        if table is not None:
-            args += ["--table", str(table)]
-        if not cfg.pipeline:
-            args.append("--no-pipeline")
+        settings = {"cloud": cloud, "draft_name": cfg.draft, "gamma": cfg.gamma, "max_gamma": cfg.max_gamma,
+                    "threads": cfg.edge_threads, "nice": cfg.edge_nice, "pipeline": cfg.pipeline,
+                    "table_path": None if table is None else str(table)}  # `worker_main`'s arguments
+        args = [sys.executable, "-m", "tandem_tools.bench_capacity", json.dumps(settings)]
         env = os.environ | {"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
                             "OMP_NUM_THREADS": str(cfg.edge_threads)}
         err = open(log_path, "ab") if log_path else subprocess.DEVNULL  # noqa: SIM115
@@ -187,8 +156,7 @@ class EdgeProcess:
 
     def send(self, obj: dict[str, Any]) -> None:
         assert self.proc.stdin is not None
-        self.proc.stdin.write(json.dumps(obj) + "\n")
-        self.proc.stdin.flush()
+        _send(self.proc.stdin, obj)
 
     def recv(self) -> dict[str, Any]:
         assert self.proc.stdout is not None
@@ -246,10 +214,8 @@ def run_bench_capacity(cfg: CapacityConfig, out_dir: Path, console: Any = None,
         f"[bold]bench capacity[/bold]: target {cfg.target} in a cloud process ({cfg.cloud_threads} torch thread(s), "
         f"max batch {cfg.max_batch}, batch window {cfg.batch_window_ms} ms); up to {n_clients} {cfg.edges} edge "
         f"processes with {cfg.draft}; modes {', '.join(cfg.modes)} (spec: gamma {cfg.gamma}; auto: adaptive up to "
-        f"{cfg.max_gamma}); {cfg.requests} request(s) per client and mode, prompts of "
-        f"{min(map(len, prompts))}-{max(map(len, prompts))} tokens, "
-        f"{cfg.max_tokens} new tokens, greedy; {os.cpu_count()} CPU cores"
-    )
+        f"{cfg.max_gamma}); {cfg.requests} request(s) per client and mode, prompts of {min(map(len, prompts))}-"
+        f"{max(map(len, prompts))} tokens, {cfg.max_tokens} new tokens, greedy; {os.cpu_count()} CPU cores")
     table: ReplayTable | None = None
     table_path: Path | None = None
     replay: dict[str, Any] | None = None
@@ -294,13 +260,13 @@ def run_bench_capacity(cfg: CapacityConfig, out_dir: Path, console: Any = None,
                 records = [r for e in edges[:c] for r in e.recv()["records"]]
                 wall = time.perf_counter() - t0
                 text1, cpu1 = cloud.metrics_text(), cpu_seconds(cloud.proc.pid)
-                before, after = parse_metrics(text0), parse_metrics(text1)
+                before, after = cf.parse_metrics(text0), cf.parse_metrics(text1)
                 delta = {k: v - before.get(k, 0.0) for k, v in after.items()}
                 cpu = None if cpu0 is None or cpu1 is None else cpu1 - cpu0
-                figs = phase_figures(records, wall, delta, cpu)
-                advice = histogram_buckets(text1, "tandem_advised_gamma")
-                figs["advised_gamma_buckets"] = (bucket_counts(histogram_buckets(text0, "tandem_advised_gamma"),
-                                                               advice) if advice else None)
+                figs = cf.phase_figures(records, wall, delta, cpu)
+                advice = cf.histogram_buckets(text1, "tandem_advised_gamma")
+                advice0 = cf.histogram_buckets(text0, "tandem_advised_gamma")
+                figs["advised_gamma_buckets"] = cf.bucket_counts(advice0, advice) if advice else None
                 outputs[mode] = [r["tokens"] for r in records]  # prompt j's output at j: edges in order
                 if table is not None:
                     figs["outputs_match_table"] = all(
@@ -318,11 +284,11 @@ def run_bench_capacity(cfg: CapacityConfig, out_dir: Path, console: Any = None,
         for e in edges:
             e.stop(deadline)
         cloud.stop()
-    compare_modes(phases)
-    print_table(phases, console)
-    goal_list = goals(phases)
+    cf.compare_modes(phases)
+    cf.print_table(phases, console)
+    goal_list = cf.goals(phases)
     for g in goal_list:
-        console.print(goal_line(g))
+        console.print(cf.goal_line(g))
     if table is not None and not all(p.get("outputs_match_table", True) for p in phases):
         console.print("the cloud's outputs differ from the replay table's: replay edges drafted off the table there",
                       style="red")
@@ -330,41 +296,19 @@ def run_bench_capacity(cfg: CapacityConfig, out_dir: Path, console: Any = None,
         "settings": {**cfg.__dict__, "clients": list(cfg.clients), "modes": list(cfg.modes)},
         "machine": {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
                     "cpu_cores": os.cpu_count()},
-        "note": NOTE_REPLAY if cfg.edges == "replay" else NOTE_SHARED_CORES,
-        "replay": replay,
-        "phases": phases,
+        "note": NOTE_REPLAY if cfg.edges == "replay" else NOTE_SHARED_CORES, "replay": replay, "phases": phases,
         "ratios": {str(c): {p["mode"]: p["aggregate_vs_cloud"] for p in phases if p["clients"] == c}
                    for c in cfg.clients},
-        "goals": goal_list,
-    }
+        "goals": goal_list}
     (out_dir / "capacity.json").write_text(json.dumps(report, indent=2) + "\n")
     where = (f"{cfg.edges} edges (draft step {table.draft_step_s * 1e3:.2f} ms)" if table is not None
              else f"real edges sharing {os.cpu_count()} cores")
-    plot_capacity(phases, out_dir / "capacity.png", cfg.clients,
-                  f"tandem bench capacity: {cfg.target} / {cfg.draft}, spec gamma {cfg.gamma}, auto up to "
-                  f"{cfg.max_gamma}, {cfg.max_tokens} tokens, cloud {cfg.cloud_threads} thread(s), {where}")
+    cf.plot_capacity(phases, out_dir / "capacity.png", cfg.clients,
+                     f"tandem bench capacity: {cfg.target} / {cfg.draft}, spec gamma {cfg.gamma}, auto up to "
+                     f"{cfg.max_gamma}, {cfg.max_tokens} tokens, cloud {cfg.cloud_threads} thread(s), {where}")
     console.print(f"wrote {out_dir / 'capacity.json'} and {out_dir / 'capacity.png'}")
     return report
 
 
-def _worker_cli(argv: list[str]) -> None:
-    p = argparse.ArgumentParser(prog="python -m tandem_tools.bench_capacity", description="one edge client process")
-    p.add_argument("--worker", action="store_true", required=True)
-    p.add_argument("--cloud", required=True)
-    p.add_argument("--draft", default=DEFAULT_DRAFT)
-    p.add_argument("--gamma", default="4")
-    p.add_argument("--max-gamma", type=int, default=8)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--nice", type=int, default=0)
-    p.add_argument("--edges", choices=EDGES, default="replay")
-    p.add_argument("--table", type=Path, help="the replay table (--edges replay)")
-    p.add_argument("--no-pipeline", action="store_true")
-    a = p.parse_args(argv)
-    if a.edges == "replay" and a.table is None:
-        p.error("--edges replay needs --table")
-    worker_main(a.cloud, a.draft, a.gamma, a.max_gamma, a.threads, a.nice, not a.no_pipeline,
-                a.table if a.edges == "replay" else None, sys.stdin, sys.stdout)
-
-
-if __name__ == "__main__":
-    _worker_cli(sys.argv[1:])
+if __name__ == "__main__":  # an edge process (`EdgeProcess`): `worker_main`'s arguments as one JSON argument
+    worker_main(**json.loads(sys.argv[1]), inp=sys.stdin, out=sys.stdout)

@@ -1,17 +1,8 @@
 """`tandem bench load`: sustained load through the real edge client; does the cloud keep serving, losslessly?
 
-N sessions run at once, each a thread here with its own `EdgeClient` (its own draft state and connection; the draft
-weights are shared read-only). Threads, not processes: N processes would each load torch and the draft, and on a
-small machine the edge's draft models would then crowd out the cloud they are meant to load. Torch runs one intra-op
-thread here; the cloud (started here with `tandem_tools.procs.CloudProcess`, or `--cloud`) has its own.
-
-Each session loops over held-out prompts of the trace (greedy) until the duration ends; every output, as streamed and
-as returned, is checked against the cloud's own greedy output of the same prompt (gRPC `Generate`, computed once per
-prompt before the load starts): a lost or duplicated token shows as a mismatch. Every `sample_s` a sampler reads the
-cloud's /metrics (open sessions, evictions, tokens, its resident memory) and /proc (the resident memory of a cloud
-started here). `load.json` holds the run's settings, the samples over time, every request, and the summary: latency
-percentiles, failures, throughput, the memory slope after warm-up (least squares, MiB per minute) and whether every
-session was freed at the end.
+N sessions, each a thread here with its own edge decoder (threads: N processes would each load torch and the draft
+and crowd out the cloud), loop over the trace's prompts, every output checked against the cloud's own greedy one, while
+a sampler reads the cloud's /metrics and memory. What `load.json` holds: docs/reliability.md ("Sustained load").
 """
 
 from __future__ import annotations
@@ -21,7 +12,6 @@ import json
 import logging
 import os
 import platform
-import re
 import sys
 import threading
 import time
@@ -33,13 +23,13 @@ from pathlib import Path
 from typing import Any
 
 from tandem.config import DEFAULT_DRAFT, DEFAULT_TARGET
+from tandem_tools.bench_common import common_prefix, fmt, parse_metrics
 from tandem_tools.figures import percentiles
 from tandem_tools.procs import CloudProcess
 from tandem_tools.replay_summary import CODE_TRACE, load_trace
 
 log = logging.getLogger(__name__)
 DEFAULT_TRACE = CODE_TRACE
-_SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+(\S+)")
 
 
 @dataclass
@@ -104,50 +94,25 @@ class Sample:
 # --- pure figures (tested on hand-made numbers)
 
 
-def slope(ts: Sequence[float], ys: Sequence[float]) -> float | None:
-    """Least-squares slope of ys over ts; None for fewer than two distinct times."""
+def slope(ts: Sequence[float], ys: Sequence[float]) -> tuple[float | None, float | None]:
+    """Least-squares slope of ys over ts and its standard error (a slope within about two of it is indistinguishable
+    from flat); None for fewer than two distinct times (the error: three)."""
     n = len(ts)
-    if n < 2:
-        return None
-    mt, my = sum(ts) / n, sum(ys) / n
+    mt, my = (sum(ts) / n, sum(ys) / n) if n else (0.0, 0.0)
     var = sum((t - mt) ** 2 for t in ts)
-    if var == 0:
-        return None
-    return sum((t - mt) * (y - my) for t, y in zip(ts, ys, strict=True)) / var
-
-
-def slope_stderr(ts: Sequence[float], ys: Sequence[float]) -> float | None:
-    """The standard error of `slope`: a slope within about two of it is indistinguishable from flat."""
-    n = len(ts)
-    b = slope(ts, ys)
-    if b is None or n < 3:
-        return None
-    mt, my = sum(ts) / n, sum(ys) / n
+    if n < 2 or var == 0:
+        return None, None
+    b = sum((t - mt) * (y - my) for t, y in zip(ts, ys, strict=True)) / var
+    if n < 3:
+        return b, None
     residual = sum((y - my - b * (t - mt)) ** 2 for t, y in zip(ts, ys, strict=True)) / (n - 2)
-    return (residual / sum((t - mt) ** 2 for t in ts)) ** 0.5
+    return b, (residual / var) ** 0.5
 
 
 def compare(out: list[int], reference: list[int]) -> tuple[int, int]:
     """(lost, duplicated): reference tokens missing or wrong from the first difference on; tokens beyond it."""
-    common = 0
-    for a, b in zip(out, reference, strict=False):
-        if a != b:
-            break
-        common += 1
+    common = common_prefix(out, reference)
     return len(reference) - common, max(0, len(out) - len(reference)) if common == len(reference) else 0
-
-
-def parse_metrics(text: str) -> dict[str, float]:
-    """Prometheus text -> {"name{labels}": value} (and "name" for unlabelled samples)."""
-    out: dict[str, float] = {}
-    for line in text.splitlines():
-        m = _SAMPLE.match(line)
-        if m and not line.startswith("#"):
-            try:
-                out[m.group(1) + (m.group(2) or "")] = float(m.group(3))
-            except ValueError:
-                continue
-    return out
 
 
 def vm_rss_mib(pid: int) -> float | None:
@@ -166,8 +131,7 @@ def summarize(records: Sequence[RequestRecord], samples: Sequence[Sample], wall_
     ok = [r for r in records if r.error is None]
     after = [(s.t_s / 60, s.rss_mib) for s in samples if s.t_s >= warmup_s and s.rss_mib is not None]
     rss = [s.rss_mib for s in samples if s.rss_mib is not None]
-    mem_slope = slope([t for t, _ in after], [y for _, y in after])
-    mem_stderr = slope_stderr([t for t, _ in after], [y for _, y in after])
+    mem_slope, mem_stderr = slope([t for t, _ in after], [y for _, y in after])
     evicted = [s.evicted for s in samples if s.evicted is not None]
     return {
         "requests": len(records), "failed": len(records) - len(ok),
@@ -181,24 +145,22 @@ def summarize(records: Sequence[RequestRecord], samples: Sequence[Sample], wall_
         "tpot_ms": percentiles([r.tpot_s for r in ok if r.tpot_s is not None], 1e3),
         "acceptance_mean": (sum(a) / len(a)) if (a := [r.acceptance for r in ok if r.acceptance is not None])
         else None,
-        "rss_mib": {"first": rss[0] if rss else None, "max": max(rss) if rss else None,
-                    "last": rss[-1] if rss else None},
+        "rss_mib": {"first": rss[0] if rss else None, "max": max(rss, default=None), "last": rss[-1] if rss else None},
         "memory_slope_mib_per_min": mem_slope, "memory_slope_stderr": mem_stderr,
         "memory_slope_samples": len(after), "warmup_s": warmup_s,
         "evicted": (evicted[-1] - evicted[0]) if evicted else None,
-        "errors": sorted({r.error for r in records if r.error})[:10],
-    }
+        "errors": sorted({r.error for r in records if r.error})[:10]}
 
 
 # --- the run
 
 
+@dataclass
 class _Cloud:
     """What the sampler reads: the cloud's /metrics and, for a cloud started here, /proc."""
 
-    def __init__(self, metrics_url: str | None, pid: int | None) -> None:
-        self.metrics_url = metrics_url
-        self.pid = pid
+    metrics_url: str | None
+    pid: int | None
 
     def scrape(self) -> dict[str, float]:
         if self.metrics_url is None:
@@ -262,8 +224,7 @@ def _one(client: Any, session: int, index: int, ids: list[int], max_tokens: int,
     rec.resumes = s.resumes
     rec.acceptance = s.accepted / s.drafted if s.drafted else None
     rec.matches = streamed == result.tokens == reference
-    lost, dup = compare(streamed, reference)
-    lost2, dup2 = compare(result.tokens, reference)
+    (lost, dup), (lost2, dup2) = compare(streamed, reference), compare(result.tokens, reference)
     rec.lost_tokens, rec.duplicated_tokens = max(lost, lost2), max(dup, dup2)
     return rec
 
@@ -272,28 +233,20 @@ def run_load(cfg: LoadConfig, echo: Callable[[str], None] = print) -> dict[str, 
     # transports load here, not at import: the core stays transport-free
     import torch
 
-    from edge_client.client import EdgeClient
+    from edge_client.client import edge_decoder
     from tandem.models import load_model
 
     torch.set_num_threads(cfg.edge_threads)
     cfg.out.mkdir(parents=True, exist_ok=True)
-    proc = None
-    if cfg.cloud is None:
-        env = {"TANDEM_TARGET": cfg.target, "TANDEM_MAX_SESSIONS": str(max(64, 2 * cfg.sessions)),
-               "TANDEM_MAX_CONCURRENT_REQUESTS": str(max(64, 4 * cfg.sessions))} | cfg.cloud_env
-        proc = CloudProcess(threads=cfg.cloud_threads, env=env, log_path=cfg.out / "cloud.log")
-        echo(f"starting the cloud ({cfg.target}, {cfg.cloud_threads} torch thread(s), its own process) ...")
-        proc.start()
-    try:
-        if proc is None:
-            address, cloud = str(cfg.cloud), _Cloud(cfg.metrics_url, None)
-        else:
-            address = proc.http_url if cfg.transport == "http" else proc.grpc_target
-            cloud = _Cloud(cfg.metrics_url or proc.http_url + "/metrics", proc.proc.pid if proc.proc else None)
-        return _run(cfg, address, cloud, proc is not None, load_model(cfg.draft), EdgeClient, echo)
-    finally:
-        if proc is not None:
-            proc.stop()
+    if cfg.cloud is not None:
+        return _run(cfg, cfg.cloud, _Cloud(cfg.metrics_url, None), False, load_model(cfg.draft), edge_decoder, echo)
+    env = {"TANDEM_TARGET": cfg.target, "TANDEM_MAX_SESSIONS": str(max(64, 2 * cfg.sessions)),
+           "TANDEM_MAX_CONCURRENT_REQUESTS": str(max(64, 4 * cfg.sessions))} | cfg.cloud_env
+    echo(f"starting the cloud ({cfg.target}, {cfg.cloud_threads} torch thread(s), its own process) ...")
+    with CloudProcess(threads=cfg.cloud_threads, env=env, log_path=cfg.out / "cloud.log") as proc:
+        address = proc.http_url if cfg.transport == "http" else proc.grpc_target
+        cloud = _Cloud(cfg.metrics_url or proc.http_url + "/metrics", proc.proc.pid if proc.proc else None)
+        return _run(cfg, address, cloud, True, load_model(cfg.draft), edge_decoder, echo)
 
 
 def _run(cfg: LoadConfig, address: str, cloud: _Cloud, started_here: bool, draft: Any, edge_client: Any,
@@ -307,19 +260,17 @@ def _run(cfg: LoadConfig, address: str, cloud: _Cloud, started_here: bool, draft
          f"thread(s); metrics from {cloud.metrics_url or 'nowhere (no --metrics)'}")
     echo("computing the reference outputs (the cloud alone, greedy) ...")
     ref_client = edge_client(_edge_settings(cfg, address, mode="cloud"), draft)
-    references: list[list[int]] = []
     from tandem.sampling import SamplingParams
 
-    for ids, n in zip(prompts, max_tokens, strict=True):
-        references.append(ref_client.generate(ids, SamplingParams(max_tokens=n)).tokens)
+    references = [ref_client.generate(ids, SamplingParams(max_tokens=n)).tokens
+                  for ids, n in zip(prompts, max_tokens, strict=True)]
 
     records: list[RequestRecord] = []
     samples: list[Sample] = []
     lock = threading.Lock()
     stop = threading.Event()
     t_ref = time.perf_counter()
-    base = cloud.scrape()
-    evicted0 = base.get('tandem_sessions_closed_total{reason="expired"}', 0.0)
+    evicted0 = cloud.scrape().get('tandem_sessions_closed_total{reason="expired"}', 0.0)
 
     def session(i: int) -> None:
         client = edge_client(_edge_settings(cfg, address, cfg.mode), draft)
@@ -367,7 +318,6 @@ def _run(cfg: LoadConfig, address: str, cloud: _Cloud, started_here: bool, draft
     wall = time.perf_counter() - t_ref
     # every session freed: the cloud's gauge back to 0 (a Session stream closes its session as it ends)
     deadline = time.monotonic() + cfg.drain_s
-    open_at_end = None
     while True:
         m = cloud.scrape()
         open_at_end = m.get("tandem_open_sessions")
@@ -405,9 +355,7 @@ def _run(cfg: LoadConfig, address: str, cloud: _Cloud, started_here: bool, draft
 
 
 def render(s: dict[str, Any]) -> str:
-    def f(v: float | None, fmt: str = ".1f") -> str:
-        return "-" if v is None else format(v, fmt)
-
+    f = fmt  # short: the lines below are long
     slope_v = s["memory_slope_mib_per_min"]
     return "\n".join([
         f"requests {s['requests']} ({s['failed']} failed), tokens {s['tokens']}, {f(s['tokens_per_s'])} tok/s, "

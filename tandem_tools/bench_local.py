@@ -77,8 +77,7 @@ class ModeFigures:
 
     def as_dict(self) -> dict[str, object]:
         return {
-            "tokens_per_s": self.tokens / self.wall_s if self.wall_s else 0.0,
-            "tokens": self.tokens,
+            "tokens_per_s": self.tokens / self.wall_s if self.wall_s else 0.0, "tokens": self.tokens,
             "wall_s": self.wall_s,
             "target_passes_per_token": self.target_passes / self.tokens if self.tokens and self.target_passes else None,
             "acceptance_rate": self.accepted / self.drafted if self.drafted else None,
@@ -108,27 +107,17 @@ def _hf_assisted(target: LoadedModel, assistant: Any, prompt: list[int], params:
     with torch.inference_mode():
         out = target.torch_model.generate(  # type: ignore[operator]
             ids, attention_mask=torch.ones_like(ids), assistant_model=assistant, do_sample=False,
-            max_new_tokens=params.max_tokens, pad_token_id=target.tokenizer.pad_token_id, **kwargs,
-        )
+            max_new_tokens=params.max_tokens, pad_token_id=target.tokenizer.pad_token_id, **kwargs)
     return out[0, len(prompt) :].tolist(), time.perf_counter() - t0
 
 
-def run_bench_local(
-    settings: CoreSettings,
-    modes: list[str],
-    n_prompts: int,
-    prompt_tokens: int,
-    max_tokens: int,
-    json_out: Path | None,
-    console: Console | None = None,
-    warm: bool = False,
-    trace: Path | None = None,
-) -> dict[str, object]:
+def run_bench_local(settings: CoreSettings, modes: list[str], n_prompts: int, prompt_tokens: int, max_tokens: int,
+                    json_out: Path | None, console: Console | None = None, warm: bool = False,
+                    trace: Path | None = None) -> dict[str, object]:
     """`trace`: its first `n_prompts` requests (chat messages through the chat template) instead of held-out code,
     each generating up to `max_tokens`; a target with a chat template takes the chat trace by default."""
     console = console or Console()
-    unknown = set(modes) - set(MODES)
-    if unknown:
+    if unknown := set(modes) - set(MODES):
         raise SystemExit(f"unknown modes {sorted(unknown)}; choose from {MODES}")
     if not isinstance(settings.gamma, int):
         raise SystemExit("bench local compares fixed block lengths: pass --gamma N")
@@ -147,12 +136,10 @@ def run_bench_local(
     # held-out code runs to max_tokens; a chat answer ends where the target ends it
     params = SamplingParams(max_tokens=max_tokens, ignore_eos=trace is None)
     gamma = settings.gamma
-    console.print(
-        f"target {target.name} ({target.n_params / 1e6:.1f}M params), draft {draft.name} "
-        f"({draft.n_params / 1e6:.1f}M), gamma {gamma}, {len(prompts)} "
-        + (f"requests of {trace.name}, " if trace else f"held-out prompts x {prompt_tokens} tokens, ")
-        + f"{max_tokens} new tokens each, greedy, torch threads {torch.get_num_threads()}, one process"
-    )
+    console.print(f"target {target.name} ({target.n_params / 1e6:.1f}M params), draft {draft.name} "
+                  f"({draft.n_params / 1e6:.1f}M), gamma {gamma}, {len(prompts)} "
+                  + (f"requests of {trace.name}, " if trace else f"held-out prompts x {prompt_tokens} tokens, ")
+                  + f"{max_tokens} new tokens each, greedy, torch threads {torch.get_num_threads()}, one process")
     console.print(f"target {target.describe()}; draft {draft.describe()}")
     # Ouroboros sizes its blocks on the target's whole cost curve: measured once, with the roofline
     roof = roofline.pair_roofline(target, draft, gamma, positions=range(1, 17) if "ouroboros" in modes else ())
@@ -204,8 +191,7 @@ def run_bench_local(
         table.add_column(col)
     results = {}
     for mode in modes:
-        d = figs[mode].as_dict()
-        results[mode] = d
+        results[mode] = d = figs[mode].as_dict()
         tps = float(d["tokens_per_s"])  # type: ignore[arg-type]
         acc, tpt = d["acceptance_rate"], d["target_passes_per_token"]
         row = [mode, f"{tps:.1f}", f"{tps / base:.2f}x", "-" if acc is None else f"{acc:.3f}",
@@ -240,8 +226,7 @@ def run_bench_local(
         "roofline": roof,
         "machine": {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__},
         "results": results,
-        **({"llama_server": peers.info} if peers.modes else {}),
-    }
+        **({"llama_server": peers.info} if peers.modes else {})}
     if warm:
         report["warm_start"] = _warm_start(target, draft, n_prompts, prompt_tokens, params, gamma, console)
     if json_out is not None:
@@ -253,17 +238,14 @@ def _ours(result: GenerationResult) -> tuple[list[int], float, dict[str, Any]]:
     return result.tokens, result.stats.wall_s, result.stats.as_dict()
 
 
-def _ouroboros(
-    drafter: OuroborosDrafter, target: LoadedModel, prompt: list[int], params: SamplingParams, gamma: int
-) -> tuple[list[int], float, dict[str, Any]]:
+def _ouroboros(drafter: OuroborosDrafter, target: LoadedModel, prompt: list[int], params: SamplingParams,
+               gamma: int) -> tuple[list[int], float, dict[str, Any]]:
     tokens, wall, stats = _ours(generate_speculative(drafter, LocalVerifier(target), prompt, params, gamma))
     return tokens, wall, {**stats, "sources": drafter.sources}
 
 
-def _warm_start(
-    target: LoadedModel, draft: LoadedModel, n: int, prompt_tokens: int, params: SamplingParams, gamma: int,
-    console: Console,
-) -> dict[str, object]:
+def _warm_start(target: LoadedModel, draft: LoadedModel, n: int, prompt_tokens: int, params: SamplingParams,
+                gamma: int, console: Console) -> dict[str, object]:
     """A first pass over n prompts fills one pool (one client's); second passes over the same prompts again
     ("repeat") and over similar ones (each window moved on by 32 tokens of its file: "shifted") run with that pool
     carried over (warm; it keeps learning) and with a fresh pool each (cold). Every output is checked."""
@@ -273,8 +255,7 @@ def _warm_start(
     for name, at in WARM_SHIFTS.items():
         pool = PhrasePool()
         for w in windows:
-            generate_speculative(OuroborosDrafter(draft, pool), LocalVerifier(target), w[:prompt_tokens], params,
-                                 gamma)
+            generate_speculative(OuroborosDrafter(draft, pool), LocalVerifier(target), w[:prompt_tokens], params, gamma)
         figs = {"cold": ModeFigures(), "warm": ModeFigures()}
         for i, w in enumerate(windows):
             prompt = w[at : at + prompt_tokens]
@@ -286,11 +267,9 @@ def _warm_start(
                 figs[kind].matches_ar += tokens == ar
         out[name] = {k: f.as_dict() for k, f in figs.items()}
         for k, f in figs.items():
-            d = f.as_dict()
-            console.print(
-                f"ouroboros second pass ({name}, +{at} tokens), {k} pool: {float(d['tokens_per_s']):.1f} tok/s, "  # type: ignore[arg-type]
-                f"acceptance {float(d['acceptance_rate'] or 0):.3f}, "  # type: ignore[arg-type]
-                f"target passes/token {float(d['target_passes_per_token'] or 0):.3f}, == target alone "  # type: ignore[arg-type]
-                f"{d['greedy_equal_to_target']}"
-            )
+            d: dict[str, Any] = f.as_dict()
+            console.print(f"ouroboros second pass ({name}, +{at} tokens), {k} pool: {float(d['tokens_per_s']):.1f} "
+                          f"tok/s, acceptance {float(d['acceptance_rate'] or 0):.3f}, target passes/token "
+                          f"{float(d['target_passes_per_token'] or 0):.3f}, == target alone "
+                          f"{d['greedy_equal_to_target']}")
     return out

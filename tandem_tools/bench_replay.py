@@ -1,19 +1,12 @@
-"""`tandem bench replay`: replay a trace through the real edge client against a real cloud over an emulated network.
-
-For each round-trip time a `tandem netem` proxy (its own process) sits in front of the cloud (its own process, or
-`--cloud`); the edge client runs here, one draft model, one torch thread. Closed loop (no `arrival_s` in the trace):
-for each RTT, for each prompt, every mode runs once, in a seeded random order per prompt, so drift on a shared
-machine hits all modes alike. Open loop (`arrival_s` present): for each RTT and mode the trace is replayed with requests
-started at their arrival times, each in its own thread with its own EdgeClient (its own draft state; the draft
-weights are shared read-only).
-
-Every request's timings and counters go to `results.json`; per mode x RTT summaries (percentiles, throughput,
-acceptance, target passes and bytes per token, speedup over cloud-only at the same RTT) to `summary.md` and a plot
-(`tandem_tools.replay_summary`).
+"""`tandem bench replay`: replay a trace through the real edge client against a real cloud over an emulated network,
+every mode at every round-trip time, a `tandem netem` proxy (its own process) in front of the cloud. Closed loop (every
+mode once per prompt, in a seeded order) or, with `arrival_s` in the trace, open loop. Writes `results.json`,
+`summary.md` and a plot (docs/performance.md).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import json
@@ -37,20 +30,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from tandem.config import DEFAULT_DRAFT, DEFAULT_TARGET
 from tandem_tools import llama_server
-from tandem_tools.procs import CloudProcess, free_port, stop_process
-from tandem_tools.replay_summary import (
-    FREE,
-    MODES,
-    RequestRecord,
-    TraceRow,
-    greedy_mismatches,
-    load_trace,
-    peer_summary,
-    plot,
-    render_markdown,
-    render_peer_markdown,
-    summarize,
-)
+from tandem_tools import replay_summary as rs
+from tandem_tools.procs import CloudProcess, free_port, stop_process, wait_ready
+from tandem_tools.replay_summary import FREE, MODES, RequestRecord, TraceRow, load_trace
 
 log = logging.getLogger(__name__)
 
@@ -73,17 +55,13 @@ class NetemProcess:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "tandem_tools.cli", "netem", "--listen", self.address, "--upstream", self.upstream,
              "--rtt-ms", str(self.rtt_ms)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + self.ready_timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"tandem netem exited with {self.proc.returncode}")
-            try:
-                socket.create_connection((self.host, self.port), timeout=0.5).close()
-                return self
-            except OSError:
-                time.sleep(0.1)
-        self.__exit__()
-        raise TimeoutError("tandem netem did not listen in time")
+        wait_ready(self.proc, self._listening, self.ready_timeout_s, "tandem netem", self.__exit__)
+        return self
+
+    def _listening(self) -> bool:
+        with contextlib.suppress(OSError), socket.create_connection((self.host, self.port), timeout=0.5):
+            return True
+        return False
 
     def __exit__(self, *exc: object) -> None:
         stop_process(self.proc)
@@ -123,38 +101,30 @@ def _git_revision() -> str | None:
 
 def _machine() -> dict[str, Any]:
     cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    with contextlib.suppress(OSError):
+        cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                    if line.startswith("model name")), cpu)
     import transformers
 
     return {"cpu": cpu, "cpu_count": os.cpu_count(), "platform": platform.platform(),
             "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__}
 
 
+_MODE_SETTINGS: dict[str, dict[str, Any]] = {  # each replay mode as the edge's settings
+    "cloud": {"mode": "cloud"}, "spec": {"mode": "spec", "pipeline": False},
+    "spec-pipelined": {"mode": "spec", "pipeline": True},
+    "ouroboros": {"mode": "spec", "pipeline": True, "ouroboros": True}, "auto": {"mode": "auto", "pipeline": True}}
+
+
 def _edge_settings(cfg: ReplayConfig, mode: str, address: str) -> Any:
     from edge_client.settings import EdgeSettings
 
     mode = mode.removesuffix(FREE)
+    if mode not in _MODE_SETTINGS:
+        raise ValueError(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
     kw: dict[str, Any] = dict(cloud=address, transport="grpc", draft=cfg.draft, gamma=cfg.gamma,
                               threads=cfg.edge_threads, timeout_s=cfg.timeout_s, retries=0, api_key=cfg.api_key)
-    if mode == "cloud":
-        kw["mode"] = "cloud"
-    elif mode == "spec":
-        kw |= {"mode": "spec", "pipeline": False}
-    elif mode == "spec-pipelined":
-        kw |= {"mode": "spec", "pipeline": True}
-    elif mode == "ouroboros":
-        kw |= {"mode": "spec", "pipeline": True, "ouroboros": True}
-    elif mode == "auto":
-        kw |= {"mode": "auto", "pipeline": True}
-    else:
-        raise ValueError(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
-    return EdgeSettings(**kw)
+    return EdgeSettings(**kw, **_MODE_SETTINGS[mode])
 
 
 def _one(client: Any, mode: str, rtt: float, index: int, ids: list[int], row: TraceRow, t_ref: float) -> RequestRecord:
@@ -189,8 +159,7 @@ def _one(client: Any, mode: str, rtt: float, index: int, ids: list[int], row: Tr
     rec.bytes_sent, rec.bytes_received, rec.stale = s.bytes_sent, s.bytes_received, s.stale
     rec.gamma_mean = sum(s.gammas) / len(s.gammas) if s.gammas else None
     rec.measured_rtt_ms = sum(s.rtt_ms) / len(s.rtt_ms) if s.rtt_ms else None
-    rec.switched_to_cloud = s.switched_to_cloud
-    rec.rejected_rounds = rejections[0]
+    rec.switched_to_cloud, rec.rejected_rounds = s.switched_to_cloud, rejections[0]
     if mode == "cloud":  # the cloud streams one token per target step; the edge counts steps, not rounds
         rec.rounds = rec.drafted = rec.accepted = 0
     rec.output_sha = hashlib.sha256(json.dumps(result.tokens).encode()).hexdigest()[:16]
@@ -199,7 +168,7 @@ def _one(client: Any, mode: str, rtt: float, index: int, ids: list[int], row: Tr
 
 def run_replay(cfg: ReplayConfig, console: Console | None = None) -> dict[str, Any]:
     # transports load here, not at import: the core stays transport-free
-    from edge_client.client import EdgeClient, make_verifier
+    from edge_client.client import edge_decoder, make_verifier
     from edge_client.settings import EdgeSettings
     from tandem.config import DraftPlacement
     from tandem.models import load_draft
@@ -209,15 +178,18 @@ def run_replay(cfg: ReplayConfig, console: Console | None = None) -> dict[str, A
     torch.set_num_threads(cfg.edge_threads)
     rows = load_trace(cfg.trace, cfg.limit)
     warnings: list[str] = []
+
+    def warn(msg: str) -> None:
+        warnings.append(msg)
+        console.print(f"[bold yellow]warning[/]: {msg}")
     # llama-server, llama-server-spec: the peer (llama.cpp), each prompt once at the first RTT, no edge client
     peer_modes = [m for m in cfg.modes if m in llama_server.MODES]
     modes = [m for m in cfg.modes if m not in peer_modes]
     if cfg.free_twins:  # each mode also without the requests' response_format, side by side
         modes += [m + FREE for m in modes]
     if "ouroboros" in modes and "ouroboros" not in EdgeSettings.model_fields:
-        warnings.append("mode ouroboros skipped: this edge client has no `ouroboros` setting (Ouroboros drafting "
-                        "is not in this build)")
-        console.print(f"[bold yellow]warning[/]: {warnings[-1]}")
+        warn("mode ouroboros skipped: this edge client has no `ouroboros` setting (Ouroboros drafting is not in this "
+             "build)")
         modes.remove("ouroboros")
     if not modes and not peer_modes:
         raise ValueError("no mode left to run")
@@ -227,10 +199,6 @@ def run_replay(cfg: ReplayConfig, console: Console | None = None) -> dict[str, A
     greedy = {i for i, r in enumerate(rows) if r.temperature == 0}
     open_loop = any(r.arrival_s is not None for r in rows)
     cfg.out.mkdir(parents=True, exist_ok=True)
-
-    def warn(msg: str) -> None:
-        warnings.append(msg)
-        console.print(f"[bold yellow]warning[/]: {msg}")
     peers = llama_server.Peers(  # the target's threads as the cloud's, the draft's as the edge's
         peer_modes, cfg.target, cfg.draft, cfg.cloud_threads,
         llama_server.context_size(prompts, max(r.max_tokens for r in rows)), draft_threads=cfg.edge_threads,
@@ -256,8 +224,7 @@ def run_replay(cfg: ReplayConfig, console: Console | None = None) -> dict[str, A
         console.print(
             f"[bold]tandem bench replay[/]: {len(rows)} requests from {cfg.trace.name}, RTTs {cfg.rtts} ms, modes "
             f"{', '.join(modes)}; target {target_name} at {upstream}, draft {draft.describe()}, gamma {cfg.gamma}; "
-            "torch "
-            f"threads: edge {torch.get_num_threads()}, cloud {cfg.cloud_threads if cloud_proc else 'its own'}, "
+            f"torch threads: edge {torch.get_num_threads()}, cloud {cfg.cloud_threads if cloud_proc else 'its own'}, "
             f"netem in its own process; {'open' if open_loop else 'closed'}-loop")
         total = len(cfg.rtts) * len(modes) * len(rows)
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -266,7 +233,7 @@ def run_replay(cfg: ReplayConfig, console: Console | None = None) -> dict[str, A
             task = progress.add_task("replay", total=total)
             for rtt in cfg.rtts:
                 with NetemProcess(upstream, rtt) as proxy:
-                    clients = {m: EdgeClient(_edge_settings(cfg, m, proxy.address), draft) for m in modes}
+                    clients = {m: edge_decoder(_edge_settings(cfg, m, proxy.address), draft) for m in modes}
                     for m in modes:  # warm-up, not timed: connections, caches, the adaptive model's first samples
                         progress.update(task, description=f"RTT {rtt:g} ms: warm-up {m}")
                         clients[m].generate(prompts[0][:64], SamplingParams(max_tokens=32))
@@ -301,8 +268,8 @@ def run_replay(cfg: ReplayConfig, console: Console | None = None) -> dict[str, A
         if cloud_proc is not None:
             cloud_proc.stop()
 
-    summary = summarize(records, modes, cfg.rtts)
-    mismatches = greedy_mismatches(records, greedy)
+    summary = rs.summarize(records, modes, cfg.rtts)
+    mismatches = rs.greedy_mismatches(records, greedy)
     low = [r for r in summary if r["mode"] == "cloud" and r["rtt_ms"] == min(cfg.rtts)]
     results: dict[str, Any] = {
         "meta": {
@@ -325,13 +292,13 @@ def run_replay(cfg: ReplayConfig, console: Console | None = None) -> dict[str, A
         "requests": [asdict(r) for r in records],
     }
     if peers.modes:
-        results["llama_server"] = {"info": peers.info, "summary": peer_summary(peer_records, records, greedy),
+        results["llama_server"] = {"info": peers.info, "summary": rs.peer_summary(peer_records, records, greedy),
                                    "requests": [asdict(r) for r in peer_records]}
-    markdown = render_markdown(results) + (render_peer_markdown(results["llama_server"]["summary"], peers.info)
-                                           if peers.modes else "")
+    markdown = rs.render_markdown(results) + (rs.render_peer_markdown(results["llama_server"]["summary"], peers.info)
+                                              if peers.modes else "")
     (cfg.out / "results.json").write_text(json.dumps(results, indent=1))
     (cfg.out / "summary.md").write_text(markdown)
-    plot(results, cfg.out / "speedup_vs_rtt.png")
+    rs.plot(results, cfg.out / "speedup_vs_rtt.png")
     console.print(markdown, markup=False, highlight=False, soft_wrap=True)
     if mismatches:
         console.print(f"[bold red]GREEDY OUTPUTS DIFFER across modes for {len(mismatches)} prompt(s): a bug, "
@@ -342,15 +309,15 @@ def run_replay(cfg: ReplayConfig, console: Console | None = None) -> dict[str, A
 
 def _open_loop(cfg: ReplayConfig, mode: str, rtt: float, address: str, draft: Any, prompts: list[list[int]],
                rows: list[TraceRow], advance: Callable[[], None]) -> list[RequestRecord]:
-    """Each request starts at its arrival time in its own thread, with its own EdgeClient (its own draft state)."""
-    from edge_client.client import EdgeClient
+    """Each request starts at its arrival time in its own thread, with its own edge_decoder (its own draft state)."""
+    from edge_client.client import edge_decoder
 
     out: list[RequestRecord] = []
     lock = threading.Lock()
     t_ref = time.perf_counter()
 
     def run(i: int) -> None:
-        client = EdgeClient(_edge_settings(cfg, mode, address), draft)
+        client = edge_decoder(_edge_settings(cfg, mode, address), draft)
         rec = _one(client, mode, rtt, i, prompts[i], rows[i], t_ref)
         with lock:
             out.append(rec)

@@ -4,10 +4,13 @@ cloud-only, the goal), the printed table and the plot."""
 from __future__ import annotations
 
 import math
-import os
+import re
 import statistics
 from pathlib import Path
 from typing import Any
+
+from tandem_tools import bench_common, figures
+from tandem_tools.bench_common import fmt
 
 MODE_COLORS = {"cloud": "tab:orange", "spec": "tab:blue", "auto": "tab:green"}
 MODE_LABELS = {"cloud": "cloud-only", "spec": "speculative (fixed gamma)", "auto": "auto (load-aware)"}
@@ -15,66 +18,44 @@ AUTO_VS_BEST = 0.95  # the goal: auto's aggregate >= 0.95x the better of cloud a
 
 
 def percentile(values: list[float], pct: float) -> float:
-    """Linear interpolation between closest ranks (numpy's default)."""
-    xs = sorted(values)
-    if not xs:
-        return math.nan
-    k = (len(xs) - 1) * pct / 100
-    lo, hi = math.floor(k), math.ceil(k)
-    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
+    """`figures.percentile`, NaN for no samples (the table shows "-", the plot leaves it out)."""
+    v = figures.percentile(values, pct)
+    return math.nan if v is None else v
 
 
 def parse_metrics(text: str) -> dict[str, float]:
     """Prometheus text: each sample name (labels summed over) to its value."""
     out: dict[str, float] = {}
-    for line in text.splitlines():
-        if not line or line.startswith("#"):
-            continue
-        name_labels, _, value = line.rpartition(" ")
-        name = name_labels.split("{", 1)[0]
-        out[name] = out.get(name, 0.0) + float(value)
+    for key, value in bench_common.parse_metrics(text).items():
+        name = key.split("{", 1)[0]
+        out[name] = out.get(name, 0.0) + value
     return out
 
 
 def histogram_buckets(text: str, name: str) -> dict[str, float]:
     """A histogram's cumulative bucket counts by `le` (other labels summed over)."""
     out: dict[str, float] = {}
-    prefix = name + "_bucket{"
-    for line in text.splitlines():
-        if line.startswith(prefix):
-            labels, _, value = line[len(prefix):].rpartition(" ")
-            le = next((p.split("=", 1)[1].strip('"}') for p in labels.split(",") if p.startswith("le=")), None)
-            if le is not None:
-                out[le] = out.get(le, 0.0) + float(value)
+    for key, value in bench_common.parse_metrics(text).items():
+        le = re.search(r'[{,]le="([^"]*)"', key)
+        if key.startswith(name + "_bucket{") and le:
+            out[le[1]] = out.get(le[1], 0.0) + value
     return out
 
 
 def bucket_counts(before: dict[str, float], after: dict[str, float]) -> dict[str, int]:
     """Per-bucket (not cumulative) counts between two `histogram_buckets` readings, by upper bound."""
-    les = sorted(after, key=lambda le: math.inf if le == "+Inf" else float(le))
     out: dict[str, int] = {}
     below = 0.0
-    for le in les:
+    for le in sorted(after, key=lambda le: math.inf if le == "+Inf" else float(le)):
         cum = after[le] - before.get(le, 0.0)
         out[le] = round(cum - below)
         below = cum
     return out
 
 
-def cpu_seconds(pid: int) -> float | None:
-    """User + system CPU time of a process (Linux /proc), or None elsewhere."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def _ratio(metrics: dict[str, float], num: str, den: str) -> float | None:
     """num / den from /metrics deltas; None where the cloud does not export them (or counted nothing)."""
-    if num not in metrics or not metrics.get(den):
-        return None
-    return metrics[num] / metrics[den]
+    return metrics[num] / metrics[den] if num in metrics and metrics.get(den) else None
 
 
 def phase_figures(records: list[dict[str, Any]], wall_s: float, metrics: dict[str, float],
@@ -86,13 +67,10 @@ def phase_figures(records: list[dict[str, Any]], wall_s: float, metrics: dict[st
     batches = metrics.get("tandem_batch_size_count", 0.0)
     drafted, accepted = sum(r["drafted"] for r in records), sum(r["accepted"] for r in records)
     return {
-        "requests": len(records),
-        "tokens": tokens,
-        "wall_s": wall_s,
+        "requests": len(records), "tokens": tokens, "wall_s": wall_s,
         "aggregate_tokens_per_s": tokens / wall_s if wall_s else 0.0,
         "per_client_tokens_per_s": statistics.mean(len(r["tokens"]) / r["wall_s"] for r in records),
-        "tpot_p50_ms": percentile(tpot, 50) * 1e3,
-        "tpot_p99_ms": percentile(tpot, 99) * 1e3,
+        "tpot_p50_ms": percentile(tpot, 50) * 1e3, "tpot_p99_ms": percentile(tpot, 99) * 1e3,
         "ttft_mean_ms": statistics.mean(r["ttft_s"] for r in records if r["ttft_s"] is not None) * 1e3,
         "target_passes_per_token": metrics.get("tandem_target_forward_passes_total", 0.0) / generated
         if generated else None,
@@ -147,30 +125,23 @@ def goal_line(g: dict[str, Any]) -> str:
             + ("[green]met[/green]" if ok else "[red]not met[/red]"))
 
 
-def _fmt(v: float | None, digits: int) -> str:
-    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}f}"
-
-
 def print_table(phases: list[dict[str, Any]], console: Any) -> None:
     from rich.table import Table
 
-    table = Table(title="bench capacity (greedy; agg = all clients' tokens / phase wall time; TPOT in ms; passes/tok: "
-                  "target passes per token; pos/pass: positions per batched pass; tok/CPU-s: per cloud CPU-second; "
-                  "advised: the cloud's mean advised gamma)")
     cols = ("clients", "mode", "agg tok/s", "vs cloud", "client tok/s", "TPOT p50", "TPOT p99", "TTFT ms",
             "passes/tok", "pos/pass", "batch", "tok/CPU-s", "accept", "to cloud", "advised", "same")
-    for col in cols:
-        table.add_column(col)
+    table = Table(*cols, title="bench capacity (greedy; agg = all clients' tokens / phase wall time; TPOT in ms; "
+                  "passes/tok: target passes per token; pos/pass: positions per batched pass; tok/CPU-s: per cloud "
+                  "CPU-second; advised: the cloud's mean advised gamma)")
     for p in phases:
         ratio = p.get("aggregate_vs_cloud")
         table.add_row(
-            str(p["clients"]), p["mode"], f"{p['aggregate_tokens_per_s']:.1f}", _fmt(ratio, 2) + ("x" if ratio else ""),
-            f"{p['per_client_tokens_per_s']:.1f}", _fmt(p["tpot_p50_ms"], 1), _fmt(p["tpot_p99_ms"], 1),
-            f"{p['ttft_mean_ms']:.0f}", _fmt(p["target_passes_per_token"], 3), _fmt(p["mean_positions_per_pass"], 2),
-            _fmt(p["mean_batch"], 2), _fmt(p["tokens_per_cloud_cpu_s"], 1), _fmt(p["acceptance_rate"], 3),
-            f"{p['switched_to_cloud_share']:.0%}", _fmt(p["advised_gamma_mean"], 2),
-            "yes" if p.get("outputs_identical") else "NO",
-        )
+            str(p["clients"]), p["mode"], f"{p['aggregate_tokens_per_s']:.1f}",
+            fmt(ratio, ".2f") + ("x" if ratio else ""), f"{p['per_client_tokens_per_s']:.1f}", fmt(p["tpot_p50_ms"]),
+            fmt(p["tpot_p99_ms"]), f"{p['ttft_mean_ms']:.0f}", fmt(p["target_passes_per_token"], ".3f"),
+            fmt(p["mean_positions_per_pass"], ".2f"), fmt(p["mean_batch"], ".2f"), fmt(p["tokens_per_cloud_cpu_s"]),
+            fmt(p["acceptance_rate"], ".3f"), f"{p['switched_to_cloud_share']:.0%}",
+            fmt(p["advised_gamma_mean"], ".2f"), "yes" if p.get("outputs_identical") else "NO")
     console.print(table)
 
 

@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
-from tandem.config import DEFAULT_DRAFT, DEFAULT_TARGET, DEMO_DRAFT, DEMO_TARGET
+from tandem.config import DEFAULT_DRAFT, DEFAULT_TARGET, TEST_DRAFT, TEST_TARGET
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="tandem: edge-cloud speculative decoding.")
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks (figures printed, ratios measured side by side).")
@@ -54,13 +54,14 @@ def demo(
     run_demo(settings, prompt, max_tokens, mode)
 
 
-TARGET_HELP = (f"target model: a short name (default {DEFAULT_TARGET}; {DEMO_TARGET}: the code pair), a .gguf "
-               "file, a folder, or a hub id")
+TARGET_HELP = (f"target model: a short name (default {DEFAULT_TARGET}; {TEST_TARGET}: the test pair, in a source "
+               "checkout), a .gguf file, a folder, or a hub id")
 DEVICE_OPT = "auto (CUDA, else MPS, else CPU), cpu, cuda[:N], mps"
 DTYPE_OPT = "auto (bfloat16 where the hardware computes it natively, else float32), float32, bfloat16 or float16"
 SIZES_OPT = "pass lengths compiled at start-up, comma-separated (default 1,2,3,4,5,6,8,12,16)"
 COMPILE_OPT = "the fast path: compiled decode and verify steps (Llama and Qwen2 models; compiles at start-up)"
-DRAFT_HELP = f"draft model: a short name (default {DEFAULT_DRAFT}; {DEMO_DRAFT}: the code pair), a folder, or a hub id"
+DRAFT_HELP = (f"draft model: a short name (default {DEFAULT_DRAFT}; {TEST_DRAFT}: the test pair, in a source "
+              "checkout), a folder, or a hub id")
 
 
 @bench_app.command("local")
@@ -98,9 +99,8 @@ def bench_local(
 
     settings = CoreSettings(**_overrides(gamma=gamma, threads=threads, target=target, draft=draft, device=device,
                                          dtype=dtype, compile=compile, compile_sizes=compile_sizes,
-                                         draft_device=draft_device,
-                                         draft_dtype=draft_dtype, draft_compile=draft_compile,
-                                         draft_p_min=draft_p_min))
+                                         draft_device=draft_device, draft_dtype=draft_dtype,
+                                         draft_compile=draft_compile, draft_p_min=draft_p_min))
     run_bench_local(settings, modes.split(","), prompts, prompt_tokens, max_tokens, json_out, warm=warm, trace=trace)
 
 
@@ -134,8 +134,7 @@ def bench_replay(
         gamma=int(gamma) if gamma.isdigit() else gamma,
         limit=prompts, target=target or os.environ.get("TANDEM_TARGET", DEFAULT_TARGET),
         draft=draft or os.environ.get("TANDEM_DRAFT", DEFAULT_DRAFT), edge_threads=threads,
-        cloud_threads=cloud_threads, api_key=os.environ.get("TANDEM_API_KEY") or None, free_twins=free_twins,
-    )
+        cloud_threads=cloud_threads, api_key=os.environ.get("TANDEM_API_KEY") or None, free_twins=free_twins)
     run_replay(cfg)
 
 
@@ -168,16 +167,14 @@ def bench_load(
 
     from tandem_tools.bench_load import DEFAULT_TRACE, LoadConfig, run_load
 
-    cloud_url = None
     if cloud is not None and metrics is None:
-        cloud_url = f"http://{cloud.rpartition(':')[0] or '127.0.0.1'}:8000/metrics"
+        metrics = f"http://{cloud.rpartition(':')[0] or '127.0.0.1'}:8000/metrics"
     cfg = LoadConfig(
-        sessions=sessions, duration_s=duration, out=out, cloud=cloud, metrics_url=metrics or cloud_url,
+        sessions=sessions, duration_s=duration, out=out, cloud=cloud, metrics_url=metrics,
         trace=trace or DEFAULT_TRACE, prompts=prompts, prompt_tokens=prompt_tokens, max_tokens=max_tokens,
         target=target, draft=draft, transport=transport, gamma=int(gamma) if gamma.isdigit() else gamma, mode=mode,
         cloud_threads=cloud_threads, sample_s=sample_s, warmup_s=warmup,
-        api_key=os.environ.get("TANDEM_API_KEY") or None,
-    )
+        api_key=os.environ.get("TANDEM_API_KEY") or None)
     summary = run_load(cfg, echo=typer.echo)["summary"]
     if summary["failed"] or summary["mismatched"] or not summary["sessions_freed"]:
         raise typer.Exit(1)
@@ -217,10 +214,8 @@ def bench_capacity(
         clients=tuple(int(c) for c in clients.split(",") if c.strip()), target=target, draft=draft, gamma=gamma,
         max_gamma=max_gamma, modes=tuple(m.strip() for m in modes.split(",") if m.strip()), edges=edges,
         max_tokens=max_tokens, prompt_tokens=prompt_tokens, requests=requests, cloud_threads=cloud_threads,
-        trace=str(trace) if trace else None,
-        edge_threads=edge_threads, edge_nice=edge_nice, max_batch=max_batch, batch_window_ms=batch_window_ms,
-        pipeline=pipeline,
-    )
+        trace=str(trace) if trace else None, edge_threads=edge_threads, edge_nice=edge_nice, max_batch=max_batch,
+        batch_window_ms=batch_window_ms, pipeline=pipeline)
     try:
         cfg.check()
     except ValueError as e:
@@ -283,7 +278,7 @@ def generate(
 
     import torch
 
-    from edge_client.client import EdgeClient
+    from edge_client.client import edge_decoder
     from tandem.errors import TandemError
     from tandem.models import load_draft
     from tandem.sampling import SamplingParams
@@ -304,7 +299,7 @@ def generate(
             sys.stdout.write(text.push(new))
             sys.stdout.flush()
 
-        result = EdgeClient(settings, model).generate(ids, params, on_tokens=None if json_out else show)
+        result = edge_decoder(settings, model).generate(ids, params, on_tokens=None if json_out else show)
     except TandemError as e:
         print(f"error: {e}", file=sys.stderr)
         raise typer.Exit(1) from None

@@ -1,10 +1,6 @@
-"""`tandem demo`: a pair end to end on the real path — `tandem serve` in its own process holding the target, the edge
-client here drafting and verifying there over gRPC — streaming the answer as it is accepted, then the figures of this
-run: acceptance, tokens per target pass, and each mode (speculative, load-aware auto, and Ouroboros when asked for)
-against cloud-only, which is the target alone decoding in the cloud.
-
-A chat model gets a chat question (its chat template applied); a code model (the standard-library pair) a held-out
-code excerpt to complete. `tandem demo --web` (`run_web`) starts the same cloud and edge behind the chat page instead.
+"""`tandem demo`: a pair end to end on the real path (`tandem serve` in its own process, the edge client here over
+gRPC), streaming the answer as it is accepted, then each mode against cloud-only in this run. `run_web`: the same
+cloud and edge behind the chat page.
 """
 
 from __future__ import annotations
@@ -22,6 +18,7 @@ from rich.table import Table
 from tandem.config import CoreSettings
 from tandem.models import LoadedModel, load_draft
 from tandem.sampling import SamplingParams
+from tandem.speculate import SpeculativeDecoder
 from tandem.stats import GenerationResult
 from tandem_tools.procs import CloudProcess, free_port
 
@@ -70,7 +67,7 @@ def cloud_env(settings: CoreSettings) -> dict[str, str]:
 def run_demo(settings: CoreSettings, prompt: str | None, max_tokens: int, mode: str = MODES[0],
              console: Console | None = None) -> list[DemoRun]:
     # transports load here, not at import: `tandem --help` loads no server
-    from edge_client.client import EdgeClient
+    from edge_client.client import edge_decoder
     from edge_client.settings import EdgeSettings
 
     console = console or Console()
@@ -86,10 +83,10 @@ def run_demo(settings: CoreSettings, prompt: str | None, max_tokens: int, mode: 
         ids = demo_prompt(draft, prompt)
         params = SamplingParams(max_tokens=max_tokens)
 
-        def client(m: str) -> EdgeClient:
+        def client(m: str) -> SpeculativeDecoder:
             edge = EdgeSettings(cloud=cloud.grpc_target, transport="grpc", draft=settings.draft, gamma=settings.gamma,
                                 threads=settings.threads, retries=0, ouroboros=m == "ouroboros")
-            return EdgeClient(edge, draft)
+            return edge_decoder(edge, draft)
 
         order = [mode, *(m for m in MODES[:3] if m != mode)]
         clients = {m: client(m) for m in order}

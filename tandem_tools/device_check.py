@@ -2,10 +2,10 @@
 machine, in minutes, offline. Random-weight models built from the packaged configs (`tandem_tools.randmodels`: a
 Llama-3.2-1B-shaped target and a 72M draft with its vocabulary) give the costs: v(n), the time of a pass over n
 positions over that of one, and c, a draft step over a target step, on HF eager, the fast path eager and compiled,
-per dtype, beside the memory-bandwidth and compute bounds and a capacity curve (batched decoding). The shipped code
-pair (`demo-target`, `demo-draft`) gives real acceptance: the target alone vs speculative vs Ouroboros, with greedy
-equality checked. Each section has a time budget; one that fails is recorded and the rest run. Writes results.json
-and summary.md after every section."""
+per dtype, beside the memory-bandwidth and compute bounds and a capacity curve (batched decoding). The test pair
+(`test-target`, `test-draft`: small code models in a source checkout) gives real acceptance: the target alone vs
+speculative vs Ouroboros, with greedy equality checked. Each section has a time budget; one that fails is recorded
+and the rest run. Writes results.json and summary.md after every section."""
 
 from __future__ import annotations
 
@@ -25,16 +25,17 @@ from typing import Any
 import torch
 
 from tandem import fastlm
+from tandem.config import TEST_DRAFT, TEST_TARGET
 from tandem.models import LoadedModel, check_pair, load_model, parse_dtype, resolve_device
 from tandem_tools import device_timing as dt
 from tandem_tools import roofline
 from tandem_tools.randmodels import random_model
 
-FULL = dict(context=256, ns="1,2,3,4,5,8,16", batches="1,2,4,8,16,32", capacity_steps=32, reps=20, demo_prompts=10,
-            demo_prompt_tokens=64, demo_tokens=64, read_mb=2048, matmul_size=8192, budget_s=450.0,
+FULL = dict(context=256, ns="1,2,3,4,5,8,16", batches="1,2,4,8,16,32", capacity_steps=32, reps=20, pair_prompts=10,
+            pair_prompt_tokens=64, pair_tokens=64, read_mb=2048, matmul_size=8192, budget_s=450.0,
             compile_need_s=90.0)
-QUICK = dict(context=32, ns="1,2,4", batches="1,2,4", capacity_steps=4, reps=3, demo_prompts=2,
-             demo_prompt_tokens=32, demo_tokens=12, read_mb=16, matmul_size=256, budget_s=120.0,
+QUICK = dict(context=32, ns="1,2,4", batches="1,2,4", capacity_steps=4, reps=3, pair_prompts=2,
+             pair_prompt_tokens=32, pair_tokens=12, read_mb=16, matmul_size=256, budget_s=120.0,
              compile_need_s=30.0)
 
 # Two differently shaped models compiled in one process: dynamo then makes FastSpec's ints symbolic on the second
@@ -58,7 +59,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--draft-config", default="llama-72m", help="a packaged config name or a JSON file")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="also the compiled fast path (default: on a CUDA device only)")
-    p.add_argument("--no-demo", dest="demo", action="store_false", help="skip the shipped code pair")
+    p.add_argument("--no-test-pair", dest="test_pair", action="store_false", help="skip the test pair")
     p.add_argument("--gamma", type=int, default=4)
     for key, value in FULL.items():
         p.add_argument("--" + key.replace("_", "-"), type=type(value))
@@ -78,8 +79,7 @@ def environment(device: torch.device) -> dict[str, Any]:
     env: dict[str, Any] = {
         "device": str(device), "torch": torch.__version__, "cuda": torch.version.cuda,
         "transformers": transformers.__version__, "python": platform.python_version(), "cpus": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(), "device_name": platform.processor() or platform.machine(),
-    }
+        "torch_threads": torch.get_num_threads(), "device_name": platform.processor() or platform.machine()}
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         env |= {"device_name": torch.cuda.get_device_name(device), "gpu_memory_GiB": props.total_memory / 2**30,
@@ -195,20 +195,20 @@ class Check:
         return res
 
     @STATIC_INTS
-    def demo(self, compiled: bool, deadline: float) -> dict[str, Any]:
+    def trained_pair(self, compiled: bool, deadline: float) -> dict[str, Any]:
         from tandem_tools.train.data import heldout_prompts
 
         a = self.args
         t0 = time.monotonic()
-        target = load_model("demo-target", "float32", self.device, compile=compiled)
-        draft = load_model("demo-draft", "float32", self.device, compile=compiled)
+        target = load_model(TEST_TARGET, "float32", self.device, compile=compiled)
+        draft = load_model(TEST_DRAFT, "float32", self.device, compile=compiled)
         check_pair(draft, target)
         res: dict[str, Any] = {"target": target.describe(), "draft": draft.describe(), "load_s": time.monotonic() - t0,
-                               "gamma": a.gamma, "prompt_tokens": a.demo_prompt_tokens, "max_tokens": a.demo_tokens,
+                               "gamma": a.gamma, "prompt_tokens": a.pair_prompt_tokens, "max_tokens": a.pair_tokens,
                                "prompts": "held-out standard-library code (tandem_tools.train.data.heldout_prompts)"}
-        prompts = heldout_prompts(a.demo_prompts, a.demo_prompt_tokens, target.tokenizer)
+        prompts = heldout_prompts(a.pair_prompts, a.pair_prompt_tokens, target.tokenizer)
         res |= {"dynamo": STATIC_INTS_NOTE} if compiled else {}
-        res |= dt.code_pair_modes(target, draft, prompts, a.demo_tokens, a.gamma, deadline)
+        res |= dt.pair_modes(target, draft, prompts, a.pair_tokens, a.gamma, deadline)
         if compiled:
             del target, draft
             torch._dynamo.reset()
@@ -242,7 +242,7 @@ def device_summary(results: dict[str, Any]) -> str:
                 lines.append(f"| {batch} | {r['tokens_per_s']:.1f} | {r['step_ms']:.2f} |" if "tokens_per_s" in r
                              else f"| {batch} | {r.get('error') or r.get('skipped')} | |")
             lines.append("")
-        elif name.startswith("demo-") and "modes" in sec:
+        elif name.startswith("test-pair-") and "modes" in sec:
             lines += [f"## {name}: {sec['target']} / {sec['draft']}, gamma {sec['gamma']}, {sec['prompts_done']} "
                       f"prompts x {sec['max_tokens']} tokens, greedy", "",
                       "| mode | tokens/s | vs target alone | acceptance | target passes/token | == target alone |",
@@ -287,15 +287,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     check.section("bounds", 0.05 * budget, 0, check.bounds)
     check.section(f"timing-{first}", 0.15 * budget, 5, functools.partial(check.timing, first))
     check.section(f"capacity-{first}", 0.1 * budget, 5, functools.partial(check.capacity, first))
-    if args.demo:
-        check.section("demo-eager", 0.15 * budget, 10, functools.partial(check.demo, False))
+    if args.test_pair:
+        check.section("test-pair-eager", 0.15 * budget, 10, functools.partial(check.trained_pair, False))
     for d in rest:
         check.section(f"timing-{d}", 0.1 * budget, 5, functools.partial(check.timing, d))
         check.section(f"capacity-{d}", 0.08 * budget, 5, functools.partial(check.capacity, d))
     if check.compile:
         check.section(f"compiled-{first}", 0.3 * budget, need, functools.partial(check.compiled, first))
-        if args.demo:
-            check.section("demo-compiled", 0.25 * budget, need, functools.partial(check.demo, True))
+        if args.test_pair:
+            check.section("test-pair-compiled", 0.25 * budget, need, functools.partial(check.trained_pair, True))
         for d in rest:
             check.section(f"compiled-{d}", 0.25 * budget, need, functools.partial(check.compiled, d))
     check.pairs.clear()

@@ -1,5 +1,5 @@
 """The measurements `tandem_tools.device_check` makes beyond `tandem_tools.roofline`'s (pass times, v, c and their
-bounds): batched decoding throughput, and the shipped code pair's three modes. Wall-clock times with the device
+bounds): batched decoding throughput, and the test pair's three modes. Wall-clock times with the device
 synchronised."""
 
 from __future__ import annotations
@@ -19,9 +19,8 @@ from tandem.ouroboros import OuroborosDrafter
 from tandem.sampling import SamplingParams
 from tandem.session import generate_autoregressive
 from tandem.speculate import generate_speculative
-from tandem.stats import GenerationResult
 from tandem_tools import roofline
-from tandem_tools.bench_local import ModeFigures
+from tandem_tools.bench_local import ModeFigures, _ours
 
 FIRST_ID = 3  # random prompts avoid the stand-in tokenizer's special ids
 
@@ -64,12 +63,8 @@ def batched_decode(model: LoadedModel, batch: int, context: int, steps: int, see
     return {"tokens_per_s": batch * steps / wall, "step_ms": wall / steps * 1e3}
 
 
-def _ours(result: GenerationResult) -> tuple[list[int], float, dict[str, Any]]:
-    return result.tokens, result.stats.wall_s, result.stats.as_dict()
-
-
-def code_pair_modes(target: LoadedModel, draft: LoadedModel, prompts: list[list[int]], max_tokens: int, gamma: int,
-                    deadline: float) -> dict[str, Any]:
+def pair_modes(target: LoadedModel, draft: LoadedModel, prompts: list[list[int]], max_tokens: int, gamma: int,
+               deadline: float) -> dict[str, Any]:
     """The target alone, speculative (gamma) and Ouroboros (a cold pool per prompt), greedy, interleaved prompt by
     prompt; each mode's output compared with the target alone's. Stops after the prompt that passes `deadline`
     (time.monotonic)."""

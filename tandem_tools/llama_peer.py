@@ -1,14 +1,10 @@
 """llama.cpp's own server, in process, from the prebuilt `xllamacpp` wheel: the peer that `bench local` and `bench
 replay` run as modes `llama-server` and `llama-server-spec` (`tandem_tools.llama_server`). Nothing is built.
 
-    python -m tandem_tools.llama_peer -m target.gguf --port 8080 -t 2 -tb 2 -c 1024 -np 1 --cache-ram 0 --no-webui \\
-        [-md draft.gguf -td 1 -tbd 1 --spec-type draft-simple --spec-draft-n-max 16 --spec-draft-n-min 1 \\
-         --spec-draft-p-min 0.75]
+    python -m tandem_tools.llama_peer -m target.gguf --port 8080 -t 2 -c 1024 [-md draft.gguf --spec-draft-n-max 16]
 
-The flags are llama-server's own (the ones `llama_server.server_command` builds, and a few more; `--help` lists them),
-each set on the wheel's `CommonParams` field as llama.cpp's argument parser sets it: the wheel has no parser of its
-own. `xllamacpp.Server` runs llama-server's HTTP server (its routes: `/health`, `/props`, `/completion`, ...) on its
-own threads until this process gets SIGTERM or SIGINT; then it stops the server and exits 0.
+The flags are llama-server's own (`--help`), each set on the wheel's `CommonParams` field as llama.cpp's argument
+parser sets it; it serves until SIGTERM or SIGINT, then exits 0.
 """
 
 from __future__ import annotations
@@ -25,7 +21,6 @@ from typing import Any
 from tandem import llama_lib
 from tandem.llama_lib import VERSION, WHEEL
 
-HINT = f"{llama_lib.INSTALL} (or set TANDEM_LLAMA_SERVER to a llama-server binary)"
 MODULE = "tandem_tools.llama_peer"
 
 
@@ -42,13 +37,11 @@ def problem() -> str:
 def program() -> tuple[list[str] | None, str]:
     """How the peer starts, or why it cannot: `$TANDEM_LLAMA_SERVER` (one's own llama-server binary) when set, else
     this Python running this module where the wheel can serve; `(None, reason)` otherwise."""
-    explicit = os.environ.get("TANDEM_LLAMA_SERVER")
-    if explicit:
+    if explicit := os.environ.get("TANDEM_LLAMA_SERVER"):
         if Path(explicit).is_file() and os.access(explicit, os.X_OK):
             return [explicit], ""
         return None, f"TANDEM_LLAMA_SERVER={explicit} is not an executable file"
-    why = problem()
-    if why:
+    if why := problem():
         return None, f"the llama-server peer cannot run: {why}; or set TANDEM_LLAMA_SERVER to a llama-server binary"
     return [sys.executable, "-m", MODULE], ""
 
@@ -133,8 +126,7 @@ def common_params(args: argparse.Namespace) -> Any:
     if (t := _threads(args.threads_batch_draft)) is not None:
         draft.cpuparams_batch.n_threads = t
     for name in ("n_max", "n_min", "p_min", "p_split"):
-        value = getattr(args, "spec_draft_" + name)
-        if value is not None:
+        if (value := getattr(args, "spec_draft_" + name)) is not None:
             setattr(draft, name, value)
     return p
 
@@ -162,8 +154,7 @@ def serve(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    why = problem()
-    if why:
+    if why := problem():
         sys.stderr.write(f"llama_peer: {why}\n")
         return 1
     return serve(args)

@@ -1,25 +1,15 @@
 """llama.cpp's llama-server, the peer tandem is measured against in the same run (`bench local`, `bench replay`).
 
-Mode `llama-server` is the target GGUF alone; `llama-server-spec` adds the draft GGUF with `-md` (llama.cpp's own
-draft-model speculative decoding, `SpecSettings`). The server is llama.cpp's own, from the prebuilt `xllamacpp` wheel
-(llama.cpp b11549), run as a child process with llama-server's flags (`python -m tandem_tools.llama_peer`): nothing is
-built. `TANDEM_LLAMA_SERVER=/path/to/llama-server` runs one's own llama-server binary instead, same command line.
-Where neither can run, the modes are skipped with one line saying why. Either gets the GGUF files tandem converts its
-weights from, the same thread counts, the same prompt token ids (tandem's tokenizer and chat template) through the
-native `/completion` endpoint, greedy (temperature 0, top-k 1, the top-k sampler only), no prompt cache reuse
-(`cache_prompt` false, `--cache-ram 0`): every request pays its own prefill, as tandem's do.
-
-What is timed: the request's wall time here (prefill + decode + loopback HTTP), the counterpart of tandem's
-`stats.wall_s`; the server's own `timings` (prompt_ms, predicted_ms, draft_n, draft_n_accepted) come along.
-llama.cpp computes on the Q4_K_M blocks, tandem on their dequantised values: the outputs can differ, and the benches
-report how often they are equal and how far they agree. llama.cpp's speculation is not bit-exact either (a pass over
-several drafted positions need not round as one position's does): `llama-server-spec`'s greedy outputs are counted
-against `llama-server`'s, its own target alone, beside tandem's speculative modes' against tandem's target alone.
+Mode `llama-server` is the target GGUF alone, `llama-server-spec` adds the draft GGUF (`-md`, `SpecSettings`); the
+server runs from the `xllamacpp` wheel (`tandem_tools.llama_peer`), or `TANDEM_LLAMA_SERVER`'s binary. Same GGUF files,
+threads and prompt ids as tandem, greedy, no prompt cache: docs/llama-cpp.md. Timed: the request's wall time here
+(prefill + decode + loopback HTTP), beside the server's own `timings`.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import os
 import shlex
@@ -33,12 +23,12 @@ from pathlib import Path
 from typing import Any
 
 from tandem_tools import llama_peer
-from tandem_tools.procs import free_port, wait_ready
+from tandem_tools.bench_common import common_prefix, fmt
+from tandem_tools.procs import free_port, stop_process, wait_ready
 
 VERSION = llama_peer.VERSION  # the xllamacpp wheel the peer runs by default
 BASE, SPEC = "llama-server", "llama-server-spec"
 MODES = (BASE, SPEC)
-BUILD_HINT = llama_peer.HINT
 peer_program, describe_peer = llama_peer.program, llama_peer.describe
 
 
@@ -87,10 +77,8 @@ def completion_request(prompt: Sequence[int], max_tokens: int, temperature: floa
     """The `/completion` body: prompt token ids as given (no BOS added, no template), the ids back."""
     body: dict[str, Any] = {"prompt": list(prompt), "n_predict": max_tokens, "cache_prompt": False,
                             "return_tokens": True, "stream": stream, "ignore_eos": ignore_eos}
-    if temperature <= 0:
-        body |= {"temperature": 0.0, "top_k": 1, "samplers": ["top_k"]}
-    else:
-        body["temperature"] = temperature
+    body |= ({"temperature": 0.0, "top_k": 1, "samplers": ["top_k"]} if temperature <= 0
+             else {"temperature": temperature})
     if seed is not None:
         body["seed"] = seed
     return body
@@ -111,10 +99,6 @@ class PeerResult:
     draft_n_accepted: int = 0
     stop_type: str | None = None
     arrivals_s: list[float] = field(default_factory=list)  # streamed: when each token arrived, since the request
-
-    def stats(self) -> dict[str, Any]:
-        """As `ModeFigures.add` reads them: drafted and accepted tokens."""
-        return {"drafted": self.draft_n, "accepted": self.draft_n_accepted}
 
 
 def parse_completion(body: dict[str, Any], wall_s: float, tokens: list[int] | None = None,
@@ -197,8 +181,6 @@ class LlamaServer:
             raise RuntimeError(f"llama-server: HTTP {e.code}: {e.read()[:500]!r}") from e
 
     def stop(self, stop_timeout_s: float = 10.0) -> None:
-        from tandem_tools.procs import stop_process
-
         stop_process(self.proc, timeout_s=stop_timeout_s)
 
     def __enter__(self) -> LlamaServer:
@@ -228,30 +210,26 @@ class Peers:
         self.spec_equal: list[bool] = []  # per prompt both ran: llama-server-spec's output == llama-server's
         self.info: dict[str, Any] = {"version": VERSION, "spec": asdict(spec), "threads": threads,
                                      "draft_threads": draft_threads or threads, "ctx": ctx, "modes": {}}
-        self.wanted = [m for m in MODES if m in modes]
-        program, reason = peer_program() if self.wanted else (None, "")
+        self.modes = [m for m in MODES if m in modes]
+        program, reason = peer_program() if self.modes else (None, "")
         try:
             files = (gguf_file(target), gguf_file(draft)) if program else None
         except (ValueError, OSError, RuntimeError) as e:
             files, reason = None, str(e)
         if program is None or files is None:
-            for m in self.wanted:
+            for m in self.modes:
                 self.skipped[m] = reason
                 warn(f"mode {m} skipped: {reason}")
-            self.wanted = []
+            self.modes = []
             return
         self.info["peer"] = describe_peer(program)
         extra = shlex.split(os.environ.get("TANDEM_LLAMA_SERVER_ARGS", ""))
-        for m in self.wanted:
+        for m in self.modes:
             port = free_port()
             cmd = server_command(program, files[0], port, threads, ctx, files[1] if m == SPEC else None,
                                  draft_threads, spec, extra)
             self.servers[m] = LlamaServer(cmd, port, log_dir / f"{m}.log" if log_dir else None)
             self.info["modes"][m] = {"command": shlex.join(cmd)}
-
-    @property
-    def modes(self) -> list[str]:
-        return list(self.wanted)
 
     def start(self) -> Peers:
         try:
@@ -274,9 +252,9 @@ class Peers:
                                                                                                    dict[str, Any]]]]:
         """`bench local`'s runners: a prompt's tokens, wall time and counters."""
         def one(mode: str, prompt: list[int]) -> tuple[list[int], float, dict[str, Any]]:
-            r = self.run(mode, prompt, max_tokens, ignore_eos=ignore_eos)
-            return r.tokens, r.wall_s, r.stats()
-        return {m: functools.partial(one, m) for m in self.wanted}
+            r = self.run(mode, prompt, max_tokens, ignore_eos=ignore_eos)  # counters as `ModeFigures.add` reads them
+            return r.tokens, r.wall_s, {"drafted": r.draft_n, "accepted": r.draft_n_accepted}
+        return {m: functools.partial(one, m) for m in self.modes}
 
     def compare(self, outputs: dict[str, list[int]], reference: str) -> None:
         """After a greedy prompt: how far each peer's output agrees with `reference`'s (tandem's target alone), and
@@ -290,18 +268,15 @@ class Peers:
 
     def figures(self, mode: str) -> dict[str, Any]:
         """The server's own timings over the run: prefill, decode-only rate, drafting, agreement with the target."""
-        rs = self.results.get(mode, [])
-        pre = self.prefix.get(mode, [])
+        rs, pre = self.results.get(mode, []), self.prefix.get(mode, [])
         n, ms = sum(r.predicted_n for r in rs), sum(r.predicted_ms for r in rs)
-        drafted = sum(r.draft_n for r in rs)
         return {
             "server_prompt_ms": sum(r.prompt_ms for r in rs), "server_prompt_tokens": sum(r.prompt_n for r in rs),
             "server_decode_tokens_per_s": n / ms * 1e3 if ms else None,
-            "server_drafted": drafted, "server_draft_accepted": sum(r.draft_n_accepted for r in rs),
+            "server_drafted": sum(r.draft_n for r in rs), "server_draft_accepted": sum(r.draft_n_accepted for r in rs),
             "equal_prefix_tokens": sum(p for p, _ in pre), "reference_tokens": sum(t for _, t in pre),
             **({"greedy_equal_to_llama_server": f"{sum(self.spec_equal)}/{len(self.spec_equal)}"}
-               if mode == SPEC and self.spec_equal else {}),
-        }
+               if mode == SPEC and self.spec_equal else {})}
 
     def stop(self) -> None:
         for s in self.servers.values():
@@ -314,15 +289,6 @@ class Peers:
         self.stop()
 
 
-def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
 def local_report(peers: Peers, results: dict[str, dict[str, Any]]) -> list[str]:
     """`bench local`: the peers' own timings and agreement with the target alone (into `results` too), how often
     each side's speculation equals its own target alone, and each mode's tok/s over llama-server alone's
@@ -331,8 +297,7 @@ def local_report(peers: Peers, results: dict[str, dict[str, Any]]) -> list[str]:
     for m in peers.modes:
         f = peers.figures(m)
         results[m] |= f
-        dec = f["server_decode_tokens_per_s"]
-        lines.append(f"{m}: server-side decode {'-' if dec is None else f'{dec:.1f}'} tok/s (prefill "
+        lines.append(f"{m}: server-side decode {fmt(f['server_decode_tokens_per_s'])} tok/s (prefill "
                      f"{f['server_prompt_ms']:.0f} ms for {f['server_prompt_tokens']} prompt tokens in all); output "
                      f"== target alone {results[m]['greedy_equal_to_target']}, first "
                      f"{f['equal_prefix_tokens']}/{f['reference_tokens']} tokens equal before divergence "
@@ -376,8 +341,6 @@ class PeerRecord:
 def replay_record(peers: Peers, mode: str, index: int, ids: Sequence[int], row: Any) -> PeerRecord:
     """One trace row through a peer, streamed (TTFT as the edge client sees it). Rows with an output constraint are
     not sent (recorded as skipped): the peer's grammar engine is not tandem's."""
-    import hashlib
-
     rec = PeerRecord(mode, index, len(ids), row.max_tokens)
     if row.response_format is not None or row.structured_outputs is not None:
         rec.error = "skipped: constrained output"

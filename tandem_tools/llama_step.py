@@ -2,12 +2,11 @@
 
     python -m tandem_tools.llama_step --model qwen2.5-coder-0.5b-instruct --threads 1 --json out.json
 
-A step is what drafting costs: one position fed after a cached context (`LlamaSequence.run`), unpadded as a draft
-runs it; `--rows` adds passes over more positions, unpadded and padded as an exact target pads them
-(`tandem.llamacpp.settle_rows`). llama.cpp's own generation time per token is its server's (the peer of
-`tandem_tools.llama_server`: one slot, no draft, the same threads): a greedy generation of `--bench-tokens` tokens
-after a prompt as long as our cached context, its `timings.predicted_per_token_ms` (per decode step), the median of
-`--bench-runs`, measured before and after ours; the ratio is ours over the mean of the two.
+A step is what drafting costs: one position fed after `--context` cached ones (`LlamaSequence.run`), unpadded; `--rows`
+adds passes over more positions, unpadded and padded as an exact target pads them (`tandem.llamacpp.settle_rows`).
+llama.cpp's own time per token is its server's (one slot, no draft, the same threads, a prompt as long as our context):
+`timings.predicted_per_token_ms` of `--bench-tokens` greedy tokens, the median of `--bench-runs`, before and after
+ours; the ratio is ours over their mean.
 """
 
 from __future__ import annotations

@@ -83,19 +83,16 @@ def _segments(data: bytes, cfg: NetemConfig) -> list[bytes]:
     return [data[i : i + _SEGMENT] for i in range(0, len(data), _SEGMENT)]
 
 
-def _nodelay(writer: asyncio.StreamWriter) -> None:
+def _sockopt(writer: asyncio.StreamWriter, level: int, option: int, value: int | bytes) -> None:
     sock = writer.get_extra_info("socket")
     if sock is not None:
         with contextlib.suppress(OSError):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.setsockopt(level, option, value)
 
 
 def _reset(writer: asyncio.StreamWriter) -> None:
     """Close with RST, not FIN: linger 0, then drop the buffer."""
-    sock = writer.get_extra_info("socket")
-    if sock is not None:
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    _sockopt(writer, socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     writer.transport.abort()
 
 
@@ -121,14 +118,11 @@ async def _first_error(coros: list[Coroutine[Any, Any, None]]) -> None:
 
 class NetemProxy:
     """Listens on (listen_host, listen_port) and forwards every connection to the upstream through the emulated link.
-
     `config` is read per chunk, so `update(rtt_ms=...)` takes effect on live connections; chunks already in flight
-    keep the release time they were given.
-    """
+    keep the release time they were given."""
 
-    def __init__(
-        self, listen_host: str, listen_port: int, upstream_host: str, upstream_port: int, config: NetemConfig
-    ) -> None:
+    def __init__(self, listen_host: str, listen_port: int, upstream_host: str, upstream_port: int,
+                 config: NetemConfig) -> None:
         self.listen_host, self.listen_port = listen_host, listen_port
         self.upstream_host, self.upstream_port = upstream_host, upstream_port
         self.config = config
@@ -182,17 +176,15 @@ class NetemProxy:
             log.warning("netem: upstream %s:%d unreachable: %s", self.upstream_host, self.upstream_port, e)
             _reset(client_w)
             return
-        _nodelay(client_w)
-        _nodelay(up_w)
+        for w in (client_w, up_w):
+            _sockopt(w, socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         # Handshake: SYN, SYN-ACK, then the client's first bytes reach the server half a round trip later; the
         # server's first bytes (an HTTP/2 preface) leave only once it has accepted.
         rtt = self.config.rtt_ms / 1000 if self.config.handshake else 0.0
         up, down = _Link(last_release=now + 1.5 * rtt), _Link(last_release=now + 2 * rtt)
         try:
-            await _first_error([
-                *self._direction(client_r, up_w, up, "bytes_up"),
-                *self._direction(up_r, client_w, down, "bytes_down"),
-            ])
+            await _first_error([*self._direction(client_r, up_w, up, "bytes_up"),
+                                *self._direction(up_r, client_w, down, "bytes_down")])
         except (_Dropped, OSError):
             _reset(client_w)
             _reset(up_w)
@@ -203,9 +195,8 @@ class NetemProxy:
             await _close(client_w)
             await _close(up_w)
 
-    def _direction(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, link: _Link, counter: str
-    ) -> list[Coroutine[Any, Any, None]]:
+    def _direction(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, link: _Link,
+                   counter: str) -> list[Coroutine[Any, Any, None]]:
         queue: _Chunks = asyncio.Queue(_QUEUE_CHUNKS)
         return [self._pump_in(reader, queue, link), self._pump_out(queue, writer, counter)]
 
@@ -274,9 +265,8 @@ class ThreadedProxy:
         self.stop()
 
 
-def start_in_thread(
-    listen_host: str, listen_port: int, upstream_host: str, upstream_port: int, config: NetemConfig | None = None
-) -> ThreadedProxy:
+def start_in_thread(listen_host: str, listen_port: int, upstream_host: str, upstream_port: int,
+                    config: NetemConfig | None = None) -> ThreadedProxy:
     proxy = NetemProxy(listen_host, listen_port, upstream_host, upstream_port, config or NetemConfig())
     loop = asyncio.new_event_loop()
 
@@ -305,9 +295,8 @@ def parse_hostport(s: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def run_netem(
-    listen: str, upstream: str, rtt_ms: float, jitter_ms: float, bandwidth_mbps: float | None, loss_pct: float
-) -> None:
+def run_netem(listen: str, upstream: str, rtt_ms: float, jitter_ms: float, bandwidth_mbps: float | None,
+              loss_pct: float) -> None:
     """Run a proxy until SIGINT or SIGTERM."""
     config = NetemConfig(rtt_ms=rtt_ms, jitter_ms=jitter_ms, bandwidth_mbps=bandwidth_mbps, loss_pct=loss_pct)
     (lhost, lport), (uhost, uport) = parse_hostport(listen), parse_hostport(upstream)
@@ -322,11 +311,9 @@ async def _serve(proxy: NetemProxy) -> None:
         loop.add_signal_handler(sig, stop.set)
     port = await proxy.start()
     cfg = proxy.config
-    log.info(
-        "netem listening on %s:%d -> %s:%d rtt=%gms jitter=%gms bandwidth=%s loss=%g%%",
-        proxy.listen_host, port, proxy.upstream_host, proxy.upstream_port, cfg.rtt_ms, cfg.jitter_ms,
-        f"{cfg.bandwidth_mbps:g}Mbps" if cfg.bandwidth_mbps else "unlimited", cfg.loss_pct,
-    )
+    log.info("netem listening on %s:%d -> %s:%d rtt=%gms jitter=%gms bandwidth=%s loss=%g%%", proxy.listen_host, port,
+             proxy.upstream_host, proxy.upstream_port, cfg.rtt_ms, cfg.jitter_ms,
+             f"{cfg.bandwidth_mbps:g}Mbps" if cfg.bandwidth_mbps else "unlimited", cfg.loss_pct)
     try:
         await stop.wait()
     finally:

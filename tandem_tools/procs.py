@@ -17,7 +17,6 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
-from types import TracebackType
 
 
 def stop_process(proc: subprocess.Popen[bytes] | None, signum: int = signal.SIGTERM, timeout_s: float = 10.0) -> None:
@@ -43,13 +42,9 @@ class CloudProcess:
 
     def __init__(self, threads: int = 1, env: dict[str, str] | None = None, host: str = "127.0.0.1",
                  log_path: Path | None = None, ready_timeout_s: float = 120.0) -> None:
-        self.threads = threads
-        self.host = host
-        self.http_port = free_port(host)
-        self.grpc_port = free_port(host)
+        self.threads, self.host, self.log_path, self.ready_timeout_s = threads, host, log_path, ready_timeout_s
+        self.http_port, self.grpc_port = free_port(host), free_port(host)
         self.extra_env = dict(env or {})
-        self.log_path = log_path
-        self.ready_timeout_s = ready_timeout_s
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -76,8 +71,7 @@ class CloudProcess:
             env=env, stdout=out, stderr=subprocess.STDOUT,
             # the kernel ties PR_SET_PDEATHSIG to the forking *thread*: a child spawned from a short-lived thread
             # would die with that thread, so only the main thread's children get it
-            preexec_fn=die_with_parent if threading.current_thread() is threading.main_thread() else None,
-        )
+            preexec_fn=die_with_parent if threading.current_thread() is threading.main_thread() else None)
         return self
 
     def wait(self) -> CloudProcess:
@@ -108,7 +102,7 @@ class CloudProcess:
     def __enter__(self) -> CloudProcess:
         return self.start()
 
-    def __exit__(self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.stop()
 
 

@@ -1,17 +1,8 @@
-"""Replay edges for `tandem bench capacity`: the draft's real proposals and real pace, at no cost to the cloud's CPU.
-
-Why: the capacity benchmark must measure the cloud, and an edge is a device of its own. Edges drafting on the
-cloud's machine measure CPU contention instead: on a 2-core machine, even edges pinned to a CPU set disjoint from
-the cloud's would share one core among 16 drafts, each draft step then 16x slower than on a real device. Under
-greedy decoding the draft's proposal for a given context is deterministic, so it can be recorded once, machine
-quiet, and replayed: a replay edge answers `propose` from the table and sleeps the measured draft time per step
-(`time.sleep` costs the cloud no CPU), so every edge sends the blocks a real draft would, at a real draft's pace.
-
-The table (`ReplayTable`, JSON): per prompt, the target's greedy output T (`max_tokens` + a few tokens) and, for
-every k in 0..max_tokens, the draft's greedy continuation of `max_gamma + 1` tokens from prompt + T[:k] (the longest
-block the loop asks for: gamma tokens plus the guessed bonus of a block sent ahead), with the mean seconds per
-draft step measured while recording. The speculative loop only drafts from the committed sequence or from it plus
-blocks in flight; a context off prompt + T is a block sent ahead on a wrong guess, answered stale whatever it holds.
+"""Replay edges for `tandem bench capacity`: the draft's real proposals and real pace, at no cost to the cloud's CPU
+(docs/capacity.md, "replay edges"). A `ReplayTable` holds, per prompt, the target's greedy output T and the draft's
+greedy continuation of `max_gamma + 1` tokens after prompt + T[:k] for every k, with the measured draft step time;
+a `ReplayDrafter` answers from it and sleeps that time per step. A context off prompt + T is a block sent ahead on a
+wrong guess, answered stale whatever it holds.
 """
 
 from __future__ import annotations
@@ -28,6 +19,7 @@ from tandem.blocks import DraftBlock, VerifyResult
 from tandem.errors import InvalidRequestError
 from tandem.models import LoadedModel
 from tandem.sampling import SamplingParams
+from tandem_tools.bench_common import common_prefix
 
 EXTRA_TOKENS = 4  # T runs a few tokens past max_tokens
 TABLE_FILE = "replay-table.json"
@@ -158,10 +150,8 @@ class ReplayDrafter:
     """A `Drafter` answering from a `ReplayTable`: the recorded greedy proposals, after sleeping the recorded draft
     time per step. `draft` is the draft model, loaded only for its vocabulary, stop tokens and context length."""
 
-    def __init__(self, table: ReplayTable, draft: LoadedModel,
-                 sleep: Callable[[float], None] = time.sleep) -> None:
-        self.table = table
-        self.draft = draft
+    def __init__(self, table: ReplayTable, draft: LoadedModel, sleep: Callable[[float], None] = time.sleep) -> None:
+        self.table, self.draft = table, draft
         self.steps = 0
         self.misses = 0  # proposals on a context off prompt + T (blocks sent ahead on a wrong guess)
         self._sleep = sleep
@@ -188,8 +178,7 @@ class ReplayDrafter:
             k = len(context) - len(prompt)
         else:
             # stale whatever it holds: the continuation at the longest matching prefix
-            k = next((i for i, (a, b) in enumerate(zip(context, full, strict=False)) if a != b),
-                     len(full)) - len(prompt)
+            k = common_prefix(context, full) - len(prompt)
             self.misses += 1
         if k < 0:
             raise RuntimeError("the context does not continue the request's prompt")

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tandem_tools.bench_common import fmt as _f
 from tandem_tools.figures import percentiles
 
 MODES = ("cloud", "spec", "spec-pipelined", "ouroboros", "auto")
@@ -83,9 +84,7 @@ def load_trace(path: Path, limit: int | None = None) -> list[TraceRow]:
 
 def leviathan_e(alpha: float, gamma: float) -> float:
     """Expected tokens per round, E(alpha, gamma) = (1 - alpha^(gamma+1)) / (1 - alpha) (Leviathan et al. 2023)."""
-    if alpha >= 1.0:
-        return gamma + 1.0
-    return (1.0 - alpha ** (gamma + 1)) / (1.0 - alpha)
+    return gamma + 1.0 if alpha >= 1.0 else (1.0 - alpha ** (gamma + 1)) / (1.0 - alpha)
 
 
 @dataclass
@@ -134,8 +133,7 @@ def summarize(records: Sequence[RequestRecord], modes: Sequence[str], rtts: Sequ
             ok = [r for r in mine.values() if r.error is None]
             if not mine:
                 continue
-            tokens = sum(r.tokens for r in ok)
-            e2e = sum(r.e2e_s for r in ok)
+            tokens, e2e = sum(r.tokens for r in ok), sum(r.e2e_s for r in ok)
             drafted, accepted = sum(r.drafted for r in ok), sum(r.accepted for r in ok)
             passes, rounds = sum(r.target_passes for r in ok), sum(r.rounds for r in ok)
             # tokens per verified block: requests that speculated throughout (auto may have switched to cloud)
@@ -177,19 +175,14 @@ def summarize(records: Sequence[RequestRecord], modes: Sequence[str], rtts: Sequ
 def _ratio(mine: dict[int, RequestRecord], other: dict[int, RequestRecord]) -> float | None:
     """Tokens/s of `mine` over `other`'s, on the requests both served."""
     common = [i for i in other if i in mine and mine[i].error is None]
-    if not common:
-        return None
-    rate = sum(mine[i].tokens for i in common) / sum(mine[i].e2e_s for i in common)
-    other_rate = sum(other[i].tokens for i in common) / sum(other[i].e2e_s for i in common)
-    return rate / other_rate if other_rate else None
+    rate, other_rate = _rate(mine, common), _rate(other, common)
+    return rate / other_rate if rate is not None and other_rate else None
 
 
 def _tpot_ratio(a: dict[int, RequestRecord], b: dict[int, RequestRecord]) -> float | None:
     """Mean TPOT of `a` over that of `b`, on the requests both served with two tokens or more."""
     common = [i for i in a if i in b and a[i].tpot_s is not None and b[i].tpot_s is not None]
-    if not common:
-        return None
-    return sum(a[i].tpot_s or 0.0 for i in common) / sum(b[i].tpot_s or 0.0 for i in common)
+    return sum(a[i].tpot_s or 0.0 for i in common) / sum(b[i].tpot_s or 0.0 for i in common) if common else None
 
 
 def greedy_mismatches(records: Sequence[RequestRecord], greedy: set[int]) -> list[dict[str, Any]]:
@@ -204,20 +197,14 @@ def greedy_mismatches(records: Sequence[RequestRecord], greedy: set[int]) -> lis
     return [{"prompt_index": i, "outputs": o} for (i, _), o in sorted(outputs.items()) if len(set(o.values())) > 1]
 
 
-def _f(v: float | None, fmt: str) -> str:
-    return "-" if v is None else format(v, fmt)
-
-
 def render_markdown(results: dict[str, Any]) -> str:
     meta, rows = results["meta"], results["summary"]
     lines = [
-        "# tandem bench replay",
-        "",
+        "# tandem bench replay", "",
         f"Trace `{meta['trace']}`, {meta['prompts']} requests, greedy unless the trace says otherwise; target "
         f"`{meta['target']}`, draft `{meta['draft']}`, gamma {meta['settings']['gamma']}; torch threads: edge "
         f"{meta['threads']['edge']}, cloud {meta['threads']['cloud']}; {meta['machine']['cpu']} "
-        f"({meta['machine']['cpu_count']} CPUs); revision {meta['git_revision']}.",
-        "",
+        f"({meta['machine']['cpu_count']} CPUs); revision {meta['git_revision']}.", "",
         "| mode | RTT ms | tok/s | speedup vs cloud | TTFT p50 / p90 / p99 ms | TPOT p50 / p90 ms | ITL p50 / p99 ms "
         "| e2e p50 / p90 ms | acceptance (alpha) | tokens / round (E(a,g)) | target passes / token | bytes / token |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
@@ -232,13 +219,10 @@ def render_markdown(results: dict[str, Any]) -> str:
             f"{_f(t['p99'], '.0f')} | {_f(tp['p50'], '.1f')} / {_f(tp['p90'], '.1f')} | {_f(it['p50'], '.1f')} / "
             f"{_f(it['p99'], '.1f')} | {_f(e['p50'], '.0f')} / {_f(e['p90'], '.0f')} | "
             f"{_f(r['acceptance_rate'], '.3f')} ({_f(r['alpha'], '.3f')}) | {per_round} | "
-            f"{_f(r['target_passes_per_token'], '.3f')} | "
-            f"{_f(r['bytes_per_token'], '.0f')} |"
-        )
+            f"{_f(r['target_passes_per_token'], '.3f')} | {_f(r['bytes_per_token'], '.0f')} |")
     lines += [
-        "",
-        "- **tok/s**: total tokens / total end-to-end time of the mode's requests. **Speedup vs cloud**: that rate "
-        "divided by cloud-only's at the same RTT, over the same prompts, measured in the same run.",
+        "", "- **tok/s**: total tokens / total end-to-end time of the mode's requests. **Speedup vs cloud**: that "
+        "rate divided by cloud-only's at the same RTT, over the same prompts, measured in the same run.",
         "- **TTFT**: request start to the first token; **TPOT**: (e2e - TTFT) / (tokens - 1); **ITL**: gaps between "
         "successive deliveries (a verified block arrives at once, so speculative ITLs are per block).",
         "- **acceptance**: accepted / drafted tokens (vLLM's rate); **alpha**: accepted / (accepted + rejections), "
@@ -259,8 +243,7 @@ def render_markdown(results: dict[str, Any]) -> str:
                   for r in twins]
     if meta.get("target_step_ms") is not None:
         lines.append(f"- One target step (cloud-only TPOT p50 at the lowest RTT): {meta['target_step_ms']:.1f} ms.")
-    for w in results["warnings"]:
-        lines.append(f"- **warning**: {w}")
+    lines += [f"- **warning**: {w}" for w in results["warnings"]]
     mism = results["greedy_mismatches"]
     lines.append(f"- Greedy outputs identical across modes and RTTs: "
                  f"{'yes' if not mism else f'NO, {len(mism)} prompts differ (see results.json)'}.")
@@ -349,10 +332,8 @@ def peer_summary(peer_records: Sequence[Any], records: Sequence[RequestRecord], 
     ratios: list[dict[str, Any]] = []
     for (mode, rtt), mine in sorted(by.items(), key=lambda kv: (kv[0][1] is None, kv[0][1] or 0.0,
                                                                  kv[0][0] != "cloud", kv[0][0])):
-        common = [i for i in mine if i in base]
-        ours, theirs = _rate(mine, common), _rate(base, common)
-        if ours is not None and theirs:
-            ratios.append({"mode": mode, "rtt_ms": rtt, "prompts": len(common), "vs_llama_server": ours / theirs})
+        if (vs := _ratio(mine, base)) is not None:  # on the prompts both served
+            ratios.append({"mode": mode, "rtt_ms": rtt, "prompts": sum(i in base for i in mine), "vs_llama_server": vs})
     return {"rows": rows, "speculation_equal": spec_equal, "vs_llama_server": ratios}
 
 
@@ -384,16 +365,13 @@ def render_peer_markdown(summary: dict[str, Any], info: dict[str, Any]) -> str:
         lines += ["", "Speculation against its own target alone, greedy prompts: llama.cpp's (llama-server-spec vs "
                   "llama-server; not bit-exact) beside tandem's (each mode vs cloud-only at the same RTT).", "",
                   "| mode | vs | RTT ms | greedy output equal |", "|---|---|---|---|"]
-        lines += [f"| {r['mode']} | {r['reference']} | {'-' if r['rtt_ms'] is None else format(r['rtt_ms'], 'g')} | "
+        lines += [f"| {r['mode']} | {r['reference']} | {_f(r['rtt_ms'], 'g')} | "
                   f"{r['equal']}/{r['compared']} |" for r in summary["speculation_equal"]]
     if summary["vs_llama_server"]:
         lines += ["", "| mode | RTT ms | prompts | tok/s vs llama-server alone |", "|---|---|---|---|"]
-        lines += [f"| {r['mode']} | {'-' if r['rtt_ms'] is None else format(r['rtt_ms'], 'g')} | {r['prompts']} | "
+        lines += [f"| {r['mode']} | {_f(r['rtt_ms'], 'g')} | {r['prompts']} | "
                   f"{r['vs_llama_server']:.2f}x |" for r in summary["vs_llama_server"]]
     lines += ["", "- tok/s: tokens / end-to-end time (prefill included), as for tandem's modes. llama.cpp computes on "
               "the Q4_K_M blocks, tandem on their dequantised values: greedy outputs may differ, and the "
               "`== cloud-only` column says how often they are identical."]
     return "\n".join(lines) + "\n"
-
-
-# --- the processes

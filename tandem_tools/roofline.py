@@ -1,9 +1,6 @@
-"""The roofline every benchmark prints: measured pass times beside the lower bounds this machine allows.
-
-A pass over n positions must read every weight once (weight bytes / memory bandwidth) and do 2 * matmul params * n
-multiply-adds (FLOPs / peak). Both the bandwidth and the peak are measured here, on the model's device, in its dtype,
-with the process's thread count. v(n) = pass(n) / pass(1) is what verifying a block of n - 1 drafted tokens costs in
-target steps; c = draft step / target step. The speedup of speculation is E(alpha, gamma) / (gamma * c + v(gamma + 1)).
+"""The roofline every benchmark prints: measured pass times beside the lower bounds this machine allows (weight bytes
+over the measured bandwidth, FLOPs over the measured matmul peak); v(n) = pass(n) / pass(1), c = draft step / target
+step (docs/fast-path.md).
 """
 
 from __future__ import annotations

@@ -20,7 +20,9 @@ from typing import Any
 import httpx
 from rich.console import Console
 
-from tandem_tools.procs import CloudProcess, free_port, stop_process
+from tandem.config import TEST_DRAFT, TEST_TARGET
+from tandem_tools.bench_common import cpu_seconds
+from tandem_tools.procs import CloudProcess, free_port, stop_process, wait_ready
 
 PROMPTS = [
     "def fibonacci(n):\n", "class Stack:\n    def __init__(self):\n", "import os\n\ndef walk(path):\n",
@@ -38,24 +40,15 @@ def start_edge(cloud: str, draft: str, gamma: str, threads: int) -> tuple[subpro
                              str(port), "--draft", draft, "--gamma", gamma, "--threads", str(threads)],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the edge exited with {proc.returncode}")
+
+    def healthy() -> bool:
         try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                return proc, url
+            return httpx.get(url + "/health", timeout=1).status_code == 200
         except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    stop_process(proc)
-    raise TimeoutError("the edge was not ready")
+            return False
 
-
-def cpu_s(pid: int) -> float:
-    """A process's CPU time so far (user + system, all its threads; Linux)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    wait_ready(proc, healthy, 300, "the edge", lambda: stop_process(proc))
+    return proc, url
 
 
 def timed(client: httpx.Client, url: str, prompt: str, max_tokens: int, extra: dict[str, Any]) -> tuple[str, int,
@@ -88,10 +81,11 @@ def measure(url: str, pid: int, repeats: int, max_tokens: int) -> dict[str, Any]
                 order = ["plain", "page"] if (r + i) % 2 == 0 else ["page", "plain"]
                 got = {}
                 for kind in order:
-                    cpu = cpu_s(pid)
+                    cpu = cpu_seconds(pid) or 0.0  # Linux: /proc
                     text, tokens, seconds = timed(client, url, prompt, max_tokens, PAGE if kind == "page" else {})
                     got[kind] = (text, seconds)
-                    runs[kind].append((tokens if kind == "page" else max_tokens, seconds, cpu_s(pid) - cpu))
+                    cpu = (cpu_seconds(pid) or 0.0) - cpu
+                    runs[kind].append((tokens if kind == "page" else max_tokens, seconds, cpu))
                 same = same and got["plain"][0] == got["page"][0]
                 ratios.append(got["plain"][1] / got["page"][1])  # = page tok/s / plain tok/s (same tokens)
     out: dict[str, Any] = {}
@@ -109,8 +103,8 @@ def measure(url: str, pid: int, repeats: int, max_tokens: int) -> dict[str, Any]
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--target", default="demo-target")
-    ap.add_argument("--draft", default="demo-draft")
+    ap.add_argument("--target", default=TEST_TARGET)
+    ap.add_argument("--draft", default=TEST_DRAFT)
     ap.add_argument("--gamma", default="adaptive")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--max-tokens", type=int, default=96)

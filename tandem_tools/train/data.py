@@ -1,7 +1,7 @@
-"""The demo corpus: the running interpreter's standard library `.py` sources, tests excluded.
+"""The test pair's corpus: the running interpreter's standard library `.py` sources, tests excluded.
 
 The split is by file and fixed by a hash of the file's path relative to the stdlib root, so it is the same on
-every machine; `files.json` in the demo assets records the exact list the shipped models were trained on.
+every machine; `tests/fixtures/test_pair/files.json` records the exact list the test pair was trained on.
 """
 
 from __future__ import annotations
