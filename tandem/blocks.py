@@ -36,6 +36,8 @@ class DraftBlock:
     # per main-path token, where a drafter got it: "draft" (a draft-model step), "vetted" or "pool" (a pool phrase);
     # None: all the draft model's. The edge's own record: never sent
     sources: list[str] | None = None
+    # per main-path token drafted by the draft model, its confidence (`tandem.drafting`); the edge's own, never sent
+    confidence: list[float] = field(default_factory=list)
 
 
 @dataclass(frozen=True)

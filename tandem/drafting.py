@@ -18,6 +18,7 @@ from tandem.blocks import DraftBlock, VerifyResult
 from tandem.models import LoadedModel
 from tandem.sampling import SamplingParams, logits_to_probs, make_generator, sample
 from tandem.shaping import Shaper
+from tandem.value import BlockValue
 
 QForm = Literal["sparse", "none"]  # q sent as its top-k support (k = V: all of it), or not (point masses)
 DraftRow = tuple[torch.Tensor, torch.Tensor] | None  # (ids [k], probs [k]) | none
@@ -73,15 +74,18 @@ def draft_block(tokens: list[int], rows: list[DraftRow]) -> DraftBlock:
 
 class ModelDrafter:
     """Drafts with a small causal LM over one growing context; `reset` moves it to another context, keeping the
-    cache over the common prefix (one crop). `p_min`: a block ends before a token the draft gives less than this
-    probability (its most likely token's, under the request's sampling; llama.cpp's draft p-min), after at least one:
-    long blocks where the draft is sure, short ones where it is not. `cut` counts the blocks it ended."""
+    cache over the common prefix (one crop). Where a block ends early (after `at_least` tokens), by the draft's
+    confidence in its next token (its most likely token's probability, under the request's sampling): `value` given,
+    where that token is not worth its cost (`tandem.value`, calibrated by the verdicts `learn` sees); else before a
+    token under `p_min` (llama.cpp's draft p-min). `cut` counts the blocks it ended."""
 
-    def __init__(self, draft: LoadedModel, q_form: QForm = "sparse", q_top_k: int = 16, p_min: float = 0.0) -> None:
+    def __init__(self, draft: LoadedModel, q_form: QForm = "sparse", q_top_k: int = 16, p_min: float = 0.0,
+                 value: BlockValue | None = None) -> None:
         self.draft = draft
         self.q_form: QForm = q_form
         self.q_top_k = q_top_k
         self.p_min = p_min
+        self.value = value
         self.steps = 0
         self.cut = 0
 
@@ -111,6 +115,9 @@ class ModelDrafter:
         unsure (`p_min`)."""
         tokens: list[int] = []
         rows: list[DraftRow] = []
+        confidence: list[float] = []
+        if self.value is not None:
+            self.value.start()
         while len(tokens) < n:
             # tokens the grammar forces need no draft step: the draft "samples" them with certainty, so their q
             # rows are point masses, and the target, under the same mask, can only accept them
@@ -118,22 +125,37 @@ class ModelDrafter:
             if forced:
                 tokens += forced
                 rows += [self._certain(t) for t in forced]
+                confidence += [1.0] * len(forced)
                 self.state.tokens += forced
+                for _ in forced:
+                    self._take(1.0)
                 continue
             # a block accepted whole: the draft never saw its own last token; `forward` feeds it here
             logits = self.state.forward()[-1]  # [V]
             if self.shaper.active:
                 logits = self.shaper.shape(logits[None], self.state.tokens, self.output_start, [[]])[0]
             self.steps += 1
-            if len(tokens) >= at_least and self.p_min > 0 and self._top_prob(logits) < self.p_min:
-                # unsure here: the block ends. The step is not lost: its cache entry (the last token) is kept
+            sure = self._top_prob(logits) if self.value is not None or self.p_min > 0 else 1.0
+            if len(tokens) >= at_least and not self._worth(sure):
+                # the block ends here. The step is not lost: its cache entry (the last token) is kept
                 self.cut += 1
                 break
             tok, row = draw_draft_token(logits, self.params, self.q_form, self.q_top_k, self.generator)
             tokens.append(tok)
             rows.append(row)
+            confidence.append(sure)
+            self._take(sure)
             self.state.tokens.append(tok)
-        return draft_block(tokens, rows)
+        block = draft_block(tokens, rows)
+        block.confidence = confidence
+        return block
+
+    def _worth(self, confidence: float) -> bool:
+        return self.value.worth(confidence) if self.value is not None else confidence >= self.p_min
+
+    def _take(self, confidence: float) -> None:
+        if self.value is not None:
+            self.value.take(confidence)
 
     def _top_prob(self, logits: torch.Tensor) -> float:
         """The probability of the draft's most likely next token ([V] logits), as it would sample (temperature 1
@@ -152,4 +174,7 @@ class ModelDrafter:
         return ids, torch.nn.functional.one_hot(torch.tensor(0, device=dev), k).float()
 
     def learn(self, context: list[int], block: DraftBlock, result: VerifyResult, skipped: int = 0) -> None:
-        """Nothing to learn: the next `propose` rolls the cache back to what was emitted."""
+        """The verdict calibrates the draft's confidence (a candidate's verdict says nothing of the main path's
+        rejected token); the next `propose` rolls the cache back to what was emitted."""
+        if self.value is not None and block.confidence and not result.stale and result.candidate is None:
+            self.value.calibration.observe(block.confidence[skipped:], result.num_accepted)

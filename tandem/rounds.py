@@ -88,12 +88,14 @@ class BlockPlan:
     """How long the next block is: a fixed gamma or the adaptive policy's choice, at most the room left and the
     cloud's advice (auto). In auto mode with a cloud that gives no advice, a first empty block (`probe`) measures
     one target step, the cloud's pace; the session's first block goes alone (`measure`), a clean round-trip sample
-    before pipelining. `alone`: auto decided for the cloud; no more blocks."""
+    before pipelining. `alone`: auto decided for the cloud; no more blocks. `by_value`: the drafter ends blocks by
+    value (`tandem.value`); adaptive gamma gives it room up to `max_gamma`."""
 
     gamma: Gamma
     policy: AdaptiveGamma
     pipelined: bool
     auto: bool
+    by_value: bool = False
     advised: int | None = None
     probe: bool = False
     measure: bool = True
@@ -104,7 +106,7 @@ class BlockPlan:
         if self.probe:
             g = 0
         elif self.gamma == "adaptive":
-            g = self.policy.choose(self.pipelined, limit=max(room, 1))
+            g = self.policy.max_gamma if self.by_value else self.policy.choose(self.pipelined, limit=max(room, 1))
         else:
             g = int(self.gamma)
         own = max(1, min(g, room))

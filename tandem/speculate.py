@@ -34,6 +34,7 @@ from tandem.rounds import BlockPlan, Pipeline, Sent, Slot
 from tandem.sampling import SamplingParams
 from tandem.session import validate_prompt
 from tandem.stats import GenerationResult, GenerationStats, OnLogprobs, OnTokens
+from tandem.value import BlockValue, Calibration
 
 log = logging.getLogger(__name__)
 OnRound = Callable[[int, int], None]  # (drafted, accepted) per verified block
@@ -105,6 +106,7 @@ class SpeculativeDecoder:
         self.owns = owns
         # live measurements (acceptance, draft and verify times, RTT); kept across requests: a warm start
         self.gamma_policy = AdaptiveGamma(max_gamma=settings.max_gamma)
+        self.calibration = Calibration()  # the draft's confidence against the verdicts, likewise kept
         self._on_round: OnRound | None = None
         # Ouroboros: one phrase pool per client id, kept across requests (a warm start)
         self.pools = PoolRegistry(settings.pool_max_clients, settings.pool_max_tokens)
@@ -153,7 +155,8 @@ class SpeculativeDecoder:
     def _make_drafter(self) -> Drafter:
         s = self.settings
         if not s.ouroboros:
-            return ModelDrafter(self.draft, "sparse", s.q_top_k, s.draft_p_min)
+            value = BlockValue(self.gamma_policy, self.calibration, s.pipeline) if s.block_value else None
+            return ModelDrafter(self.draft, "sparse", s.q_top_k, s.draft_p_min, value)
         # blocks sized on the cost curve the loop measures (one object: the drafter reads what the loop observes)
         return OuroborosDrafter(self.draft, self.pools.get(s.client_id), self.ouroboros, "sparse", s.q_top_k,
                                 costs=self.gamma_policy.costs, p_min=s.draft_p_min)
@@ -238,7 +241,8 @@ class SpeculativeDecoder:
         """Rounds: draft a block (and, pipelined, one ahead of it), send, take the oldest verdict, emit what it
         accepted (the drafter and the policies learn it), know which blocks in flight still apply; repeat."""
         s, stats, drafter = self.settings, run.stats, self._drafter
-        plan = BlockPlan(run.gamma, self.gamma_policy, s.pipeline, auto)
+        by_value = isinstance(drafter, ModelDrafter) and drafter.value is not None
+        plan = BlockPlan(run.gamma, self.gamma_policy, s.pipeline, auto, by_value)
         session = self._open(run, verifier, plan)
         opened = session.opened
         pipe = Pipeline(s.pipeline, opened.max_draft_tokens, opened.context_length)
@@ -362,4 +366,6 @@ def generate_speculative(drafter: Drafter, verifier: Verifier, prompt: list[int]
     costs = getattr(drafter, "costs", None)
     if isinstance(costs, CostCurve):
         decoder.gamma_policy.costs = costs  # the loop feeds the curve the drafter sizes its blocks by
+    if isinstance(drafter, ModelDrafter) and drafter.value is not None:
+        decoder.gamma_policy = drafter.value.policy  # and the policy its blocks are valued by
     return decoder.generate(prompt, params, on_tokens, drafter=drafter)
