@@ -125,7 +125,8 @@ class VerifierServicer(pb_grpc.VerifierServicer):
                 yield pb.Verdict(seq=step, tokens=result.tokens, finish_reason=wire.finish_to_pb(result.finish_reason),
                                  generated=gen.tokens, logprobs=wire.logprobs_to_pb(result.logprobs))
                 step += 1
-        except asyncio.CancelledError:  # the client went away: close() frees the slot and the model's session
+        # the client went away: a cancel while grpc sends a message closes this generator at its yield instead
+        except (asyncio.CancelledError, GeneratorExit):
             self.worker.metrics.disconnects.labels(route="grpc Generate").inc()
             self._cancelled("Generate", context)
             raise
@@ -180,7 +181,7 @@ class VerifierServicer(pb_grpc.VerifierServicer):
             # a cancelled client's stream may end here (end of input) rather than in a CancelledError below
             if reason == "disconnected" and session_id is not None:
                 self.worker.metrics.disconnects.labels(route="grpc Session").inc()
-        except asyncio.CancelledError:  # the client cancelled or its connection dropped
+        except (asyncio.CancelledError, GeneratorExit):  # the client cancelled or its connection dropped
             self.worker.metrics.disconnects.labels(route="grpc Session").inc()
             self._cancelled("Session", context)
             reason = "disconnected"

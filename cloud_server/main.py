@@ -7,7 +7,6 @@ import contextlib
 import logging
 import signal
 import socket
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -134,49 +133,3 @@ def run(settings: ServerSettings) -> None:
     logging.getLogger("cloud_server").setLevel(settings.log_level)
     torch.set_num_threads(settings.threads)
     asyncio.run(_serve(settings))
-
-
-class BackgroundServer:
-    """The servers on their own event loop in a thread, for synchronous clients (tests, benchmarks)."""
-
-    def __init__(self, settings: ServerSettings, target: LoadedModel | None = None) -> None:
-        self.settings = settings
-        self.target = target
-        self.loop = asyncio.new_event_loop()
-        self.handle: ServerHandle | None = None
-        self._started = threading.Event()
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._main, name="tandem-server", daemon=True)
-
-    def _main(self) -> None:
-        asyncio.set_event_loop(self.loop)
-        try:
-            self.handle = self.loop.run_until_complete(start_servers(self.settings, self.target))
-        except BaseException as e:
-            self._error = e
-            self._started.set()
-            return
-        self._started.set()
-        self.loop.run_forever()
-        self.loop.close()
-
-    def start(self, timeout: float = 60.0) -> ServerHandle:
-        self._thread.start()
-        if not self._started.wait(timeout):
-            raise TimeoutError("the server did not start in time")
-        if self._error is not None:
-            raise self._error
-        assert self.handle is not None
-        return self.handle
-
-    def stop(self, grace: float = 1.0, timeout: float = 30.0) -> None:
-        if self.handle is not None and self.loop.is_running():
-            asyncio.run_coroutine_threadsafe(self.handle.stop(grace), self.loop).result(timeout)
-            self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(timeout)
-
-    def __enter__(self) -> ServerHandle:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -150,28 +149,3 @@ def run(settings: EdgeSettings) -> None:
              settings.cloud, settings.transport, settings.mode)
     EdgeServer(settings, draft).run()
     log.info("stopped")
-
-
-class BackgroundEdge:
-    """The endpoint on its own thread, for tests: `with BackgroundEdge(settings, draft) as port: ...`."""
-
-    def __init__(self, settings: EdgeSettings, draft: LoadedModel) -> None:
-        self.server = EdgeServer(settings, draft)
-        self.thread = threading.Thread(target=self.server.run, name="tandem-edge-http", daemon=True)
-
-    def __enter__(self) -> int:
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            if time.monotonic() > deadline or not self.thread.is_alive():
-                raise RuntimeError("the edge endpoint did not start")
-            time.sleep(0.02)
-        return int(self.server.servers[0].sockets[0].getsockname()[1])
-
-    def stop(self, timeout: float = 30.0) -> None:
-        """As SIGTERM does: the graceful stop, then the thread ends."""
-        self.server.should_exit = True
-        self.thread.join(timeout)
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()

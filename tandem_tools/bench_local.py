@@ -17,6 +17,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from tandem.adaptive import AdaptiveGamma
 from tandem.config import CoreSettings
 from tandem.costs import CostCurve
 from tandem.drafting import ModelDrafter
@@ -28,15 +29,17 @@ from tandem.sampling import SamplingParams
 from tandem.session import generate_autoregressive
 from tandem.speculate import generate_speculative
 from tandem.stats import GenerationResult
+from tandem.value import BlockValue, Calibration
 from tandem_tools import llama_server, roofline
 from tandem_tools.replay_summary import CHAT_TRACE, load_trace
 from tandem_tools.train.data import heldout_prompts
 
 # ar-eager: the target alone in float32 through HF's eager forward, the exactly-lossless reference: with it, every
 # mode's output is also compared with it (the match rate of a reduced precision or compiled setting)
-# spec: blocks of up to gamma tokens, ended where the draft is unsure (its p-min); spec-fixed: always gamma tokens
+# spec: blocks of up to gamma tokens, ended where the draft is unsure (its p-min); spec-fixed: always gamma tokens;
+# spec-value: ended where the next token is not worth its cost (tandem.value; learnt over the run, as the edge does)
 # llama-server, llama-server-spec: the peer, llama.cpp's server, alone and with the draft GGUF (llama_server.py)
-MODES = ("ar", "ar-eager", "spec", "spec-fixed", "ouroboros", "hf-assisted", "hf-assisted-constant",
+MODES = ("ar", "ar-eager", "spec", "spec-fixed", "spec-value", "ouroboros", "hf-assisted", "hf-assisted-constant",
          *llama_server.MODES)
 WARM_SHIFTS = {"repeat": 0, "shifted": 32}  # the warm start's second passes: each prompt again, or its window moved on
 
@@ -153,11 +156,14 @@ def run_bench_local(settings: CoreSettings, modes: list[str], n_prompts: int, pr
     modes = [m for m in modes if m not in peers.skipped]
     figs = {m: ModeFigures(accepted_per_position=[0] * gamma) for m in modes}
     assistant = draft.torch_model if any(m.startswith("hf-") for m in modes) else None
+    value = BlockValue(AdaptiveGamma(max_gamma=gamma, costs=CostCurve(curve)), Calibration(), pipelined=False)
     runners: dict[str, Callable[[list[int]], tuple[list[int], float, dict]]] = {
         "ar": lambda p: _ours(generate_autoregressive(target, p, params)),
         "ar-eager": lambda p: _ours(generate_autoregressive(exact, p, params)),  # type: ignore[arg-type]
         "spec": lambda p: _ours(generate_speculative(ModelDrafter(draft, p_min=settings.draft_p_min),
                                                      LocalVerifier(target), p, params, gamma)),
+        "spec-value": lambda p: _ours(generate_speculative(ModelDrafter(draft, value=value), LocalVerifier(target), p,
+                                                           params, gamma)),
         "spec-fixed": lambda p: _ours(generate_speculative(ModelDrafter(draft), LocalVerifier(target), p, params,
                                                            gamma)),
         # a cold pool; blocks sized on the target's cost curve measured above

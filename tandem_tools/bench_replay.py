@@ -113,6 +113,7 @@ def _machine() -> dict[str, Any]:
 _MODE_SETTINGS: dict[str, dict[str, Any]] = {  # each replay mode as the edge's settings
     "cloud": {"mode": "cloud"}, "spec": {"mode": "spec", "pipeline": False},
     "spec-pipelined": {"mode": "spec", "pipeline": True},
+    "spec-p-min": {"mode": "spec", "pipeline": True, "block_value": False},  # blocks end at draft_p_min
     "ouroboros": {"mode": "spec", "pipeline": True, "ouroboros": True}, "auto": {"mode": "auto", "pipeline": True}}
 
 

@@ -111,7 +111,8 @@ def bench_replay(
     out: Annotated[Path, typer.Option(help="folder for results.json, summary.md, speedup_vs_rtt.png")],
     cloud: Annotated[str | None, typer.Option(help="HOST:PORT (gRPC) of a running cloud; unset: start one")] = None,
     rtt_ms: Annotated[str, typer.Option(help="comma-separated round-trip times to emulate")] = "0,10,20,50,100",
-    modes: Annotated[str, typer.Option(help="comma-separated: cloud, spec, spec-pipelined, ouroboros, auto")]
+    modes: Annotated[str, typer.Option(help="comma-separated: cloud, spec, spec-pipelined, spec-p-min, ouroboros, auto"
+                                        )]
     = "cloud,spec,spec-pipelined,ouroboros,auto",
     gamma: Annotated[str, typer.Option(help="draft block length, or 'adaptive'")] = "4",
     prompts: Annotated[int | None, typer.Option("--prompts", "--limit", help="replay only the first N lines")]

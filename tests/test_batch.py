@@ -10,8 +10,9 @@ from collections.abc import Iterator
 import httpx
 import pytest
 import torch
+from servers import BackgroundServer
 
-from cloud_server.main import BackgroundServer, ServerHandle
+from cloud_server.main import ServerHandle
 from cloud_server.settings import ServerSettings
 from edge_client.remote import GrpcVerifier
 from tandem.batch import forward_batch

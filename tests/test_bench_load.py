@@ -6,9 +6,9 @@ import json
 from pathlib import Path
 
 import pytest
+from servers import BackgroundServer
 from typer.testing import CliRunner
 
-from cloud_server.main import BackgroundServer
 from cloud_server.settings import ServerSettings
 from tandem.models import LoadedModel
 from tandem_tools.bench_load import compare, parse_metrics, slope, summarize, vm_rss_mib

@@ -8,8 +8,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from servers import BackgroundServer
 
-from cloud_server.main import BackgroundServer, ServerHandle
+from cloud_server.main import ServerHandle
 from cloud_server.settings import ServerSettings
 from edge_client.client import edge_decoder
 from edge_client.settings import EdgeSettings

@@ -18,8 +18,9 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
+from servers import BackgroundServer
 
-from cloud_server.main import BackgroundServer, ServerHandle
+from cloud_server.main import ServerHandle
 from cloud_server.settings import ServerSettings
 from edge_client.remote import GrpcVerifier, HttpVerifier, RemoteError
 from tandem.blocks import DraftBlock, VerifyResult

@@ -8,9 +8,9 @@ import subprocess
 import sys
 
 import pytest
+from servers import BackgroundServer
 from typer.testing import CliRunner
 
-from cloud_server.main import BackgroundServer
 from cloud_server.settings import ServerSettings
 from tandem.models import load_model
 from tandem.sampling import SamplingParams

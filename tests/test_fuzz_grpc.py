@@ -26,8 +26,9 @@ from conftest import TINY_VOCAB
 from hypothesis import HealthCheck, Phase, given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
+from servers import BackgroundServer
 
-from cloud_server.main import BackgroundServer, ServerHandle
+from cloud_server.main import ServerHandle
 from cloud_server.settings import ServerSettings
 from tandem.models import LoadedModel
 from tandem.sampling import SamplingParams

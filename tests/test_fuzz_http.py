@@ -28,10 +28,10 @@ from hypothesis import settings as hsettings
 from hypothesis.errors import Unsatisfiable
 from schemathesis import APIOperation, Case, GenerationMode
 from schemathesis.core.failures import FailureGroup
+from servers import BackgroundEdge, BackgroundServer
 
-from cloud_server.main import BackgroundServer, ServerHandle
+from cloud_server.main import ServerHandle
 from cloud_server.settings import ServerSettings
-from edge_client.http_app import BackgroundEdge
 from edge_client.settings import EdgeSettings
 from tandem.models import LoadedModel
 from tandem.sampling import SamplingParams

@@ -10,10 +10,10 @@ import grpc
 import httpx
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from servers import BackgroundEdge, BackgroundServer
 
-from cloud_server.main import BackgroundServer, ServerHandle
+from cloud_server.main import ServerHandle
 from cloud_server.settings import ServerSettings
-from edge_client.http_app import BackgroundEdge
 from edge_client.settings import EdgeSettings
 from tandem.models import LoadedModel
 from tandem_protocol.proto import verifier_pb2 as pb

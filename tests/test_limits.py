@@ -13,9 +13,9 @@ from collections.abc import Iterator
 import grpc
 import httpx
 import pytest
+from servers import BackgroundEdge, BackgroundServer
 
-from cloud_server.main import BackgroundServer, ServerHandle
-from edge_client.http_app import BackgroundEdge
+from cloud_server.main import ServerHandle
 from edge_client.settings import EdgeSettings
 from tandem.errors import CapacityError
 from tandem.models import LoadedModel

@@ -12,10 +12,10 @@ import httpx
 import jsonschema
 import openai
 import pytest
+from servers import BackgroundEdge, BackgroundServer
 
-from cloud_server.main import BackgroundServer, ServerHandle
+from cloud_server.main import ServerHandle
 from cloud_server.settings import ServerSettings
-from edge_client.http_app import BackgroundEdge
 from edge_client.settings import EdgeSettings
 from tandem.models import LoadedModel
 

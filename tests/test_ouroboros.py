@@ -7,8 +7,9 @@ from collections.abc import Iterator
 
 import pytest
 import torch
+from servers import BackgroundServer
 
-from cloud_server.main import BackgroundServer, ServerHandle
+from cloud_server.main import ServerHandle
 from cloud_server.settings import ServerSettings
 from edge_client.client import edge_decoder
 from edge_client.settings import EdgeSettings

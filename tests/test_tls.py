@@ -11,11 +11,11 @@ import grpc
 import httpx
 import pytest
 from certs import Certs, make_certs
+from servers import BackgroundEdge, BackgroundServer
 
-from cloud_server.main import BackgroundServer, ServerHandle
+from cloud_server.main import ServerHandle
 from cloud_server.settings import ServerSettings
 from edge_client.client import edge_decoder
-from edge_client.http_app import BackgroundEdge
 from edge_client.remote import GrpcVerifier, RemoteError
 from edge_client.settings import EdgeSettings
 from tandem.models import LoadedModel

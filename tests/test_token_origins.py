@@ -9,9 +9,9 @@ from typing import Any
 
 import httpx
 import pytest
+from servers import BackgroundEdge, BackgroundServer
 
-from cloud_server.main import BackgroundServer, ServerHandle
-from edge_client.http_app import BackgroundEdge
+from cloud_server.main import ServerHandle
 from edge_client.settings import EdgeSettings
 from tandem.blocks import Candidate, DraftBlock, VerifyResult
 from tandem.drafting import ModelDrafter

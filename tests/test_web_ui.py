@@ -12,9 +12,9 @@ from typing import Any
 
 import httpx
 import pytest
+from servers import BackgroundEdge, BackgroundServer
 
-from cloud_server.main import BackgroundServer, ServerHandle
-from edge_client.http_app import BackgroundEdge
+from cloud_server.main import ServerHandle
 from edge_client.settings import EdgeSettings
 from tandem.models import LoadedModel
 from tests.test_edge_e2e import server_settings
