@@ -125,8 +125,7 @@ class VerifierServicer(pb_grpc.VerifierServicer):
                 yield pb.Verdict(seq=step, tokens=result.tokens, finish_reason=wire.finish_to_pb(result.finish_reason),
                                  generated=gen.tokens, logprobs=wire.logprobs_to_pb(result.logprobs))
                 step += 1
-        # the client went away: a cancel while grpc sends a message closes this generator at its yield instead
-        except (asyncio.CancelledError, GeneratorExit):
+        except (asyncio.CancelledError, GeneratorExit):  # the client left (while a message is sent: GeneratorExit)
             self.worker.metrics.disconnects.labels(route="grpc Generate").inc()
             self._cancelled("Generate", context)
             raise

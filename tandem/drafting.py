@@ -96,6 +96,8 @@ class ModelDrafter:
         self.output_start = max(0, len(context) - params.emitted)
         self.state = self.draft.state(context)
         self.generator = make_generator(None if params.seed is None else params.seed + 1, self.state.device)
+        # a seeded sample is reproducible only if its blocks are: the value rule reads timings, the floor does not
+        self.sizer = self.value if params.greedy or params.seed is None else None
 
     def reset(self, context: list[int]) -> None:
         common = 0
@@ -116,8 +118,8 @@ class ModelDrafter:
         tokens: list[int] = []
         rows: list[DraftRow] = []
         confidence: list[float] = []
-        if self.value is not None:
-            self.value.start()
+        if self.sizer is not None:
+            self.sizer.start()
         while len(tokens) < n:
             # tokens the grammar forces need no draft step: the draft "samples" them with certainty, so their q
             # rows are point masses, and the target, under the same mask, can only accept them
@@ -151,15 +153,14 @@ class ModelDrafter:
         return block
 
     def _worth(self, confidence: float) -> bool:
-        return self.value.worth(confidence) if self.value is not None else confidence >= self.p_min
+        return self.sizer.worth(confidence) if self.sizer is not None else confidence >= self.p_min
 
     def _take(self, confidence: float) -> None:
-        if self.value is not None:
-            self.value.take(confidence)
+        if self.sizer is not None:
+            self.sizer.take(confidence)
 
     def _top_prob(self, logits: torch.Tensor) -> float:
-        """The probability of the draft's most likely next token ([V] logits), as it would sample (temperature 1
-        under greedy)."""
+        """The draft's top next-token probability ([V] logits) as it samples (temperature 1 under greedy)."""
         if self.params.greedy:
             return float(torch.softmax(logits.float(), -1).max())
         return float(logits_to_probs(logits, self.params).max())

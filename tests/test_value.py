@@ -106,3 +106,14 @@ def test_blocks_by_value_keep_greedy_output_equal_to_the_target_alone(tiny_targe
         got = generate_speculative(ModelDrafter(tiny_draft, value=value), LocalVerifier(tiny_target), prompt,
                                    params, 16)
         assert got.tokens == want and got.stats.accepted > 0
+
+
+def test_a_seeded_sample_reproduces_whatever_the_timings(tiny_target: LoadedModel, tiny_draft: LoadedModel) -> None:
+    params, prompt = SamplingParams(max_tokens=24, temperature=1.0, seed=7, ignore_eos=True), list(range(3, 30))
+    outs = []
+    for draft_s in (0.0, 0.1):  # a free draft step drafts long blocks by value, a dear one single tokens
+        value = BlockValue(policy(draft_s, 0.0, 0.1), Calibration(), pipelined=False)
+        drafter = ModelDrafter(tiny_draft, p_min=0.5, value=value)
+        outs.append(generate_speculative(drafter, LocalVerifier(tiny_target), prompt, params, 8).tokens)
+        assert drafter.sizer is None
+    assert outs[0] == outs[1]
