@@ -129,6 +129,7 @@ def run_bench_local(settings: CoreSettings, modes: list[str], n_prompts: int, pr
     target = load_target(settings.target, settings, settings.threads)  # TANDEM_BACKEND, TANDEM_DRAFT_BACKEND
     draft = load_draft(settings.draft, settings, settings.threads)
     check_pair(draft, target)
+    assistant = draft.torch_model if any(m.startswith("hf-") for m in modes) else None
     exact = load_model(settings.target, "float32", settings.device) if "ar-eager" in modes else None
     if trace is None and getattr(target.tokenizer, "chat_template", None) and CHAT_TRACE.is_file():
         trace = CHAT_TRACE  # a chat model gets chat requests unless told otherwise
@@ -155,7 +156,6 @@ def run_bench_local(settings: CoreSettings, modes: list[str], n_prompts: int, pr
                                llama_server.context_size(prompts, max_tokens), warn=console.print)
     modes = [m for m in modes if m not in peers.skipped]
     figs = {m: ModeFigures(accepted_per_position=[0] * gamma) for m in modes}
-    assistant = draft.torch_model if any(m.startswith("hf-") for m in modes) else None
     value = BlockValue(AdaptiveGamma(max_gamma=gamma, costs=CostCurve(curve)), Calibration(), pipelined=False)
     runners: dict[str, Callable[[list[int]], tuple[list[int], float, dict]]] = {
         "ar": lambda p: _ours(generate_autoregressive(target, p, params)),
