@@ -23,6 +23,7 @@ from typing import IO, Any
 from tandem.config import DEFAULT_DRAFT, DEFAULT_TARGET
 from tandem_tools import capacity_figures as cf
 from tandem_tools.bench_common import cpu_seconds
+from tandem_tools.procs import CloudProcess, popen_logged
 from tandem_tools.replay_edge import TABLE_FILE, ReplayDrafter, ReplayTable, ensure_table
 from tandem_tools.replay_summary import CHAT_TRACE, load_trace
 
@@ -116,18 +117,15 @@ def worker_main(cloud: str, draft_name: str, gamma: str, max_gamma: int, threads
         mode, records = job["mode"], []
         edge = client(mode)
         for prompt in job["prompts"]:
-            stamps: list[tuple[float, int]] = []
+            stamps: list[float] = []  # when each batch of new tokens arrived
             t0 = time.perf_counter()
-
-            def stamp(new: list[int], s: list[tuple[float, int]] = stamps) -> None:
-                s.append((time.perf_counter(), len(new)))
-
-            result, misses = run(edge, prompt, job["max_tokens"], mode, stamp)
+            result, misses = run(edge, prompt, job["max_tokens"], mode,
+                                 lambda _, s=stamps: s.append(time.perf_counter()))
             end = time.perf_counter()
             st = result.stats
             records.append({"tokens": result.tokens, "wall_s": end - t0,
-                            "ttft_s": stamps[0][0] - t0 if stamps else None,
-                            "decode_s": stamps[-1][0] - stamps[0][0] if stamps else None,
+                            "ttft_s": stamps[0] - t0 if stamps else None,
+                            "decode_s": stamps[-1] - stamps[0] if stamps else None,
                             "drafted": st.drafted, "accepted": st.accepted, "switched_to_cloud": st.switched_to_cloud,
                             "draft_passes": st.draft_passes, "stale": st.stale, "replay_misses": misses})
         _send(out, {"records": records})
@@ -148,11 +146,8 @@ class EdgeProcess:
         args = [sys.executable, "-m", "tandem_tools.bench_capacity", json.dumps(settings)]
         env = os.environ | {"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
                             "OMP_NUM_THREADS": str(cfg.edge_threads)}
-        err = open(log_path, "ab") if log_path else subprocess.DEVNULL  # noqa: SIM115
-        self.proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True,
-                                     bufsize=1, env=env)
-        if not isinstance(err, int):
-            err.close()  # the child holds its own copy
+        self.proc = popen_logged(args, log_path, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1,
+                                 env=env)
 
     def send(self, obj: dict[str, Any]) -> None:
         assert self.proc.stdin is not None
@@ -190,7 +185,6 @@ def run_bench_capacity(cfg: CapacityConfig, out_dir: Path, console: Any = None,
     from rich.console import Console
 
     from tandem.models import load_model
-    from tandem_tools.procs import CloudProcess
     from tandem_tools.train.data import heldout_prompts
 
     cfg.check()
@@ -217,10 +211,9 @@ def run_bench_capacity(cfg: CapacityConfig, out_dir: Path, console: Any = None,
         f"{cfg.max_gamma}); {cfg.requests} request(s) per client and mode, prompts of {min(map(len, prompts))}-"
         f"{max(map(len, prompts))} tokens, {cfg.max_tokens} new tokens, greedy; {os.cpu_count()} CPU cores")
     table: ReplayTable | None = None
-    table_path: Path | None = None
     replay: dict[str, Any] | None = None
-    if cfg.edges == "replay":
-        table_path = out_dir / TABLE_FILE
+    table_path = out_dir / TABLE_FILE if cfg.edges == "replay" else None
+    if table_path is not None:
         console.print(f"replay table: the target's outputs and the draft's proposals ({table_path}) ...", style="dim")
         table, reused = ensure_table(table_path, cfg.target, cfg.draft, prompts, cfg.max_tokens, cfg.max_gamma,
                                      cfg.edge_threads, cfg.cloud_threads)
@@ -264,8 +257,7 @@ def run_bench_capacity(cfg: CapacityConfig, out_dir: Path, console: Any = None,
                 delta = {k: v - before.get(k, 0.0) for k, v in after.items()}
                 cpu = None if cpu0 is None or cpu1 is None else cpu1 - cpu0
                 figs = cf.phase_figures(records, wall, delta, cpu)
-                advice = cf.histogram_buckets(text1, "tandem_advised_gamma")
-                advice0 = cf.histogram_buckets(text0, "tandem_advised_gamma")
+                advice0, advice = (cf.histogram_buckets(t, "tandem_advised_gamma") for t in (text0, text1))
                 figs["advised_gamma_buckets"] = cf.bucket_counts(advice0, advice) if advice else None
                 outputs[mode] = [r["tokens"] for r in records]  # prompt j's output at j: edges in order
                 if table is not None:

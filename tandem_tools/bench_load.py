@@ -224,8 +224,7 @@ def _one(client: Any, session: int, index: int, ids: list[int], max_tokens: int,
     rec.resumes = s.resumes
     rec.acceptance = s.accepted / s.drafted if s.drafted else None
     rec.matches = streamed == result.tokens == reference
-    (lost, dup), (lost2, dup2) = compare(streamed, reference), compare(result.tokens, reference)
-    rec.lost_tokens, rec.duplicated_tokens = max(lost, lost2), max(dup, dup2)
+    rec.lost_tokens, rec.duplicated_tokens = map(max, compare(streamed, reference), compare(result.tokens, reference))
     return rec
 
 
@@ -274,10 +273,8 @@ def _run(cfg: LoadConfig, address: str, cloud: _Cloud, started_here: bool, draft
 
     def session(i: int) -> None:
         client = edge_client(_edge_settings(cfg, address, cfg.mode), draft)
-        for k in itertools.count():
-            if stop.is_set():
-                return
-            index = (i + k) % len(prompts)
+        for k in itertools.takewhile(lambda _: not stop.is_set(), itertools.count(i)):
+            index = k % len(prompts)
             rec = _one(client, i, index, prompts[index], max_tokens[index], references[index], t_ref)
             with lock:
                 records.append(rec)
@@ -303,11 +300,9 @@ def _run(cfg: LoadConfig, address: str, cloud: _Cloud, started_here: bool, draft
             if stop.wait(cfg.sample_s):
                 return
 
-    threads = [threading.Thread(target=session, args=(i,), name=f"load-{i}", daemon=True)
-               for i in range(cfg.sessions)]
     sampler = threading.Thread(target=sample, name="load-sampler", daemon=True)
-    sampler.start()
-    for t in threads:
+    threads = [threading.Thread(target=session, args=(i,), name=f"load-{i}", daemon=True) for i in range(cfg.sessions)]
+    for t in (sampler, *threads):
         t.start()
     time.sleep(cfg.duration_s)
     stop.set()

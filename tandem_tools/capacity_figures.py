@@ -14,6 +14,7 @@ from tandem_tools.bench_common import fmt
 
 MODE_COLORS = {"cloud": "tab:orange", "spec": "tab:blue", "auto": "tab:green"}
 MODE_LABELS = {"cloud": "cloud-only", "spec": "speculative (fixed gamma)", "auto": "auto (load-aware)"}
+GENERATED = "tandem_generation_tokens_total"
 AUTO_VS_BEST = 0.95  # the goal: auto's aggregate >= 0.95x the better of cloud and spec, its p99 TPOT <= cloud's
 
 
@@ -54,8 +55,8 @@ def bucket_counts(before: dict[str, float], after: dict[str, float]) -> dict[str
 
 
 def _ratio(metrics: dict[str, float], num: str, den: str) -> float | None:
-    """num / den from /metrics deltas; None where the cloud does not export them (or counted nothing)."""
-    return metrics[num] / metrics[den] if num in metrics and metrics.get(den) else None
+    """num / den from /metrics deltas (an absent num: 0); None where den is absent or counted nothing."""
+    return metrics.get(num, 0.0) / metrics[den] if metrics.get(den) else None
 
 
 def phase_figures(records: list[dict[str, Any]], wall_s: float, metrics: dict[str, float],
@@ -63,8 +64,7 @@ def phase_figures(records: list[dict[str, Any]], wall_s: float, metrics: dict[st
     """One phase: the edges' records, its wall time, the cloud's /metrics deltas and CPU seconds."""
     tokens = sum(len(r["tokens"]) for r in records)
     tpot = [r["decode_s"] / (len(r["tokens"]) - 1) for r in records if len(r["tokens"]) > 1 and r["decode_s"]]
-    generated = metrics.get("tandem_generation_tokens_total", 0.0)
-    batches = metrics.get("tandem_batch_size_count", 0.0)
+    generated = metrics.get(GENERATED, 0.0)
     drafted, accepted = sum(r["drafted"] for r in records), sum(r["accepted"] for r in records)
     return {
         "requests": len(records), "tokens": tokens, "wall_s": wall_s,
@@ -72,10 +72,9 @@ def phase_figures(records: list[dict[str, Any]], wall_s: float, metrics: dict[st
         "per_client_tokens_per_s": statistics.mean(len(r["tokens"]) / r["wall_s"] for r in records),
         "tpot_p50_ms": percentile(tpot, 50) * 1e3, "tpot_p99_ms": percentile(tpot, 99) * 1e3,
         "ttft_mean_ms": statistics.mean(r["ttft_s"] for r in records if r["ttft_s"] is not None) * 1e3,
-        "target_passes_per_token": metrics.get("tandem_target_forward_passes_total", 0.0) / generated
-        if generated else None,
-        "batched_passes_per_token": batches / generated if generated else None,
-        "mean_batch": metrics.get("tandem_batch_size_sum", 0.0) / batches if batches else None,
+        "target_passes_per_token": _ratio(metrics, "tandem_target_forward_passes_total", GENERATED),
+        "batched_passes_per_token": _ratio(metrics, "tandem_batch_size_count", GENERATED),
+        "mean_batch": _ratio(metrics, "tandem_batch_size_sum", "tandem_batch_size_count"),
         # positions (tokens fed) per batched pass: how much each pass of the target carries
         "mean_positions_per_pass": _ratio(metrics, "tandem_batch_positions_sum", "tandem_batch_positions_count"),
         "cloud_cpu_ms_per_token": cpu_s / generated * 1e3 if cpu_s is not None and generated else None,
@@ -164,22 +163,19 @@ def plot_capacity(phases: list[dict[str, Any]], path: Path, clients: tuple[int, 
     modes = list(dict.fromkeys(p["mode"] for p in phases))
     fig, axes = plt.subplots(3, 4, figsize=(20, 12))
     for ax, (key, name) in zip(axes.flat, PANELS, strict=True):
+        lines = [(key, "o-", True)] + ([("tpot_p50_ms", "o--", False)] if key == "tpot_p99_ms" else [])
         for mode in modes:
-            color = MODE_COLORS.get(mode)
-            pts = sorted((p["clients"], p[key]) for p in phases if p["mode"] == mode and _finite(p.get(key)))
-            if pts:
-                ax.plot([x for x, _ in pts], [y for _, y in pts], "o-", color=color, label=MODE_LABELS.get(mode, mode))
-            if key == "tpot_p99_ms":
-                pts = sorted((p["clients"], p["tpot_p50_ms"]) for p in phases
-                             if p["mode"] == mode and _finite(p["tpot_p50_ms"]))
-                ax.plot([x for x, _ in pts], [y for _, y in pts], "o--", color=color)
+            for k, style, labelled in lines:
+                pts = sorted((p["clients"], p[k]) for p in phases if p["mode"] == mode and _finite(p.get(k)))
+                if pts or not labelled:
+                    ax.plot([x for x, _ in pts], [y for _, y in pts], style, color=MODE_COLORS.get(mode),
+                            label=MODE_LABELS.get(mode, mode) if labelled else None)
         if key == "aggregate_vs_cloud":
             ax.axhline(1.0, color="grey", lw=0.8)
         if len(clients) > 1:
             ax.set_xscale("log", base=2)
         ax.set_xticks(list(clients), [str(c) for c in clients])
-        ax.set_xlabel("concurrent clients")
-        ax.set_title(name)
+        ax.set(xlabel="concurrent clients", title=name)
         ax.grid(alpha=0.3)
         if ax.get_lines() and ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -27,12 +27,15 @@ MODES = ("spec", "auto", "cloud", "ouroboros")  # any can be streamed first; our
 
 
 @contextlib.contextmanager
-def cloud_loading(settings: CoreSettings) -> Iterator[CloudProcess]:
-    """`tandem serve` started, loading on its own core while the caller loads the draft (a first run converts both
-    models: in parallel, not one after the other); stopped on the way out."""
+def cloud_loading(settings: CoreSettings, console: Console,
+                  draft_line: Callable[[LoadedModel], str]) -> Iterator[tuple[CloudProcess, LoadedModel]]:
+    """`tandem serve` started, loading on its own core while the draft loads here (a first run converts both models:
+    in parallel, not one after the other), `draft_line(draft)` printed, then ready; stopped on the way out."""
     cloud = CloudProcess(threads=settings.threads, env=cloud_env(settings), ready_timeout_s=600).spawn()
     try:
-        yield cloud
+        draft = load_draft(settings.draft, settings, settings.threads)
+        console.print(draft_line(draft) + "; waiting for the cloud")
+        yield cloud.wait(), draft
     finally:
         cloud.stop()
 
@@ -75,11 +78,8 @@ def run_demo(settings: CoreSettings, prompt: str | None, max_tokens: int, mode: 
     console.print(f"[bold]tandem demo[/bold]: starting `tandem serve` with {settings.target} in its own process "
                   f"({settings.threads} torch thread)")
     runs: list[DemoRun] = []
-    with cloud_loading(settings) as cloud:
-        draft = load_draft(settings.draft, settings, settings.threads)
-        console.print(f"the draft {draft.name} ({draft.n_params / 1e6:.1f}M params) runs here on {draft.backend} "
-                      f"({settings.threads} thread); waiting for the cloud")
-        cloud.wait()
+    with cloud_loading(settings, console, lambda d: f"the draft {d.name} ({d.n_params / 1e6:.1f}M params) runs here "
+                       f"on {d.backend} ({settings.threads} thread)") as (cloud, draft):
         ids = demo_prompt(draft, prompt)
         params = SamplingParams(max_tokens=max_tokens)
 
@@ -112,9 +112,8 @@ def run_demo(settings: CoreSettings, prompt: str | None, max_tokens: int, mode: 
 def report(console: Console, runs: list[DemoRun]) -> None:
     """Every mode against cloud-only: the target alone, one pass a token, in the same cloud and run."""
     alone = next(r for r in runs if r.mode == "cloud")
-    table = Table(title="this run, greedy (ratios side by side, same prompt)")
-    for col in ("mode", "tok/s", "vs cloud-only", "acceptance", "tokens / target pass", "== cloud-only"):
-        table.add_column(col)
+    table = Table("mode", "tok/s", "vs cloud-only", "acceptance", "tokens / target pass", "== cloud-only",
+                  title="this run, greedy (ratios side by side, same prompt)")
     for r in runs:
         s = r.result.stats
         acc = f"{s.acceptance_rate:.3f}" if s.drafted else "-"
@@ -144,10 +143,7 @@ def run_web(settings: CoreSettings, port: int = 8001, console: Console | None = 
             raise SystemExit(f"port {port} is taken ({e}); choose another with --port (0: a free one)") from None
     torch.set_num_threads(settings.threads)
     console.print(f"[bold]tandem demo --web[/bold]: starting `tandem serve` with {settings.target} in its own process")
-    with cloud_loading(settings) as cloud:
-        draft = load_draft(settings.draft, settings, settings.threads)
-        console.print(f"the draft {draft.name} runs here; waiting for the cloud")
-        cloud.wait()
+    with cloud_loading(settings, console, lambda d: f"the draft {d.name} runs here") as (cloud, draft):
         edge = EdgeSettings(cloud=cloud.grpc_target, transport="grpc", draft=settings.draft, gamma=settings.gamma,
                             threads=settings.threads, port=port)
         server = EdgeServer(edge, draft)

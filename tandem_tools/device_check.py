@@ -67,8 +67,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for key, value in (QUICK if args.quick else FULL).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    args.ns = [int(x) for x in str(args.ns).split(",")]
-    args.batches = [int(x) for x in str(args.batches).split(",")]
+    args.ns, args.batches = ([int(x) for x in str(v).split(",")] for v in (args.ns, args.batches))
     args.dtypes = [str(parse_dtype(x)).removeprefix("torch.") for x in args.dtypes.split(",")]
     return args
 
@@ -150,26 +149,26 @@ class Check:
         return {"matmul_size": self.args.matmul_size, "read_mb": self.args.read_mb,
                 **{d: self.peaks(d).as_dict() for d in self.args.dtypes}}
 
+    def figures(self, dtype: str) -> dict[str, Any]:
+        """`dt.pair_figures` of the random pair of `dtype` as its models run now."""
+        return dt.pair_figures(*self.pair(dtype), self.args.context, self.args.ns, self.args.reps, self.peaks(dtype))
+
     def timing(self, dtype: str, deadline: float) -> dict[str, Any]:
-        a = self.args
         target, draft = self.pair(dtype)
-        res: dict[str, Any] = {"target": target.describe(), "draft": draft.describe(), "context": a.context}
-        res["hf-eager"] = dt.pair_figures(target, draft, a.context, a.ns, a.reps, self.peaks(dtype))
+        res: dict[str, Any] = {"target": target.describe(), "draft": draft.describe(), "context": self.args.context}
+        res["hf-eager"] = self.figures(dtype)
         for m in (target, draft):
             fastlm.enable(m.torch_model, compile=False)
-        res["fast-eager"] = dt.pair_figures(target, draft, a.context, a.ns, a.reps, self.peaks(dtype))
-        return res
+        return res | {"fast-eager": self.figures(dtype)}
 
     @STATIC_INTS
     def compiled(self, dtype: str, deadline: float) -> dict[str, Any]:
-        a = self.args
         target, draft = self.pair(dtype)
         t0 = time.monotonic()
-        for m, buckets in ((target, dt.compile_buckets(a.ns)), (draft, (1,))):
+        for m, buckets in ((target, dt.compile_buckets(self.args.ns)), (draft, (1,))):
             fastlm.enable(m.torch_model, compile=False).compile(buckets)
-        res: dict[str, Any] = {"compile_s": time.monotonic() - t0, "buckets": list(dt.compile_buckets(a.ns)),
-                               "dynamo": STATIC_INTS_NOTE}
-        res["fast-compiled"] = dt.pair_figures(target, draft, a.context, a.ns, a.reps, self.peaks(dtype))
+        res: dict[str, Any] = {"compile_s": time.monotonic() - t0, "buckets": list(dt.compile_buckets(self.args.ns)),
+                               "dynamo": STATIC_INTS_NOTE, "fast-compiled": self.figures(dtype)}
         self.pairs.clear()  # its graphs hold the weights: release both now
         torch._dynamo.reset()
         return res
@@ -200,8 +199,7 @@ class Check:
 
         a = self.args
         t0 = time.monotonic()
-        target = load_model(TEST_TARGET, "float32", self.device, compile=compiled)
-        draft = load_model(TEST_DRAFT, "float32", self.device, compile=compiled)
+        target, draft = (load_model(m, "float32", self.device, compile=compiled) for m in (TEST_TARGET, TEST_DRAFT))
         check_pair(draft, target)
         res: dict[str, Any] = {"target": target.describe(), "draft": draft.describe(), "load_s": time.monotonic() - t0,
                                "gamma": a.gamma, "prompt_tokens": a.pair_prompt_tokens, "max_tokens": a.pair_tokens,

@@ -69,18 +69,17 @@ def pair_modes(target: LoadedModel, draft: LoadedModel, prompts: list[list[int]]
     prompt; each mode's output compared with the target alone's. Stops after the prompt that passes `deadline`
     (time.monotonic)."""
     params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
+    def speculative(drafter: Callable[[LoadedModel], Any]) -> Callable[[list[int]], Any]:
+        return lambda p: _ours(generate_speculative(drafter(draft), LocalVerifier(target), p, params, gamma))
+
     runners: dict[str, Callable[[list[int]], tuple[list[int], float, dict[str, Any]]]] = {
-        "ar": lambda p: _ours(generate_autoregressive(target, p, params)),
-        "spec": lambda p: _ours(generate_speculative(ModelDrafter(draft), LocalVerifier(target), p, params, gamma)),
-        "ouroboros": lambda p: _ours(generate_speculative(OuroborosDrafter(draft), LocalVerifier(target), p, params,
-                                                          gamma)),
-    }
+        "ar": lambda p: _ours(generate_autoregressive(target, p, params)), "spec": speculative(ModelDrafter),
+        "ouroboros": speculative(OuroborosDrafter)}
     for run in runners.values():  # warm-up: first-call allocations (and any graph built late) land on no figure
         run(prompts[0])
     figs = {m: ModeFigures(accepted_per_position=[0] * gamma) for m in runners}
-    done = 0
+    modes, done = list(runners), 0
     for i, prompt in enumerate(prompts):
-        modes = list(runners)
         outputs = {}
         for mode in modes[i % 3 :] + modes[: i % 3]:  # rotate who goes first
             tokens, wall, stats = runners[mode](prompt)
@@ -88,7 +87,7 @@ def pair_modes(target: LoadedModel, draft: LoadedModel, prompts: list[list[int]]
             figs[mode].add(tokens, wall, stats)
         for mode in modes:
             figs[mode].matches_ar += outputs[mode] == outputs["ar"]
-        done += 1
+        done = i + 1
         if time.monotonic() > deadline:
             break
     out: dict[str, Any] = {"prompts_done": done, "modes": {m: f.as_dict() for m, f in figs.items()}}

@@ -99,10 +99,6 @@ def common_params(args: argparse.Namespace) -> Any:
         p.fit_params_min_ctx = -1  # -c 0: the model's full context, not reduced to fit (UINT32_MAX in an int32)
     p.n_parallel = args.parallel
     p.ui = args.webui
-    if (t := _threads(args.threads)) is not None:
-        p.cpuparams.n_threads = t
-    if (t := _threads(args.threads_batch)) is not None:
-        p.cpuparams_batch.n_threads = t
     fields = {"batch_size": "n_batch", "ubatch_size": "n_ubatch", "cache_ram": "cache_ram_mib",
               "cache_prompt": "cache_prompt", "verbosity": "verbosity"}
     for name, field in fields.items():
@@ -121,10 +117,10 @@ def common_params(args: argparse.Namespace) -> Any:
     draft = spec.draft
     if args.model_draft:
         draft.mparams.path = args.model_draft
-    if (t := _threads(args.threads_draft)) is not None:
-        draft.cpuparams.n_threads = t
-    if (t := _threads(args.threads_batch_draft)) is not None:
-        draft.cpuparams_batch.n_threads = t
+    for cpu, n in ((p.cpuparams, args.threads), (p.cpuparams_batch, args.threads_batch),
+                   (draft.cpuparams, args.threads_draft), (draft.cpuparams_batch, args.threads_batch_draft)):
+        if (t := _threads(n)) is not None:
+            cpu.n_threads = t
     for name in ("n_max", "n_min", "p_min", "p_split"):
         if (value := getattr(args, "spec_draft_" + name)) is not None:
             setattr(draft, name, value)

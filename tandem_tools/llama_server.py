@@ -24,7 +24,7 @@ from typing import Any
 
 from tandem_tools import llama_peer
 from tandem_tools.bench_common import common_prefix, fmt
-from tandem_tools.procs import free_port, stop_process, wait_ready
+from tandem_tools.procs import free_port, http_ok, popen_logged, stop_process, wait_ready
 
 VERSION = llama_peer.VERSION  # the xllamacpp wheel the peer runs by default
 BASE, SPEC = "llama-server", "llama-server-spec"
@@ -129,22 +129,13 @@ class LlamaServer:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> LlamaServer:
-        out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
-        try:
-            self.proc = subprocess.Popen(self.command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        finally:
-            if self.log_path:
-                out.close()  # type: ignore[union-attr]
+        self.proc = popen_logged(self.command, self.log_path, stdin=subprocess.DEVNULL)
         wait_ready(self.proc, self.healthy, self.ready_timeout_s, "llama-server", self.stop,
                    f" (log: {self.log_path})" if self.log_path else "")
         return self
 
     def healthy(self) -> bool:
-        try:
-            with urllib.request.urlopen(self.url + "/health", timeout=2) as r:
-                return bool(r.status == 200)
-        except (urllib.error.URLError, OSError):
-            return False
+        return http_ok(self.url + "/health", timeout=2)
 
     def props(self) -> dict[str, Any]:
         try:

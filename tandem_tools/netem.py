@@ -221,14 +221,12 @@ class NetemProxy:
             delay = release - loop.time()
             if delay > 0:
                 await asyncio.sleep(delay)
-            if self.config.blackhole:
-                if not data:
-                    return  # the FIN is swallowed too: the far side keeps waiting
-                continue
-            if not data:
-                if writer.can_write_eof():
+            if not data:  # EOF: passed on, unless a blackhole swallows the FIN too (the far side keeps waiting)
+                if not self.config.blackhole and writer.can_write_eof():
                     writer.write_eof()
                 return
+            if self.config.blackhole:
+                continue
             writer.write(data)
             setattr(self.stats, counter, getattr(self.stats, counter) + len(data))
             await writer.drain()

@@ -17,6 +17,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 
 def stop_process(proc: subprocess.Popen[bytes] | None, signum: int = signal.SIGTERM, timeout_s: float = 10.0) -> None:
@@ -29,6 +30,26 @@ def stop_process(proc: subprocess.Popen[bytes] | None, signum: int = signal.SIGT
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait(timeout=timeout_s)
+
+
+def http_ok(url: str, timeout: float = 1.0) -> bool:
+    """`url` answers 200 (a health or readiness check); False on any connection error."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            return bool(r.status == 200)
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def popen_logged(args: list[str], log_path: Path | None, **kwargs: Any) -> subprocess.Popen[Any]:
+    """`subprocess.Popen` with stdout (unless `kwargs` route it) and stderr appended to `log_path`, or discarded."""
+    out = open(log_path, "ab") if log_path else subprocess.DEVNULL  # noqa: SIM115
+    try:
+        kwargs.setdefault("stdout", out)
+        return subprocess.Popen(args, stderr=subprocess.STDOUT if kwargs["stdout"] is out else out, **kwargs)
+    finally:
+        if not isinstance(out, int):
+            out.close()  # the child holds its own copy
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -63,12 +84,10 @@ class CloudProcess:
         minutes), then `wait`."""
         env = os.environ | {"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
                             "TANDEM_THREADS": str(self.threads), "OMP_NUM_THREADS": str(self.threads)}
-        env |= self.extra_env
-        out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
-        self.proc = subprocess.Popen(
+        self.proc = popen_logged(
             [sys.executable, "-m", "tandem_tools.cli", "serve", "--host", self.host,
-             "--http-port", str(self.http_port), "--grpc-port", str(self.grpc_port)],
-            env=env, stdout=out, stderr=subprocess.STDOUT,
+             "--http-port", str(self.http_port), "--grpc-port", str(self.grpc_port)], self.log_path,
+            env=env | self.extra_env,
             # the kernel ties PR_SET_PDEATHSIG to the forking *thread*: a child spawned from a short-lived thread
             # would die with that thread, so only the main thread's children get it
             preexec_fn=die_with_parent if threading.current_thread() is threading.main_thread() else None)
@@ -80,11 +99,7 @@ class CloudProcess:
         return self
 
     def ready(self) -> bool:
-        try:
-            with urllib.request.urlopen(self.http_url + "/ready", timeout=1) as r:
-                return bool(r.status == 200)
-        except (urllib.error.URLError, OSError):
-            return False
+        return http_ok(self.http_url + "/ready")
 
     def metrics_text(self) -> str:
         with urllib.request.urlopen(self.http_url + "/metrics", timeout=5) as r:
@@ -92,9 +107,7 @@ class CloudProcess:
 
     def kill(self) -> None:
         """Abrupt loss (SIGKILL): what a crashed machine looks like to the edge."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=30)
+        stop_process(self.proc, signal.SIGKILL, timeout_s=30)
 
     def stop(self, timeout_s: float = 30.0) -> None:
         stop_process(self.proc, timeout_s=timeout_s)

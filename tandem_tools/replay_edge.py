@@ -44,8 +44,8 @@ class ReplayTable:
 
     def key(self) -> dict[str, Any]:
         """What makes two tables interchangeable."""
-        return {"target": self.target, "draft": self.draft, "max_tokens": self.max_tokens,
-                "max_gamma": self.max_gamma, "draft_threads": self.draft_threads, "prompts": self.prompts}
+        return {"target": self.target, "draft": self.draft, "prompts": self.prompts, "max_tokens": self.max_tokens,
+                "max_gamma": self.max_gamma, "draft_threads": self.draft_threads}
 
     @functools.cached_property
     def _index(self) -> dict[tuple[int, ...], int]:
@@ -56,16 +56,11 @@ class ReplayTable:
         hit = self._index.get(tuple(context))
         if hit is not None:
             return hit
-        best: int | None = None
-        for i, p in enumerate(self.prompts):
-            if len(p) <= len(context) and context[: len(p)] == p and (best is None or len(p) > len(self.prompts[best])):
-                best = i
-        return best
+        starts = [i for i, p in enumerate(self.prompts) if len(p) <= len(context) and context[: len(p)] == p]
+        return max(starts, key=lambda i: len(self.prompts[i]), default=None)  # the first of the longest
 
     def summary(self) -> dict[str, Any]:
-        return {"target": self.target, "draft": self.draft, "prompts": len(self.prompts),
-                "max_tokens": self.max_tokens, "max_gamma": self.max_gamma, "draft_threads": self.draft_threads,
-                "draft_step_s": self.draft_step_s, "record_s": self.record_s}
+        return self.key() | {"prompts": len(self.prompts), "draft_step_s": self.draft_step_s, "record_s": self.record_s}
 
     def save(self, path: Path) -> None:
         path.write_text(json.dumps(asdict(self), separators=(",", ":")) + "\n")
@@ -174,11 +169,9 @@ class ReplayDrafter:
         prompt = self.table.prompts[self._entry]
         full = prompt + self.table.outputs[self._entry]
         rows = self.table.continuations[self._entry]
-        if context == full[: len(context)]:
-            k = len(context) - len(prompt)
-        else:
-            # stale whatever it holds: the continuation at the longest matching prefix
-            k = common_prefix(context, full) - len(prompt)
+        common = common_prefix(context, full)
+        k = common - len(prompt)
+        if common < len(context):  # off prompt + T: stale whatever it holds, the continuation at the longest match
             self.misses += 1
         if k < 0:
             raise RuntimeError("the context does not continue the request's prompt")

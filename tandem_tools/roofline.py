@@ -44,11 +44,9 @@ def step_bytes(model: LoadedModel) -> int:
     if model.backend != "torch":
         return model.weight_bytes
     m = model.torch_model
-    lookup: list[torch.nn.Parameter] = []
     emb, head = m.get_input_embeddings(), m.get_output_embeddings()
-    if emb is not None and (head is None or head.weight is not emb.weight):  # untied: the table is a lookup
-        lookup.append(emb.weight)  # type: ignore[arg-type]
-    skip = {id(p) for p in lookup}
+    untied = emb is not None and (head is None or head.weight is not emb.weight)  # untied: the table is a lookup
+    skip = {id(emb.weight)} if untied else set()
     unique = {id(p): p for p in m.parameters() if id(p) not in skip}
     return sum(p.numel() * p.element_size() for p in unique.values())
 
@@ -86,12 +84,11 @@ def pair_roofline(target: LoadedModel, draft: LoadedModel, gamma: int, context: 
         measure_peaks(draft.device, draft.dtype)
     t = roofline(target, pass_times(target, positions, context), t_peaks)
     d = roofline(draft, pass_times(draft, [1], context), d_peaks)
-    step_t = t["pass_ms"][1]  # type: ignore[index]
     return {
         "peaks": t_peaks.as_dict(), **({} if d_peaks is t_peaks else {"draft_peaks": d_peaks.as_dict()}),
         "target": t, "draft": d, "gamma": gamma,
         "v": t["v"][gamma + 1],  # type: ignore[index]
-        "c": round(d["pass_ms"][1] / step_t, 4),  # type: ignore[index]
+        "c": round(d["pass_ms"][1] / t["pass_ms"][1], 4),  # type: ignore[index]
     }
 
 

@@ -22,7 +22,7 @@ from rich.console import Console
 
 from tandem.config import TEST_DRAFT, TEST_TARGET
 from tandem_tools.bench_common import cpu_seconds
-from tandem_tools.procs import CloudProcess, free_port, stop_process, wait_ready
+from tandem_tools.procs import CloudProcess, free_port, http_ok, popen_logged, stop_process, wait_ready
 
 PROMPTS = [
     "def fibonacci(n):\n", "class Stack:\n    def __init__(self):\n", "import os\n\ndef walk(path):\n",
@@ -36,23 +36,15 @@ PAGE = {"stream_options": {"include_usage": True}, "return_metrics": True, "retu
 def start_edge(cloud: str, draft: str, gamma: str, threads: int) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
     env = os.environ | {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(threads)}
-    proc = subprocess.Popen([sys.executable, "-m", "tandem_tools.cli", "edge", "serve", "--cloud", cloud, "--port",
-                             str(port), "--draft", draft, "--gamma", gamma, "--threads", str(threads)],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    proc = popen_logged([sys.executable, "-m", "tandem_tools.cli", "edge", "serve", "--cloud", cloud, "--port",
+                         str(port), "--draft", draft, "--gamma", gamma, "--threads", str(threads)], None, env=env)
     url = f"http://127.0.0.1:{port}"
-
-    def healthy() -> bool:
-        try:
-            return httpx.get(url + "/health", timeout=1).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    wait_ready(proc, healthy, 300, "the edge", lambda: stop_process(proc))
+    wait_ready(proc, lambda: http_ok(url + "/health"), 300, "the edge", lambda: stop_process(proc))
     return proc, url
 
 
-def timed(client: httpx.Client, url: str, prompt: str, max_tokens: int, extra: dict[str, Any]) -> tuple[str, int,
-                                                                                                        float]:
+def timed(client: httpx.Client, url: str, prompt: str, max_tokens: int,
+          extra: dict[str, Any]) -> tuple[str, int, float]:
     """(text, tokens, seconds from sending the request to `[DONE]`)."""
     body = {"model": "tandem", "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
             "temperature": 0, "ignore_eos": True, "stream": True} | extra
@@ -90,15 +82,13 @@ def measure(url: str, pid: int, repeats: int, max_tokens: int) -> dict[str, Any]
                 ratios.append(got["plain"][1] / got["page"][1])  # = page tok/s / plain tok/s (same tokens)
     out: dict[str, Any] = {}
     for kind, rows in runs.items():
-        tokens, seconds, cpu = sum(r[0] for r in rows), sum(r[1] for r in rows), sum(r[2] for r in rows)
+        tokens, seconds, cpu = (sum(col) for col in zip(*rows, strict=True))
         out[kind] = {"requests": len(rows), "tokens": tokens, "seconds": seconds, "tok_s": tokens / seconds,
                      "edge_cpu_ms_per_token": 1e3 * cpu / tokens}
-    out["page_vs_plain_tok_s"] = out["page"]["tok_s"] / out["plain"]["tok_s"]
-    out["page_vs_plain_edge_cpu_per_token"] = out["page"]["edge_cpu_ms_per_token"] / out["plain"][
-        "edge_cpu_ms_per_token"]
-    out["page_vs_plain_median_pair"] = statistics.median(ratios)
-    out["texts_equal"] = same
-    return out
+    page, plain = out["page"], out["plain"]
+    return out | {"page_vs_plain_tok_s": page["tok_s"] / plain["tok_s"],
+                  "page_vs_plain_edge_cpu_per_token": page["edge_cpu_ms_per_token"] / plain["edge_cpu_ms_per_token"],
+                  "page_vs_plain_median_pair": statistics.median(ratios), "texts_equal": same}
 
 
 def main(argv: list[str] | None = None) -> None:
