@@ -38,6 +38,7 @@ class DraftBlock:
     sources: list[str] | None = None
     # per main-path token drafted by the draft model, its confidence (`tandem.drafting`); the edge's own, never sent
     confidence: list[float] = field(default_factory=list)
+    branch_confidence: list[float] = field(default_factory=list)  # per candidate drafted as a sibling (`tandem.tree`)
 
 
 @dataclass(frozen=True)
@@ -82,14 +83,14 @@ class VerifyResult:
     advice: int | None = None  # the block length the cloud advises next (0: continue as its stream); None: no advice
 
     def emitted_origins(self, block: DraftBlock, skipped: int = 0) -> str:
-        """Per emitted token, where it came from: d, a draft-model token the target accepted; p, a pool phrase's or a
-        candidate's; t, the target's own (recovered or bonus). `block`: as proposed, its first `skipped` tokens
-        committed before it was verified."""
+        """Per emitted token, where it came from: d, a draft-model token the target accepted (a sibling's too); p, a
+        pool phrase's or candidate's; t, the target's own (recovered or bonus). `block`: as proposed, its first
+        `skipped` tokens committed before it was verified."""
         n = self.num_accepted
         on_main = n if self.candidate is None else max(0, block.candidates[self.candidate].parent + 1 - skipped)
         sources = (block.sources or []) + ["draft"] * len(block.tokens)
         main = "".join("d" if src == "draft" else "p" for src in sources[skipped : skipped + on_main])
-        return (main + "p" * (n - on_main) + "t")[: len(self.tokens)]
+        return (main + ("d" if block.branch_confidence else "p") * (n - on_main) + "t")[: len(self.tokens)]
 
 
 def pending_part(committed: list[int], base_len: int, block_tokens: list[int]) -> int | None:

@@ -103,6 +103,8 @@ class SpeculationSettings(BaseSettings):
                                "gives less than this probability (after one; 0: blocks of gamma tokens)")
     block_value: bool = Field(default=True, description="blocks end where the next token is not worth its draft step "
                               "and longer pass, by the draft's calibrated confidence (instead of draft_p_min)")
+    draft_tree: bool = Field(default=True, description="greedy, blocks by value: the draft's second choices beside "
+                             "the chain where their positions pay on the measured cost curve (tandem.tree)")
     pipeline: bool = Field(default=True, description="draft the next block while the current one is verified")
     q_top_k: int = Field(default=16, ge=1, description="sampling: the draft samples from its top-k and sends them")
     fallback: Literal["none", "edge"] = "none"
@@ -130,7 +132,7 @@ class CoreSettings(TargetPlacement, DraftPlacement):
     threads: int = Field(default=2, ge=1, description="torch intra-op threads for this process")
     gamma: Gamma = Field(default=4, description="draft block length, or 'adaptive' (edge path)")
     draft_p_min: float = Field(default=0.75, ge=0.0, le=1.0, description="a block ends before a token the draft "
-                               "gives less than this probability (bench local's spec mode; spec-fixed: never)")
+                               "gives less than this probability (bench local's spec mode)")
 
 
 # API keys, shared by the cloud's and the edge endpoint's settings

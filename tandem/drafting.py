@@ -18,7 +18,8 @@ from tandem.blocks import DraftBlock, VerifyResult
 from tandem.models import LoadedModel
 from tandem.sampling import SamplingParams, logits_to_probs, make_generator, sample
 from tandem.shaping import Shaper
-from tandem.value import BlockValue
+from tandem.tree import observe, siblings
+from tandem.value import BlockValue, Calibration
 
 QForm = Literal["sparse", "none"]  # q sent as its top-k support (k = V: all of it), or not (point masses)
 DraftRow = tuple[torch.Tensor, torch.Tensor] | None  # (ids [k], probs [k]) | none
@@ -77,17 +78,14 @@ class ModelDrafter:
     cache over the common prefix (one crop). Where a block ends early (after `at_least` tokens), by the draft's
     confidence in its next token (its most likely token's probability, under the request's sampling): `value` given,
     where that token is not worth its cost (`tandem.value`, calibrated by the verdicts `learn` sees); else before a
-    token under `p_min` (llama.cpp's draft p-min). `cut` counts the blocks it ended."""
+    token under `p_min` (llama.cpp's draft p-min). `cut` counts the blocks it ended. `tree` (greedy, by value): the
+    draft's second choices beside the chain where they pay (`tandem.tree`)."""
 
     def __init__(self, draft: LoadedModel, q_form: QForm = "sparse", q_top_k: int = 16, p_min: float = 0.0,
-                 value: BlockValue | None = None) -> None:
-        self.draft = draft
-        self.q_form: QForm = q_form
-        self.q_top_k = q_top_k
-        self.p_min = p_min
-        self.value = value
-        self.steps = 0
-        self.cut = 0
+                 value: BlockValue | None = None, tree: bool = False) -> None:
+        self.draft, self.q_form, self.q_top_k, self.p_min, self.value = draft, q_form, q_top_k, p_min, value
+        self.tree, self.branch = tree, Calibration()  # the siblings' acceptance by q2 / (1 - q1), across requests
+        self.steps = self.cut = 0
 
     def start(self, context: list[int], params: SamplingParams) -> None:
         self.params = params
@@ -118,6 +116,7 @@ class ModelDrafter:
         tokens: list[int] = []
         rows: list[DraftRow] = []
         confidence: list[float] = []
+        alternatives: list[tuple[int, float]] = []  # per token: the draft's second choice, q2 / (1 - q1)
         if self.sizer is not None:
             self.sizer.start()
         while len(tokens) < n:
@@ -128,6 +127,7 @@ class ModelDrafter:
                 tokens += forced
                 rows += [self._certain(t) for t in forced]
                 confidence += [1.0] * len(forced)
+                alternatives += [(0, 0.0)] * len(forced)
                 self.state.tokens += forced
                 for _ in forced:
                     self._take(1.0)
@@ -137,7 +137,7 @@ class ModelDrafter:
             if self.shaper.active:
                 logits = self.shaper.shape(logits[None], self.state.tokens, self.output_start, [[]])[0]
             self.steps += 1
-            sure = self._top_prob(logits) if self.value is not None or self.p_min > 0 else 1.0
+            sure, alt = self._top2(logits) if self.value is not None or self.p_min > 0 else (1.0, (0, 0.0))
             if len(tokens) >= at_least and not self._worth(sure):
                 # the block ends here. The step is not lost: its cache entry (the last token) is kept
                 self.cut += 1
@@ -146,10 +146,13 @@ class ModelDrafter:
             tokens.append(tok)
             rows.append(row)
             confidence.append(sure)
+            alternatives.append(alt)
             self._take(sure)
             self.state.tokens.append(tok)
         block = draft_block(tokens, rows)
         block.confidence = confidence
+        if self.tree and self.sizer is not None and self.params.greedy:
+            block.candidates, block.branch_confidence = siblings(self.sizer, self.branch, confidence, alternatives)
         return block
 
     def _worth(self, confidence: float) -> bool:
@@ -159,11 +162,13 @@ class ModelDrafter:
         if self.sizer is not None:
             self.sizer.take(confidence)
 
-    def _top_prob(self, logits: torch.Tensor) -> float:
-        """The draft's top next-token probability ([V] logits) as it samples (temperature 1 under greedy)."""
-        if self.params.greedy:
-            return float(torch.softmax(logits.float(), -1).max())
-        return float(logits_to_probs(logits, self.params).max())
+    def _top2(self, logits: torch.Tensor) -> tuple[float, tuple[int, float]]:
+        """The draft's top next-token probability ([V] logits) as it samples (temperature 1 under greedy), and its
+        second choice with that one's probability given the first is not taken."""
+        probs = torch.softmax(logits.float(), -1) if self.params.greedy else logits_to_probs(logits, self.params)
+        top = torch.topk(probs, 2)
+        q1, q2 = float(top.values[0]), float(top.values[1])
+        return q1, (int(top.indices[1]), q2 / (1 - q1) if q1 < 1 else 0.0)
 
     def _certain(self, token: int) -> DraftRow:
         """The q row of a token drawn with probability 1, in this drafter's form."""
@@ -175,7 +180,11 @@ class ModelDrafter:
         return ids, torch.nn.functional.one_hot(torch.tensor(0, device=dev), k).float()
 
     def learn(self, context: list[int], block: DraftBlock, result: VerifyResult, skipped: int = 0) -> None:
-        """The verdict calibrates the draft's confidence (a candidate's verdict says nothing of the main path's
-        rejected token); the next `propose` rolls the cache back to what was emitted."""
-        if self.value is not None and block.confidence and not result.stale and result.candidate is None:
-            self.value.calibration.observe(block.confidence[skipped:], result.num_accepted)
+        """The verdict calibrates the draft's confidence and its siblings'; the next `propose` rolls the cache back
+        to what was emitted."""
+        if self.value is None or not block.confidence or result.stale:
+            return
+        taken = result.candidate  # a sibling taken: the main chain was rejected where it branches off
+        on_main = result.num_accepted if taken is None else block.candidates[taken].parent + 1 - skipped
+        self.value.calibration.observe(block.confidence[skipped:], on_main)
+        observe(self.branch, block.candidates, block.branch_confidence, on_main, taken, skipped)

@@ -85,7 +85,10 @@ class TargetSession:
     def prefill(self) -> None:
         """Cache the prompt (all but its last token) ahead of the first block. A resumed context's output so far
         (`params.emitted`) goes in as the exact passes that first computed it would have (`SequenceState.catch_up`)."""
-        if self.state.cached < len(self.state.tokens) - 1:
+        exact = getattr(self.state, "exact", None)
+        # a later tail (a taken candidate's) goes in with the next block, unless every pass must keep one size
+        end = len(self.state.tokens) - 1 if exact is not None and exact.fixed else self.output_start - 1
+        if self.state.cached < end:
             self.state.catch_up(bulk=self.output_start - 1)
             self.passes += 1
 

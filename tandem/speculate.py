@@ -156,7 +156,7 @@ class SpeculativeDecoder:
         s = self.settings
         if not s.ouroboros:
             value = BlockValue(self.gamma_policy, self.calibration, s.pipeline) if s.block_value else None
-            return ModelDrafter(self.draft, "sparse", s.q_top_k, s.draft_p_min, value)
+            return ModelDrafter(self.draft, "sparse", s.q_top_k, s.draft_p_min, value, s.draft_tree)
         # blocks sized on the cost curve the loop measures (one object: the drafter reads what the loop observes)
         return OuroborosDrafter(self.draft, self.pools.get(s.client_id), self.ouroboros, "sparse", s.q_top_k,
                                 costs=self.gamma_policy.costs, p_min=s.draft_p_min)

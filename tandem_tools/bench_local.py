@@ -36,11 +36,10 @@ from tandem_tools.train.data import heldout_prompts
 
 # ar-eager: the target alone in float32 through HF's eager forward, the exactly-lossless reference: with it, every
 # mode's output is also compared with it (the match rate of a reduced precision or compiled setting)
-# spec: blocks of up to gamma tokens, ended where the draft is unsure (its p-min); spec-fixed: always gamma tokens;
-# spec-value: ended where the next token is not worth its cost (tandem.value; learnt over the run, as the edge does)
+# spec: blocks of up to gamma tokens, ended where the draft is unsure (its p-min); spec-value: ended where the next
+# token is not worth its cost (tandem.value, learnt over the run as the edge does); spec-tree: + siblings (tandem.tree)
 # llama-server, llama-server-spec: the peer, llama.cpp's server, alone and with the draft GGUF (llama_server.py)
-MODES = ("ar", "ar-eager", "spec", "spec-fixed", "spec-value", "ouroboros", "hf-assisted", "hf-assisted-constant",
-         *llama_server.MODES)
+MODES = ("ar", "ar-eager", "spec", "spec-value", "spec-tree", "ouroboros", "hf-assisted", *llama_server.MODES)
 WARM_SHIFTS = {"repeat": 0, "shifted": 32}  # the warm start's second passes: each prompt again, or its window moved on
 
 
@@ -97,14 +96,9 @@ class ModeFigures:
         }
 
 
-def _hf_assisted(target: LoadedModel, assistant: Any, prompt: list[int], params: SamplingParams,
-                 gamma: int | None) -> tuple[list[int], float]:
-    kwargs: dict[str, object] = {}
-    if params.ignore_eos:  # run to max_tokens, as ours does
-        kwargs["min_new_tokens"] = params.max_tokens
-    if gamma is not None:  # our block length, every round, no early stop
-        kwargs |= {"num_assistant_tokens": gamma, "num_assistant_tokens_schedule": "constant",
-                   "assistant_confidence_threshold": 0.0}
+def _hf_assisted(target: LoadedModel, assistant: Any, prompt: list[int], params: SamplingParams
+                 ) -> tuple[list[int], float]:
+    kwargs: dict[str, object] = {"min_new_tokens": params.max_tokens} if params.ignore_eos else {}  # as ours runs
     ids = torch.tensor([prompt])
     t0 = time.perf_counter()
     with torch.inference_mode():
@@ -156,7 +150,9 @@ def run_bench_local(settings: CoreSettings, modes: list[str], n_prompts: int, pr
                                llama_server.context_size(prompts, max_tokens), warn=console.print)
     modes = [m for m in modes if m not in peers.skipped]
     figs = {m: ModeFigures(accepted_per_position=[0] * gamma) for m in modes}
-    value = BlockValue(AdaptiveGamma(max_gamma=gamma, costs=CostCurve(curve)), Calibration(), pipelined=False)
+    value, tree_value = (BlockValue(AdaptiveGamma(max_gamma=gamma, costs=CostCurve(curve)), Calibration(), False)
+                         for _ in range(2))
+    tree = ModelDrafter(draft, value=tree_value, tree=True)  # one across prompts, as the edge keeps it
     runners: dict[str, Callable[[list[int]], tuple[list[int], float, dict]]] = {
         "ar": lambda p: _ours(generate_autoregressive(target, p, params)),
         "ar-eager": lambda p: _ours(generate_autoregressive(exact, p, params)),  # type: ignore[arg-type]
@@ -164,13 +160,11 @@ def run_bench_local(settings: CoreSettings, modes: list[str], n_prompts: int, pr
                                                      LocalVerifier(target), p, params, gamma)),
         "spec-value": lambda p: _ours(generate_speculative(ModelDrafter(draft, value=value), LocalVerifier(target), p,
                                                            params, gamma)),
-        "spec-fixed": lambda p: _ours(generate_speculative(ModelDrafter(draft), LocalVerifier(target), p, params,
-                                                           gamma)),
+        "spec-tree": lambda p: _ours(generate_speculative(tree, LocalVerifier(target), p, params, gamma)),
         # a cold pool; blocks sized on the target's cost curve measured above
         "ouroboros": lambda p: _ouroboros(OuroborosDrafter(draft, costs=CostCurve(curve), p_min=settings.draft_p_min),
                                           target, p, params, gamma),
-        "hf-assisted": lambda p: (*_hf_assisted(target, assistant, p, params, None), {}),
-        "hf-assisted-constant": lambda p: (*_hf_assisted(target, assistant, p, params, gamma), {}),
+        "hf-assisted": lambda p: (*_hf_assisted(target, assistant, p, params), {}),
         **peers.runners(max_tokens, params.ignore_eos),
     }
     runners["ar"](prompts[0][:16])  # warm-up: first-call allocations would land on one mode only
@@ -222,10 +216,9 @@ def run_bench_local(settings: CoreSettings, modes: list[str], n_prompts: int, pr
         if "spec" in results:
             ratio = float(results["ouroboros"]["tokens_per_s"]) / float(results["spec"]["tokens_per_s"])  # type: ignore[arg-type]
             console.print(f"ouroboros / spec: {ratio:.2f}x")
-    for m in ("hf-assisted", "hf-assisted-constant"):
-        if m in results and "spec" in results:
-            ratio = float(results["spec"]["tokens_per_s"]) / float(results[m]["tokens_per_s"])  # type: ignore[arg-type]
-            console.print(f"spec / {m}: {ratio:.2f}x")
+    if "hf-assisted" in results and "spec" in results:
+        ratio = float(results["spec"]["tokens_per_s"]) / float(results["hf-assisted"]["tokens_per_s"])  # type: ignore[arg-type]
+        console.print(f"spec / hf-assisted: {ratio:.2f}x")
     report = {
         "settings": {"target": target.describe(), "draft": draft.describe(), "gamma": gamma, "prompts": len(prompts),
                      "prompt_tokens": prompt_tokens, "max_tokens": max_tokens, "threads": torch.get_num_threads()},

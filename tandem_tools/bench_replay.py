@@ -114,6 +114,7 @@ _MODE_SETTINGS: dict[str, dict[str, Any]] = {  # each replay mode as the edge's 
     "cloud": {"mode": "cloud"}, "spec": {"mode": "spec", "pipeline": False},
     "spec-pipelined": {"mode": "spec", "pipeline": True},
     "spec-p-min": {"mode": "spec", "pipeline": True, "block_value": False},  # blocks end at draft_p_min
+    "spec-chain": {"mode": "spec", "pipeline": True, "draft_tree": False},  # by value, no siblings (tandem.tree)
     "ouroboros": {"mode": "spec", "pipeline": True, "ouroboros": True}, "auto": {"mode": "auto", "pipeline": True}}
 
 

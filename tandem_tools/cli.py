@@ -66,8 +66,8 @@ DRAFT_HELP = (f"draft model: a short name (default {DEFAULT_DRAFT}; {TEST_DRAFT}
 
 @bench_app.command("local")
 def bench_local(
-    modes: Annotated[str, typer.Option(help="comma-separated: ar, ar-eager, spec, spec-fixed, ouroboros, hf-assisted, "
-                                            "hf-assisted-constant, llama-server, llama-server-spec")
+    modes: Annotated[str, typer.Option(help="comma-separated: ar, ar-eager, spec, spec-value, spec-tree, ouroboros, "
+                                            "hf-assisted, llama-server, llama-server-spec")
                      ] = "ar,spec,hf-assisted",
     prompts: Annotated[int, typer.Option(help="requests of the trace, or held-out stdlib prompts (a code model)")] = 10,
     prompt_tokens: Annotated[int, typer.Option()] = 128,
@@ -111,8 +111,8 @@ def bench_replay(
     out: Annotated[Path, typer.Option(help="folder for results.json, summary.md, speedup_vs_rtt.png")],
     cloud: Annotated[str | None, typer.Option(help="HOST:PORT (gRPC) of a running cloud; unset: start one")] = None,
     rtt_ms: Annotated[str, typer.Option(help="comma-separated round-trip times to emulate")] = "0,10,20,50,100",
-    modes: Annotated[str, typer.Option(help="comma-separated: cloud, spec, spec-pipelined, spec-p-min, ouroboros, auto"
-                                        )]
+    modes: Annotated[str, typer.Option(help="comma-separated: cloud, spec, spec-pipelined, spec-p-min, spec-chain, "
+                                            "ouroboros, auto")]
     = "cloud,spec,spec-pipelined,ouroboros,auto",
     gamma: Annotated[str, typer.Option(help="draft block length, or 'adaptive'")] = "4",
     prompts: Annotated[int | None, typer.Option("--prompts", "--limit", help="replay only the first N lines")]

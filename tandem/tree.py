@@ -1,0 +1,37 @@
+"""Draft trees in their cheapest shape: beside a block's main chain, the draft's second choice where it is unsure,
+verified in the same target pass (greedy; `tandem.verify.verify_tree_greedy`). Where main token i is rejected, a
+sibling the target agrees with adds one more token from the same pass, without a draft step. It is worth
+reach(i) * (1 - a_i) * s_i tokens (a_i: main token i's calibrated acceptance; s_i: the sibling's, calibrated over
+q2 / (1 - q1)) and costs a position of the pass: `tandem.costs.keep_nodes` keeps those that pay on the measured cost
+curve (on a curve that grows with positions, none).
+"""
+
+from __future__ import annotations
+
+from tandem.blocks import Candidate
+from tandem.costs import keep_nodes
+from tandem.value import BlockValue, Calibration
+
+
+def siblings(value: BlockValue, branch: Calibration, confidence: list[float],
+             alternatives: list[tuple[int, float]]) -> tuple[list[Candidate], list[float]]:
+    """The siblings worth their positions, and each one's conditional probability; `confidence[i]` and
+    `alternatives[i]` (token, q2 / (1 - q1); 0: none) describe main position i, `value` has taken the chain."""
+    reach, chains = 1.0, []
+    for c, (_, s) in zip(confidence, alternatives, strict=True):
+        a = value.calibration(c)
+        chains.append([reach * (1 - a) * branch(s) if s > 0 else 0.0])
+        reach *= a
+    policy, n = value.policy, len(confidence)
+    keep = keep_nodes(policy.costs, n * policy.draft_s.value + policy.rtt_s.value, n + 1, value.expected, chains)
+    picked = [i for i, k in enumerate(keep) if k]
+    return [Candidate(i - 1, [alternatives[i][0]]) for i in picked], [alternatives[i][1] for i in picked]
+
+
+def observe(branch: Calibration, candidates: list[Candidate], confidence: list[float], on_main: int,
+            taken: int | None, skipped: int) -> None:
+    """A verdict teaches the sibling at the main chain's first rejected position (`on_main`, past `skipped`) whether
+    the target chose it; siblings elsewhere were not reached, or their main token was accepted."""
+    for k, (c, s) in enumerate(zip(candidates, confidence, strict=True)):
+        if c.parent + 1 - skipped == on_main:
+            branch.observe([s], int(k == taken))

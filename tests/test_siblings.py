@@ -1,0 +1,69 @@
+"""Draft trees (the draft's second choices beside the chain): which are kept on which cost curve, what a verdict
+teaches, and greedy output equal to the target alone with them."""
+
+from __future__ import annotations
+
+import random
+
+from tandem.adaptive import AdaptiveGamma
+from tandem.blocks import Candidate
+from tandem.costs import CostCurve, Ewma
+from tandem.drafting import ModelDrafter
+from tandem.local import LocalVerifier
+from tandem.models import LoadedModel
+from tandem.sampling import SamplingParams
+from tandem.session import generate_autoregressive
+from tandem.speculate import generate_speculative
+from tandem.tree import observe, siblings
+from tandem.value import BlockValue, Calibration
+
+ALTERNATIVES = [(11, 0.5), (12, 0.0), (13, 0.4)]  # position 1: no second choice
+
+
+def taken_chain(curve: dict[int, float], confidence: list[float]) -> BlockValue:
+    value = BlockValue(AdaptiveGamma(draft_s=Ewma(0.01), costs=CostCurve(curve)), Calibration(), pipelined=False)
+    for c in confidence:
+        value.take(c)
+    return value
+
+
+def test_on_a_flat_curve_every_sibling_with_a_chance_is_kept() -> None:
+    value = taken_chain({1: 0.1, 64: 0.1}, [0.6, 0.9, 0.5])
+    cands, conf = siblings(value, Calibration(), [0.6, 0.9, 0.5], ALTERNATIVES)
+    assert cands == [Candidate(-1, [11]), Candidate(1, [13])] and conf == [0.5, 0.4]
+
+
+def test_on_a_curve_that_grows_with_positions_no_sibling_pays() -> None:
+    value = taken_chain({1: 0.1, 2: 0.2, 64: 6.4}, [0.6, 0.9, 0.5])
+    assert siblings(value, Calibration(), [0.6, 0.9, 0.5], ALTERNATIVES) == ([], [])
+
+
+def test_a_sure_draft_gets_no_sibling_where_a_position_costs_a_little() -> None:
+    curve = {1: 0.1, 4: 0.1, 5: 0.103, 64: 0.3}  # one position more: 3 %
+    value = taken_chain(curve, [0.95, 0.95, 0.3])
+    cands, _ = siblings(value, Calibration(), [0.95, 0.95, 0.3], [(11, 0.3), (12, 0.3), (13, 0.8)])
+    assert cands == [Candidate(1, [13])]  # only where the main token is likely rejected and the sibling likely
+
+
+def test_a_verdict_teaches_only_the_sibling_at_the_first_rejection() -> None:
+    cands = [Candidate(-1, [11]), Candidate(1, [13])]
+    branch = Calibration()
+    observe(branch, cands, [0.55, 0.45], on_main=2, taken=1, skipped=0)  # main rejected at 2, its sibling taken
+    assert branch.seen[4] == Calibration().seen[4] + 1 and branch(0.45) > Calibration()(0.45)
+    assert branch.seen[5] == Calibration().seen[5]  # position 0's main token was accepted: its sibling untaught
+    observe(branch, cands, [0.55, 0.45], on_main=0, taken=None, skipped=0)  # rejected at 0, the target chose another
+    assert branch(0.55) < Calibration()(0.55)
+
+
+def test_trees_keep_greedy_output_equal_to_the_target_alone(tiny_target: LoadedModel,
+                                                            tiny_draft: LoadedModel) -> None:
+    params = SamplingParams(max_tokens=40, ignore_eos=True)
+    rng = random.Random(2)
+    drafter = ModelDrafter(tiny_draft, value=taken_chain({1: 0.1, 64: 0.1}, []), tree=True)
+    for _ in range(4):
+        prompt = [rng.randrange(2, 96) for _ in range(rng.randint(3, 60))]
+        want = generate_autoregressive(tiny_target, prompt, params).tokens
+        got = generate_speculative(drafter, LocalVerifier(tiny_target), prompt, params, 16)
+        assert got.tokens == want
+    assert sum(drafter.branch.seen) > sum(Calibration().seen)  # siblings were sent and judged
+    assert sum(drafter.branch.accepted) > sum(Calibration().accepted)  # and some taken
