@@ -101,10 +101,8 @@ class SpeculationSettings(BaseSettings):
     max_gamma: int = Field(default=16, ge=1, description="the largest block adaptive gamma may choose")
     draft_p_min: float = Field(default=0.75, ge=0.0, le=1.0, description="a block ends before a token the draft "
                                "gives less than this probability (after one; 0: blocks of gamma tokens)")
-    block_value: bool = Field(default=True, description="blocks end where the next token is not worth its draft step "
-                              "and longer pass, by the draft's calibrated confidence (instead of draft_p_min)")
-    draft_tree: bool = Field(default=True, description="greedy, blocks by value: the draft's second choices beside "
-                             "the chain where their positions pay on the measured cost curve (tandem.tree)")
+    block_value: bool = Field(default=True, description="blocks end where the next token is not worth its cost")
+    draft_tree: bool = Field(default=True, description="greedy, by value: the draft's second choices where they pay")
     pipeline: bool = Field(default=True, description="draft the next block while the current one is verified")
     q_top_k: int = Field(default=16, ge=1, description="sampling: the draft samples from its top-k and sends them")
     fallback: Literal["none", "edge"] = "none"

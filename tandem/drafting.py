@@ -18,7 +18,7 @@ from tandem.blocks import DraftBlock, VerifyResult
 from tandem.models import LoadedModel
 from tandem.sampling import SamplingParams, logits_to_probs, make_generator, sample
 from tandem.shaping import Shaper
-from tandem.tree import observe, siblings
+from tandem.tree import siblings
 from tandem.value import BlockValue, Calibration
 
 QForm = Literal["sparse", "none"]  # q sent as its top-k support (k = V: all of it), or not (point masses)
@@ -163,8 +163,7 @@ class ModelDrafter:
             self.sizer.take(confidence)
 
     def _top2(self, logits: torch.Tensor) -> tuple[float, tuple[int, float]]:
-        """The draft's top next-token probability ([V] logits) as it samples (temperature 1 under greedy), and its
-        second choice with that one's probability given the first is not taken."""
+        """The draft's top probability ([V] logits; temperature 1 under greedy), its second choice, q2 / (1 - q1)."""
         probs = torch.softmax(logits.float(), -1) if self.params.greedy else logits_to_probs(logits, self.params)
         top = torch.topk(probs, 2)
         q1, q2 = float(top.values[0]), float(top.values[1])
@@ -187,4 +186,6 @@ class ModelDrafter:
         taken = result.candidate  # a sibling taken: the main chain was rejected where it branches off
         on_main = result.num_accepted if taken is None else block.candidates[taken].parent + 1 - skipped
         self.value.calibration.observe(block.confidence[skipped:], on_main)
-        observe(self.branch, block.candidates, block.branch_confidence, on_main, taken, skipped)
+        for k, (c, s) in enumerate(zip(block.candidates, block.branch_confidence, strict=False)):
+            if c.parent + 1 - skipped == on_main:  # the sibling at the first rejection: did the target choose it?
+                self.branch.observe([s], int(k == taken))

@@ -27,11 +27,3 @@ def siblings(value: BlockValue, branch: Calibration, confidence: list[float],
     picked = [i for i, k in enumerate(keep) if k]
     return [Candidate(i - 1, [alternatives[i][0]]) for i in picked], [alternatives[i][1] for i in picked]
 
-
-def observe(branch: Calibration, candidates: list[Candidate], confidence: list[float], on_main: int,
-            taken: int | None, skipped: int) -> None:
-    """A verdict teaches the sibling at the main chain's first rejected position (`on_main`, past `skipped`) whether
-    the target chose it; siblings elsewhere were not reached, or their main token was accepted."""
-    for k, (c, s) in enumerate(zip(candidates, confidence, strict=True)):
-        if c.parent + 1 - skipped == on_main:
-            branch.observe([s], int(k == taken))

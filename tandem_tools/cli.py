@@ -239,6 +239,9 @@ def serve(
     """Serve the target model: HTTP (OpenAI-compatible + sessions) and gRPC from one process, one model worker."""
     from cloud_server.main import run
     from cloud_server.settings import ServerSettings
+    from tandem_tools.procs import die_with_parent
+
+    die_with_parent()  # started by a demo or a bench: it goes with them
 
     run(ServerSettings(**_overrides(target=target, host=host, http_port=http_port, grpc_port=grpc_port,
                                     device=device, dtype=dtype, compile=compile, compile_sizes=compile_sizes,

@@ -32,6 +32,9 @@ def stop_process(proc: subprocess.Popen[bytes] | None, signum: int = signal.SIGT
         proc.wait(timeout=timeout_s)
 
 
+DIE_WITH = "TANDEM_DIE_WITH"  # set by a parent: `tandem serve` dies with that pid (`die_with_parent`)
+
+
 def http_ok(url: str, timeout: float = 1.0) -> bool:
     """`url` answers 200 (a health or readiness check); False on any connection error."""
     try:
@@ -87,10 +90,10 @@ class CloudProcess:
         self.proc = popen_logged(
             [sys.executable, "-m", "tandem_tools.cli", "serve", "--host", self.host,
              "--http-port", str(self.http_port), "--grpc-port", str(self.grpc_port)], self.log_path,
-            env=env | self.extra_env,
-            # the kernel ties PR_SET_PDEATHSIG to the forking *thread*: a child spawned from a short-lived thread
-            # would die with that thread, so only the main thread's children get it
-            preexec_fn=die_with_parent if threading.current_thread() is threading.main_thread() else None)
+            # PR_SET_PDEATHSIG follows the forking *thread*: only the main thread's children ask for it, at their start
+            # (a preexec_fn, Python between fork and exec in a threaded parent, can abort the child)
+            env=env | self.extra_env | ({DIE_WITH: str(os.getpid())} if threading.current_thread() is
+                                        threading.main_thread() else {}))
         return self
 
     def wait(self) -> CloudProcess:
@@ -120,12 +123,15 @@ class CloudProcess:
 
 
 def die_with_parent() -> None:
-    """In a child before it execs: SIGTERM when the process that started it dies, however it dies (SIGKILL too), so
-    no cloud outlives its demo or bench (Linux: PR_SET_PDEATHSIG; elsewhere nothing)."""
-    if sys.platform.startswith("linux"):
+    """In a child started with `DIE_WITH` set: SIGTERM when the process that started it dies, however it dies (SIGKILL
+    too), so no cloud outlives its demo or bench (Linux: PR_SET_PDEATHSIG; elsewhere nothing)."""
+    parent = os.environ.pop(DIE_WITH, None)
+    if parent and sys.platform.startswith("linux"):
         import ctypes
 
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
+        if os.getppid() != int(parent):  # it went before we asked
+            os.kill(os.getpid(), signal.SIGTERM)
 
 
 def wait_ready(proc: subprocess.Popen[bytes], ready: Callable[[], bool], timeout_s: float, what: str,

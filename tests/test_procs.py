@@ -12,12 +12,13 @@ import pytest
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
-def test_a_child_started_with_die_with_parent_goes_when_its_parent_is_killed() -> None:
+def test_a_child_that_asks_to_die_with_its_parent_goes_when_its_parent_is_killed() -> None:
     parent = subprocess.Popen(
         [sys.executable, "-c", "import subprocess, sys, time\n"
-         "from tandem_tools.procs import die_with_parent\n"
-         "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'],\n"
-         "                         preexec_fn=die_with_parent)\n"
+         "import os\n"
+         "code = 'import time; from tandem_tools.procs import die_with_parent; die_with_parent(); time.sleep(120)'\n"
+         "env = os.environ | {'TANDEM_DIE_WITH': str(os.getpid())}\n"
+         "child = subprocess.Popen([sys.executable, '-c', code], env=env)\n"
          "print(child.pid, flush=True)\n"
          "time.sleep(120)\n"],
         stdout=subprocess.PIPE, text=True)
@@ -52,12 +53,13 @@ def test_a_cloud_spawned_from_a_passing_thread_outlives_that_thread(monkeypatch:
     seen: list[object] = []
 
     class Recorder:
-        def __init__(self, *args: object, preexec_fn: object = None, **kwargs: object) -> None:
-            seen.append(preexec_fn)
+        def __init__(self, *args: object, env: dict[str, str], **kwargs: object) -> None:
+            seen.append(env.get(procs.DIE_WITH))
+            assert "preexec_fn" not in kwargs  # no Python between fork and exec
 
     monkeypatch.setattr(procs.subprocess, "Popen", Recorder)
     procs.CloudProcess().spawn()
     t = threading.Thread(target=lambda: procs.CloudProcess().spawn())
     t.start()
     t.join()
-    assert seen == [procs.die_with_parent, None]
+    assert seen == [str(os.getpid()), None]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import random
 
 from tandem.adaptive import AdaptiveGamma
-from tandem.blocks import Candidate
+from tandem.blocks import Candidate, DraftBlock, VerifyResult
 from tandem.costs import CostCurve, Ewma
 from tandem.drafting import ModelDrafter
 from tandem.local import LocalVerifier
@@ -14,7 +14,7 @@ from tandem.models import LoadedModel
 from tandem.sampling import SamplingParams
 from tandem.session import generate_autoregressive
 from tandem.speculate import generate_speculative
-from tandem.tree import observe, siblings
+from tandem.tree import siblings
 from tandem.value import BlockValue, Calibration
 
 ALTERNATIVES = [(11, 0.5), (12, 0.0), (13, 0.4)]  # position 1: no second choice
@@ -45,13 +45,15 @@ def test_a_sure_draft_gets_no_sibling_where_a_position_costs_a_little() -> None:
     assert cands == [Candidate(1, [13])]  # only where the main token is likely rejected and the sibling likely
 
 
-def test_a_verdict_teaches_only_the_sibling_at_the_first_rejection() -> None:
-    cands = [Candidate(-1, [11]), Candidate(1, [13])]
-    branch = Calibration()
-    observe(branch, cands, [0.55, 0.45], on_main=2, taken=1, skipped=0)  # main rejected at 2, its sibling taken
+def test_a_verdict_teaches_only_the_sibling_at_the_first_rejection(tiny_draft: LoadedModel) -> None:
+    drafter = ModelDrafter(tiny_draft, value=taken_chain({1: 0.1, 64: 0.1}, []), tree=True)
+    block = DraftBlock([5, 6, 7], candidates=[Candidate(-1, [11]), Candidate(1, [13])], confidence=[0.9] * 3)
+    block.branch_confidence = [0.55, 0.45]
+    drafter.learn([], block, VerifyResult(3, [5, 6, 13, 2], None, [], candidate=1))  # main rejected at 2, sibling taken
+    branch = drafter.branch
     assert branch.seen[4] == Calibration().seen[4] + 1 and branch(0.45) > Calibration()(0.45)
     assert branch.seen[5] == Calibration().seen[5]  # position 0's main token was accepted: its sibling untaught
-    observe(branch, cands, [0.55, 0.45], on_main=0, taken=None, skipped=0)  # rejected at 0, the target chose another
+    drafter.learn([], block, VerifyResult(0, [9], None, []))  # rejected at 0, and the target chose another
     assert branch(0.55) < Calibration()(0.55)
 
 
