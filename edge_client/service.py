@@ -89,6 +89,7 @@ class EdgeGeneration:
         self._closed = False
         self._t0 = time.perf_counter()
         self._logprobs: list[TokenLogprob] | None = None  # the next tokens' (set on the draft thread just before)
+        self._shapes = 0  # verified blocks already passed on with tokens
         self.stats = GenerationStats("")  # filled by the loop as it runs: read even when the request stops early
 
     @property
@@ -123,7 +124,8 @@ class EdgeGeneration:
 
     def _on_tokens(self, tokens: list[int]) -> None:
         origins = self.stats.origins[len(self.stats.origins) - len(tokens):]  # the loop records them just before
-        self._put("tokens", (tokens, self._logprobs, origins))
+        shapes, self._shapes = tuple(self.stats.shapes[self._shapes:]), len(self.stats.shapes)
+        self._put("tokens", (tokens, self._logprobs, origins, shapes))
         self._logprobs = None
 
     def speculative_metrics(self) -> dict[str, object]:
@@ -151,12 +153,12 @@ class EdgeGeneration:
             kind, value = event
             self._first = None
             if kind == "tokens":
-                tokens, logprobs, origins = value
+                tokens, logprobs, origins, shapes = value
                 if self.tokens == 0:
                     m.ttft.observe(time.perf_counter() - self._t0)
                 self.tokens += len(tokens)
                 m.generation_tokens.inc(len(tokens))
-                yield Step(tokens, None, logprobs, origins)
+                yield Step(tokens, None, logprobs, origins, shapes)
             elif kind == "done":
                 self.result = value
                 yield Step([], value.finish_reason)

@@ -82,15 +82,20 @@ class VerifyResult:
     queue_ms: float = 0.0  # of server_ms: waiting for the model (batching); the rest is the verification itself
     advice: int | None = None  # the block length the cloud advises next (0: continue as its stream); None: no advice
 
-    def emitted_origins(self, block: DraftBlock, skipped: int = 0) -> str:
-        """Per emitted token, where it came from: d, a draft-model token the target accepted (a sibling's too); p, a
-        pool phrase's or candidate's; t, the target's own (recovered or bonus). `block`: as proposed, its first
-        `skipped` tokens committed before it was verified."""
+    def on_chain(self, block: DraftBlock, skipped: int = 0) -> int:
+        """Of the accepted path, the tokens on the block's main chain (the rest: the taken candidate's)."""
         n = self.num_accepted
-        on_main = n if self.candidate is None else max(0, block.candidates[self.candidate].parent + 1 - skipped)
+        return n if self.candidate is None else max(0, block.candidates[self.candidate].parent + 1 - skipped)
+
+    def emitted_origins(self, block: DraftBlock, skipped: int = 0) -> str:
+        """Per emitted token, where it came from: d, a draft-model token the target accepted; b, a sibling's (a
+        draft tree's branch beside the chain); p, a pool phrase's or candidate's; t, the target's own (recovered or
+        bonus). `block`: as proposed, its first `skipped` tokens committed before it was verified."""
+        on_main = self.on_chain(block, skipped)
         sources = (block.sources or []) + ["draft"] * len(block.tokens)
         main = "".join("d" if src == "draft" else "p" for src in sources[skipped : skipped + on_main])
-        return (main + ("d" if block.branch_confidence else "p") * (n - on_main) + "t")[: len(self.tokens)]
+        off = ("b" if block.branch_confidence else "p") * (self.num_accepted - on_main)
+        return (main + off + "t")[: len(self.tokens)]
 
 
 def pending_part(committed: list[int], base_len: int, block_tokens: list[int]) -> int | None:

@@ -102,7 +102,8 @@ class SpeculationSettings(BaseSettings):
     draft_p_min: float = Field(default=0.75, ge=0.0, le=1.0, description="a block ends before a token the draft "
                                "gives less than this probability (after one; 0: blocks of gamma tokens)")
     block_value: bool = Field(default=True, description="blocks end where the next token is not worth its cost")
-    draft_tree: bool = Field(default=True, description="greedy, by value: the draft's second choices where they pay")
+    draft_tree: bool = Field(default=True, description="by value: siblings beside the chain where they pay "
+                             "(greedy: the second choice; sampling: drawn without replacement)")
     pipeline: bool = Field(default=True, description="draft the next block while the current one is verified")
     q_top_k: int = Field(default=16, ge=1, description="sampling: the draft samples from its top-k and sends them")
     fallback: Literal["none", "edge"] = "none"

@@ -14,7 +14,7 @@ from typing import Literal, Protocol
 
 import torch
 
-from tandem.blocks import DraftBlock, VerifyResult
+from tandem.blocks import Candidate, DraftBlock, VerifyResult
 from tandem.models import LoadedModel
 from tandem.sampling import SamplingParams, logits_to_probs, make_generator, sample
 from tandem.shaping import Shaper
@@ -78,13 +78,16 @@ class ModelDrafter:
     cache over the common prefix (one crop). Where a block ends early (after `at_least` tokens), by the draft's
     confidence in its next token (its most likely token's probability, under the request's sampling): `value` given,
     where that token is not worth its cost (`tandem.value`, calibrated by the verdicts `learn` sees); else before a
-    token under `p_min` (llama.cpp's draft p-min). `cut` counts the blocks it ended. `tree` (greedy, by value): the
-    draft's second choices beside the chain where they pay (`tandem.tree`)."""
+    token under `p_min` (llama.cpp's draft p-min). `cut` counts the blocks it ended. `tree` (by value): siblings
+    beside the chain where they pay (`tandem.tree`): the draft's second choices (greedy) or draws without
+    replacement from the main token's q (sampling), placed by the second choice's odds."""
 
     def __init__(self, draft: LoadedModel, q_form: QForm = "sparse", q_top_k: int = 16, p_min: float = 0.0,
                  value: BlockValue | None = None, tree: bool = False) -> None:
         self.draft, self.q_form, self.q_top_k, self.p_min, self.value = draft, q_form, q_top_k, p_min, value
-        self.tree, self.branch = tree, Calibration()  # the siblings' acceptance by q2 / (1 - q1), across requests
+        self.tree = tree
+        self.branches = {True: Calibration(), False: Calibration()}  # by greedy: siblings' acceptance by q2 / (1 - q1)
+        self.branch = self.branches[True]
         self.steps = self.cut = 0
 
     def start(self, context: list[int], params: SamplingParams) -> None:
@@ -96,6 +99,7 @@ class ModelDrafter:
         self.generator = make_generator(None if params.seed is None else params.seed + 1, self.state.device)
         # a seeded sample is reproducible only if its blocks are: the value rule reads timings, the floor does not
         self.sizer = self.value if params.greedy or params.seed is None else None
+        self.branch = self.branches[params.greedy]
 
     def reset(self, context: list[int]) -> None:
         common = 0
@@ -117,6 +121,7 @@ class ModelDrafter:
         rows: list[DraftRow] = []
         confidence: list[float] = []
         alternatives: list[tuple[int, float]] = []  # per token: the draft's second choice, q2 / (1 - q1)
+        laws: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # under sampling, with a tree: token i's q
         if self.sizer is not None:
             self.sizer.start()
         while len(tokens) < n:
@@ -143,6 +148,10 @@ class ModelDrafter:
                 self.cut += 1
                 break
             tok, row = draw_draft_token(logits, self.params, self.q_form, self.q_top_k, self.generator)
+            if self.tree and not self.params.greedy:
+                laws[len(tokens)] = row or (torch.arange(logits.shape[-1]), logits_to_probs(logits, self.params))
+                if 1 - sure < 1e-6 or (row is not None and len(row[0]) < 2):  # nothing left to draw a sibling from
+                    alt = (0, 0.0)
             tokens.append(tok)
             rows.append(row)
             confidence.append(sure)
@@ -151,9 +160,18 @@ class ModelDrafter:
             self.state.tokens.append(tok)
         block = draft_block(tokens, rows)
         block.confidence = confidence
-        if self.tree and self.sizer is not None and self.params.greedy:
+        if self.tree and self.sizer is not None:
             block.candidates, block.branch_confidence = siblings(self.sizer, self.branch, confidence, alternatives)
+            if not self.params.greedy:  # chosen by q alone, then drawn, as `verify_tree_stochastic` takes them
+                block.candidates = [Candidate(c.parent, [self._draw_sibling(laws[c.parent + 1], tokens[c.parent + 1])])
+                                    for c in block.candidates]
         return block
+
+    def _draw_sibling(self, law: tuple[torch.Tensor, torch.Tensor], main: int) -> int:
+        """A draw from the q the main token was drawn from, less that token (sampling without replacement)."""
+        ids, probs = law  # [k], [k]
+        left = probs.masked_fill(ids == main, 0)
+        return int(ids[sample(left / left.sum(), self.generator)])
 
     def _worth(self, confidence: float) -> bool:
         return self.sizer.worth(confidence) if self.sizer is not None else confidence >= self.p_min

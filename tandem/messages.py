@@ -16,6 +16,7 @@ from typing import Protocol
 
 from tandem.blocks import DraftBlock, EdgeReport, FinishReason, TokenLogprob, VerifyResult
 from tandem.sampling import SamplingParams
+from tandem.stats import RoundShape
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,7 @@ class Step:
     finish_reason: FinishReason | None
     logprobs: list[TokenLogprob] | None = None  # one per token, when the generation asked for them
     origins: str | None = None  # one code per token (`GenerationStats.origins`); None: the target's own
+    shapes: tuple[RoundShape, ...] = ()  # the verified blocks these tokens end (`GenerationStats.shapes`)
 
 
 class VerifierSession(Protocol):

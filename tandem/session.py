@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from tandem.blocks import (
+    Candidate,
     DraftBlock,
     FinishReason,
     TokenLogprob,
@@ -27,7 +28,16 @@ from tandem.models import LoadedModel
 from tandem.sampling import SamplingParams, logits_to_probs, make_generator
 from tandem.shaping import Shaper, line_paths, tree_paths
 from tandem.stats import GenerationResult, GenerationStats, OnTokens
-from tandem.verify import SparseQ, Verdict, checked_q, verify_greedy, verify_stochastic, verify_tree_greedy
+from tandem.verify import (
+    SparseQ,
+    Verdict,
+    check_siblings,
+    checked_q,
+    verify_greedy,
+    verify_stochastic,
+    verify_tree_greedy,
+    verify_tree_stochastic,
+)
 
 
 @dataclass(frozen=True)
@@ -46,7 +56,7 @@ class PreparedBlock:
 
     tokens: list[int]
     draft: torch.Tensor  # [gamma] int64
-    q: SparseQ | None  # None: greedy, or a point mass at each drafted token
+    q: SparseQ | None  # per token (with a tree: per node); None: greedy, or a point mass at each drafted token
     tree: TreeLayout | None = None  # set: the forward pass is over a tree (`TargetSession.forward`), not a line
 
 
@@ -131,20 +141,31 @@ class TargetSession:
         ids = [*block.tokens, *(t for c in block.candidates for t in c.tokens)]
         if any((not isinstance(t, int)) or t < 0 or t >= self.target.vocab_size for t in ids):
             raise InvalidRequestError("the draft has token ids outside the vocabulary")
-        if block.candidates and not self.params.greedy:
-            # the clean restriction: a tree rule for sampling would need q over every branch
-            raise InvalidRequestError("candidates are verified under greedy sampling only (temperature 0)")
+        if not self.params.greedy and any(len(c.tokens) > 1 for c in block.candidates):
+            # a sibling shares its main token's q row; a longer branch would need rows of its own
+            raise InvalidRequestError("under sampling a candidate is one token beside a main token, drawn from its "
+                                      "q without replacement")
         if any(not -1 <= c.parent < len(block.tokens) for c in block.candidates):
             raise InvalidRequestError("a candidate's parent must be -1 or an index into the draft's tokens")
         room = self.target.context_length - len(self.state.tokens) - 1
         # near the context end: verify what fits, drop the rest
         block = slice_block(block, 0, min(len(block.tokens), room), room)
+        if not self.params.greedy:  # a sibling whose main token was cut has lost its q row
+            block.candidates = [c if c.parent + 1 < len(block.tokens) else Candidate(-1, [])
+                                for c in block.candidates]
         draft_t = torch.tensor(block.tokens, dtype=torch.long)  # [gamma]
         q = None if self.params.greedy else checked_q(draft_t, self.target.vocab_size, block.q_ids, block.q_probs)
         if q is not None:
             q = SparseQ(q.ids.to(self.device), q.probs.to(self.device))
         # a llama.cpp target verifies lines: candidates are extra options, and the main line alone is a valid block
         tree = _tree(block) if block.candidates and self.target.backend == "torch" else None
+        if tree is not None and not self.params.greedy:  # node i's q: a sibling of main token j has row j
+            rows = [i if i < len(block.tokens) else tree.parents[i] + 1 for i in range(len(tree.nodes))]
+            q = None if q is None else SparseQ(q.ids[rows], q.probs[rows])
+            children: dict[int, list[int]] = {}
+            for i, parent in enumerate(tree.parents):
+                children.setdefault(parent, []).append(i)
+            check_siblings(children, tree.nodes, q)
         return PreparedBlock(block.tokens, draft_t.to(self.device), q, tree)
 
     def finish(self, prepared: PreparedBlock, logits: torch.Tensor) -> VerifyResult:
@@ -177,7 +198,11 @@ class TargetSession:
     def _finish_tree(self, prepared: PreparedBlock, tree: TreeLayout, logits: torch.Tensor,
                      raw: torch.Tensor) -> VerifyResult:
         argmax = logits.argmax(-1)  # [1 + nodes]
-        tv = verify_tree_greedy(tree.parents, tree.nodes, argmax)
+        if self.params.greedy:
+            tv = verify_tree_greedy(tree.parents, tree.nodes, argmax)
+        else:
+            tv = verify_tree_stochastic(tree.parents, tree.nodes, prepared.q, logits_to_probs(logits, self.params),
+                                        self.generator)
         gamma = len(prepared.tokens)
         on_main = sum(1 for i in tv.path if i < gamma)  # the path is main[:on_main], then maybe one candidate
         taken = None

@@ -33,7 +33,7 @@ from tandem.pool import OuroborosConfig, PoolRegistry
 from tandem.rounds import BlockPlan, Pipeline, Sent, Slot
 from tandem.sampling import SamplingParams
 from tandem.session import validate_prompt
-from tandem.stats import GenerationResult, GenerationStats, OnLogprobs, OnTokens
+from tandem.stats import GenerationResult, GenerationStats, OnLogprobs, OnTokens, RoundShape
 from tandem.value import BlockValue, Calibration
 
 log = logging.getLogger(__name__)
@@ -329,6 +329,8 @@ class SpeculativeDecoder:
         drafted = len(sent.block.tokens) - skipped
         candidates = sum(len(c.tokens) for c in sent.block.candidates)
         run.stats.count_round(drafted + candidates, reply.num_accepted)
+        off = reply.num_accepted - reply.on_chain(sent.block, skipped)
+        run.stats.shapes.append(RoundShape(drafted + candidates, drafted, reply.num_accepted, off, len(reply.tokens)))
         policy.observe_round(drafted, reply.num_accepted)
         # the pass's cost over all its positions (candidates' too), without its wait for the model thread (other
         # sessions' batches)

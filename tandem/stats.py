@@ -4,11 +4,23 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from tandem.blocks import FinishReason, TokenLogprob
 
 OnTokens = Callable[[list[int]], None]
 OnLogprobs = Callable[[list[TokenLogprob]], None]  # called with a step's logprobs just before its tokens
+
+
+class RoundShape(NamedTuple):
+    """A verified block as sent and judged: nodes (main chain + candidate tokens; pipelined: past what was already
+    committed), the chain's, the accepted path's length, of it off the chain (a taken candidate's), tokens emitted."""
+
+    nodes: int
+    chain: int
+    accepted: int
+    branch: int
+    tokens: int
 
 
 @dataclass
@@ -36,9 +48,11 @@ class GenerationStats:
     estimate: dict[str, float] = field(default_factory=dict)  # auto mode's decision figures
     advice: list[int] = field(default_factory=list)  # auto: the block lengths the cloud advised, verdict by verdict
     switched_at: int | None = None  # auto: the tokens emitted when the session went on as a cloud stream
-    # per emitted token, where it came from: d a draft-model token the target accepted, p a pool phrase's (or a
-    # candidate's) token it accepted, t the target's own (recovered, bonus, or the target alone), e the draft alone
+    # per emitted token, where it came from: d a draft-model token the target accepted, b a sibling's (a draft tree's
+    # branch), p a pool phrase's (or a candidate's) token it accepted, t the target's own (recovered, bonus,
+    # or the target alone), e the draft alone
     origins: str = ""
+    shapes: list[RoundShape] = field(default_factory=list)  # per verified block, in order
 
     @property
     def acceptance_rate(self) -> float:
@@ -67,7 +81,8 @@ class GenerationStats:
             per_pos[i] += 1
 
     def as_dict(self) -> dict[str, object]:
-        d: dict[str, object] = {k: v for k, v in self.__dict__.items() if k not in ("rtt_ms", "gammas", "origins")}
+        lists = ("rtt_ms", "gammas", "origins", "shapes")
+        d: dict[str, object] = {k: v for k, v in self.__dict__.items() if k not in lists}
         d.update(
             acceptance_rate=self.acceptance_rate, mean_acceptance_length=self.mean_acceptance_length,
             tokens_per_target_pass=self.tokens_per_target_pass, tokens_per_s=self.tokens_per_s,

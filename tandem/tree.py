@@ -1,5 +1,7 @@
-"""Draft trees in their cheapest shape: beside a block's main chain, the draft's second choice where it is unsure,
-verified in the same target pass (greedy; `tandem.verify.verify_tree_greedy`). Where main token i is rejected, a
+"""Draft trees in their cheapest shape: beside a block's main chain, a sibling where the draft is unsure, verified in
+the same target pass. Greedy: the draft's second choice (`tandem.verify.verify_tree_greedy`); sampling: a draw from
+the main token's q without it, placed by the second choice's odds before it is drawn, since a sibling kept for its
+own value would not follow q (`tandem.verify.verify_tree_stochastic`). Where main token i is rejected, a
 sibling the target agrees with adds one more token from the same pass, without a draft step. It is worth
 reach(i) * (1 - a_i) * s_i tokens (a_i: main token i's calibrated acceptance; s_i: the sibling's, calibrated over
 q2 / (1 - q1)) and costs a position of the pass: `tandem.costs.keep_nodes` keeps those that pay on the measured cost

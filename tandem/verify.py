@@ -23,6 +23,7 @@ import torch
 from tandem.errors import InvalidRequestError
 
 TokenKind = Literal["recovered", "bonus"]
+UNSAMPLED = "q gives zero probability to a drafted token: the draft cannot have sampled it"
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,58 @@ def verify_tree_greedy(
     return TreeVerdict(path, int(argmax[best + 1]), "bonus" if leaf or (best < 0 and not tokens) else "recovered")
 
 
+def verify_tree_stochastic(
+    parents: list[int],  # [n] as in `verify_tree_greedy`; siblings in the order they were drawn
+    tokens: list[int],  # [n]
+    q: SparseQ | None,  # [n, k]: row i, the q node i was drawn from (siblings share it); None: point masses
+    p: torch.Tensor,  # [1 + n, V]: the target after the context (row 0), after node i (row i + 1)
+    generator: torch.Generator | None,
+) -> TreeVerdict:
+    """Multi-candidate speculative sampling (SpecInfer; Sequoia's form for siblings drawn without replacement): at
+    each node its children are tried in order, child x kept with probability min(1, r(x) / q(x)); after a rejection
+    r <- norm(max(0, r - q)) and x leaves q (q <- norm(q without x)). The path descends into the kept child; where
+    none is kept the next token is drawn from r (recovered), where a node has no children from p (bonus). Each
+    emitted token follows p given the ones before it, whatever the tree."""
+    vocab, wide = p.shape[-1], _wide(p.device)
+    children: dict[int, list[int]] = {}
+    for i, parent in enumerate(parents):
+        children.setdefault(parent, []).append(i)
+    check_siblings(children, tokens, q)
+    path: list[int] = []
+    node = -1
+    while kids := children.get(node):
+        r = p[node + 1].to(wide)  # [V] the target's law here, less what rejected children took
+        q_row = None if q is None else q.row(kids[0], vocab).to(wide)  # [V]
+        for child in kids:
+            x = tokens[child]
+            q_x = torch.nn.functional.one_hot(torch.tensor(x, device=p.device), vocab).to(wide) \
+                if q_row is None else q_row  # [V]
+            if float(torch.rand((), generator=generator, dtype=wide, device=p.device)) * float(q_x[x]) < float(r[x]):
+                path.append(child)
+                node = child
+                break
+            residual = (r - q_x).clamp_min(0)
+            if float(residual.sum()) > 0:  # else p == q up to rounding: the rejection had probability ~0
+                r = residual / residual.sum()
+            if q_row is not None:
+                q_row = q_row.clone()
+                q_row[x] = 0
+                q_row = q_row / q_row.sum().clamp_min(torch.finfo(wide).tiny)
+        else:
+            return TreeVerdict(path, _draw(r, generator), "recovered")
+    return TreeVerdict(path, _draw(p[node + 1], generator), "bonus")
+
+
+def check_siblings(children: dict[int, list[int]], tokens: list[int], q: SparseQ | None) -> None:
+    """Raises InvalidRequestError unless each node's children (`children[node]`: node indices) are distinct tokens,
+    each in their q's support: siblings drawn without replacement."""
+    for kids in children.values():
+        xs = torch.tensor([tokens[c] for c in kids])
+        if len(set(xs.tolist())) < len(kids) or (
+                q is not None and bool((SparseQ(q.ids[kids].cpu(), q.probs[kids].cpu()).at(xs) <= 0).any())):
+            raise InvalidRequestError(UNSAMPLED)
+
+
 @dataclass(frozen=True)
 class SparseQ:
     """q by its support: at position i, token ids[i, j] has probability probs[i, j], every other token 0. A full q
@@ -108,7 +161,7 @@ def verify_stochastic(
     p_x = p[torch.arange(gamma, device=p.device), draft_tokens].to(wide)  # [gamma]
     q_x = torch.ones_like(p_x) if q is None else q.at(draft_tokens).to(wide)  # [gamma]
     if bool((q_x <= 0).any()):
-        raise InvalidRequestError("q gives zero probability to a drafted token: the draft cannot have sampled it")
+        raise InvalidRequestError(UNSAMPLED)
     r = torch.rand(gamma, generator=generator, dtype=wide, device=p.device)  # [gamma]
     rejected = (r * q_x >= p_x).nonzero()  # accept x_i iff r_i < p(x_i) / q(x_i)
     if not len(rejected):
@@ -141,7 +194,7 @@ def checked_q(
         raise InvalidRequestError("sparse q has a negative or non-finite probability")
     q = SparseQ(ids.long(), probs.float())
     if gamma and bool((q.at(draft_tokens) <= 0).any()):
-        raise InvalidRequestError("q gives zero probability to a drafted token: the draft cannot have sampled it")
+        raise InvalidRequestError(UNSAMPLED)
     return SparseQ(q.ids, q.probs / q.probs.sum(-1, keepdim=True))
 
 

@@ -291,6 +291,7 @@ def run_replay(cfg: ReplayConfig, console: Console | None = None) -> dict[str, A
             "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         },
         "summary": summary, "greedy_mismatches": mismatches, "warnings": warnings,
+        "per_kind": rs.per_kind(records, [r.kind for r in rows], modes, cfg.rtts, greedy),  # []: a trace without kinds
         "requests": [asdict(r) for r in records],
     }
     if peers.modes:
@@ -300,13 +301,43 @@ def run_replay(cfg: ReplayConfig, console: Console | None = None) -> dict[str, A
                                               if peers.modes else "")
     (cfg.out / "results.json").write_text(json.dumps(results, indent=1))
     (cfg.out / "summary.md").write_text(markdown)
-    rs.plot(results, cfg.out / "speedup_vs_rtt.png")
+    plot(results, cfg.out / "speedup_vs_rtt.png")
     console.print(markdown, markup=False, highlight=False, soft_wrap=True)
     if mismatches:
         console.print(f"[bold red]GREEDY OUTPUTS DIFFER across modes for {len(mismatches)} prompt(s): a bug, "
                       "please report it[/] (results.json: greedy_mismatches)")
     console.print(f"wrote {cfg.out / 'results.json'}, {cfg.out / 'summary.md'}, {cfg.out / 'speedup_vs_rtt.png'}")
     return results
+
+
+def plot(results: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = results["summary"]
+    modes = list(dict.fromkeys(r["mode"] for r in rows))
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for mode in modes:
+        mine = [r for r in rows if r["mode"] == mode and r["tokens_per_s"] is not None]
+        xs = [r["rtt_ms"] for r in mine]
+        ax1.plot(xs, [r["speedup_vs_cloud"] or 0.0 for r in mine], marker="o", label=mode)
+        ax2.plot(xs, [r["tokens_per_s"] for r in mine], marker="o", label=mode)
+    ax1.axhline(1.0, color="grey", lw=0.8, ls="--")
+    ax1.set(xlabel="round-trip time (ms)", ylabel="speedup vs cloud-only (same RTT, same run)",
+            title="speedup vs RTT")
+    ax2.set(xlabel="round-trip time (ms)", ylabel="tokens / s", title="throughput per request")
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    meta = results["meta"]
+    fig.suptitle(f"tandem bench replay: {meta['target']} / {meta['draft']}, {meta['prompts']} requests, "
+                 f"gamma {meta['settings']['gamma']}, threads edge {meta['threads']['edge']} / cloud "
+                 f"{meta['threads']['cloud']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def _open_loop(cfg: ReplayConfig, mode: str, rtt: float, address: str, draft: Any, prompts: list[list[int]],

@@ -107,7 +107,7 @@ def bench_local(
 @bench_app.command("replay")
 def bench_replay(
     trace: Annotated[Path, typer.Option(help="JSON lines: prompt (or messages), max_tokens [, temperature, seed, "
-                                             "arrival_s, response_format or structured_outputs]")],
+                                             "arrival_s, response_format or structured_outputs, kind]")],
     out: Annotated[Path, typer.Option(help="folder for results.json, summary.md, speedup_vs_rtt.png")],
     cloud: Annotated[str | None, typer.Option(help="HOST:PORT (gRPC) of a running cloud; unset: start one")] = None,
     rtt_ms: Annotated[str, typer.Option(help="comma-separated round-trip times to emulate")] = "0,10,20,50,100",

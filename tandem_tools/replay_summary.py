@@ -1,8 +1,9 @@
 """`tandem bench replay`'s records and what is made of them: the trace, per-request records, per mode x RTT summaries,
-the greedy-equality check, `summary.md` and the plot."""
+the greedy-equality check, the per-kind table and `summary.md`."""
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -10,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from tandem_tools.bench_common import fmt as _f
-from tandem_tools.figures import percentiles
+from tandem_tools.figures import percentile, percentiles
 
 MODES = ("cloud", "spec", "spec-pipelined", "spec-p-min", "spec-chain", "ouroboros", "auto")
 FREE = "/free"  # a mode's twin that drops each request's response_format (`bench replay --free-twins`)
@@ -32,6 +33,7 @@ class TraceRow:
     messages: tuple[dict[str, str], ...] | None = None
     response_format: dict[str, Any] | None = None  # OpenAI's: a json_object or json_schema the output must follow
     structured_outputs: dict[str, Any] | None = None  # or vLLM's: json, regex, grammar or choice
+    kind: str | None = None  # the sort of request (writing, math, ...): `bench replay`'s per-kind table
 
     def grammar(self) -> Any:
         """The row's output constraint as a core `Grammar` (None: free text)."""
@@ -65,13 +67,13 @@ def load_trace(path: Path, limit: int | None = None) -> list[TraceRow]:
             isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
             for m in messages)
         if not (isinstance(d.get("prompt"), str) or chat) or not isinstance(d.get("max_tokens"), int) \
-                or d["max_tokens"] < 1:
+                or d["max_tokens"] < 1 or not isinstance(d.get("kind", ""), str):
             raise ValueError(f"{path}:{n}: each line needs a string 'prompt' (or chat 'messages': role and content "
-                             "strings) and a positive integer 'max_tokens'")
+                             "strings) and a positive integer 'max_tokens'; a 'kind', if any, is a string")
         rows.append(TraceRow(str(d.get("prompt") or ""), d["max_tokens"], float(d.get("temperature", 0.0)),
                              d.get("seed"), None if d.get("arrival_s") is None else float(d["arrival_s"]),
                              tuple({"role": m["role"], "content": m["content"]} for m in messages) if chat else None,
-                             d.get("response_format"), d.get("structured_outputs")))
+                             d.get("response_format"), d.get("structured_outputs"), d.get("kind")))
         if limit is not None and len(rows) >= limit:
             break
     if not rows:
@@ -145,7 +147,6 @@ def summarize(records: Sequence[RequestRecord], modes: Sequence[str], rtts: Sequ
             rejected = sum(r.rejected_rounds for r in ok)
             alpha = accepted / (accepted + rejected) if accepted + rejected else None
             gamma = sum(gammas) / len(gammas) if gammas else None
-            speedup = _ratio(mine, cloud) if ref in modes else None
             rtts_seen = [r.measured_rtt_ms for r in ok if r.measured_rtt_ms is not None]
             rows.append({
                 "mode": mode, "rtt_ms": rtt, "requests": len(ok), "errors": len(mine) - len(ok), "tokens": tokens,
@@ -154,7 +155,7 @@ def summarize(records: Sequence[RequestRecord], modes: Sequence[str], rtts: Sequ
                 "itl_ms": percentiles([x for r in ok for x in r.itl_s], 1e3),
                 "e2e_ms": percentiles([r.e2e_s for r in ok], 1e3),
                 "tokens_per_s": tokens / e2e if e2e else None,
-                "speedup_vs_cloud": speedup,
+                "speedup_vs_cloud": _ratio(mine, cloud) if ref in modes else None,
                 "vs_free_twin": _ratio(mine, twin) if twin else None,  # tok/s with the response_format / without
                 # the same per output token after the first (the outputs' lengths differ: prefill weighs unlike)
                 "vs_free_twin_tpot": _tpot_ratio(twin, mine) if twin else None,
@@ -195,6 +196,58 @@ def greedy_mismatches(records: Sequence[RequestRecord], greedy: set[int]) -> lis
             key = (r.prompt_index, r.mode.endswith(FREE))
             outputs.setdefault(key, {})[f"{r.mode}@{r.rtt_ms:g}ms"] = r.output_sha
     return [{"prompt_index": i, "outputs": o} for (i, _), o in sorted(outputs.items()) if len(set(o.values())) > 1]
+
+
+FLOOR = 0.95  # the per-kind goal: each edge mode at least this share of cloud-only's tok/s on every kind
+
+
+def per_kind(records: Sequence[RequestRecord], kinds: Sequence[str | None], modes: Sequence[str],
+             rtts: Sequence[float], greedy: set[int]) -> list[dict[str, Any]]:
+    """Per mode x RTT, each kind of request (`kinds[prompt_index]`) against cloud-only at that RTT on the same
+    requests: the mean time per request, tok/s over cloud-only's (as `summarize`'s speedup), tokens per target pass,
+    greedy outputs equal; over the kinds, the lowest and median ratio and how many kinds reach FLOOR."""
+    by: dict[tuple[str, float, str | None], dict[int, RequestRecord]] = {}
+    for r in records:
+        if r.error is None:
+            by.setdefault((r.mode, r.rtt_ms, kinds[r.prompt_index]), {})[r.prompt_index] = r
+    out: list[dict[str, Any]] = []
+    for rtt, mode in itertools.product(rtts, modes):
+        ref = "cloud" + FREE * mode.endswith(FREE)  # a free twin against cloud-only's twin
+        rows: list[dict[str, Any]] = []
+        for kind in dict.fromkeys(k for k in kinds if k):
+            mine, cloud = by.get((mode, rtt, kind), {}), by.get((ref, rtt, kind), {})
+            if mode == ref or not (both := [i for i in mine if i in cloud]):
+                continue
+            passes = sum(mine[i].target_passes for i in both)
+            rows.append({"kind": kind, "requests": len(both), "vs_cloud": _ratio(mine, cloud),
+                         "ms": 1e3 * sum(mine[i].e2e_s for i in both) / len(both),
+                         "cloud_ms": 1e3 * sum(cloud[i].e2e_s for i in both) / len(both),
+                         "tokens_per_pass": sum(mine[i].tokens for i in both) / passes if passes else None,
+                         "greedy_equal": _equal(mine, cloud, greedy)[0]})
+        if scored := sorted((r["vs_cloud"], r["kind"]) for r in rows if r["vs_cloud"] is not None):
+            out.append({"mode": mode, "rtt_ms": rtt, "kinds": rows, "min_vs_cloud": scored[0][0],
+                        "lowest_kind": scored[0][1], "median_vs_cloud": percentile([x for x, _ in scored], 50),
+                        "at_or_above_floor": sum(x >= FLOOR for x, _ in scored), "kinds_compared": len(scored),
+                        "floor": FLOOR})
+    return out
+
+
+def render_kinds(per: Sequence[dict[str, Any]]) -> list[str]:
+    """`summary.md`'s per-kind section (`per_kind`); none for a trace without kinds."""
+    if not per:
+        return []
+    lines = ["", f"## Per kind: each mode against cloud-only (goal: at least {FLOOR}x on every kind)", "",
+             "| mode | RTT ms | kind | ms / request | cloud-only ms | vs cloud | tokens / target pass "
+             "| greedy output == cloud-only |", "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {p['mode']} | {p['rtt_ms']:g} | {k['kind']} | {k['ms']:.0f} | {k['cloud_ms']:.0f} | "
+              f"{_f(k['vs_cloud'], '.2f')}x | {_f(k['tokens_per_pass'], '.2f')} | {k['greedy_equal']} |"
+              for p in per for k in p["kinds"]]
+    lines += [""] + [f"- **{p['mode']}**, RTT {p['rtt_ms']:g} ms: lowest {p['min_vs_cloud']:.2f}x "
+                     f"({p['lowest_kind']}), median {p['median_vs_cloud']:.2f}x; {p['at_or_above_floor']}/"
+                     f"{p['kinds_compared']} kinds at or above {FLOOR}x." for p in per]
+    return [*lines, "- **vs cloud**: tok/s over cloud-only's on the kind's requests, same RTT, same run (with equal "
+            "outputs, cloud-only's time over the mode's); **tokens / target pass**: the mode's tokens over its target "
+            "passes (cloud-only: 1)."]
 
 
 def render_markdown(results: dict[str, Any]) -> str:
@@ -247,37 +300,7 @@ def render_markdown(results: dict[str, Any]) -> str:
     mism = results["greedy_mismatches"]
     lines.append(f"- Greedy outputs identical across modes and RTTs: "
                  f"{'yes' if not mism else f'NO, {len(mism)} prompts differ (see results.json)'}.")
-    return "\n".join(lines) + "\n"
-
-
-def plot(results: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = results["summary"]
-    modes = list(dict.fromkeys(r["mode"] for r in rows))
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for mode in modes:
-        mine = [r for r in rows if r["mode"] == mode and r["tokens_per_s"] is not None]
-        xs = [r["rtt_ms"] for r in mine]
-        ax1.plot(xs, [r["speedup_vs_cloud"] or 0.0 for r in mine], marker="o", label=mode)
-        ax2.plot(xs, [r["tokens_per_s"] for r in mine], marker="o", label=mode)
-    ax1.axhline(1.0, color="grey", lw=0.8, ls="--")
-    ax1.set(xlabel="round-trip time (ms)", ylabel="speedup vs cloud-only (same RTT, same run)",
-            title="speedup vs RTT")
-    ax2.set(xlabel="round-trip time (ms)", ylabel="tokens / s", title="throughput per request")
-    for ax in (ax1, ax2):
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    meta = results["meta"]
-    fig.suptitle(f"tandem bench replay: {meta['target']} / {meta['draft']}, {meta['prompts']} requests, "
-                 f"gamma {meta['settings']['gamma']}, threads edge {meta['threads']['edge']} / cloud "
-                 f"{meta['threads']['cloud']}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return "\n".join(lines + render_kinds(results.get("per_kind", []))) + "\n"
 
 
 # --- the peer, llama.cpp's llama-server (`tandem_tools.llama_server`): each prompt once, beside every RTT's rows

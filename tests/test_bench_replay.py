@@ -24,6 +24,8 @@ from tandem_tools.replay_summary import (
     greedy_mismatches,
     leviathan_e,
     load_trace,
+    per_kind,
+    render_kinds,
     render_markdown,
     summarize,
 )
@@ -91,16 +93,53 @@ def test_summary_on_hand_made_requests() -> None:
     assert greedy_mismatches(records, {0}) == []  # sampled requests are not compared
 
 
+def test_per_kind_on_hand_made_requests() -> None:
+    """Each kind against cloud-only on its own requests, at the same RTT; cloud-only itself, a request that failed
+    and a request with no kind stay out."""
+    kinds = ["math", "coding", "math", None]
+    records = [
+        rec("cloud", 0, 0, 100, 2.0, target_passes=100, output_sha="a"),
+        rec("cloud", 0, 1, 50, 1.0, target_passes=50, output_sha="b"),
+        rec("cloud", 0, 2, 60, 1.2, target_passes=60, output_sha="c"),
+        rec("cloud", 0, 3, 10, 0.1, target_passes=10, output_sha="d"),
+        rec("spec", 0, 0, 100, 1.0, target_passes=25, output_sha="a"),
+        rec("spec", 0, 1, 50, 1.25, target_passes=20, output_sha="x"),
+        rec("spec", 0, 2, 60, 0.6, target_passes=15, output_sha="c"),
+        rec("spec", 0, 3, 0, 0.5, error="RemoteError: boom"),
+        rec("spec", 10, 0, 100, 1.0, target_passes=25, output_sha="a"),  # no cloud-only at 10 ms: no row
+    ]
+    (row,) = per_kind(records, kinds, ["cloud", "spec"], [0.0, 10.0], greedy={0, 1})
+    assert (row["mode"], row["rtt_ms"], [k["kind"] for k in row["kinds"]]) == ("spec", 0.0, ["math", "coding"])
+    math, coding = row["kinds"]
+    assert math["vs_cloud"] == pytest.approx((160 / 1.6) / (160 / 3.2))  # 2.0x
+    assert math["ms"] == pytest.approx(800.0) and math["cloud_ms"] == pytest.approx(1600.0)
+    assert math["tokens_per_pass"] == pytest.approx(160 / 40) and math["requests"] == 2
+    assert math["greedy_equal"] == "1/1"  # prompt 2 is not greedy: not compared
+    assert coding["vs_cloud"] == pytest.approx(0.8) and coding["tokens_per_pass"] == pytest.approx(2.5)
+    assert coding["ms"] == pytest.approx(1250.0) and coding["greedy_equal"] == "0/1"
+    assert row["min_vs_cloud"] == pytest.approx(0.8) and row["lowest_kind"] == "coding"
+    assert row["median_vs_cloud"] == pytest.approx(1.4)
+    assert (row["at_or_above_floor"], row["kinds_compared"]) == (1, 2)
+    md = "\n".join(render_kinds([row]))
+    assert "| spec | 0 | coding | 1250 | 1000 | 0.80x | 2.50 | 0/1 |" in md
+    assert "| spec | 0 | math | 800 | 1600 | 2.00x | 4.00 | 1/1 |" in md
+    assert "lowest 0.80x (coding), median 1.40x; 1/2 kinds at or above 0.95x" in md
+    assert per_kind(records, [None] * 4, ["cloud", "spec"], [0.0], {0}) == [] and render_kinds([]) == []
+
+
 def test_trace_lines(tmp_path: Path) -> None:
     path = tmp_path / "t.jsonl"
     path.write_text('{"prompt": "a", "max_tokens": 5}\n\n{"prompt": "b", "max_tokens": 6, "temperature": 0.7, '
-                    '"seed": 3, "arrival_s": 1.5}\n{"prompt": "c", "max_tokens": 7}\n')
+                    '"seed": 3, "arrival_s": 1.5}\n{"prompt": "c", "max_tokens": 7, "kind": "math"}\n')
     rows = load_trace(path)
-    assert [r.prompt for r in rows] == ["a", "b", "c"]
+    assert [r.prompt for r in rows] == ["a", "b", "c"] and [r.kind for r in rows] == [None, None, "math"]
     assert rows[1].temperature == 0.7 and rows[1].seed == 3 and rows[1].arrival_s == 1.5 and rows[0].arrival_s is None
     assert len(load_trace(path, limit=2)) == 2
     path.write_text('{"prompt": "a"}\n')
     with pytest.raises(ValueError, match="max_tokens"):
+        load_trace(path)
+    path.write_text('{"prompt": "a", "max_tokens": 5, "kind": 3}\n')
+    with pytest.raises(ValueError, match="kind"):
         load_trace(path)
 
 
@@ -147,8 +186,8 @@ def test_replay_end_to_end(tmp_path: Path, tiny_target: LoadedModel, tiny_draft:
         model.model.save_pretrained(tmp_path / name)
         model.tokenizer.save_pretrained(tmp_path / name)
     trace = tmp_path / "trace.jsonl"
-    trace.write_text("".join(json.dumps({"prompt": p, "max_tokens": 16}) + "\n"
-                             for p in ("def add(a, b):", "for i in range(10):", "unused: beyond --prompts")))
+    trace.write_text("".join(json.dumps({"prompt": p, "max_tokens": 16, "kind": k}) + "\n" for p, k in (
+        ("def add(a, b):", "def"), ("for i in range(10):", "loop"), ("unused: beyond --prompts", "unused"))))
     out = tmp_path / "out"
     cfg = ReplayConfig(trace=trace, out=out, rtts=[0.0, 10.0], modes=["cloud", "spec-pipelined", "ouroboros"],
                        target=str(tmp_path / "target"), draft=str(tmp_path / "draft"), gamma=4, limit=2,
@@ -184,6 +223,10 @@ def test_replay_end_to_end(tmp_path: Path, tiny_target: LoadedModel, tiny_draft:
     assert cloud[10.0]["ttft_ms"]["p50"] >= cloud[0.0]["ttft_ms"]["p50"] + 8.0
     md = (out / "summary.md").read_text()
     assert md == render_markdown(data) and "| spec-pipelined | 10 |" in md and "Speedup vs cloud" in md
+    assert [(p["rtt_ms"], p["mode"]) for p in data["per_kind"]] == [(t, m) for t in (0.0, 10.0) for m in modes[1:]]
+    assert all([k["kind"] for k in p["kinds"]] == ["def", "loop"] and p["kinds_compared"] == 2
+               and all(k["greedy_equal"] == "1/1" for k in p["kinds"]) for p in data["per_kind"])
+    assert "| spec-pipelined | 10 | loop |" in md
 
 
 def test_open_loop_arrivals(tmp_path: Path, tiny_target: LoadedModel, tiny_draft: LoadedModel) -> None:

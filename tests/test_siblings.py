@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import random
 
+import torch
+from conftest import bigram
+
 from tandem.adaptive import AdaptiveGamma
 from tandem.blocks import Candidate, DraftBlock, VerifyResult
 from tandem.costs import CostCurve, Ewma
@@ -69,3 +72,37 @@ def test_trees_keep_greedy_output_equal_to_the_target_alone(tiny_target: LoadedM
         assert got.tokens == want
     assert sum(drafter.branch.seen) > sum(Calibration().seen)  # siblings were sent and judged
     assert sum(drafter.branch.accepted) > sum(Calibration().accepted)  # and some taken
+
+
+class FixedCurve(CostCurve):
+    def observe(self, n: int, seconds: float) -> None:  # the test's costs, whatever the passes take
+        pass
+
+
+class SeededTreeDrafter(ModelDrafter):
+    """Trees for a seeded sample too (a real drafter keeps such a request to the floor): the test's curve is fixed."""
+
+    def start(self, context: list[int], params: SamplingParams) -> None:
+        super().start(context, params)
+        self.sizer = self.value
+
+
+def test_sampled_trees_keep_the_target_law() -> None:
+    """Siblings drawn without replacement under sampling, end to end through the session: the first token follows
+    the target's p, and the second its p after the first, whichever branch was taken."""
+    vocab, trials = 6, 3000
+    torch.manual_seed(0)
+    target, draft = bigram(torch.randn(vocab, vocab), "rand-target"), bigram(torch.randn(vocab, vocab), "rand-draft")
+    value = BlockValue(AdaptiveGamma(draft_s=Ewma(0.01), costs=FixedCurve({1: 0.1, 64: 0.1})), Calibration(), False)
+    drafter = SeededTreeDrafter(draft, q_top_k=vocab, value=value, tree=True)
+    first, second = torch.zeros(vocab), torch.zeros(vocab, vocab)
+    for seed in range(trials):
+        params = SamplingParams(max_tokens=2, temperature=1.0, seed=seed, ignore_eos=True)
+        out = generate_speculative(drafter, LocalVerifier(target), [3], params, 2).tokens
+        first[out[0]] += 1
+        second[out[0], out[1]] += 1
+    assert sum(drafter.branches[False].accepted) > sum(Calibration().accepted) + 100  # siblings were often taken
+    p = torch.softmax(target.model.table, -1)  # [V, V]: the law after each token
+    for counts, law in [(first, p[3]), *zip(second, p, strict=True)]:
+        expected = law * counts.sum()
+        assert float(((counts - expected) ** 2 / expected).sum()) < 20.5  # df = 5, p = 0.001

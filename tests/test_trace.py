@@ -88,3 +88,22 @@ def test_chat_rows_use_the_chat_template(tmp_path: Path) -> None:
     bad.write_text(json.dumps({"messages": [{"role": "user"}], "max_tokens": 8}) + "\n")
     with pytest.raises(ValueError, match="messages"):
         load_trace(bad)
+
+
+KINDS = {"writing", "roleplay", "reasoning", "math", "coding", "extraction", "stem", "humanities", "retrieval",
+         "short-answer", "translation", "summarization", "structured"}
+
+
+def test_the_kinds_trace_has_one_request_per_kind() -> None:
+    """benchmarks/traces/kinds.jsonl (`bench replay`'s per-kind table): one question per kind, written here, none
+    of them in the other chat traces."""
+    from tandem_tools.replay_summary import TRACES, load_trace
+
+    raw = [json.loads(line) for line in (TRACES / "kinds.jsonl").read_text().splitlines()]
+    assert all(set(r) == {"messages", "max_tokens", "source", "kind"} for r in raw)
+    assert all(r["source"] == "written for the per-kind check" and r["max_tokens"] == 64 for r in raw)
+    rows = load_trace(TRACES / "kinds.jsonl")
+    assert sorted(r.kind or "" for r in rows) == sorted(KINDS)
+    others = {m["content"] for t in ("chat.jsonl", "structured.jsonl", "grammar-overhead-chat.jsonl")
+              for line in (TRACES / t).read_text().splitlines() for m in json.loads(line)["messages"]}
+    assert all(r.messages and len(r.messages) == 1 and r.messages[0]["content"] not in others for r in rows)

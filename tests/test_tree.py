@@ -122,11 +122,16 @@ def test_a_taken_candidate_leaves_a_cache_that_continues_correctly(tiny_target: 
     assert out == truth
 
 
-def test_candidates_are_refused_under_sampling(tiny_target: LoadedModel) -> None:
-    session = TargetSession(tiny_target, [5, 9], SamplingParams(max_tokens=4, temperature=0.8, seed=1))
-    with pytest.raises(InvalidRequestError, match="greedy"):
-        session.verify(DraftBlock([3], candidates=[Candidate(-1, [4])]))
-    assert session.verify(DraftBlock([3])).tokens  # the session is unharmed
+def test_under_sampling_a_candidate_is_one_token_beside_a_main_token(tiny_target: LoadedModel) -> None:
+    params = SamplingParams(max_tokens=12, temperature=0.8, seed=1, ignore_eos=True)
+    session = TargetSession(tiny_target, [5, 9], params)
+    with pytest.raises(InvalidRequestError, match="one token"):
+        session.verify(DraftBlock([3], candidates=[Candidate(-1, [4, 6])]))
+    with pytest.raises(InvalidRequestError, match="zero probability"):  # drawn without replacement: never the same
+        session.verify(DraftBlock([3], candidates=[Candidate(-1, [3])]))
+    result = session.verify(DraftBlock([3, 7], candidates=[Candidate(-1, [4]), Candidate(1, [8])]))
+    assert result.tokens  # the session is unharmed; a sibling past the main tokens has no q: it is dropped
+    assert len(session.verify(DraftBlock([3], candidates=[Candidate(0, [8])])).candidate_target_tokens[0]) == 0
 
 
 def test_slicing_a_block_reindexes_or_empties_candidates() -> None:

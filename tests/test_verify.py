@@ -8,7 +8,7 @@ import torch
 from tandem.blocks import cut_at_finish
 from tandem.errors import InvalidRequestError
 from tandem.sampling import SamplingParams
-from tandem.verify import SparseQ, checked_q, verify_greedy, verify_stochastic
+from tandem.verify import SparseQ, checked_q, verify_greedy, verify_stochastic, verify_tree_stochastic
 
 V = 10
 
@@ -164,3 +164,87 @@ def test_seeded_verification_is_deterministic() -> None:
     a = [_round("full", torch.Generator().manual_seed(s)) for s in range(50)]
     b = [_round("full", torch.Generator().manual_seed(s)) for s in range(50)]
     assert a == b
+
+
+# --- trees under sampling --------------------------------------------------------------------------------------------
+# A main chain x1, x2 with siblings drawn without replacement from the same q: two at the root, one beside x2. The
+# target's law after a node depends on its token at depth 1 (P_AFTER[token]), so a rule that reads the wrong row fails.
+
+P_AFTER = torch.tensor([[0.4, 0.1, 0.1, 0.2, 0.2], [0.1, 0.5, 0.1, 0.1, 0.2], [0.2, 0.2, 0.2, 0.2, 0.2],
+                        [0.05, 0.15, 0.3, 0.3, 0.2], [0.3, 0.1, 0.1, 0.1, 0.4]])
+TREE_PARENTS = [-1, 0, -1, -1, 0]  # x1, x2, two siblings of x1, a sibling of x2
+
+
+def _without(probs: torch.Tensor, drawn: list[int]) -> torch.Tensor:
+    out = probs.clone()
+    out[drawn] = 0
+    return out / out.sum()
+
+
+def _tree_round(form: str, gen: torch.Generator, wrong: bool = False) -> list[int]:
+    rows = []  # per depth: (support ids, probabilities) the draft samples from
+    for d in range(2):
+        if form == "sparse":
+            top = torch.topk(Q_DRAFT[d], 4)
+            rows.append((top.indices, top.values / top.values.sum()))
+        else:
+            rows.append((torch.arange(VS), Q_DRAFT[d]))
+    drawn: list[list[int]] = [[], []]  # per depth, in drawing order: the main token, then its siblings
+    for d, k in ((0, 3), (1, 2)):
+        ids, probs = rows[d]
+        for s in range(k):
+            left = _without(probs, [int((ids == t).nonzero()) for t in drawn[d]])
+            # a plausible bug: the greedy sibling (the most likely token left), not a draw
+            j = int(left.argmax()) if wrong and s else int(torch.multinomial(left, 1, generator=gen))
+            drawn[d].append(int(ids[j]))
+    tokens = [drawn[0][0], drawn[1][0], drawn[0][1], drawn[0][2], drawn[1][1]]
+    depth_of = [0, 1, 0, 0, 1]
+    q = None
+    if form != "none":
+        q = SparseQ(torch.stack([rows[d][0] for d in depth_of]), torch.stack([rows[d][1] for d in depth_of]))
+    after = [P[0], P_AFTER[tokens[0]], P[2], P_AFTER[tokens[2]], P_AFTER[tokens[3]], P[2]]
+    v = verify_tree_stochastic(TREE_PARENTS, tokens, q, torch.stack(after), gen)
+    return [*(tokens[i] for i in v.path), v.next_token]
+
+
+def _tree_samples(form: str, trials: int, wrong: bool = False) -> tuple[list[int], dict[int, list[int]], list[int]]:
+    gen = torch.Generator().manual_seed(99)
+    first, second, third = [], {t: [] for t in range(VS)}, []  # second: by the first token
+    for _ in range(trials):
+        out = _tree_round(form, gen, wrong)
+        first.append(out[0])
+        if len(out) > 1:
+            second[out[0]].append(out[1])
+        if len(out) > 2:
+            third.append(out[2])
+    return first, second, third
+
+
+@pytest.mark.parametrize("form", ["full", "sparse", "none"])
+def test_tree_emitted_tokens_follow_p(form: str) -> None:
+    first, second, third = _tree_samples(form, trials=12000)
+    assert _chi2(first, P[0]) < CHI2_CRIT_DF4, f"the first token does not follow p ({form} q)"
+    for tok, after in second.items():
+        if form == "sparse" and tok == 4:  # outside the draft's top 4: never drafted, so never followed
+            assert not after
+            continue
+        assert len(after) * float(P_AFTER[tok].min()) >= 10, f"the path through {tok} is reached too rarely to test"
+        assert _chi2(after, P_AFTER[tok]) < CHI2_CRIT_DF4, f"the token after {tok} does not follow p ({form} q)"
+    assert len(third) * float(P[2].min()) >= 10 and _chi2(third, P[2]) < CHI2_CRIT_DF4
+
+
+def test_greedy_siblings_under_sampling_fail_the_tree_distribution_test() -> None:
+    first, second, _ = _tree_samples("full", trials=12000, wrong=True)
+    assert max(_chi2(first, P[0]), *(_chi2(after, P_AFTER[tok]) for tok, after in second.items())) > CHI2_CRIT_DF4
+
+
+def test_a_tree_of_one_chain_is_the_chain_rule_in_law_and_siblings_must_be_sampleable() -> None:
+    gen = torch.Generator().manual_seed(5)
+    q = full(Q_DRAFT)
+    x = [1, 3]
+    v = verify_tree_stochastic([-1, 0], x, q, P, gen)
+    assert v.kind == ("bonus" if len(v.path) == 2 else "recovered") and v.path == list(range(len(v.path)))
+    dup = SparseQ(torch.arange(VS).expand(3, -1), torch.stack([Q_DRAFT[0], Q_DRAFT[1], Q_DRAFT[0]]))
+    always_reject = torch.stack([torch.tensor([0.0, 0.0, 1.0, 0.0, 0.0])] + [P[1]] * 3)
+    with pytest.raises(InvalidRequestError, match="zero probability"):  # the same token twice: not without replacement
+        verify_tree_stochastic([-1, 0, -1], [1, 3, 1], dup, always_reject, gen)

@@ -16,6 +16,7 @@ from servers import BackgroundEdge, BackgroundServer
 
 from cloud_server.main import ServerHandle
 from edge_client.settings import EdgeSettings
+from tandem.costs import CostCurve
 from tandem.models import LoadedModel
 from tests.test_edge_e2e import server_settings
 
@@ -92,7 +93,16 @@ def greedy(url: str, model: str, text: str, max_tokens: int = 24, **kw: Any) -> 
 
 
 def counts(run: Any) -> dict[str, int]:
-    return {o: run.locator(f".tok-{o}").count() for o in "dpte"}
+    return {o: run.locator(f".tok-{o}").count() for o in "dbpte"}
+
+
+def rounds(run: Any) -> list[dict[str, Any]]:
+    """Each round's group on the page: its figures, tokens shown, badge (generated content) and hover title."""
+    return list(run.locator(".round").evaluate_all("""gs => gs.map(g => ({
+        ...Object.fromEntries(Object.entries(g.dataset).map(([k, v]) => [k, k === "badge" ? v : Number(v)])),
+        shown: g.querySelectorAll(".tok").length, origins: [...g.children].map(t => t.className.slice(8)).join(""),
+        after: getComputedStyle(g, "::after").content, title: g.title, branched: g.classList.contains("branched")}))
+    """))
 
 
 def test_a_typed_question_streams_the_greedy_answer_marked_by_origin(page: Any, edge: str) -> None:
@@ -104,8 +114,19 @@ def test_a_typed_question_streams_the_greedy_answer_marked_by_origin(page: Any, 
     assert run.locator(".answer").text_content() == want["message"]["content"]
     n, data = counts(run), run.evaluate("e => ({...e.dataset})")
     assert sum(n.values()) == int(data["tokens"]) == 24 and n["e"] == 0
-    assert n["d"] + n["p"] == int(data["accepted"]) > 0  # the request's own figures
+    assert n["d"] + n["b"] + n["p"] == int(data["accepted"]) > 0  # the request's own figures
     assert n["t"] == int(data["targetPasses"]) == int(data["drafts"])
+    # each verified block's tokens grouped, its badge accepted/nodes, its path in the title; the running line
+    shapes = rounds(run)
+    assert len(shapes) == int(data["drafts"]) == int(data["treeRounds"])
+    assert sum(r["shown"] for r in shapes) == sum(r["tokens"] for r in shapes) == 24
+    assert sum(r["nodes"] for r in shapes) == int(data["treeNodes"])
+    assert sum(r["accepted"] for r in shapes) == int(data["accepted"])
+    for i, r in enumerate(shapes):
+        assert r["after"].startswith(f'"{r["accepted"]}/{r["nodes"]}"') and r["title"].startswith(f"round {i + 1}: ")
+        assert f"accepted {r['accepted'] - r['branch']} of {r['chain']} on the chain" in r["title"]
+        assert r["origins"].endswith("t") or i == len(shapes) - 1  # the target's token closes a round
+    assert run.locator(".tree-line").inner_text().startswith(f"draft tree: {len(shapes)} round")
     figures = run.locator(".figures").inner_text()
     for name in ("tokens/s", "target passes per token", "acceptance per position", "round trip", "mode"):
         assert name in figures
@@ -115,6 +136,29 @@ def test_a_typed_question_streams_the_greedy_answer_marked_by_origin(page: Any, 
     second = ask(page, "and then?")
     assert second.get_attribute("data-state") == "done" and second.locator(".tok").count() > 0
     assert page.locator(".msg.user").count() == 2
+
+
+def test_tree_rounds_show_the_siblings_sent_and_taken(page: Any, cloud: ServerHandle, tiny_draft: LoadedModel,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a flat cost curve (a position of the pass is free) the draft's second choices are sent beside the chain
+    wherever they have a chance, and the target takes some: the page tells those rounds and tokens apart."""
+    edge = BackgroundEdge(edge_settings(cloud, pipeline=False), tiny_draft)
+    policy = edge.server.service.client.gamma_policy
+    policy.costs = CostCurve({1: 0.1, 64: 0.1})
+    monkeypatch.setattr(policy, "observe_verify", lambda *a: None)  # the curve stays flat
+    with edge as port:
+        open_page(page, f"http://127.0.0.1:{port}")
+        run = ask(page, QUESTION, max_tokens=64)
+    assert run.get_attribute("data-state") == "done"
+    shapes, n, data = rounds(run), counts(run), run.evaluate("e => ({...e.dataset})")
+    assert sum(r["nodes"] > r["chain"] for r in shapes) > len(shapes) / 2  # siblings beside most chains
+    taken = [r for r in shapes if r["branched"]]
+    assert len(taken) == int(data["treeTaken"]) > 0 and n["b"] == sum(r["origins"].count("b") for r in taken) > 0
+    for r in taken:  # the chain's accepted tokens, then the sibling's, then the target's (the last round: maybe cut)
+        assert r["origins"] == ("d" * (r["accepted"] - 1) + "bt")[: r["tokens"]] and ", then 1 sibling;" in r["title"]
+    line = run.locator(".tree-line").inner_text()
+    assert f"{len(shapes)} rounds, {int(data['treeNodes'])} nodes sent" in line and f"{len(taken)} sibling" in line
+    assert f"{n['b']} sibling" in run.locator(".figures").inner_text()
 
 
 def test_the_cloud_only_rerun_shows_a_speedup(page: Any, edge: str) -> None:
@@ -127,6 +171,7 @@ def test_the_cloud_only_rerun_shows_a_speedup(page: Any, edge: str) -> None:
     assert "x cloud-only" in speedup.inner_text() and "same answer" in speedup.inner_text()
     spec, alone = page.locator(".run").nth(0), page.locator(".run").nth(1)
     assert alone.get_attribute("data-mode") == "cloud" and counts(alone)["t"] == 24 == sum(counts(alone).values())
+    assert rounds(alone) == [] and alone.locator(".tree-line").count() == 0  # the target alone: no rounds
     assert spec.locator(".answer").text_content() == alone.locator(".answer").text_content()
 
 

@@ -19,6 +19,7 @@ from transformers import PreTrainedTokenizerBase
 
 from tandem.blocks import FinishReason, TokenLogprob
 from tandem.errors import InvalidRequestError, TandemError
+from tandem.stats import RoundShape
 from tandem_protocol.errors import ModelNotFoundError, error_body
 from tandem_protocol.metrics import Metrics
 from tandem_protocol.openai_api.figures import LogprobFormat, merged_metrics
@@ -127,8 +128,9 @@ async def completion_response(
 
 
 # `return_token_origins`: per token where it came from (`tandem.stats.GenerationStats.origins`), and the text it
-# released; the pieces partition the delta (one more, unmarked, when the end releases text held back before)
-Marks = tuple[str, list[str]]
+# released; the pieces partition the delta (one more, unmarked, when the end releases text held back before); the
+# verified blocks the tokens end, each `tandem.stats.RoundShape`'s fields (none: not speculative)
+Marks = tuple[str, list[str], list[dict[str, int]]]
 Delta = tuple[str, FinishReason | None, list[int], list[TokenLogprob] | None, Marks | None]
 
 
@@ -146,13 +148,14 @@ class _Choice:
         self.has_logprobs = False
         self.origins = ""
         self.pieces: list[str] = []
+        self.rounds: list[dict[str, int]] = []
         self.finish: FinishReason = "length"
 
-    def _push(self, tokens: list[int], origins: str) -> tuple[str, Marks | None]:
+    def _push(self, tokens: list[int], origins: str, shapes: tuple[RoundShape, ...]) -> tuple[str, Marks | None]:
         if not self.marked:
             return self.text.push(tokens), None
         pieces = [self.text.push([t]) for t in tokens]
-        return "".join(pieces), (origins, pieces)
+        return "".join(pieces), (origins, pieces, [s._asdict() for s in shapes])
 
     async def deltas(self) -> AsyncIterator[Delta]:
         """(text delta, finish reason once finished, token ids, their logprobs, their marks) per step; stops at a stop
@@ -161,7 +164,8 @@ class _Choice:
             # the edge's steps say where each token came from; the target alone's are all its own
             origins = getattr(result, "origins", None) or "t" * len(result.tokens)
             # decoding stays off the event loop
-            delta, marks = await asyncio.to_thread(self._push, result.tokens, origins)
+            shapes = getattr(result, "shapes", ())
+            delta, marks = await asyncio.to_thread(self._push, result.tokens, origins, shapes)
             if self.text.stopped:
                 yield delta, "stop", result.tokens, result.logprobs, marks
                 return
@@ -183,6 +187,7 @@ class _Choice:
             if marks is not None:
                 self.origins += marks[0]
                 self.pieces += marks[1]
+                self.rounds += marks[2]
             self.finish = finish or self.finish
 
 
@@ -279,7 +284,7 @@ class _Output:
             if self.token_ids:
                 choice["token_ids"] = c.ids
             if self.marked:
-                choice["tandem"] = {"origins": c.origins, "pieces": c.pieces}
+                choice["tandem"] = {"origins": c.origins, "pieces": c.pieces, "rounds": c.rounds}
             items.append(choice)
         obj = "text_completion" if self.kind == "text" else "chat.completion"
         return {**self.head(), "object": obj, "choices": items,
@@ -297,5 +302,5 @@ class _Output:
         if self.token_ids and ids:
             choice["token_ids"] = ids
         if marks is not None:
-            choice["tandem"] = {"origins": marks[0], "pieces": marks[1]}
+            choice["tandem"] = {"origins": marks[0], "pieces": marks[1], "rounds": marks[2]}
         return {**self.head(), "choices": [choice]}

@@ -87,8 +87,9 @@ class _OpenAIRequest(BaseModel):
     return_token_ids: Flag = False  # an extension (as vLLM's): each choice also carries its `token_ids`
     # an extension: the response carries `metrics.speculative_decoding` (and the final SSE chunk does)
     return_metrics: Flag = False
-    # an extension: each choice (each SSE chunk's) carries `tandem: {origins, pieces}`, where each token came from
-    # (d draft, p pool, t target, e the draft alone) and its text (README, "The web page")
+    # an extension: each choice (each SSE chunk's) carries `tandem: {origins, pieces, rounds}`, where each token came
+    # from (d draft, b a sibling, p pool, t target, e the draft alone), its text, and the verified blocks its tokens
+    # end: [{nodes, chain, accepted, branch, tokens}] (docs/api.md, "Where each token came from")
     return_token_origins: Flag = False
 
 

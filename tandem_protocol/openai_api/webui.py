@@ -13,7 +13,8 @@ from fastapi import FastAPI, HTTPException
 from fastapi.responses import Response
 
 WEB_DIR = Path(__file__).with_name("web")
-ASSETS = {"app.js": "text/javascript", "style.css": "text/css", "favicon.svg": "image/svg+xml"}
+ASSETS = {"app.js": "text/javascript", "rounds.js": "text/javascript", "style.css": "text/css",
+          "favicon.svg": "image/svg+xml"}
 # no inline script or style, no other origin: text from the model can never run as code
 HEADERS = {
     "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "

@@ -141,10 +141,10 @@ function newRun(container, title) {
   article.append(heading, answer, figures);
   article.dataset.state = "waiting";
   container.append(article);
-  return {article, heading, answer, figures, text: "", counts: {d: 0, p: 0, t: 0, e: 0}, marked: 0};
+  return {article, heading, answer, figures, text: "", counts: {d: 0, b: 0, p: 0, t: 0, e: 0}, marked: 0};
 }
 
-function addPiece(run, piece, origin) {
+function addPiece(run, piece, origin, into) {
   // one span per token, even an empty one (half a character): the marks count the tokens
   const span = el("span", origin ? "tok tok-" + origin : "tok", piece);
   if (origin) {
@@ -152,7 +152,7 @@ function addPiece(run, piece, origin) {
     run.marked += 1;
   }
   run.text += piece;
-  run.answer.append(span);
+  (into || run.answer).append(span);
 }
 
 function absorb(run, chunk) {
@@ -163,7 +163,7 @@ function absorb(run, chunk) {
   if (choice.finish_reason) run.finish = choice.finish_reason;
   const marks = choice.tandem;
   if (marks) {
-    marks.pieces.forEach((piece, i) => addPiece(run, piece, marks.origins[i]));
+    placePieces(run, marks); // rounds.js
   } else if (choice.delta && choice.delta.content) {
     addPiece(run, choice.delta.content, "");
   }
@@ -250,8 +250,8 @@ function showFigures(run) {
     (edge.lossy ? " (lossy: not verified)" : "") : "the target alone (cloud)";
   const rows = [
     ["tokens/s", run.rate.toFixed(1)],
-    ["tokens", tokens + " = " + c.d + " drafted + " + c.p + " pool + " + c.t + " target" +
-      (c.e ? " + " + c.e + " draft alone" : "")],
+    ["tokens", tokens + " = " + c.d + " drafted + " + (c.b ? c.b + " sibling + " : "") + c.p + " pool + " + c.t +
+      " target" + (c.e ? " + " + c.e + " draft alone" : "")],
     ["target passes per token", tokens ? (passes / tokens).toFixed(2) : "–"],
     ["acceptance per position", bars(m)],
     ["round trip", edge && edge.rtt_ms != null ? edge.rtt_ms.toFixed(1) + " ms" : "–"],
