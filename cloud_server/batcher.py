@@ -164,44 +164,36 @@ class Batcher:
             raise
 
     def _run_batch(self, jobs: list[_Job]) -> None:
-        ready: list[tuple[_Job, PreparedBlock]] = []
+        ready: list[tuple[_Job, PreparedBlock, int]] = []  # and the session's pass count before its pass
         for job in jobs:
+            passes = job.core.passes
             try:
                 prepared = job.core.prepare(job.block, job.base_len)
+                if not isinstance(prepared, VerifyResult) and job.core.state.exact is not None:
+                    job.core.prefill()  # as `TargetSession.forward` does: what falls back to its solo pass matches
             except BaseException as e:
                 job.future.set_exception(e)
                 continue
             if isinstance(prepared, VerifyResult):  # stale: nothing verified
                 job.future.set_result(prepared)
-            elif prepared.tree is not None:  # candidates need their own tree mask: verified alone
-                self.metrics.batch_size.observe(1)
-                passes, t0 = job.core.passes, time.perf_counter()
-                try:
-                    tree_logits = job.core.forward(prepared)
-                except BaseException as e:
-                    job.future.set_exception(e)
-                    continue
-                job.pass_s = time.perf_counter() - t0
-                self._finish(job, prepared, tree_logits, passes)
-                self._observe(len(prepared.tokens) + 1, job.pass_s)
-            else:
-                ready.append((job, prepared))
+            else:  # lines and trees (blocks with candidates) alike
+                ready.append((job, prepared, passes))
         if not ready:
             return
         self.metrics.batch_size.observe(len(ready))
         t0 = time.perf_counter()
         try:
-            logits = forward_batch([job.core.state for job, _ in ready], [p.tokens for _, p in ready])
+            logits = forward_batch([job.core.state for job, _, _ in ready],
+                                   [p.tokens if p.tree is None else p.tree for _, p, _ in ready])
         except BaseException as e:
-            for job, _ in ready:
+            for job, _, _ in ready:
                 job.future.set_exception(e)
             return
         seconds = time.perf_counter() - t0
-        self._observe(sum(len(p.tokens) + 1 for _, p in ready), seconds)
-        for job, _ in ready:
+        self._observe(sum(len(p.tokens if p.tree is None else p.tree.nodes) + 1 for _, p, _ in ready), seconds)
+        for (job, prepared, passes), rows in zip(ready, logits, strict=True):
             job.pass_s = seconds
-        for (job, prepared), rows in zip(ready, logits, strict=True):
-            self._finish(job, prepared, rows, job.core.passes)
+            self._finish(job, prepared, rows, passes)
 
     def _observe(self, positions: int, seconds: float) -> None:
         self.metrics.batch_positions.observe(positions)
@@ -209,7 +201,7 @@ class Batcher:
             self._on_pass(positions, seconds)
 
     def _finish(self, job: _Job, prepared: PreparedBlock, logits: torch.Tensor, passes: int) -> None:
-        """`passes`: the session's count before its pass (a tree's own forward may have prefilled)."""
+        """`passes`: the session's count before its pass (and a prefill before it)."""
         try:
             job.future.set_result(job.core.finish(prepared, logits))
         except BaseException as e:

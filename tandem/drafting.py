@@ -96,6 +96,7 @@ class ModelDrafter:
         self.shaper = Shaper(params, self.draft.vocab_size, self.draft.tokenizer, self.draft.eos_token_ids)
         self.output_start = max(0, len(context) - params.emitted)
         self.state = self.draft.state(context)
+        self.state.catch_up()  # the prompt's prefill, here: the loop runs it while the cloud prefills too
         self.generator = make_generator(None if params.seed is None else params.seed + 1, self.state.device)
         # a seeded sample is reproducible only if its blocks are: the value rule reads timings, the floor does not
         self.sizer = self.value if params.greedy or params.seed is None else None

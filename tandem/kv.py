@@ -135,23 +135,10 @@ class SequenceState:
             return self.forward()
         pending = pending_tail(self)
         start, p, n = self.cached, len(pending), len(nodes)
-        depth: list[int] = []
-        allowed = torch.zeros(n, n, dtype=torch.bool)  # [n, n] node i sees node j
-        for i, parent in enumerate(parents):
-            if not -1 <= parent < i:
-                raise ValueError(f"node {i} has parent {parent}: parents must come before their children")
-            depth.append(0 if parent < 0 else depth[parent] + 1)
-            if parent >= 0:
-                allowed[i] = allowed[parent]
-            allowed[i, i] = True
         pad = 0 if self.fast is not None else max(0, self.min_rows - p - n)
         q = p + n + pad
-        see = torch.ones(q, start + q, dtype=torch.bool)  # [q, kv] everything cached is visible
-        see[:, start:] = torch.ones(q, q, dtype=torch.bool).tril()  # the pending tail is causal; nodes see all of it
-        see[p : p + n, start + p : start + p + n] = allowed  # padding rows (exact passes) see everything before them
-        depth += [depth[-1] + 1 + i for i in range(pad)]
+        positions, see = tree_mask(start, p, parents, pad)
         nodes = [*nodes, *nodes[-1:] * pad]
-        positions = torch.tensor(list(range(start, start + p)) + [start + p + d for d in depth])  # [q]
         if self.fast is not None:
             with torch.inference_mode():
                 rows = self._run_fast(pending + list(nodes), positions.to(self.device),
@@ -215,6 +202,30 @@ class _Feeds(Protocol):
 
     def rollback(self, length: int) -> None: ...
     def run(self, ids: list[int]) -> torch.Tensor: ...
+
+
+def tree_mask(start: int, pending: int, parents: list[int], pad: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """A pass of `pending` uncached committed tokens, then tree nodes (`parents` as in `SequenceState.forward_tree`),
+    then `pad` padding rows, over `start` cached positions: (positions [q], see [q, start + q] bool: the keys each
+    query sees), q = pending + nodes + pad. The tail is causal; node i sees it and its own ancestors, at position
+    start + pending + depth; padding rows see everything before them."""
+    n = len(parents)
+    depth: list[int] = []
+    allowed = torch.zeros(n, n, dtype=torch.bool)  # [n, n] node i sees node j
+    for i, parent in enumerate(parents):
+        if not -1 <= parent < i:
+            raise ValueError(f"node {i} has parent {parent}: parents must come before their children")
+        depth.append(0 if parent < 0 else depth[parent] + 1)
+        if parent >= 0:
+            allowed[i] = allowed[parent]
+        allowed[i, i] = True
+    q = pending + n + pad
+    see = torch.ones(q, start + q, dtype=torch.bool)  # [q, kv] everything cached is visible
+    see[:, start:] = torch.ones(q, q, dtype=torch.bool).tril()
+    see[pending : pending + n, start + pending : start + pending + n] = allowed
+    depth += [(depth[-1] if depth else -1) + 1 + i for i in range(pad)]
+    positions = torch.tensor(list(range(start, start + pending)) + [start + pending + d for d in depth])  # [q]
+    return positions, see
 
 
 def pending_tail(state: _Feeds) -> list[int]:

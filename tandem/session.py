@@ -129,7 +129,8 @@ class TargetSession:
 
         Split from `verify` so that a caller can run the forward pass itself (several sessions batched in one):
         feed `state.tokens[state.cached:] + prepared.tokens`, then `finish` with the last len(tokens) + 1 rows. A
-        block with candidates (`prepared.tree` set) needs its tree mask and positions: run it with `forward`.
+        block with candidates (`prepared.tree` set) needs its tree mask and positions (`tandem.batch.forward_batch`
+        takes the tree).
         """
         if base_len is not None:
             current = None if self.finish_reason is not None else self.align(block, base_len)

@@ -13,11 +13,13 @@ Pipelined rounds and block sizes: `tandem.rounds`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import time
 import uuid
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from tandem.adaptive import AdaptiveGamma
@@ -243,10 +245,17 @@ class SpeculativeDecoder:
         s, stats, drafter = self.settings, run.stats, self._drafter
         by_value = isinstance(drafter, ModelDrafter) and drafter.value is not None
         plan = BlockPlan(run.gamma, self.gamma_policy, s.pipeline, auto, by_value)
-        session = self._open(run, verifier, plan)
+        with ThreadPoolExecutor(1) as io:  # the cloud prefills the prompt while the draft does (`start`), here
+            opening = io.submit(self._open, run, verifier, plan)
+            try:
+                drafter.start(run.ctx, self._resume_params(run))
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    opening.result().close()
+                raise
+            session = opening.result()
         opened = session.opened
         pipe = Pipeline(s.pipeline, opened.max_draft_tokens, opened.context_length)
-        drafter.start(run.ctx, self._resume_params(run))
         try:
             while run.finish is None:
                 if plan.alone and not pipe.inflight:

@@ -3,6 +3,7 @@ continuous batcher keeps every session's greedy output token for token."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import threading
 from collections.abc import Iterator
@@ -15,6 +16,7 @@ from servers import BackgroundServer
 from cloud_server.main import ServerHandle
 from cloud_server.settings import ServerSettings
 from edge_client.remote import GrpcVerifier
+from tandem import exact
 from tandem.batch import forward_batch
 from tandem.drafting import ModelDrafter
 from tandem.errors import InvalidRequestError
@@ -22,7 +24,7 @@ from tandem.kv import SequenceState
 from tandem.local import LocalVerifier
 from tandem.models import LoadedModel
 from tandem.sampling import SamplingParams
-from tandem.session import generate_autoregressive
+from tandem.session import TreeLayout, generate_autoregressive
 from tandem.speculate import generate_speculative
 
 
@@ -72,6 +74,83 @@ def test_batched_forward_equals_solo_forwards_and_leaves_the_same_caches(tiny_ta
         torch.testing.assert_close(b.forward([5, 6]), s.forward([5, 6]), rtol=1e-4, atol=1e-4)
 
 
+def _layout(main: list[int], branches: list[tuple[int, list[int]]]) -> TreeLayout:
+    """The main path, then each branch (parent: -1 or a main index) as `TargetSession` lays a block's candidates."""
+    parents, nodes, spans = [*range(-1, len(main) - 1)], list(main), []
+    for parent, tokens in branches:
+        spans.append((len(nodes), len(tokens)))
+        for i, tok in enumerate(tokens):
+            parents.append(parent if i == 0 else len(nodes) - 1)
+            nodes.append(tok)
+    return TreeLayout(parents, nodes, spans)
+
+
+def _solo(state: SequenceState, extra: list[int] | TreeLayout) -> torch.Tensor:
+    return state.forward(extra) if isinstance(extra, list) else state.forward_tree(extra.parents, extra.nodes)
+
+
+def test_trees_and_lines_in_one_batch_equal_their_solo_passes(tiny_target: LoadedModel) -> None:
+    """Tree rows (their own mask and depth positions) beside line rows: the solo `forward_tree` / `forward` logits
+    and caches; then, after committing a path (the main line's prefix, or a candidate's), the same next passes."""
+    model = tiny_target.model
+    shapes = [(30, 10), (5, 5), (70, 69), (12, 0), (50, 40)]  # (length, cached): long and short pending tails
+    solo, batched = [], []
+    for i, (length, cached) in enumerate(shapes):
+        a, b = _pair(model, _ids(length, 300 + i), cached)
+        solo.append(a)
+        batched.append(b)
+    for rnd in range(3):
+        extras: list[list[int] | TreeLayout] = [
+            _layout(_ids(4, rnd), [(-1, _ids(3, 10 + rnd)), (1, _ids(2, 20 + rnd)), (1, _ids(1, 30 + rnd))]),
+            _ids(3, 40 + rnd),
+            _layout(_ids(2, 50 + rnd), [(0, _ids(4, 60 + rnd))]),
+            _layout([], []) if rnd == 1 else _ids(rnd, 70),  # a tree without nodes: the plain next-token pass
+            _layout(_ids(1, 80 + rnd), [(-1, _ids(1, 90 + rnd))]),
+        ]
+        expected = [_solo(s, x) for s, x in zip(solo, extras, strict=True)]
+        got = forward_batch(batched, extras)
+        for e, g in zip(expected, got, strict=True):
+            assert e.shape == g.shape
+            torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-4)
+        for s, b in zip(solo, batched, strict=True):
+            assert s.cached == b.cached
+            for ls, lb in zip(s.cache.layers, b.cache.layers, strict=True):
+                torch.testing.assert_close(lb.keys, ls.keys, rtol=1e-4, atol=1e-4)
+                torch.testing.assert_close(lb.values, ls.values, rtol=1e-4, atol=1e-4)
+        for i, (s, b, x, e) in enumerate(zip(solo, batched, extras, expected, strict=True)):
+            before = len(s.tokens)
+            if isinstance(x, list) or not x.spans or (i + rnd) % 2:  # a prefix of the main line (in the cache)
+                main = x if isinstance(x, list) else x.nodes[: len(x.nodes) - sum(n for _, n in x.spans)]
+                keep = (i + rnd) % (len(main) + 1)
+                emitted, keep_cached = [*main[:keep], int(e[keep].argmax())], before + keep
+            else:  # the first candidate taken: its tokens are cached off the line, so they go in with the next pass
+                start, n = x.spans[0]
+                on_main = max(0, x.parents[start] + 1)
+                path = [*x.nodes[:on_main], *x.nodes[start : start + n]]
+                emitted, keep_cached = [*path, int(e[start + n].argmax())], before + on_main
+            for st in (s, b):
+                st.commit(emitted, keep_cached=keep_cached)
+    for s, b in zip(solo, batched, strict=True):
+        torch.testing.assert_close(b.forward([5, 6]), s.forward([5, 6]), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("fixed", [False, True])
+def test_exact_tree_rows_in_a_batch_are_the_solo_rows(tiny_target: LoadedModel, fixed: bool) -> None:
+    """bfloat16 with exact passes: a tree row and a line row batched are bit for bit the solo passes' (fixed-size
+    passes, or where this machine's probe turns batching off: each state's own solo pass)."""
+    model = copy.deepcopy(tiny_target.model).to(torch.bfloat16)
+    exact.enable(model, exact.ExactPasses(exact.FIXED_ROWS, True, False, "fixed") if fixed else None)
+    tree = _layout(_ids(3, 1), [(-1, _ids(2, 2)), (0, _ids(1, 3))])
+    extras: list[list[int] | TreeLayout] = [tree, _ids(4, 4), tree]
+    solo = [SequenceState(model, _ids(n, n)) for n in (40, 90, 7)]  # type: ignore[arg-type]
+    batched = [SequenceState(model, _ids(n, n)) for n in (40, 90, 7)]  # type: ignore[arg-type]
+    for st in (*solo, *batched):
+        st.catch_up(len(st.tokens) - 1)
+    expected = [_solo(s, x) for s, x in zip(solo, extras, strict=True)]
+    for e, g in zip(expected, forward_batch(batched, extras), strict=True):
+        assert torch.equal(g, e)
+
+
 def test_a_batch_of_one_is_the_plain_forward_and_duplicates_are_refused(tiny_target: LoadedModel) -> None:
     a, b = _pair(tiny_target.model, _ids(12, 1), 5)
     assert torch.equal(forward_batch([b], [[3, 4]])[0], a.forward([3, 4]))
@@ -115,11 +194,9 @@ def test_a_plain_forward_on_another_thread_during_a_pass_stays_exact(tiny_target
 # --- the continuous batcher
 
 
-async def test_the_worker_batches_plain_blocks_and_verifies_candidate_trees_beside_them(
-    tiny_target: LoadedModel,
-) -> None:
-    """The worker alone: concurrent blocks, one of them with candidates (verified alone), a bad one (fails alone);
-    every verdict is the one a solo TargetSession gives."""
+async def test_the_worker_batches_plain_blocks_and_candidate_trees_in_one_pass(tiny_target: LoadedModel) -> None:
+    """The worker alone: concurrent blocks, one of them with candidates (a tree row in the same pass), a bad one
+    (fails alone); every verdict is the one a solo TargetSession gives."""
     import asyncio
 
     from cloud_server.worker import ModelWorker, OpenRequest
@@ -158,7 +235,9 @@ async def test_the_worker_batches_plain_blocks_and_verifies_candidate_trees_besi
     sizes = metrics.batch_size.collect()[0].samples
     count = next(x.value for x in sizes if x.name.endswith("_count"))
     total = next(x.value for x in sizes if x.name.endswith("_sum"))
-    assert (count, total) == (2, 3)  # the two plain blocks in one pass, the tree alone
+    assert (count, total) == (1, 3)  # the two plain blocks and the tree in one pass
+    positions = next(x.value for x in metrics.batch_positions.collect()[0].samples if x.name.endswith("_sum"))
+    assert positions == (4 + 1) + (2 + 3 + 2 + 1) + (0 + 1)  # a tree's nodes, each line's tokens, + 1 each
 
 
 # --- the continuous batcher through the real servers
