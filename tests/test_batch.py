@@ -51,16 +51,7 @@ def test_batched_forward_equals_solo_forwards_and_leaves_the_same_caches(tiny_ta
         batched.append(b)
         blocks.append(_ids(gamma, 100 + i))
     for rnd in range(3):
-        expected = [s.forward(x) for s, x in zip(solo, blocks, strict=True)]
-        got = forward_batch(batched, blocks)
-        for e, g in zip(expected, got, strict=True):
-            assert e.shape == g.shape
-            torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-4)
-        for s, b in zip(solo, batched, strict=True):
-            assert s.cached == b.cached
-            for ls, lb in zip(s.cache.layers, b.cache.layers, strict=True):
-                torch.testing.assert_close(lb.keys, ls.keys, rtol=1e-4, atol=1e-4)
-                torch.testing.assert_close(lb.values, ls.values, rtol=1e-4, atol=1e-4)
+        expected = _batch_equals_solo(solo, batched, list(blocks))
         # commit a different number of each block's tokens (a verdict), roll back, then go again
         for i, (s, b, x, e) in enumerate(zip(solo, batched, blocks, expected, strict=True)):
             keep = (i + rnd) % (len(x) + 1)
@@ -89,6 +80,22 @@ def _solo(state: SequenceState, extra: list[int] | TreeLayout) -> torch.Tensor:
     return state.forward(extra) if isinstance(extra, list) else state.forward_tree(extra.parents, extra.nodes)
 
 
+def _batch_equals_solo(solo: list[SequenceState], batched: list[SequenceState],
+                       extras: list[list[int] | TreeLayout]) -> list[torch.Tensor]:
+    """One batched pass against each solo pass: the same logits, and the same caches after; the solo logits."""
+    expected = [_solo(s, x) for s, x in zip(solo, extras, strict=True)]
+    got = forward_batch(batched, extras)
+    for e, g in zip(expected, got, strict=True):
+        assert e.shape == g.shape
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-4)
+    for s, b in zip(solo, batched, strict=True):
+        assert s.cached == b.cached
+        for ls, lb in zip(s.cache.layers, b.cache.layers, strict=True):
+            torch.testing.assert_close(lb.keys, ls.keys, rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(lb.values, ls.values, rtol=1e-4, atol=1e-4)
+    return expected
+
+
 def test_trees_and_lines_in_one_batch_equal_their_solo_passes(tiny_target: LoadedModel) -> None:
     """Tree rows (their own mask and depth positions) beside line rows: the solo `forward_tree` / `forward` logits
     and caches; then, after committing a path (the main line's prefix, or a candidate's), the same next passes."""
@@ -107,16 +114,7 @@ def test_trees_and_lines_in_one_batch_equal_their_solo_passes(tiny_target: Loade
             _layout([], []) if rnd == 1 else _ids(rnd, 70),  # a tree without nodes: the plain next-token pass
             _layout(_ids(1, 80 + rnd), [(-1, _ids(1, 90 + rnd))]),
         ]
-        expected = [_solo(s, x) for s, x in zip(solo, extras, strict=True)]
-        got = forward_batch(batched, extras)
-        for e, g in zip(expected, got, strict=True):
-            assert e.shape == g.shape
-            torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-4)
-        for s, b in zip(solo, batched, strict=True):
-            assert s.cached == b.cached
-            for ls, lb in zip(s.cache.layers, b.cache.layers, strict=True):
-                torch.testing.assert_close(lb.keys, ls.keys, rtol=1e-4, atol=1e-4)
-                torch.testing.assert_close(lb.values, ls.values, rtol=1e-4, atol=1e-4)
+        expected = _batch_equals_solo(solo, batched, extras)
         for i, (s, b, x, e) in enumerate(zip(solo, batched, extras, expected, strict=True)):
             before = len(s.tokens)
             if isinstance(x, list) or not x.spans or (i + rnd) % 2:  # a prefix of the main line (in the cache)
