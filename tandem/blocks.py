@@ -39,6 +39,7 @@ class DraftBlock:
     # per main-path token drafted by the draft model, its confidence (`tandem.drafting`); the edge's own, never sent
     confidence: list[float] = field(default_factory=list)
     branch_confidence: list[float] = field(default_factory=list)  # per candidate drafted as a sibling (`tandem.tree`)
+    alternatives: list[tuple[int, float]] = field(default_factory=list)  # per token: its second choice, q2 / (1 - q1)
 
 
 @dataclass(frozen=True)

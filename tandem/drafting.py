@@ -18,7 +18,7 @@ from tandem.blocks import Candidate, DraftBlock, VerifyResult
 from tandem.models import LoadedModel
 from tandem.sampling import SamplingParams, logits_to_probs, make_generator, sample
 from tandem.shaping import Shaper
-from tandem.tree import siblings
+from tandem.tree import calibrate, siblings
 from tandem.value import BlockValue, Calibration
 
 QForm = Literal["sparse", "none"]  # q sent as its top-k support (k = V: all of it), or not (point masses)
@@ -160,7 +160,7 @@ class ModelDrafter:
             self._take(sure)
             self.state.tokens.append(tok)
         block = draft_block(tokens, rows)
-        block.confidence = confidence
+        block.confidence, block.alternatives = confidence, alternatives
         if self.tree and self.sizer is not None:
             block.candidates, block.branch_confidence = siblings(self.sizer, self.branch, confidence, alternatives)
             if not self.params.greedy:  # chosen by q alone, then drawn, as `verify_tree_stochastic` takes them
@@ -200,11 +200,5 @@ class ModelDrafter:
     def learn(self, context: list[int], block: DraftBlock, result: VerifyResult, skipped: int = 0) -> None:
         """The verdict calibrates the draft's confidence and its siblings'; the next `propose` rolls the cache back
         to what was emitted."""
-        if self.value is None or not block.confidence or result.stale:
-            return
-        taken = result.candidate  # a sibling taken: the main chain was rejected where it branches off
-        on_main = result.num_accepted if taken is None else block.candidates[taken].parent + 1 - skipped
-        self.value.calibration.observe(block.confidence[skipped:], on_main)
-        for k, (c, s) in enumerate(zip(block.candidates, block.branch_confidence, strict=False)):
-            if c.parent + 1 - skipped == on_main:  # the sibling at the first rejection: did the target choose it?
-                self.branch.observe([s], int(k == taken))
+        if self.value is not None:
+            calibrate(self.value.calibration, self.branch, block, result, skipped)

@@ -243,7 +243,7 @@ class SpeculativeDecoder:
         """Rounds: draft a block (and, pipelined, one ahead of it), send, take the oldest verdict, emit what it
         accepted (the drafter and the policies learn it), know which blocks in flight still apply; repeat."""
         s, stats, drafter = self.settings, run.stats, self._drafter
-        by_value = isinstance(drafter, ModelDrafter) and drafter.value is not None
+        by_value = getattr(drafter, "value", None) is not None  # the drafter ends its blocks by value
         plan = BlockPlan(run.gamma, self.gamma_policy, s.pipeline, auto, by_value)
         with ThreadPoolExecutor(1) as io:  # the cloud prefills the prompt while the draft does (`start`), here
             opening = io.submit(self._open, run, verifier, plan)
@@ -377,6 +377,6 @@ def generate_speculative(drafter: Drafter, verifier: Verifier, prompt: list[int]
     costs = getattr(drafter, "costs", None)
     if isinstance(costs, CostCurve):
         decoder.gamma_policy.costs = costs  # the loop feeds the curve the drafter sizes its blocks by
-    if isinstance(drafter, ModelDrafter) and drafter.value is not None:
-        decoder.gamma_policy = drafter.value.policy  # and the policy its blocks are valued by
+    if (value := getattr(drafter, "value", None)) is not None:
+        decoder.gamma_policy = value.policy  # and the policy its blocks are valued by
     return decoder.generate(prompt, params, on_tokens, drafter=drafter)

@@ -10,7 +10,7 @@ curve (on a curve that grows with positions, none).
 
 from __future__ import annotations
 
-from tandem.blocks import Candidate
+from tandem.blocks import Candidate, DraftBlock, VerifyResult
 from tandem.costs import keep_nodes
 from tandem.value import BlockValue, Calibration
 
@@ -29,3 +29,17 @@ def siblings(value: BlockValue, branch: Calibration, confidence: list[float],
     picked = [i for i, k in enumerate(keep) if k]
     return [Candidate(i - 1, [alternatives[i][0]]) for i in picked], [alternatives[i][1] for i in picked]
 
+
+
+def calibrate(chain: Calibration, branch: Calibration, block: DraftBlock, result: VerifyResult,
+              skipped: int = 0) -> None:
+    """A verdict on `block` (as proposed; its first `skipped` tokens committed before it was verified) teaches the
+    main chain's calibration, and the sibling's at the first rejection: did the target choose it?"""
+    if not block.confidence or result.stale:
+        return
+    taken = result.candidate  # a sibling taken: the main chain was rejected where it branches off
+    on_main = result.num_accepted if taken is None else block.candidates[taken].parent + 1 - skipped
+    chain.observe(block.confidence[skipped:], on_main)
+    for k, (c, s) in enumerate(zip(block.candidates, block.branch_confidence, strict=False)):
+        if c.parent + 1 - skipped == on_main:
+            branch.observe([s], int(k == taken))

@@ -63,8 +63,8 @@ class CapacityConfig:
             raise ValueError(f"edges must be one of {', '.join(EDGES)}, got {self.edges!r}")
         if not self.modes or set(self.modes) - set(MODES) or len(set(self.modes)) != len(self.modes):
             raise ValueError(f"modes: distinct ones of {', '.join(MODES)}, got {','.join(self.modes)!r}")
-        if self.gamma == "adaptive" or not self.gamma.isdigit() or not 0 <= int(self.gamma) <= self.max_gamma:
-            raise ValueError(f"gamma (spec's fixed block length) must be in [0, max_gamma={self.max_gamma}], "
+        if self.gamma != "adaptive" and (not self.gamma.isdigit() or not 0 <= int(self.gamma) <= self.max_gamma):
+            raise ValueError(f"gamma (spec's block length) must be adaptive or in [0, max_gamma={self.max_gamma}], "
                              f"got {self.gamma!r}")
 
 
@@ -82,6 +82,7 @@ def worker_main(cloud: str, draft_name: str, gamma: str, max_gamma: int, threads
     from tandem.models import load_model
     from tandem.sampling import SamplingParams
     from tandem.speculate import SpeculativeDecoder
+    from tandem.value import BlockValue
 
     if nice:
         os.nice(nice)
@@ -99,7 +100,9 @@ def worker_main(cloud: str, draft_name: str, gamma: str, max_gamma: int, threads
     def run(c: SpeculativeDecoder, prompt: list[int], max_tokens: int, mode: str,
             on_tokens: Any = None) -> tuple[Any, int]:
         """The result, and the replay edge's proposals off the table (blocks sent ahead on a wrong guess)."""
-        drafter = None if table is None else ReplayDrafter(table, draft)  # None: the draft model, here
+        s = c.settings  # by value and with trees, as the edge's own drafter (a fixed gamma only bounds the block)
+        value = BlockValue(c.gamma_policy, c.calibration, s.pipeline) if s.block_value else None
+        drafter = None if table is None else ReplayDrafter(table, draft, value=value, tree=s.draft_tree)
         result = c.generate(prompt, SamplingParams(max_tokens=max_tokens, ignore_eos=True), on_tokens=on_tokens,
                             mode=mode, drafter=drafter)
         return result, 0 if drafter is None else drafter.misses

@@ -195,7 +195,8 @@ def bench_capacity(
     trace: Annotated[Path | None, typer.Option(help="JSON lines with prompt (or messages); default: the chat trace "
                                                "for a chat pair, held-out code otherwise")] = None,
     requests: Annotated[int, typer.Option(help="requests per client and mode, back to back")] = 2,
-    gamma: Annotated[str, typer.Option(help="spec's fixed draft block length")] = "4",
+    gamma: Annotated[str, typer.Option(help="spec's block length: at most this many (blocks end by value, with "
+                                            "siblings, as the edge's defaults), or adaptive")] = "4",
     max_gamma: Annotated[int, typer.Option(help="the largest block auto may draft (and the replay table holds)")] = 8,
     target: Annotated[str, typer.Option(help="the cloud's target model")] = DEFAULT_TARGET,
     draft: Annotated[str, typer.Option(help="the edges' draft model")] = DEFAULT_DRAFT,

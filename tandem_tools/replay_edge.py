@@ -19,6 +19,8 @@ from tandem.blocks import DraftBlock, VerifyResult
 from tandem.errors import InvalidRequestError
 from tandem.models import LoadedModel
 from tandem.sampling import SamplingParams
+from tandem.tree import calibrate, siblings
+from tandem.value import BlockValue, Calibration
 from tandem_tools.bench_common import common_prefix
 
 EXTRA_TOKENS = 4  # T runs a few tokens past max_tokens
@@ -37,6 +39,10 @@ class ReplayTable:
     continuations: list[list[list[int]]]  # [prompt][k]: the draft's max_gamma + 1 tokens after prompt + T[:k]
     draft_step_s: float  # mean seconds per draft forward pass, this process alone
     record_s: dict[str, float] = field(default_factory=dict)  # what recording took: target, draft
+    # [prompt][k][i]: continuation token i's confidence and the draft's second choice there (token, q2 / (1 - q1)),
+    # for blocks sized by value and draft trees
+    confidences: list[list[list[float]]] = field(default_factory=list)
+    alternatives: list[list[list[tuple[int, float]]]] = field(default_factory=list)
 
     @property
     def width(self) -> int:
@@ -94,28 +100,34 @@ def record_table(target: LoadedModel, draft: LoadedModel, prompts: list[list[int
                 raise ValueError(f"a {len(p)}-token prompt leaves room for {len(out)} of the {max_tokens} tokens")
         width = max_gamma + 1
         torch.set_num_threads(draft_threads)
-        warm = ModelDrafter(draft, "sparse")  # first-call allocations, out of the timing
+        sure = 1e-9  # a p-min no token misses: full blocks, each token's confidence and second choice read
+        warm = ModelDrafter(draft, "sparse", p_min=sure)  # first-call allocations, out of the timing
         warm.start(prompts[0], params)
         warm.propose(prompts[0], width)
         continuations: list[list[list[int]]] = []
+        confidences: list[list[list[float]]] = []
+        alternatives: list[list[list[tuple[int, float]]]] = []
         spent, steps = 0.0, 0
         t1 = time.perf_counter()
         for p, out in zip(prompts, outputs, strict=True):
-            drafter = ModelDrafter(draft, "sparse")  # one per prompt: its cache follows the growing prefix
+            drafter = ModelDrafter(draft, "sparse", p_min=sure)  # one per prompt: its cache follows the prefix
             drafter.start(p, params)
-            rows = []
+            blocks = []
             for k in range(max_tokens + 1):
                 t = time.perf_counter()
-                rows.append(drafter.propose(p + out[:k], width).tokens)
+                blocks.append(drafter.propose(p + out[:k], width))
                 spent += time.perf_counter() - t
             steps += drafter.steps
-            continuations.append(rows)
+            continuations.append([b.tokens for b in blocks])
+            confidences.append([b.confidence for b in blocks])
+            alternatives.append([b.alternatives for b in blocks])
         draft_s = time.perf_counter() - t1
     finally:
         torch.set_num_threads(threads)
     target_name, draft_name = names or (target.name, draft.name)
     return ReplayTable(target_name, draft_name, max_tokens, max_gamma, draft_threads, [list(p) for p in prompts],
-                       outputs, continuations, spent / steps, {"target": target_s, "draft": draft_s})
+                       outputs, continuations, spent / steps, {"target": target_s, "draft": draft_s}, confidences,
+                       alternatives)
 
 
 def ensure_table(path: Path, target: str, draft: str, prompts: list[list[int]], max_tokens: int, max_gamma: int,
@@ -129,7 +141,7 @@ def ensure_table(path: Path, target: str, draft: str, prompts: list[list[int]], 
             old = ReplayTable.load(path)
         except (ValueError, TypeError, KeyError):
             old = None  # unreadable (an interrupted write): record again
-        if old is not None and old.key() == key:
+        if old is not None and old.key() == key and old.confidences:
             return old, True
     from tandem.models import load_model
 
@@ -143,10 +155,14 @@ def ensure_table(path: Path, target: str, draft: str, prompts: list[list[int]], 
 
 class ReplayDrafter:
     """A `Drafter` answering from a `ReplayTable`: the recorded greedy proposals, after sleeping the recorded draft
-    time per step. `draft` is the draft model, loaded only for its vocabulary, stop tokens and context length."""
+    time per step. `draft` is the draft model, loaded only for its vocabulary, stop tokens and context length.
+    `value`, `tree`: blocks ended by value and siblings beside them, by the recorded confidences and second choices,
+    as `tandem.drafting.ModelDrafter` makes them (the step that ends a block is slept too)."""
 
-    def __init__(self, table: ReplayTable, draft: LoadedModel, sleep: Callable[[float], None] = time.sleep) -> None:
+    def __init__(self, table: ReplayTable, draft: LoadedModel, sleep: Callable[[float], None] = time.sleep,
+                 value: BlockValue | None = None, tree: bool = False) -> None:
         self.table, self.draft = table, draft
+        self.value, self.tree, self.branch = value, tree, Calibration()
         self.steps = 0
         self.misses = 0  # proposals on a context off prompt + T (blocks sent ahead on a wrong guess)
         self._sleep = sleep
@@ -180,9 +196,23 @@ class ReplayDrafter:
             self.misses += 1
         # the loop times `propose`: this sleep is the draft time the edge measures and reports (adaptive gamma, the
         # cloud's advice), as a real draft's passes would be
-        self._sleep(n * self.table.draft_step_s)
-        self.steps += n
-        return DraftBlock(list(rows[k][:n]))
+        block, steps = DraftBlock(list(rows[k][:n])), n
+        if self.value is not None:
+            conf, alts = self.table.confidences[self._entry][k][:n], self.table.alternatives[self._entry][k][:n]
+            self.value.start()
+            while self.value.n < n and (self.value.n < at_least or self.value.worth(conf[self.value.n])):
+                self.value.take(conf[self.value.n])
+            kept, steps = self.value.n, min(n, self.value.n + 1)
+            block = DraftBlock(block.tokens[:kept], confidence=conf[:kept],
+                               alternatives=[(t, s) for t, s in alts[:kept]])  # JSON made them lists
+            if self.tree:
+                block.candidates, block.branch_confidence = siblings(self.value, self.branch, conf[:kept],
+                                                                     block.alternatives)
+        self._sleep(steps * self.table.draft_step_s)
+        self.steps += steps
+        return block
 
     def learn(self, context: list[int], block: DraftBlock, result: VerifyResult, skipped: int = 0) -> None:
-        """Nothing to learn: the proposals are the recorded ones."""
+        """The proposals are the recorded ones; by value, the verdicts calibrate the confidences."""
+        if self.value is not None:
+            calibrate(self.value.calibration, self.branch, block, result, skipped)

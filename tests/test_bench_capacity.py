@@ -11,7 +11,10 @@ import pytest
 from conftest import noisy_copy, tiny_model, tiny_tokenizer
 from rich.console import Console
 
+from tandem.adaptive import AdaptiveGamma
+from tandem.blocks import VerifyResult
 from tandem.config import SpeculationSettings
+from tandem.costs import CostCurve, Ewma
 from tandem.drafting import ModelDrafter
 from tandem.errors import InvalidRequestError
 from tandem.local import LocalVerifier
@@ -19,6 +22,7 @@ from tandem.models import LoadedModel
 from tandem.sampling import SamplingParams
 from tandem.session import generate_autoregressive
 from tandem.speculate import SpeculativeDecoder, generate_speculative
+from tandem.value import BlockValue, Calibration
 from tandem_tools.bench_capacity import CapacityConfig, run_bench_capacity
 from tandem_tools.capacity_figures import bucket_counts, histogram_buckets, parse_metrics, percentile
 from tandem_tools.replay_edge import TABLE_FILE, ReplayDrafter, ReplayTable, ensure_table, record_table
@@ -69,16 +73,39 @@ def test_replay_proposals_are_the_drafts(table: ReplayTable, tiny_draft: LoadedM
         replay.start([3, 4, 5], GREEDY)
 
 
-@pytest.mark.parametrize("how", ["sync", "pipelined-spec", "pipelined-auto"])
+def _flat_value() -> BlockValue:
+    return BlockValue(AdaptiveGamma(draft_s=Ewma(0.001), costs=CostCurve({1: 0.1, 64: 0.1})), Calibration(), False)
+
+
+def test_replay_by_value_with_trees_is_the_drafts(table: ReplayTable, tiny_draft: LoadedModel) -> None:
+    """Blocks ended by value and siblings beside them, from the recorded confidences: the real draft's own."""
+    prompt, out = PROMPTS[1], table.outputs[1]
+    real = ModelDrafter(tiny_draft, "sparse", value=_flat_value(), tree=True)
+    replay = ReplayDrafter(table, tiny_draft, lambda s: None, value=_flat_value(), tree=True)
+    real.start(prompt, GREEDY)
+    replay.start(prompt, GREEDY)
+    shapes = set()
+    for k in range(13):
+        a, b = real.propose(prompt + out[:k], table.width), replay.propose(prompt + out[:k], table.width)
+        assert (b.tokens, b.candidates, b.confidence) == (a.tokens, a.candidates, a.confidence), k
+        result = VerifyResult(min(1, len(a.tokens)), out[k : k + 2], None, [])
+        real.learn(prompt + out[:k], a, result)
+        replay.learn(prompt + out[:k], b, result)
+        shapes.add((len(b.tokens), len(b.candidates)))
+    assert replay.steps == real.steps and len(shapes) > 1 and any(c for _, c in shapes)
+
+
+@pytest.mark.parametrize("how", ["sync", "pipelined-spec", "pipelined-auto", "pipelined-tree"])
 def test_replay_generation_is_the_targets(how: str, table: ReplayTable, tiny_target: LoadedModel,
                                           tiny_draft: LoadedModel) -> None:
     for prompt in PROMPTS:
         alone = generate_autoregressive(tiny_target, prompt, GREEDY).tokens
-        drafter = ReplayDrafter(table, tiny_draft, lambda s: None)
+        drafter = ReplayDrafter(table, tiny_draft, lambda s: None, value=_flat_value() if "tree" in how else None,
+                                tree="tree" in how)
         if how == "sync":
             result = generate_speculative(drafter, LocalVerifier(tiny_target), prompt, GREEDY, gamma=3)
         else:
-            mode = how.split("-")[1]
+            mode = how.split("-")[1].replace("tree", "spec")
             settings = SpeculationSettings(mode=mode, gamma="adaptive" if mode == "auto" else 4, max_gamma=4,
                                            pipeline=True, retries=0)
             decoder = SpeculativeDecoder(settings, tiny_draft, lambda: LocalVerifier(tiny_target))
