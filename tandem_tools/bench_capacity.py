@@ -79,7 +79,8 @@ def worker_main(cloud: str, draft_name: str, gamma: str, max_gamma: int, threads
 
     from edge_client.client import edge_decoder
     from edge_client.settings import EdgeSettings
-    from tandem.models import load_model
+    from tandem.config import DraftPlacement
+    from tandem.models import load_draft
     from tandem.sampling import SamplingParams
     from tandem.speculate import SpeculativeDecoder
     from tandem.value import BlockValue
@@ -87,7 +88,7 @@ def worker_main(cloud: str, draft_name: str, gamma: str, max_gamma: int, threads
     if nice:
         os.nice(nice)
     torch.set_num_threads(threads)
-    draft = load_model(draft_name)
+    draft = load_draft(draft_name, DraftPlacement(), threads)
     table = ReplayTable.load(Path(table_path)) if table_path is not None else None
 
     def client(mode: str) -> SpeculativeDecoder:
@@ -187,7 +188,8 @@ def run_bench_capacity(cfg: CapacityConfig, out_dir: Path, console: Any = None,
     import torch
     from rich.console import Console
 
-    from tandem.models import load_model
+    from tandem.config import DraftPlacement
+    from tandem.models import load_draft
     from tandem_tools.train.data import heldout_prompts
 
     cfg.check()
@@ -195,7 +197,7 @@ def run_bench_capacity(cfg: CapacityConfig, out_dir: Path, console: Any = None,
     out_dir.mkdir(parents=True, exist_ok=True)
     n_clients = max(cfg.clients)
     if prompts is None:
-        tokenizer = load_model(cfg.draft).tokenizer
+        tokenizer = load_draft(cfg.draft, DraftPlacement()).tokenizer
         trace = Path(cfg.trace) if cfg.trace else None
         if trace is None and getattr(tokenizer, "chat_template", None) and CHAT_TRACE.is_file():
             trace = CHAT_TRACE  # a chat pair gets chat requests, as `bench local` does

@@ -143,9 +143,12 @@ def ensure_table(path: Path, target: str, draft: str, prompts: list[list[int]], 
             old = None  # unreadable (an interrupted write): record again
         if old is not None and old.key() == key and old.confidences:
             return old, True
-    from tandem.models import load_model
+    from tandem.config import DraftPlacement, TargetPlacement
+    from tandem.models import load_draft, load_target
 
-    table = record_table(load_model(target), load_model(draft), prompts, max_tokens, max_gamma, draft_threads,
+    # as the cloud and the edges load them (dtype, exact passes, runtime): the same outputs, the same proposals
+    table = record_table(load_target(target, TargetPlacement()), load_draft(draft, DraftPlacement(), draft_threads),
+                         prompts, max_tokens, max_gamma, draft_threads,
                          target_threads, names=(target, draft))
     tmp = path.with_suffix(".tmp")
     table.save(tmp)
