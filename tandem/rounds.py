@@ -110,7 +110,9 @@ class BlockPlan:
         else:
             g = int(self.gamma)
         own = max(1, min(g, room))
-        if self.advised is not None:
+        # by value the edge already prices positions at the measured pass cost, the crowd's batches included: of the
+        # cloud's advice it takes the switch to the cloud stream (0), not a cap on the block
+        if self.advised is not None and not (self.by_value and self.advised > 0):
             g = min(g, self.advised)
         return max(0, min(g, room)), own
 

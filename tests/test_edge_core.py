@@ -12,6 +12,7 @@ from tandem.blocks import DraftBlock, pending_part
 from tandem.costs import Ewma
 from tandem.drafting import ModelDrafter
 from tandem.models import LoadedModel
+from tandem.rounds import BlockPlan
 from tandem.sampling import SamplingParams
 from tandem.session import TargetSession, generate_autoregressive
 
@@ -166,3 +167,15 @@ def test_drafter_reset_keeps_the_common_prefix_cached(tiny_target: LoadedModel) 
     fresh = ModelDrafter(tiny_target, q_top_k=8)
     fresh.start([10, 20, 30, first[0], 77], params)
     assert again == fresh.draft_tokens(2).tokens
+
+
+def test_by_value_the_clouds_advice_switches_but_does_not_cap() -> None:
+    """A fixed or adaptive gamma takes the advice as a cap; blocks ended by value take only its switch (0) to the
+    cloud stream: the value rule already prices positions at the measured pass cost."""
+    capped = BlockPlan(gamma="adaptive", policy=AdaptiveGamma(max_gamma=8), pipelined=False, auto=True, advised=2)
+    assert capped.size(room=10)[0] == 2
+    by_value = BlockPlan(gamma="adaptive", policy=AdaptiveGamma(max_gamma=8), pipelined=False, auto=True,
+                         by_value=True, advised=2)
+    assert by_value.size(room=10) == (8, 8)
+    by_value.advised = 0
+    assert by_value.size(room=10)[0] == 0
