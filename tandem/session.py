@@ -163,10 +163,7 @@ class TargetSession:
         if tree is not None and not self.params.greedy:  # node i's q: a sibling of main token j has row j
             rows = [i if i < len(block.tokens) else tree.parents[i] + 1 for i in range(len(tree.nodes))]
             q = None if q is None else SparseQ(q.ids[rows], q.probs[rows])
-            children: dict[int, list[int]] = {}
-            for i, parent in enumerate(tree.parents):
-                children.setdefault(parent, []).append(i)
-            check_siblings(children, tree.nodes, q)
+            check_siblings(tree.parents, tree.nodes, q)  # before the pass: a bad block changes nothing
         return PreparedBlock(block.tokens, draft_t.to(self.device), q, tree)
 
     def finish(self, prepared: PreparedBlock, logits: torch.Tensor) -> VerifyResult:

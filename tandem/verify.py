@@ -95,10 +95,7 @@ def verify_tree_stochastic(
     none is kept the next token is drawn from r (recovered), where a node has no children from p (bonus). Each
     emitted token follows p given the ones before it, whatever the tree."""
     vocab, wide = p.shape[-1], _wide(p.device)
-    children: dict[int, list[int]] = {}
-    for i, parent in enumerate(parents):
-        children.setdefault(parent, []).append(i)
-    check_siblings(children, tokens, q)
+    children = check_siblings(parents, tokens, q)
     path: list[int] = []
     node = -1
     while kids := children.get(node):
@@ -124,14 +121,18 @@ def verify_tree_stochastic(
     return TreeVerdict(path, _draw(p[node + 1], generator), "bonus")
 
 
-def check_siblings(children: dict[int, list[int]], tokens: list[int], q: SparseQ | None) -> None:
-    """Raises InvalidRequestError unless each node's children (`children[node]`: node indices) are distinct tokens,
-    each in their q's support: siblings drawn without replacement."""
+def check_siblings(parents: list[int], tokens: list[int], q: SparseQ | None) -> dict[int, list[int]]:
+    """Each node's children (node indices, by parent; -1: the context's). Raises InvalidRequestError unless the
+    children of each node are distinct tokens, each in their q's support: siblings drawn without replacement."""
+    children: dict[int, list[int]] = {}
+    for i, parent in enumerate(parents):
+        children.setdefault(parent, []).append(i)
     for kids in children.values():
         xs = torch.tensor([tokens[c] for c in kids])
         if len(set(xs.tolist())) < len(kids) or (
                 q is not None and bool((SparseQ(q.ids[kids].cpu(), q.probs[kids].cpu()).at(xs) <= 0).any())):
             raise InvalidRequestError(UNSAMPLED)
+    return children
 
 
 @dataclass(frozen=True)
