@@ -1,6 +1,6 @@
 """The edge client: the core's speculative loop, its draft model here, its verifier the cloud over the wire.
 
-`edge_decoder(...).generate` is one request (modes spec, cloud, edge, auto; pipelining, Ouroboros drafting, adaptive
+`edge_decoder(...).generate` is one request (modes spec, cloud, edge, auto; pipelining, draft trees, adaptive
 gamma, resume and fallback are the loop's: `tandem.speculate`). This module only says how to reach the cloud.
 """
 

@@ -16,7 +16,7 @@
 #   SMOKE_BUILD_NETWORK    the build's network (default: host with TANDEM_SMOKE_NETWORK=host, else Docker's own)
 #   SMOKE_NETEM=1          also start the netem profile and route the edge through it (NETEM_RTT_MS, default 20)
 #   SMOKE_BENCH=1          then run the bench profile (a short replay against the cloud service: BENCH_PROMPTS
-#                          default 1, BENCH_RTT_MS default 0,20, BENCH_MODES default cloud,spec,ouroboros) and check
+#                          default 1, BENCH_RTT_MS default 0,20, BENCH_MODES default cloud,spec,auto) and check
 #                          its results.json (every mode and RTT measured, greedy outputs identical) and files
 #   SMOKE_NO_BUILD=1       use an existing TANDEM_IMAGE
 #   SMOKE_KEEP=1           leave the services running (and print how to stop them)
@@ -93,7 +93,7 @@ else
   export COMPOSE_PROFILES="" EDGE_CLOUD=$cloud_addr:$CLOUD_GRPC_PORT
 fi
 if [ "${SMOKE_BENCH:-0}" = 1 ]; then  # before `compose config`: the host-network file is resolved from it
-  export BENCH_PROMPTS=${BENCH_PROMPTS:-1} BENCH_RTT_MS=${BENCH_RTT_MS:-0,20} BENCH_MODES=${BENCH_MODES:-cloud,spec,ouroboros}
+  export BENCH_PROMPTS=${BENCH_PROMPTS:-1} BENCH_RTT_MS=${BENCH_RTT_MS:-0,20} BENCH_MODES=${BENCH_MODES:-cloud,spec,auto}
 fi
 compose() { "${compose_bin[@]}" -p "$project" --project-directory . "${files[@]}" "$@"; }
 

@@ -51,9 +51,9 @@ print(f"torch {torch.__version__}, CUDA {torch.version.cuda}, " + (torch.cuda.ge
 # the in-process tests only: the ones over gRPC / HTTP need the server stack, which this check does not
 tests=(tests/test_fastpath.py tests/test_engine.py)
 if "$PY" -c "import cloud_server.main, edge_client.client" 2>/dev/null; then
-  tests+=(tests/test_ouroboros.py)
+  tests+=(tests/test_pool_e2e.py)
 else
-  echo "device-check: the server stack does not import here: tests/test_ouroboros.py left out"
+  echo "device-check: the server stack does not import here: tests/test_pool_e2e.py left out"
 fi
 test_rc=0
 timeout 240 "$PY" -m pytest -q -p no:cacheprovider "${tests[@]}" -k "not wire and not grpc and not http" 2>&1 \

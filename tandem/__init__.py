@@ -8,9 +8,10 @@ model loading, no tokenizer. The other floors build on it and it imports none of
 - `kv`: a sequence's KV cache, rollback = a position and one crop; `batch`: many sessions in one forward pass.
 - `blocks`: a drafted block and its verdict, and the pipelining rule (`pending_part`); `session`: the target's side
   (`TargetSession`) and the target alone.
-- `drafting`: the drafter seam and the draft-model drafter; `pool` and `ouroboros`: phrase-pool drafting.
+- `drafting`: the drafter seam and the draft-model drafter; `value`: where a block ends; `tree`: the siblings and
+  phrase-pool chains beside it; `pool`: the phrase pool.
 - `messages`: the session protocol in core types and the verifier seam; `local`: the target in this process.
-- `speculate`: the one speculative loop (pipelining, Ouroboros, adaptive gamma, auto, resume, fallback);
+- `speculate`: the one speculative loop (pipelining, adaptive gamma, auto, resume, fallback);
   `adaptive`: the block-length model; `costs`: the target's measured pass time by positions, and the block shape it
   pays for; `stats`: what a generation reports.
 - `models`: loading and tokenizer fingerprints; `config`: settings; `errors`: typed errors with codes.

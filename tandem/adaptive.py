@@ -20,8 +20,7 @@ class AdaptiveGamma:
     prior_acceptance: float = 0.6
     draft_s: Ewma = field(default_factory=lambda: Ewma(0.002))
     rtt_s: Ewma = field(default_factory=lambda: Ewma(0.0))
-    # the target's pass time by positions; pass `CostCurve(prior)` to start from a curve measured at start-up, and
-    # share it with an `OuroborosDrafter(costs=...)` so that both learn from the same passes
+    # the target's pass time by positions; pass `CostCurve(prior)` to start from a curve measured at start-up
     costs: CostCurve = field(default_factory=CostCurve)
     acceptance: Acceptance = field(init=False)  # per position; deeper than any measured: the deepest (or the prior)
     chosen: list[int] = field(default_factory=list)

@@ -38,7 +38,8 @@ class DraftBlock:
     sources: list[str] | None = None
     # per main-path token drafted by the draft model, its confidence (`tandem.drafting`); the edge's own, never sent
     confidence: list[float] = field(default_factory=list)
-    branch_confidence: list[float] = field(default_factory=list)  # per candidate drafted as a sibling (`tandem.tree`)
+    # per candidate (`tandem.tree`): a sibling's conditional probability; None: a phrase pool's; the edge's own
+    branch_confidence: list[float | None] = field(default_factory=list)
     alternatives: list[tuple[int, float]] = field(default_factory=list)  # per token: its second choice, q2 / (1 - q1)
 
 
@@ -95,8 +96,13 @@ class VerifyResult:
         on_main = self.on_chain(block, skipped)
         sources = (block.sources or []) + ["draft"] * len(block.tokens)
         main = "".join("d" if src == "draft" else "p" for src in sources[skipped : skipped + on_main])
-        off = ("b" if block.branch_confidence else "p") * (self.num_accepted - on_main)
-        return (main + off + "t")[: len(self.tokens)]
+        off = self.num_accepted - on_main
+        if off and self.candidate is not None and self.candidate < len(block.branch_confidence) and \
+                block.branch_confidence[self.candidate] is not None:
+            off_chain = "b" + "p" * (off - 1)  # a sibling, then its phrase's tail
+        else:
+            off_chain = "p" * off
+        return (main + off_chain + "t")[: len(self.tokens)]
 
 
 def pending_part(committed: list[int], base_len: int, block_tokens: list[int]) -> int | None:

@@ -104,6 +104,10 @@ class SpeculationSettings(BaseSettings):
     block_value: bool = Field(default=True, description="blocks end where the next token is not worth its cost")
     draft_tree: bool = Field(default=True, description="by value: siblings beside the chain where they pay "
                              "(greedy: the second choice; sampling: drawn without replacement)")
+    draft_pool: bool = Field(default=False, description="with a tree: a phrase pool's chains in it, kept per client "
+                             "id (the prompt's, the output's and the target's phrases); off: on the default pair "
+                             "they do not pay (docs/performance.md)")
+    pool_extend: int = Field(default=8, ge=1, description="tokens of a pool chain, at most")
     pipeline: bool = Field(default=True, description="draft the next block while the current one is verified")
     q_top_k: int = Field(default=16, ge=1, description="sampling: the draft samples from its top-k and sends them")
     fallback: Literal["none", "edge"] = "none"
@@ -113,12 +117,6 @@ class SpeculationSettings(BaseSettings):
     auto_probe_rounds: int = Field(default=3, ge=1, description="auto mode: speculative rounds measured first")
     auto_margin: float = Field(default=1.1, ge=1.0, description="auto: speculate only when its rate beats cloud x this")
     client_id: str = "tandem-edge"
-    # Ouroboros-style drafting: blocks lengthened from a phrase pool kept per client id (a warm start), candidate
-    # continuations verified in the same target pass (greedy only), the cloud's feedback learnt into the pool
-    ouroboros: bool = Field(default=False, description="lengthen drafts from a phrase pool, with candidates")
-    ouroboros_extend: int = Field(default=8, ge=0, description="pool tokens appended to a drafted block, at most")
-    ouroboros_candidates: int = Field(default=1, ge=0, description="candidate continuations per block (greedy)")
-    ouroboros_candidate_len: int = Field(default=4, ge=1)
     pool_max_clients: int = Field(default=64, ge=1, description="phrase pools kept (one per client id), LRU")
     pool_max_tokens: int = Field(default=2_000_000, ge=1, description="tokens all phrase pools hold together")
 

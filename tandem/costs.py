@@ -141,7 +141,8 @@ class Acceptance:
 
 
 def keep_nodes(costs: CostCurve, fixed_s: float, positions: int, tokens: float,
-               chains: Sequence[Sequence[float]]) -> list[int]:
+               chains: Sequence[Sequence[float]], most: int | None = None,
+               token_s: Sequence[float] | None = None) -> list[int]:
     """How many leading nodes of each chain to add to a block for the most expected tokens per second.
 
     The block without them: `positions` in its target pass, `tokens` expected from it (accepted + the target's
@@ -149,23 +150,29 @@ def keep_nodes(costs: CostCurve, fixed_s: float, positions: int, tokens: float,
     k of chain c adds (taken non-increasing along a chain: a node counts only if the ones before it do). Every node
     costs one position, so for each count m the best m nodes are the m with the largest gains; the count is chosen
     over all m (the curve may jump and then stay flat, so stopping at the first node that does not pay would miss
-    cheap ones behind it).
+    cheap ones behind it). `most`: nodes kept in all, at most. `token_s[c]`: seconds each expected token of chain c
+    costs besides its position (a phrase pool's token, once taken, still has to be fed to the draft model): such a
+    node ranks by what it adds net of that time at the block's own rate, and a chain whose tokens cost more than
+    they add at that rate is never kept.
     """
-    nodes: list[tuple[float, int, int]] = []  # (gain, chain, index)
+    base_rate = tokens / (fixed_s + costs.time(positions))
+    nodes: list[tuple[float, float, int]] = []  # (rank, gain, chain)
     for c, gains in enumerate(chains):
+        net = 1.0 - base_rate * (token_s[c] if token_s is not None else 0.0)
         cap = float("inf")
-        for k, g in enumerate(gains):
+        for g in gains if net > 0 else ():
             cap = min(cap, max(0.0, g))
-            nodes.append((cap, c, k))
+            nodes.append((cap * net, cap, c))
     nodes.sort(key=lambda node: -node[0])  # stable: a chain's equal gains keep their order
-    best_m, best_rate = 0, tokens / (fixed_s + costs.time(positions))
-    total = tokens
-    for m, (gain, _, _) in enumerate(nodes, start=1):
+    best_m, best_rate = 0, base_rate
+    total, extra_s = tokens, 0.0
+    for m, (_, gain, c) in enumerate(nodes[:most], start=1):
         total += gain
-        rate = total / (fixed_s + costs.time(positions + m))
+        extra_s += gain * token_s[c] if token_s is not None else 0.0
+        rate = total / (fixed_s + extra_s + costs.time(positions + m))
         if rate > best_rate * (1 + 1e-9):
             best_m, best_rate = m, rate
     counts = [0] * len(chains)
-    for _, c, _ in nodes[:best_m]:
+    for _, _, c in nodes[:best_m]:
         counts[c] += 1
     return counts

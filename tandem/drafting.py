@@ -2,8 +2,8 @@
 
 A `Drafter` proposes a block continuing a context (which may run ahead of what the target has committed: a block
 drafted while the previous one is being verified) and learns each verdict. `ModelDrafter` drafts with a small causal
-LM; `tandem.pool.OuroborosDrafter` lengthens its blocks from a phrase pool. The speculative loop (`tandem.speculate`)
-uses either, in process and on the edge alike.
+LM, its blocks grown into trees (`tandem.tree`) with a phrase pool's chains. The speculative loop (`tandem.speculate`)
+uses it in process and on the edge alike.
 
 Under sampling the draft samples from q and sends q in the chosen form: exactly the distribution it drew from.
 """
@@ -18,7 +18,7 @@ from tandem.blocks import Candidate, DraftBlock, VerifyResult
 from tandem.models import LoadedModel
 from tandem.sampling import SamplingParams, logits_to_probs, make_generator, sample
 from tandem.shaping import Shaper
-from tandem.tree import calibrate, siblings
+from tandem.tree import PoolBranches, Tree, calibrate, grow
 from tandem.value import BlockValue, Calibration
 
 QForm = Literal["sparse", "none"]  # q sent as its top-k support (k = V: all of it), or not (point masses)
@@ -80,12 +80,15 @@ class ModelDrafter:
     where that token is not worth its cost (`tandem.value`, calibrated by the verdicts `learn` sees); else before a
     token under `p_min` (llama.cpp's draft p-min). `cut` counts the blocks it ended. `tree` (by value): siblings
     beside the chain where they pay (`tandem.tree`): the draft's second choices (greedy) or draws without
-    replacement from the main token's q (sampling), placed by the second choice's odds."""
+    replacement from the main token's q (sampling), placed by the second choice's odds; with `pool` (no grammar), a
+    phrase pool's chains in the same tree (sampling: only the chain's lengthening), fed the prompt and every
+    verdict."""
 
     def __init__(self, draft: LoadedModel, q_form: QForm = "sparse", q_top_k: int = 16, p_min: float = 0.0,
-                 value: BlockValue | None = None, tree: bool = False) -> None:
+                 value: BlockValue | None = None, tree: bool = False, pool: PoolBranches | None = None) -> None:
         self.draft, self.q_form, self.q_top_k, self.p_min, self.value = draft, q_form, q_top_k, p_min, value
-        self.tree = tree
+        self.tree, self.pool = tree, pool
+        self.phrases: PoolBranches | None = None  # the pool, for the request `start` began
         self.branches = {True: Calibration(), False: Calibration()}  # by greedy: siblings' acceptance by q2 / (1 - q1)
         self.branch = self.branches[True]
         self.steps = self.cut = 0
@@ -101,6 +104,9 @@ class ModelDrafter:
         # a seeded sample is reproducible only if its blocks are: the value rule reads timings, the floor does not
         self.sizer = self.value if params.greedy or params.seed is None else None
         self.branch = self.branches[params.greedy]
+        self.phrases = self.pool if self.tree and params.grammar is None else None
+        if self.phrases is not None:
+            self.phrases.pool.feed(context)
 
     def reset(self, context: list[int]) -> None:
         common = 0
@@ -113,11 +119,12 @@ class ModelDrafter:
 
     def propose(self, context: list[int], n: int, room: int | None = None, at_least: int = 1) -> DraftBlock:
         self.reset(context)
-        return self.draft_tokens(n, at_least)
+        return self.draft_tokens(n, at_least, room)
 
-    def draft_tokens(self, n: int, at_least: int = 1) -> DraftBlock:
+    def draft_tokens(self, n: int, at_least: int = 1, room: int | None = None) -> DraftBlock:
         """n tokens continuing the current context, which grows by them; fewer, but `at_least`, where the draft is
-        unsure (`p_min`)."""
+        unsure (`p_min`). `room`: block tokens allowed in all, a tree's included (default: n)."""
+        before = list(self.state.tokens)
         tokens: list[int] = []
         rows: list[DraftRow] = []
         confidence: list[float] = []
@@ -159,13 +166,20 @@ class ModelDrafter:
             alternatives.append(alt)
             self._take(sure)
             self.state.tokens.append(tok)
-        block = draft_block(tokens, rows)
-        block.confidence, block.alternatives = confidence, alternatives
+        tree = Tree()
         if self.tree and self.sizer is not None:
-            block.candidates, block.branch_confidence = siblings(self.sizer, self.branch, confidence, alternatives)
+            tree = grow(self.sizer, self.branch, confidence, alternatives, self.phrases, before, tokens,
+                        max(n, room or 0), self.params.greedy)
             if not self.params.greedy:  # chosen by q alone, then drawn, as `verify_tree_stochastic` takes them
-                block.candidates = [Candidate(c.parent, [self._draw_sibling(laws[c.parent + 1], tokens[c.parent + 1])])
-                                    for c in block.candidates]
+                tree.candidates = [Candidate(c.parent, [self._draw_sibling(laws[c.parent + 1], tokens[c.parent + 1])])
+                                   for c in tree.candidates]
+        # a pool's tokens go with point-mass rows: the pool chose them deterministically from the tokens before them
+        block = draft_block(tokens + tree.lengthen, rows + [self._certain(t) for t in tree.lengthen])
+        block.confidence, block.alternatives = confidence, alternatives
+        block.candidates, block.branch_confidence = tree.candidates, tree.branch_confidence
+        if tree.lengthen:
+            block.sources = ["draft"] * len(tokens) + ["pool"] * len(tree.lengthen)
+            self.state.tokens += tree.lengthen
         return block
 
     def _draw_sibling(self, law: tuple[torch.Tensor, torch.Tensor], main: int) -> int:
@@ -202,3 +216,5 @@ class ModelDrafter:
         to what was emitted."""
         if self.value is not None:
             calibrate(self.value.calibration, self.branch, block, result, skipped)
+        if self.phrases is not None:
+            self.phrases.learn(context, block, result, skipped, self.params.greedy)

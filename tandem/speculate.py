@@ -25,17 +25,17 @@ from dataclasses import dataclass, field
 from tandem.adaptive import AdaptiveGamma
 from tandem.blocks import DraftBlock, FinishReason, TokenLogprob, VerifyResult, cut_at_finish
 from tandem.config import Gamma, SpeculationSettings
-from tandem.costs import CostCurve, Ewma
+from tandem.costs import Ewma
 from tandem.drafting import Drafter, ModelDrafter
 from tandem.errors import InvalidRequestError, RemoteError
 from tandem.messages import Verifier, VerifierSession
 from tandem.models import LoadedModel
-from tandem.ouroboros import OuroborosDrafter
-from tandem.pool import OuroborosConfig, PoolRegistry
+from tandem.pool import PoolRegistry
 from tandem.rounds import BlockPlan, Pipeline, Sent, Slot
 from tandem.sampling import SamplingParams
 from tandem.session import validate_prompt
 from tandem.stats import GenerationResult, GenerationStats, OnLogprobs, OnTokens, RoundShape
+from tandem.tree import PoolBranches, PoolShape
 from tandem.value import BlockValue, Calibration
 
 log = logging.getLogger(__name__)
@@ -110,10 +110,9 @@ class SpeculativeDecoder:
         self.gamma_policy = AdaptiveGamma(max_gamma=settings.max_gamma)
         self.calibration = Calibration()  # the draft's confidence against the verdicts, likewise kept
         self._on_round: OnRound | None = None
-        # Ouroboros: one phrase pool per client id, kept across requests (a warm start)
+        # one phrase pool per client id, kept across requests (a warm start), and its chains' acceptance likewise
         self.pools = PoolRegistry(settings.pool_max_clients, settings.pool_max_tokens)
-        self.ouroboros = OuroborosConfig(extend=settings.ouroboros_extend, candidates=settings.ouroboros_candidates,
-                                         candidate_len=settings.ouroboros_candidate_len)
+        self.pool_shape = PoolShape()
         # auto's warm start: once measured rounds said "cloud", later requests go straight to the cloud's stream
         # (a switch mid-request pays a second prefill), re-measuring every _AUTO_REPROBE_EVERY requests
         self._auto_cloud = False
@@ -156,12 +155,9 @@ class SpeculativeDecoder:
 
     def _make_drafter(self) -> Drafter:
         s = self.settings
-        if not s.ouroboros:
-            value = BlockValue(self.gamma_policy, self.calibration, s.pipeline) if s.block_value else None
-            return ModelDrafter(self.draft, "sparse", s.q_top_k, s.draft_p_min, value, s.draft_tree)
-        # blocks sized on the cost curve the loop measures (one object: the drafter reads what the loop observes)
-        return OuroborosDrafter(self.draft, self.pools.get(s.client_id), self.ouroboros, "sparse", s.q_top_k,
-                                costs=self.gamma_policy.costs, p_min=s.draft_p_min)
+        value = BlockValue(self.gamma_policy, self.calibration, s.pipeline) if s.block_value else None
+        pool = PoolBranches(self.pools.get(s.client_id), self.pool_shape, s.pool_extend) if s.draft_pool else None
+        return ModelDrafter(self.draft, "sparse", s.q_top_k, s.draft_p_min, value, s.draft_tree, pool)
 
     def _auto_prefers_cloud(self) -> bool:
         if not self._auto_cloud:
@@ -374,9 +370,6 @@ def generate_speculative(drafter: Drafter, verifier: Verifier, prompt: list[int]
     # built field by field, not from the environment: the caller's drafter and gamma say it all
     settings = SpeculationSettings.model_construct(mode="spec", gamma=gamma, pipeline=False, retries=0)
     decoder = SpeculativeDecoder(settings, drafter.draft, lambda: verifier, owns=False)
-    costs = getattr(drafter, "costs", None)
-    if isinstance(costs, CostCurve):
-        decoder.gamma_policy.costs = costs  # the loop feeds the curve the drafter sizes its blocks by
     if (value := getattr(drafter, "value", None)) is not None:
-        decoder.gamma_policy = value.policy  # and the policy its blocks are valued by
+        decoder.gamma_policy = value.policy  # the loop feeds the policy the drafter values its blocks by
     return decoder.generate(prompt, params, on_tokens, drafter=drafter)

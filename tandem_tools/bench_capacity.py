@@ -95,7 +95,7 @@ def worker_main(cloud: str, draft_name: str, gamma: str, max_gamma: int, threads
         # a fresh edge per phase: what auto learnt at one concurrency must not carry into the next
         settings = EdgeSettings.model_validate(dict(
             cloud=cloud, transport="grpc", draft=draft_name, gamma="adaptive" if mode == "auto" else gamma,
-            max_gamma=max_gamma, threads=threads, pipeline=pipeline, ouroboros=False, retries=0, timeout_s=300.0))
+            max_gamma=max_gamma, threads=threads, pipeline=pipeline, retries=0, timeout_s=300.0))
         return edge_decoder(settings, draft)
 
     def run(c: SpeculativeDecoder, prompt: list[int], max_tokens: int, mode: str,

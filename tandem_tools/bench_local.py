@@ -1,6 +1,7 @@
-"""`tandem bench local`: the target alone, our speculative loop, Ouroboros-style drafting and HF transformers'
-assisted generation, on the same held-out prompts, pair and process, interleaved prompt by prompt. Greedy. Prints
-figures and ratios; `warm` adds a cold-vs-warm phrase pool comparison on a second pass over similar prompts."""
+"""`tandem bench local`: the target alone, our speculative loop (with or without its draft trees and phrase pool)
+and HF transformers' assisted generation, on the same held-out prompts, pair and process, interleaved prompt by
+prompt. Greedy. Prints figures and ratios; `warm` adds a cold-vs-warm phrase pool comparison on a second pass over
+similar prompts."""
 
 from __future__ import annotations
 
@@ -23,12 +24,12 @@ from tandem.costs import CostCurve
 from tandem.drafting import ModelDrafter
 from tandem.local import LocalVerifier
 from tandem.models import LoadedModel, check_pair, load_draft, load_model, load_target
-from tandem.ouroboros import OuroborosDrafter, SourceCounts
 from tandem.pool import PhrasePool
 from tandem.sampling import SamplingParams
 from tandem.session import generate_autoregressive
 from tandem.speculate import generate_speculative
 from tandem.stats import GenerationResult
+from tandem.tree import PoolBranches
 from tandem.value import BlockValue, Calibration
 from tandem_tools import llama_server, roofline
 from tandem_tools.replay_summary import CHAT_TRACE, load_trace
@@ -37,9 +38,10 @@ from tandem_tools.train.data import heldout_prompts
 # ar-eager: the target alone in float32 through HF's eager forward, the exactly-lossless reference: with it, every
 # mode's output is also compared with it (the match rate of a reduced precision or compiled setting)
 # spec: blocks of up to gamma tokens, ended where the draft is unsure (its p-min); spec-value: ended where the next
-# token is not worth its cost (tandem.value, learnt over the run as the edge does); spec-tree: + siblings (tandem.tree)
+# token is not worth its cost (tandem.value, learnt over the run as the edge does); spec-tree: + siblings (tandem.tree),
+# the edge's default; spec-pool: + a phrase pool's chains, one pool across the prompts as the edge keeps one per client
 # llama-server, llama-server-spec: the peer, llama.cpp's server, alone and with the draft GGUF (llama_server.py)
-MODES = ("ar", "ar-eager", "spec", "spec-value", "spec-tree", "ouroboros", "hf-assisted", *llama_server.MODES)
+MODES = ("ar", "ar-eager", "spec", "spec-value", "spec-tree", "spec-pool", "hf-assisted", *llama_server.MODES)
 WARM_SHIFTS = {"repeat": 0, "shifted": 32}  # the warm start's second passes: each prompt again, or its window moved on
 
 
@@ -56,7 +58,7 @@ class ModeFigures:
     per_prompt_tps: list[float] = field(default_factory=list)
     accepted_per_position: list[int] = field(default_factory=list)
     rounds: int = 0
-    sources: SourceCounts | None = None  # ouroboros: drafted and accepted tokens by source
+    pool_tokens: int = 0  # emitted tokens a phrase pool proposed
 
     def add(self, tokens: list[int], wall: float, stats: dict[str, Any]) -> None:
         self.tokens += len(tokens)
@@ -72,10 +74,7 @@ class ModeFigures:
             if j >= len(per_pos):
                 per_pos.append(0)
             per_pos[j] += a
-        src = stats.get("sources")
-        if isinstance(src, SourceCounts):
-            self.sources = self.sources or SourceCounts()
-            self.sources.merge(src)
+        self.pool_tokens += int(stats.get("pool_tokens", 0))
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -87,12 +86,7 @@ class ModeFigures:
             "greedy_equal_to_target": f"{self.matches_ar}/{self.runs}",
             "greedy_equal_to_fp32_eager": f"{self.matches_exact}/{self.runs}",
             "median_prompt_tokens_per_s": statistics.median(self.per_prompt_tps) if self.per_prompt_tps else 0.0,
-            **({} if self.sources is None else {
-                "drafted_by_source": self.sources.drafted, "accepted_by_source": self.sources.accepted,
-                "accepted_share_by_source": {k: v / max(1, self.accepted) for k, v in self.sources.accepted.items()},
-                "drafted_by_origin": self.sources.drafted_by_origin,
-                "accepted_by_origin": self.sources.accepted_by_origin,
-            }),
+            "pool_share": self.pool_tokens / self.tokens if self.tokens else 0.0,
         }
 
 
@@ -139,8 +133,9 @@ def run_bench_local(settings: CoreSettings, modes: list[str], n_prompts: int, pr
                   + (f"requests of {trace.name}, " if trace else f"held-out prompts x {prompt_tokens} tokens, ")
                   + f"{max_tokens} new tokens each, greedy, torch threads {torch.get_num_threads()}, one process")
     console.print(f"target {target.describe()}; draft {draft.describe()}")
-    # Ouroboros sizes its blocks on the target's whole cost curve: measured once, with the roofline
-    roof = roofline.pair_roofline(target, draft, gamma, positions=range(1, 17) if "ouroboros" in modes else ())
+    # blocks by value, and trees, are sized on the target's whole cost curve: measured once, with the roofline
+    valued = {"spec-value", "spec-tree", "spec-pool"} & set(modes)
+    roof = roofline.pair_roofline(target, draft, gamma, positions=range(1, 2 * gamma + 2) if valued else ())
     for line in roofline.describe(roof):
         console.print(line)
     pass_ms: dict[int, float] = roof["target"]["pass_ms"]  # type: ignore[index]
@@ -150,9 +145,9 @@ def run_bench_local(settings: CoreSettings, modes: list[str], n_prompts: int, pr
                                llama_server.context_size(prompts, max_tokens), warn=console.print)
     modes = [m for m in modes if m not in peers.skipped]
     figs = {m: ModeFigures(accepted_per_position=[0] * gamma) for m in modes}
-    value, tree_value = (BlockValue(AdaptiveGamma(max_gamma=gamma, costs=CostCurve(curve)), Calibration(), False)
-                         for _ in range(2))
-    tree = ModelDrafter(draft, value=tree_value, tree=True)  # one across prompts, as the edge keeps it
+    value = BlockValue(AdaptiveGamma(max_gamma=gamma, costs=CostCurve(curve)), Calibration(), False)
+    tree = tree_drafter(draft, gamma, curve, None)  # one across prompts, as the edge keeps it
+    pooled = tree_drafter(draft, gamma, curve, PhrasePool())
     runners: dict[str, Callable[[list[int]], tuple[list[int], float, dict]]] = {
         "ar": lambda p: _ours(generate_autoregressive(target, p, params)),
         "ar-eager": lambda p: _ours(generate_autoregressive(exact, p, params)),  # type: ignore[arg-type]
@@ -161,9 +156,7 @@ def run_bench_local(settings: CoreSettings, modes: list[str], n_prompts: int, pr
         "spec-value": lambda p: _ours(generate_speculative(ModelDrafter(draft, value=value), LocalVerifier(target), p,
                                                            params, gamma)),
         "spec-tree": lambda p: _ours(generate_speculative(tree, LocalVerifier(target), p, params, gamma)),
-        # a cold pool; blocks sized on the target's cost curve measured above
-        "ouroboros": lambda p: _ouroboros(OuroborosDrafter(draft, costs=CostCurve(curve), p_min=settings.draft_p_min),
-                                          target, p, params, gamma),
+        "spec-pool": lambda p: _ours(generate_speculative(pooled, LocalVerifier(target), p, params, gamma)),
         "hf-assisted": lambda p: (*_hf_assisted(target, assistant, p, params), {}),
         **peers.runners(max_tokens, params.ignore_eos),
     }
@@ -203,19 +196,13 @@ def run_bench_local(settings: CoreSettings, modes: list[str], n_prompts: int, pr
     console.print(table)
     for line in llama_server.local_report(peers, results):
         console.print(line, highlight=False)
-    for m in ("spec", "ouroboros"):
+    for m in ("spec", "spec-tree"):
         if m in results and results[m]["acceptance_per_position"]:
             per_pos = ", ".join(f"{a:.2f}" for a in results[m]["acceptance_per_position"])  # type: ignore[attr-defined]
             console.print(f"{m} acceptance per position (gamma {gamma}): {per_pos}")
-    if "ouroboros" in results and figs["ouroboros"].sources is not None:
-        src = figs["ouroboros"].sources
-        console.print("ouroboros accepted tokens by source: " + ", ".join(
-            f"{k} {src.accepted[k]} of {src.drafted[k]} drafted" for k in src.accepted))
-        console.print("ouroboros accepted pool tokens by origin: " + ", ".join(
-            f"{k} {src.accepted_by_origin[k]} of {src.drafted_by_origin[k]} drafted" for k in src.accepted_by_origin))
-        if "spec" in results:
-            ratio = float(results["ouroboros"]["tokens_per_s"]) / float(results["spec"]["tokens_per_s"])  # type: ignore[arg-type]
-            console.print(f"ouroboros / spec: {ratio:.2f}x")
+    if "spec-pool" in results:
+        share = results["spec-pool"]["pool_share"]
+        console.print(f"spec-pool: {share:.1%} of its tokens from the phrase pool")
     if "hf-assisted" in results and "spec" in results:
         ratio = float(results["spec"]["tokens_per_s"]) / float(results["hf-assisted"]["tokens_per_s"])  # type: ignore[arg-type]
         console.print(f"spec / hf-assisted: {ratio:.2f}x")
@@ -227,24 +214,28 @@ def run_bench_local(settings: CoreSettings, modes: list[str], n_prompts: int, pr
         "results": results,
         **({"llama_server": peers.info} if peers.modes else {})}
     if warm:
-        report["warm_start"] = _warm_start(target, draft, n_prompts, prompt_tokens, params, gamma, console)
+        report["warm_start"] = _warm_start(target, draft, n_prompts, prompt_tokens, params, gamma, curve, console)
     if json_out is not None:
         json_out.write_text(json.dumps(report, indent=2) + "\n")
     return report
 
 
 def _ours(result: GenerationResult) -> tuple[list[int], float, dict[str, Any]]:
-    return result.tokens, result.stats.wall_s, result.stats.as_dict()
+    stats = {**result.stats.as_dict(), "pool_tokens": result.stats.origins.count("p")}
+    return result.tokens, result.stats.wall_s, stats
 
 
-def _ouroboros(drafter: OuroborosDrafter, target: LoadedModel, prompt: list[int], params: SamplingParams,
-               gamma: int) -> tuple[list[int], float, dict[str, Any]]:
-    tokens, wall, stats = _ours(generate_speculative(drafter, LocalVerifier(target), prompt, params, gamma))
-    return tokens, wall, {**stats, "sources": drafter.sources}
+def tree_drafter(draft: LoadedModel, gamma: int, curve: dict[int, float] | None,
+                 pool: PhrasePool | None) -> ModelDrafter:
+    """The edge's default drafter: blocks by value on the target's cost curve (`curve`: measured; None: learnt from
+    the passes), siblings, and with `pool` its chains."""
+    policy = AdaptiveGamma(max_gamma=gamma, costs=CostCurve(curve) if curve else CostCurve())
+    return ModelDrafter(draft, value=BlockValue(policy, Calibration(), False), tree=True,
+                        pool=None if pool is None else PoolBranches(pool))
 
 
 def _warm_start(target: LoadedModel, draft: LoadedModel, n: int, prompt_tokens: int, params: SamplingParams,
-                gamma: int, console: Console) -> dict[str, object]:
+                gamma: int, curve: dict[int, float], console: Console) -> dict[str, object]:
     """A first pass over n prompts fills one pool (one client's); second passes over the same prompts again
     ("repeat") and over similar ones (each window moved on by 32 tokens of its file: "shifted") run with that pool
     carried over (warm; it keeps learning) and with a fresh pool each (cold). Every output is checked."""
@@ -254,20 +245,21 @@ def _warm_start(target: LoadedModel, draft: LoadedModel, n: int, prompt_tokens: 
     for name, at in WARM_SHIFTS.items():
         pool = PhrasePool()
         for w in windows:
-            generate_speculative(OuroborosDrafter(draft, pool), LocalVerifier(target), w[:prompt_tokens], params, gamma)
+            generate_speculative(tree_drafter(draft, gamma, curve, pool), LocalVerifier(target), w[:prompt_tokens],
+                                 params, gamma)
         figs = {"cold": ModeFigures(), "warm": ModeFigures()}
         for i, w in enumerate(windows):
             prompt = w[at : at + prompt_tokens]
             ar = generate_autoregressive(target, prompt, params).tokens
             for kind in (("cold", "warm") if i % 2 == 0 else ("warm", "cold")):
-                drafter = OuroborosDrafter(draft, pool if kind == "warm" else PhrasePool())
-                tokens, wall, stats = _ouroboros(drafter, target, prompt, params, gamma)
+                drafter = tree_drafter(draft, gamma, curve, pool if kind == "warm" else PhrasePool())
+                tokens, wall, stats = _ours(generate_speculative(drafter, LocalVerifier(target), prompt, params, gamma))
                 figs[kind].add(tokens, wall, stats)
                 figs[kind].matches_ar += tokens == ar
         out[name] = {k: f.as_dict() for k, f in figs.items()}
         for k, f in figs.items():
             d: dict[str, Any] = f.as_dict()
-            console.print(f"ouroboros second pass ({name}, +{at} tokens), {k} pool: {float(d['tokens_per_s']):.1f} "
+            console.print(f"spec-pool second pass ({name}, +{at} tokens), {k} pool: {float(d['tokens_per_s']):.1f} "
                           f"tok/s, acceptance {float(d['acceptance_rate'] or 0):.3f}, target passes/token "
                           f"{float(d['target_passes_per_token'] or 0):.3f}, == target alone "
                           f"{d['greedy_equal_to_target']}")

@@ -115,7 +115,8 @@ _MODE_SETTINGS: dict[str, dict[str, Any]] = {  # each replay mode as the edge's 
     "spec-pipelined": {"mode": "spec", "pipeline": True},
     "spec-p-min": {"mode": "spec", "pipeline": True, "block_value": False},  # blocks end at draft_p_min
     "spec-chain": {"mode": "spec", "pipeline": True, "draft_tree": False},  # by value, no siblings (tandem.tree)
-    "ouroboros": {"mode": "spec", "pipeline": True, "ouroboros": True}, "auto": {"mode": "auto", "pipeline": True}}
+    "spec-pool": {"mode": "spec", "pipeline": True, "draft_pool": True},  # + a phrase pool's chains in the tree
+    "auto": {"mode": "auto", "pipeline": True}}
 
 
 def _edge_settings(cfg: ReplayConfig, mode: str, address: str) -> Any:
@@ -171,7 +172,6 @@ def _one(client: Any, mode: str, rtt: float, index: int, ids: list[int], row: Tr
 def run_replay(cfg: ReplayConfig, console: Console | None = None) -> dict[str, Any]:
     # transports load here, not at import: the core stays transport-free
     from edge_client.client import edge_decoder, make_verifier
-    from edge_client.settings import EdgeSettings
     from tandem.config import DraftPlacement
     from tandem.models import load_draft
     from tandem.sampling import SamplingParams
@@ -189,10 +189,6 @@ def run_replay(cfg: ReplayConfig, console: Console | None = None) -> dict[str, A
     modes = [m for m in cfg.modes if m not in peer_modes]
     if cfg.free_twins:  # each mode also without the requests' response_format, side by side
         modes += [m + FREE for m in modes]
-    if "ouroboros" in modes and "ouroboros" not in EdgeSettings.model_fields:
-        warn("mode ouroboros skipped: this edge client has no `ouroboros` setting (Ouroboros drafting is not in this "
-             "build)")
-        modes.remove("ouroboros")
     if not modes and not peer_modes:
         raise ValueError("no mode left to run")
     place = DraftPlacement()  # the draft's device, dtype and fast path: TANDEM_DRAFT_* (the cloud reads TANDEM_*)

@@ -30,8 +30,7 @@ def demo(
                                                    "on the measured cost curve, ended where the draft is unsure)")]
     = None,
     threads: Annotated[int, typer.Option(help="torch threads for each of the cloud and the edge (one core each)")] = 1,
-    mode: Annotated[str, typer.Option(help="the mode streamed first: spec, auto, cloud or ouroboros (ouroboros "
-                                           "runs only when chosen)")] = "spec",
+    mode: Annotated[str, typer.Option(help="the mode streamed first: spec, auto or cloud")] = "spec",
     target: Annotated[str | None, typer.Option(help="the cloud's target model")] = None,
     draft: Annotated[str | None, typer.Option(help="the edge's draft model")] = None,
     web: Annotated[bool, typer.Option("--web", help="start the cloud and the edge, serve the chat page")] = False,
@@ -66,8 +65,8 @@ DRAFT_HELP = (f"draft model: a short name (default {DEFAULT_DRAFT}; {TEST_DRAFT}
 
 @bench_app.command("local")
 def bench_local(
-    modes: Annotated[str, typer.Option(help="comma-separated: ar, ar-eager, spec, spec-value, spec-tree, ouroboros, "
-                                            "hf-assisted, llama-server, llama-server-spec")
+    modes: Annotated[str, typer.Option(help="comma-separated: ar, ar-eager, spec, spec-value, spec-tree, "
+                                            "spec-pool, hf-assisted, llama-server, llama-server-spec")
                      ] = "ar,spec,hf-assisted",
     prompts: Annotated[int, typer.Option(help="requests of the trace, or held-out stdlib prompts (a code model)")] = 10,
     prompt_tokens: Annotated[int, typer.Option()] = 128,
@@ -75,7 +74,7 @@ def bench_local(
     gamma: Annotated[int | None, typer.Option()] = None,
     threads: Annotated[int | None, typer.Option()] = None,
     json_out: Annotated[Path | None, typer.Option("--json", help="also write the figures here")] = None,
-    warm: Annotated[bool, typer.Option(help="ouroboros: a cold vs a warm phrase pool over similar prompts")] = False,
+    warm: Annotated[bool, typer.Option(help="spec-pool: a cold vs a warm phrase pool over similar prompts")] = False,
     trace: Annotated[Path | None, typer.Option(help="prompts from a trace (default for a chat model: "
                                                     "benchmarks/traces/chat.jsonl)")]
     = None,
@@ -89,7 +88,7 @@ def bench_local(
     draft_dtype: Annotated[str | None, typer.Option(help=DTYPE_OPT)] = None,
     draft_compile: Annotated[bool | None, typer.Option("--draft-compile/--no-draft-compile", help=COMPILE_OPT)]
     = None,
-    draft_p_min: Annotated[float | None, typer.Option(help="spec and ouroboros: a block ends before a token the draft "
+    draft_p_min: Annotated[float | None, typer.Option(help="spec: a block ends before a token the draft "
                                                            "gives less than this probability")] = None,
 ) -> None:
     """Target alone vs our speculative loop vs HF transformers' assisted generation, interleaved, greedy; with the
@@ -112,8 +111,8 @@ def bench_replay(
     cloud: Annotated[str | None, typer.Option(help="HOST:PORT (gRPC) of a running cloud; unset: start one")] = None,
     rtt_ms: Annotated[str, typer.Option(help="comma-separated round-trip times to emulate")] = "0,10,20,50,100",
     modes: Annotated[str, typer.Option(help="comma-separated: cloud, spec, spec-pipelined, spec-p-min, spec-chain, "
-                                            "ouroboros, auto")]
-    = "cloud,spec,spec-pipelined,ouroboros,auto",
+                                            "spec-pool, auto")]
+    = "cloud,spec,spec-pipelined,auto",
     gamma: Annotated[str, typer.Option(help="draft block length, or 'adaptive'")] = "4",
     prompts: Annotated[int | None, typer.Option("--prompts", "--limit", help="replay only the first N lines")]
     = None,
@@ -273,8 +272,6 @@ def generate(
     fallback: Annotated[str | None, typer.Option(help="none | edge: the draft alone when the cloud is lost")] = None,
     threads: Annotated[int | None, typer.Option(help="torch threads for the draft")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="print one JSON object instead of streaming text")] = False,
-    ouroboros: Annotated[bool | None, typer.Option("--ouroboros/--no-ouroboros",
-                                                   help="lengthen drafts from a phrase pool, with candidates")] = None,
     raw: Annotated[bool, typer.Option("--raw", help="continue the text as is, even with a chat model")] = False,
 ) -> None:
     """Draft here, verify in the cloud: the target model's output, streamed as tokens are accepted."""
@@ -290,7 +287,7 @@ def generate(
     from tandem_protocol.openai_api.text import IncrementalText, chat_prompt, encode
 
     settings = _edge_settings(cloud=cloud, transport=transport, mode=mode, draft=draft, gamma=gamma,
-                              pipeline=pipeline, fallback=fallback, threads=threads, ouroboros=ouroboros)
+                              pipeline=pipeline, fallback=fallback, threads=threads)
     torch.set_num_threads(settings.threads)
     try:
         model = load_draft(settings.draft, settings, settings.threads)

@@ -23,7 +23,7 @@ from tandem.stats import GenerationResult
 from tandem_tools.procs import CloudProcess, free_port
 
 QUESTION = "Why is the sky blue? Answer in a few sentences."
-MODES = ("spec", "auto", "cloud", "ouroboros")  # any can be streamed first; ouroboros runs only when it is
+MODES = ("spec", "auto", "cloud")  # any can be streamed first
 
 
 @contextlib.contextmanager
@@ -85,10 +85,10 @@ def run_demo(settings: CoreSettings, prompt: str | None, max_tokens: int, mode: 
 
         def client(m: str) -> SpeculativeDecoder:
             edge = EdgeSettings(cloud=cloud.grpc_target, transport="grpc", draft=settings.draft, gamma=settings.gamma,
-                                threads=settings.threads, retries=0, ouroboros=m == "ouroboros")
+                                threads=settings.threads, retries=0)
             return edge_decoder(edge, draft)
 
-        order = [mode, *(m for m in MODES[:3] if m != mode)]
+        order = [mode, *(m for m in MODES if m != mode)]
         clients = {m: client(m) for m in order}
         for m, c in clients.items():  # warm-up, not timed: connections, first-call allocations
             c.generate(ids[:16], SamplingParams(max_tokens=4), mode="cloud" if m == "cloud" else "spec")

@@ -4,8 +4,8 @@ Llama-3.2-1B-shaped target and a 72M draft with its vocabulary) give the costs: 
 positions over that of one, and c, a draft step over a target step, on HF eager, the fast path eager and compiled,
 per dtype, beside the memory-bandwidth and compute bounds and a capacity curve (batched decoding). The test pair
 (`test-target`, `test-draft`: small code models in a source checkout) gives real acceptance: the target alone vs
-speculative vs Ouroboros, with greedy equality checked. Each section has a time budget; one that fails is recorded
-and the rest run. Writes results.json and summary.md after every section."""
+speculative vs the edge's default drafter (blocks by value, trees), with greedy equality checked. Each section has a
+time budget; one that fails is recorded and the rest run. Writes results.json and summary.md after every section."""
 
 from __future__ import annotations
 

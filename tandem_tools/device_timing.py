@@ -15,12 +15,11 @@ from tandem import fastlm
 from tandem.drafting import ModelDrafter
 from tandem.local import LocalVerifier
 from tandem.models import LoadedModel
-from tandem.ouroboros import OuroborosDrafter
 from tandem.sampling import SamplingParams
 from tandem.session import generate_autoregressive
 from tandem.speculate import generate_speculative
 from tandem_tools import roofline
-from tandem_tools.bench_local import ModeFigures, _ours
+from tandem_tools.bench_local import ModeFigures, _ours, tree_drafter
 
 FIRST_ID = 3  # random prompts avoid the stand-in tokenizer's special ids
 
@@ -65,7 +64,8 @@ def batched_decode(model: LoadedModel, batch: int, context: int, steps: int, see
 
 def pair_modes(target: LoadedModel, draft: LoadedModel, prompts: list[list[int]], max_tokens: int, gamma: int,
                deadline: float) -> dict[str, Any]:
-    """The target alone, speculative (gamma) and Ouroboros (a cold pool per prompt), greedy, interleaved prompt by
+    """The target alone, speculative (gamma, p-min) and the edge's default drafter (blocks by value on the passes
+    it measures, siblings), greedy, interleaved prompt by
     prompt; each mode's output compared with the target alone's. Stops after the prompt that passes `deadline`
     (time.monotonic)."""
     params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
@@ -74,7 +74,7 @@ def pair_modes(target: LoadedModel, draft: LoadedModel, prompts: list[list[int]]
 
     runners: dict[str, Callable[[list[int]], tuple[list[int], float, dict[str, Any]]]] = {
         "ar": lambda p: _ours(generate_autoregressive(target, p, params)), "spec": speculative(ModelDrafter),
-        "ouroboros": speculative(OuroborosDrafter)}
+        "spec-tree": speculative(lambda d: tree_drafter(d, gamma, None, None))}
     for run in runners.values():  # warm-up: first-call allocations (and any graph built late) land on no figure
         run(prompts[0])
     figs = {m: ModeFigures(accepted_per_position=[0] * gamma) for m in runners}
@@ -92,7 +92,7 @@ def pair_modes(target: LoadedModel, draft: LoadedModel, prompts: list[list[int]]
             break
     out: dict[str, Any] = {"prompts_done": done, "modes": {m: f.as_dict() for m, f in figs.items()}}
     base = out["modes"]["ar"]["tokens_per_s"]
-    for m in ("spec", "ouroboros"):
+    for m in ("spec", "spec-tree"):
         out["modes"][m]["speedup_vs_target_alone"] = out["modes"][m]["tokens_per_s"] / base if base else None
     out["all_equal_to_target_alone"] = all(f.matches_ar == f.runs for f in figs.values())
     return out

@@ -13,7 +13,7 @@ from typing import Any
 from tandem_tools.bench_common import fmt as _f
 from tandem_tools.figures import percentile, percentiles
 
-MODES = ("cloud", "spec", "spec-pipelined", "spec-p-min", "spec-chain", "ouroboros", "auto")
+MODES = ("cloud", "spec", "spec-pipelined", "spec-p-min", "spec-chain", "spec-pool", "auto")
 FREE = "/free"  # a mode's twin that drops each request's response_format (`bench replay --free-twins`)
 LOSSLESS = frozenset(MODES)  # every replay mode gives the target's own output (edge, the lossy one, is not offered)
 

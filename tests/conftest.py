@@ -7,7 +7,13 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from tandem.adaptive import AdaptiveGamma
+from tandem.costs import CostCurve, Ewma
+from tandem.drafting import ModelDrafter
 from tandem.models import LoadedModel, tokenizer_fingerprint
+from tandem.pool import PhrasePool
+from tandem.tree import PoolBranches
+from tandem.value import BlockValue, Calibration
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(1)
@@ -92,3 +98,15 @@ def chain_table(vocab: int, overrides: dict[int, int] | None = None) -> torch.Te
 def bigram(table: torch.Tensor, name: str) -> LoadedModel:
     tok = tiny_tokenizer()
     return LoadedModel(name, BigramLM(table), tok, tokenizer_fingerprint(tok))  # type: ignore[arg-type]
+
+
+class FixedCurve(CostCurve):
+    def observe(self, n: int, seconds: float) -> None:  # the test's costs, whatever the passes take
+        pass
+
+
+def tree_drafter(draft: LoadedModel, pool: PhrasePool | None = None) -> ModelDrafter:
+    """The edge's default drafter (blocks by value, siblings, with `pool` its chains) on a flat cost curve: every
+    node with a chance pays."""
+    value = BlockValue(AdaptiveGamma(draft_s=Ewma(0.01), costs=FixedCurve({1: 0.1, 64: 0.1})), Calibration(), False)
+    return ModelDrafter(draft, value=value, tree=True, pool=None if pool is None else PoolBranches(pool))

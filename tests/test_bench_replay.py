@@ -189,7 +189,7 @@ def test_replay_end_to_end(tmp_path: Path, tiny_target: LoadedModel, tiny_draft:
     trace.write_text("".join(json.dumps({"prompt": p, "max_tokens": 16, "kind": k}) + "\n" for p, k in (
         ("def add(a, b):", "def"), ("for i in range(10):", "loop"), ("unused: beyond --prompts", "unused"))))
     out = tmp_path / "out"
-    cfg = ReplayConfig(trace=trace, out=out, rtts=[0.0, 10.0], modes=["cloud", "spec-pipelined", "ouroboros"],
+    cfg = ReplayConfig(trace=trace, out=out, rtts=[0.0, 10.0], modes=["cloud", "spec-pipelined", "spec-pool"],
                        target=str(tmp_path / "target"), draft=str(tmp_path / "draft"), gamma=4, limit=2,
                        timeout_s=30.0)
     results = run_replay(cfg)
@@ -202,9 +202,7 @@ def test_replay_end_to_end(tmp_path: Path, tiny_target: LoadedModel, tiny_draft:
     for key in ("target", "draft", "settings", "machine", "git_revision", "threads", "prompts", "target_step_ms"):
         assert key in meta
     assert meta["prompts"] == 2 and meta["threads"]["edge"] == 1 and meta["threads"]["cloud"] == 1
-    modes = ["cloud", "spec-pipelined"] + (["ouroboros"] if "ouroboros" in EdgeSettings.model_fields else [])
-    if "ouroboros" not in modes:
-        assert any("ouroboros" in w for w in data["warnings"])
+    modes = ["cloud", "spec-pipelined", "spec-pool"]
     assert meta["modes"] == modes
     assert len(data["requests"]) == 2 * 2 * len(modes)
     assert all(r["error"] is None and r["tokens"] > 0 for r in data["requests"])
@@ -271,4 +269,4 @@ def test_the_compose_bench_command_parses(monkeypatch: pytest.MonkeyPatch) -> No
     assert result.exit_code == 0, result.output
     (cfg,) = seen
     assert cfg.cloud == "cloud:50051" and cfg.out == Path("/results") and cfg.rtts == [0, 10, 20, 50, 100]
-    assert cfg.modes == ["cloud", "spec", "spec-pipelined", "ouroboros", "auto"] and cfg.gamma == 4
+    assert cfg.modes == ["cloud", "spec", "spec-pipelined", "auto"] and cfg.gamma == 4

@@ -109,6 +109,14 @@ def test_a_jump_in_cost_does_not_hide_the_cheap_positions_behind_it() -> None:
     assert keep_nodes(jump, 0.0, 3, 2.0, [[0.4, 0.35, 0.3, 0.3]]) == [4]
 
 
+def test_a_cap_on_nodes_and_a_cost_per_token_keep_fewer() -> None:
+    flat = CostCurve.from_measurements({1: 1.0, 16: 1.0})
+    assert keep_nodes(flat, 0.0, 3, 2.0, [[0.5, 0.1, 0.0], [0.2]], most=2) == [1, 1]
+    # a chain whose tokens each cost a second more (fed to the draft once taken): 2 / 1 s beats 2.5 / 1.5 s
+    assert keep_nodes(flat, 0.0, 3, 2.0, [[0.5, 0.1], [0.2]], token_s=[1.0, 0.0]) == [0, 1]
+    assert keep_nodes(flat, 0.0, 3, 2.0, [[0.5, 0.1], [0.2]], token_s=[0.1, 0.0]) == [2, 1]
+
+
 def test_adaptive_gamma_reads_its_verify_time_from_the_curve() -> None:
     m = AdaptiveGamma(costs=CostCurve({n: 0.01 * v for n, v in CPU.items()}))
     assert m.verify_time(4) == pytest.approx(0.0167)

@@ -82,8 +82,8 @@ def test_quick_run_on_cpu_writes_every_section(tmp_path: Path) -> None:
         assert set(secs[f"capacity-{d}"]["batches"]) == {"1", "2", "4"}
         assert all(b["tokens_per_s"] > 0 for b in secs[f"capacity-{d}"]["batches"].values())
     pair = secs["test-pair-eager"]
-    assert set(pair["modes"]) == {"ar", "spec", "ouroboros"} and pair["prompts_done"] == 2
+    assert set(pair["modes"]) == {"ar", "spec", "spec-tree"} and pair["prompts_done"] == 2
     assert pair["all_equal_to_target_alone"]  # greedy: both speculative modes reproduce the target alone
     assert pair["modes"]["spec"]["acceptance_rate"] > 0
     summary = (out / "summary.md").read_text()
-    assert "| hf-eager |" in summary and "capacity-float32" in summary and "| ouroboros |" in summary
+    assert "| hf-eager |" in summary and "capacity-float32" in summary and "| spec-tree |" in summary

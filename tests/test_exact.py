@@ -9,7 +9,7 @@ import random
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TINY_VOCAB, noisy_copy, wrap
+from conftest import TINY_VOCAB, noisy_copy, tree_drafter, wrap
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from tandem import exact
@@ -19,7 +19,7 @@ from tandem.drafting import ModelDrafter
 from tandem.kv import SequenceState
 from tandem.local import LocalVerifier
 from tandem.models import LoadedModel, auto_dtype, cpu_bf16_flags, exact_default
-from tandem.ouroboros import OuroborosDrafter
+from tandem.pool import PhrasePool
 from tandem.sampling import SamplingParams
 from tandem.session import TargetSession, generate_autoregressive
 from tandem.speculate import generate_speculative
@@ -165,8 +165,10 @@ def test_speculation_in_bfloat16_equals_the_target_alone(exact_target: LoadedMod
         plain = generate_speculative(ModelDrafter(draft, p_min=0.5), LocalVerifier(exact_target), prompt, params,
                                      gamma)
         assert plain.tokens == want and plain.stats.accepted > 0
-        ouro = generate_speculative(OuroborosDrafter(draft), LocalVerifier(exact_target), prompt, params, gamma)
-        assert ouro.tokens == want
+        pool = PhrasePool()
+        pool.feed(prompt + want)
+        tree = generate_speculative(tree_drafter(draft, pool), LocalVerifier(exact_target), prompt, params, 2 * gamma)
+        assert tree.tokens == want
 
 
 def test_the_probe_and_the_dtype_choice() -> None:

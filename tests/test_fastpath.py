@@ -7,7 +7,7 @@ import copy
 
 import pytest
 import torch
-from conftest import noisy_copy, tiny_model, wrap
+from conftest import noisy_copy, tiny_model, tree_drafter, wrap
 
 from tandem import fastlm
 from tandem.drafting import ModelDrafter
@@ -15,8 +15,7 @@ from tandem.errors import ModelLoadError
 from tandem.kv import SequenceState, StaticKV
 from tandem.local import LocalVerifier
 from tandem.models import LoadedModel, load_model, parse_dtype, resolve_device
-from tandem.ouroboros import OuroborosDrafter
-from tandem.pool import OuroborosConfig
+from tandem.pool import PhrasePool
 from tandem.sampling import SamplingParams
 from tandem.session import generate_autoregressive
 from tandem.speculate import generate_speculative
@@ -110,9 +109,10 @@ def _check_equality(target: LoadedModel, draft: LoadedModel, reference: LoadedMo
             got = generate_speculative(ModelDrafter(draft), LocalVerifier(target), prompt, GREEDY, gamma)
             assert got.tokens == want, (prompt, gamma)
             accepted += got.stats.accepted
-        cfg = OuroborosConfig(extend=4, candidates=2, candidate_len=3, max_draft=8)
-        got = generate_speculative(OuroborosDrafter(draft, cfg=cfg), LocalVerifier(target), prompt, GREEDY, 3)
-        assert got.tokens == want, (prompt, "ouroboros")
+        pool = PhrasePool()
+        pool.feed(prompt + want)
+        got = generate_speculative(tree_drafter(draft, pool), LocalVerifier(target), prompt, GREEDY, 8)
+        assert got.tokens == want, (prompt, "trees and the pool")
     assert accepted > 0
 
 

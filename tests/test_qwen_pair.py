@@ -1,7 +1,8 @@
 """The default pair: Qwen2.5-Coder-0.5B-Instruct drafts, Qwen2.5-Coder-1.5B-Instruct verifies (Q4_K_M GGUF files
 assembled from their PyPI parts). Lossless in the dtype they run in (`auto`: bfloat16 with exact passes where the CPU
 computes it natively, else float32) and in float32, speculative greedy output equals the target alone's token for
-token, plainly, with Ouroboros, with two sessions batched in one pass, and under a JSON schema with logprobs."""
+token, plainly, with trees and a phrase pool, with two sessions batched in one pass, and under a JSON schema with
+logprobs."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import importlib.util
 
 import pytest
 import torch
+from conftest import tree_drafter
 
 from tandem import exact
 from tandem.batch import forward_batch
@@ -19,7 +21,7 @@ from tandem.drafting import ModelDrafter
 from tandem.gguf import PARTS
 from tandem.local import LocalVerifier
 from tandem.models import LoadedModel, check_pair, load_model
-from tandem.ouroboros import OuroborosDrafter
+from tandem.pool import PhrasePool
 from tandem.sampling import SamplingParams
 from tandem.session import TargetSession, generate_autoregressive
 from tandem.speculate import generate_speculative
@@ -57,8 +59,10 @@ def test_speculation_in_the_default_dtype_equals_the_target_alone(pair: tuple[Lo
     spec = generate_speculative(ModelDrafter(draft, p_min=0.75), LocalVerifier(target), prompt, params, 12)
     assert spec.tokens == want and spec.stats.accepted > 0
     assert spec.stats.target_passes < len(want) / 2
-    ouro = generate_speculative(OuroborosDrafter(draft), LocalVerifier(target), prompt, params, 6)
-    assert ouro.tokens == want
+    pool = PhrasePool()
+    pool.feed(prompt + want)
+    tree = generate_speculative(tree_drafter(draft, pool), LocalVerifier(target), prompt, params, 12)
+    assert tree.tokens == want and "p" in tree.stats.origins
 
 
 def test_batched_sessions_in_the_default_dtype_equal_each_alone(pair: tuple[LoadedModel, LoadedModel]) -> None:

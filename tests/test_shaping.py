@@ -9,7 +9,7 @@ import math
 import jsonschema
 import pytest
 import torch
-from conftest import tiny_model, wrap
+from conftest import tiny_model, tree_drafter, wrap
 
 from tandem.blocks import DraftBlock
 from tandem.drafting import ModelDrafter
@@ -17,8 +17,7 @@ from tandem.errors import InvalidRequestError
 from tandem.grammar import Grammar, GrammarState
 from tandem.local import LocalVerifier
 from tandem.models import LoadedModel
-from tandem.ouroboros import OuroborosDrafter
-from tandem.pool import OuroborosConfig
+from tandem.pool import PhrasePool
 from tandem.sampling import SamplingParams, logits_to_probs
 from tandem.session import TargetSession, generate_autoregressive
 from tandem.shaping import Shaper, line_paths, tree_paths
@@ -224,11 +223,12 @@ def test_a_resumed_session_counts_its_emitted_tokens(tiny_target: LoadedModel) -
     assert wrong != whole[k:]  # without it the penalty forgets the first k tokens: this test can fail
 
 
-def test_ouroboros_drafting_under_shaping_stays_exact(tiny_target: LoadedModel, tiny_draft: LoadedModel) -> None:
-    cfg = OuroborosConfig(extend=4, candidates=2)
+def test_trees_and_the_pool_under_shaping_stay_exact(tiny_target: LoadedModel, tiny_draft: LoadedModel) -> None:
     for extra in ({"frequency_penalty": 0.5}, {"grammar": Grammar("json_schema", json.dumps(SCHEMA))}):
         params = SamplingParams(max_tokens=30, **extra)  # type: ignore[arg-type]
         for prompt in PROMPTS[:4]:
             alone = generate_autoregressive(tiny_target, prompt, params).tokens
-            drafter = OuroborosDrafter(tiny_draft, cfg=cfg)
+            pool = PhrasePool()
+            pool.feed(prompt + alone)  # phrases the target would take: under a penalty or grammar, still exact
+            drafter = tree_drafter(tiny_draft, pool)
             assert generate_speculative(drafter, LocalVerifier(tiny_target), prompt, params, 3).tokens == alone

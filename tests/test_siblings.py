@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import random
 
+import pytest
 import torch
-from conftest import bigram
+from conftest import FixedCurve, bigram
 
 from tandem.adaptive import AdaptiveGamma
 from tandem.blocks import Candidate, DraftBlock, VerifyResult
@@ -14,10 +15,11 @@ from tandem.costs import CostCurve, Ewma
 from tandem.drafting import ModelDrafter
 from tandem.local import LocalVerifier
 from tandem.models import LoadedModel
+from tandem.pool import PhrasePool
 from tandem.sampling import SamplingParams
 from tandem.session import generate_autoregressive
 from tandem.speculate import generate_speculative
-from tandem.tree import siblings
+from tandem.tree import PoolBranches, siblings
 from tandem.value import BlockValue, Calibration
 
 ALTERNATIVES = [(11, 0.5), (12, 0.0), (13, 0.4)]  # position 1: no second choice
@@ -74,11 +76,6 @@ def test_trees_keep_greedy_output_equal_to_the_target_alone(tiny_target: LoadedM
     assert sum(drafter.branch.accepted) > sum(Calibration().accepted)  # and some taken
 
 
-class FixedCurve(CostCurve):
-    def observe(self, n: int, seconds: float) -> None:  # the test's costs, whatever the passes take
-        pass
-
-
 class SeededTreeDrafter(ModelDrafter):
     """Trees for a seeded sample too (a real drafter keeps such a request to the floor): the test's curve is fixed."""
 
@@ -87,21 +84,31 @@ class SeededTreeDrafter(ModelDrafter):
         self.sizer = self.value
 
 
-def test_sampled_trees_keep_the_target_law() -> None:
+@pytest.mark.parametrize("phrases", [False, True], ids=["siblings", "siblings-and-pool"])
+def test_sampled_trees_keep_the_target_law(phrases: bool) -> None:
     """Siblings drawn without replacement under sampling, end to end through the session: the first token follows
-    the target's p, and the second its p after the first, whichever branch was taken."""
+    the target's p, and the second its p after the first, whichever branch was taken. With a phrase pool, blocks
+    of one drafted token are lengthened by the pool's (point-mass rows), which the target often takes."""
     vocab, trials = 6, 3000
     torch.manual_seed(0)
     target, draft = bigram(torch.randn(vocab, vocab), "rand-target"), bigram(torch.randn(vocab, vocab), "rand-draft")
     value = BlockValue(AdaptiveGamma(draft_s=Ewma(0.01), costs=FixedCurve({1: 0.1, 64: 0.1})), Calibration(), False)
-    drafter = SeededTreeDrafter(draft, q_top_k=vocab, value=value, tree=True)
+    pool = PhrasePool()
+    pool.feed([3, 0, 1, 2, 3, 4, 5, 0, 2, 4, 1, 3, 5, 1, 4, 0, 3])
+    drafter = SeededTreeDrafter(draft, q_top_k=vocab, value=value, tree=True,
+                                pool=PoolBranches(pool) if phrases else None)
+    from_pool = 0
     first, second = torch.zeros(vocab), torch.zeros(vocab, vocab)
     for seed in range(trials):
-        params = SamplingParams(max_tokens=2, temperature=1.0, seed=seed, ignore_eos=True)
-        out = generate_speculative(drafter, LocalVerifier(target), [3], params, 2).tokens
+        # room for a block of one drafted token and a pool token after it, then the target's
+        params = SamplingParams(max_tokens=3 if phrases else 2, temperature=1.0, seed=seed, ignore_eos=True)
+        got = generate_speculative(drafter, LocalVerifier(target), [3], params, 1 if phrases else 2)
+        out = got.tokens
+        from_pool += got.stats.origins.count("p")
         first[out[0]] += 1
         second[out[0], out[1]] += 1
     assert sum(drafter.branches[False].accepted) > sum(Calibration().accepted) + 100  # siblings were often taken
+    assert from_pool > 300 if phrases else from_pool == 0
     p = torch.softmax(target.model.table, -1)  # [V, V]: the law after each token
     for counts, law in [(first, p[3]), *zip(second, p, strict=True)]:
         expected = law * counts.sum()

@@ -10,6 +10,7 @@ from typing import Any
 
 import httpx
 import pytest
+from conftest import tree_drafter
 from servers import BackgroundEdge, BackgroundServer
 
 from cloud_server.main import ServerHandle
@@ -20,8 +21,7 @@ from tandem.costs import CostCurve, Ewma
 from tandem.drafting import ModelDrafter
 from tandem.local import LocalVerifier
 from tandem.models import LoadedModel
-from tandem.ouroboros import OuroborosDrafter
-from tandem.pool import OuroborosConfig, PhrasePool
+from tandem.pool import PhrasePool
 from tandem.sampling import SamplingParams
 from tandem.session import generate_autoregressive
 from tandem.speculate import generate_speculative
@@ -47,24 +47,20 @@ def test_a_verdicts_origins() -> None:
     assert VerifyResult(1, [6, 9], None, [], candidate=0).emitted_origins(tree) == "bt"  # instead of main token 0
 
 
-@pytest.mark.parametrize("cfg", [None, OuroborosConfig(), OuroborosConfig(extend=0, candidates=2, candidate_len=4)],
-                         ids=["model", "ouroboros", "candidates"])
-def test_the_loops_origins_match_its_counts(tiny_target: LoadedModel, tiny_draft: LoadedModel,
-                                            cfg: OuroborosConfig | None) -> None:
+@pytest.mark.parametrize("pooled", [False, True], ids=["model", "trees-and-pool"])
+def test_the_loops_origins_match_its_counts(tiny_target: LoadedModel, tiny_draft: LoadedModel, pooled: bool) -> None:
     from_pool = 0
     for prompt in PROMPTS:
         want = generate_autoregressive(tiny_target, prompt, GREEDY).tokens
         pool = PhrasePool()
-        pool.feed(prompt + want)  # the target's own continuation: pool phrases and candidates get accepted
-        drafter = ModelDrafter(tiny_draft) if cfg is None else OuroborosDrafter(tiny_draft, pool, cfg)
-        got = generate_speculative(drafter, LocalVerifier(tiny_target), prompt, GREEDY, 3)
+        pool.feed(prompt + want)  # the target's own continuation: the pool's phrases get accepted
+        drafter = tree_drafter(tiny_draft, pool) if pooled else ModelDrafter(tiny_draft)
+        got = generate_speculative(drafter, LocalVerifier(tiny_target), prompt, GREEDY, 3 + 5 * pooled)
         origins, s = got.stats.origins, got.stats
-        assert got.tokens == want and len(origins) == len(want) and set(origins) <= set("dpt")
-        assert origins.count("d") + origins.count("p") == s.accepted and origins.count("t") == s.rounds
-        if isinstance(drafter, OuroborosDrafter):
-            assert origins.count("d") == drafter.sources.accepted["draft"]
-            from_pool += origins.count("p")
-    assert from_pool > 0 or cfg is None
+        assert got.tokens == want and len(origins) == len(want) and set(origins) <= set("dbpt")
+        assert len(origins) - origins.count("t") == s.accepted and origins.count("t") == s.rounds
+        from_pool += origins.count("p")
+    assert from_pool > 0 or not pooled
 
 
 def test_the_loops_rounds_say_what_was_sent_and_which_path_was_taken(tiny_target: LoadedModel,

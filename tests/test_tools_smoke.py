@@ -28,10 +28,10 @@ def test_bench_local_on_a_chat_trace(tmp_path: Path, tiny_target: LoadedModel, t
                              for q in ("hello there", "what is up")))
     settings = CoreSettings(target=target, draft=draft, gamma=3, threads=1)
     out = tmp_path / "local.json"
-    report = run_bench_local(settings, ["spec", "ouroboros", "hf-assisted"], 2, 0, 16, out,
+    report = run_bench_local(settings, ["spec", "spec-tree", "hf-assisted"], 2, 0, 16, out,
                              console=Console(file=None, quiet=True), trace=trace)
     results = report["results"]
-    assert isinstance(results, dict) and set(results) == {"ar", "spec", "ouroboros", "hf-assisted"}
+    assert isinstance(results, dict) and set(results) == {"ar", "spec", "spec-tree", "hf-assisted"}
     assert all(r["greedy_equal_to_target"] == "2/2" for r in results.values())
     assert 0 < results["spec"]["target_passes_per_token"] <= 1
     assert json.loads(out.read_text())["results"] == json.loads(json.dumps(results))

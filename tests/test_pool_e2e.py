@@ -1,5 +1,6 @@
-"""Ouroboros-style drafting end to end: greedy output equal to the target alone in process and over the wire (gRPC
-and HTTP, synchronous and pipelined), the sampling restriction, and a warm pool beating a cold one."""
+"""The phrase pool in the draft tree end to end: greedy output equal to the target alone in process and over the wire
+(gRPC and HTTP, synchronous and pipelined), its tokens taken, point-mass rows under sampling, and a warm pool beating
+a cold one."""
 
 from __future__ import annotations
 
@@ -7,81 +8,73 @@ from collections.abc import Iterator
 
 import pytest
 import torch
+from conftest import FixedCurve
 from servers import BackgroundServer
 
 from cloud_server.main import ServerHandle
 from cloud_server.settings import ServerSettings
 from edge_client.client import edge_decoder
 from edge_client.settings import EdgeSettings
-from tandem.blocks import VerifyResult
+from tandem.adaptive import AdaptiveGamma
+from tandem.blocks import DraftBlock, VerifyResult
+from tandem.costs import Ewma
+from tandem.drafting import ModelDrafter
 from tandem.local import LocalVerifier
 from tandem.models import LoadedModel
-from tandem.ouroboros import OuroborosDrafter
-from tandem.pool import OuroborosConfig, PhrasePool
+from tandem.pool import PhrasePool
 from tandem.sampling import SamplingParams
 from tandem.session import TargetSession, generate_autoregressive
 from tandem.speculate import generate_speculative
+from tandem.tree import PoolBranches
+from tandem.value import BlockValue, Calibration
 from tandem.verify import SparseQ, verify_stochastic
 
 PROMPTS = [[10, 20, 30, 40, 50, 60, 70], [5, 9, 14, 3, 22, 40, 41, 5, 9, 14], [33] * 6 + [34, 35]]
 GREEDY = SamplingParams(max_tokens=40, ignore_eos=True)
-CONFIGS = [OuroborosConfig(), OuroborosConfig(extend=4, candidates=3, candidate_len=3, max_draft=6),
-           OuroborosConfig(extend=0, candidates=0)]
 
 
-@pytest.mark.parametrize("cfg", CONFIGS, ids=["default", "wide", "plain"])
-def test_greedy_equals_the_target_alone_in_process(tiny_target: LoadedModel, tiny_draft: LoadedModel,
-                                                   cfg: OuroborosConfig) -> None:
-    from_pool = 0
+class Spy(ModelDrafter):
+    """The edge's default drafter on a flat cost curve (every node pays), keeping the blocks it proposed."""
+
+    def __init__(self, draft: LoadedModel, pool: PhrasePool) -> None:
+        value = BlockValue(AdaptiveGamma(draft_s=Ewma(0.01), costs=FixedCurve({1: 0.1, 64: 0.1})), Calibration(),
+                           False)
+        super().__init__(draft, value=value, tree=True, pool=PoolBranches(pool))
+        self.blocks: list[DraftBlock] = []
+
+    def propose(self, *args, **kw):  # type: ignore[no-untyped-def]
+        block = super().propose(*args, **kw)
+        self.blocks.append(block)
+        return block
+
+
+def test_the_targets_phrases_are_taken_and_stay_lossless(tiny_target: LoadedModel, tiny_draft: LoadedModel) -> None:
+    """A pool holding the target's own continuation: its tokens lengthen the blocks and the target takes them."""
     for prompt in PROMPTS:
-        for gamma in (0, 3):
-            want = generate_autoregressive(tiny_target, prompt, GREEDY).tokens
-            drafter = OuroborosDrafter(tiny_draft, cfg=cfg)
-            got = generate_speculative(drafter, LocalVerifier(tiny_target), prompt, GREEDY, gamma)
-            assert got.tokens == want
-            from_pool += sum(drafter.sources.accepted[k] for k in ("vetted", "pool", "candidate"))
-            assert sum(drafter.sources.accepted.values()) == got.stats.accepted
-    if cfg.extend:
-        assert from_pool > 0  # the pool's tokens were really on accepted paths
-
-
-def test_candidates_are_taken_and_stay_lossless(tiny_target: LoadedModel, tiny_draft: LoadedModel) -> None:
-    """A pool holding the target's own continuation, offered only as candidates (the draft model is cut off)."""
-    prompt = PROMPTS[1]
-    want = generate_autoregressive(tiny_target, prompt, GREEDY).tokens
-    pool = PhrasePool()
-    pool.feed(prompt + want)
-    cfg = OuroborosConfig(extend=0, candidates=2, candidate_len=4, seed_prompt=False)
-    drafter = OuroborosDrafter(tiny_draft, pool, cfg)
-    got = generate_speculative(drafter, LocalVerifier(tiny_target), prompt, GREEDY, 1)
-    assert got.tokens == want
-    assert drafter.sources.accepted["candidate"] > 0
-
-
-def test_sampling_sends_no_candidates_and_point_mass_pool_rows(tiny_target: LoadedModel,
-                                                               tiny_draft: LoadedModel) -> None:
-    params = SamplingParams(max_tokens=24, temperature=0.9, seed=3, ignore_eos=True)
-    blocks = []
-
-    class Spy(OuroborosDrafter):
-        def propose(self, *args, **kw):  # type: ignore[no-untyped-def]
-            block = super().propose(*args, **kw)
-            blocks.append(block)
-            return block
-
-    runs = []
-    for _ in range(2):
+        want = generate_autoregressive(tiny_target, prompt, GREEDY).tokens
         pool = PhrasePool()
-        pool.feed(PROMPTS[2] * 3)
-        runs.append(generate_speculative(Spy(tiny_draft, pool), LocalVerifier(tiny_target), PROMPTS[2], params, 3))
-    assert runs[0].tokens == runs[1].tokens  # seeded: reproducible
-    assert all(not b.candidates for b in blocks)
-    lengthened = [b for b in blocks if len(b.tokens) > 3]
+        pool.feed(prompt + want)
+        got = generate_speculative(Spy(tiny_draft, pool), LocalVerifier(tiny_target), prompt, GREEDY, 4)
+        assert got.tokens == want
+        assert got.stats.origins.count("p") > len(want) / 4
+        assert got.stats.target_passes < len(want) / 3
+
+
+def test_sampling_lengthens_the_chain_with_point_mass_rows_and_no_branches(tiny_target: LoadedModel,
+                                                                           tiny_draft: LoadedModel) -> None:
+    params = SamplingParams(max_tokens=24, temperature=0.9, ignore_eos=True)  # unseeded: blocks by value
+    pool = PhrasePool()
+    pool.feed(PROMPTS[2] * 3)
+    drafter = Spy(tiny_draft, pool)
+    assert len(generate_speculative(drafter, LocalVerifier(tiny_target), PROMPTS[2], params, 3).tokens) == 24
+    assert all(len(c.tokens) == 1 for b in drafter.blocks for c in b.candidates)  # siblings only
+    lengthened = [b for b in drafter.blocks if b.sources and "pool" in b.sources]
     assert lengthened
     for b in lengthened:
+        own = b.sources.index("pool")  # type: ignore[union-attr]
         assert b.q_ids is not None and b.q_probs is not None
-        assert b.q_ids[3:, 0].tolist() == b.tokens[3:]
-        assert b.q_probs[3:, 0].tolist() == [1.0] * (len(b.tokens) - 3) and float(b.q_probs[3:, 1:].sum()) == 0
+        assert b.q_ids[own:, 0].tolist() == b.tokens[own:]
+        assert b.q_probs[own:, 0].tolist() == [1.0] * (len(b.tokens) - own) and float(b.q_probs[own:, 1:].sum()) == 0
 
 
 def test_point_mass_rows_keep_the_targets_distribution() -> None:
@@ -104,11 +97,10 @@ def test_a_warm_pool_beats_a_cold_one(tiny_target: LoadedModel, tiny_draft: Load
     prompt = PROMPTS[0]
     want = generate_autoregressive(tiny_target, prompt, GREEDY).tokens
     warm = PhrasePool()
-    generate_speculative(OuroborosDrafter(tiny_draft, warm), LocalVerifier(tiny_target), prompt, GREEDY, 2)
+    generate_speculative(Spy(tiny_draft, warm), LocalVerifier(tiny_target), prompt, GREEDY, 4)
     runs = {}
     for kind, pool in (("cold", PhrasePool()), ("warm", warm)):
-        runs[kind] = generate_speculative(OuroborosDrafter(tiny_draft, pool), LocalVerifier(tiny_target), prompt,
-                                          GREEDY, 2)
+        runs[kind] = generate_speculative(Spy(tiny_draft, pool), LocalVerifier(tiny_target), prompt, GREEDY, 4)
         assert runs[kind].tokens == want
     assert runs["warm"].stats.target_passes < runs["cold"].stats.target_passes
 
@@ -141,8 +133,8 @@ def test_greedy_equals_the_target_alone_over_the_wire(
 
     monkeypatch.setattr(TargetSession, "_finish_tree", spy)
     port = server.http_port if transport == "http" else server.grpc_port
-    settings = EdgeSettings(cloud=f"127.0.0.1:{port}", transport=transport, timeout_s=10, retries=0, gamma=3,
-                            pipeline=pipeline, ouroboros=True, ouroboros_candidates=2, client_id="t")
+    settings = EdgeSettings(cloud=f"127.0.0.1:{port}", transport=transport, timeout_s=10, retries=0,
+                            pipeline=pipeline, client_id="t", draft_pool=True)
     client = edge_decoder(settings, tiny_draft)
     for prompt in PROMPTS[:2]:
         want = generate_autoregressive(tiny_target, prompt, GREEDY).tokens
@@ -150,21 +142,22 @@ def test_greedy_equals_the_target_alone_over_the_wire(
             assert client.generate(prompt, GREEDY).tokens == want
     assert len(client.pools) == 1 and len(client.pools.get("t")) > 0
     assert taken and any(c is not None for c in taken)  # candidates crossed the wire, and some were taken
-    sampled = SamplingParams(max_tokens=12, temperature=0.8, seed=1, ignore_eos=True)
-    assert len(client.generate(PROMPTS[0], sampled).tokens) == 12  # no candidates under sampling: accepted
+    sampled = SamplingParams(max_tokens=12, temperature=0.8, ignore_eos=True)
+    assert len(client.generate(PROMPTS[0], sampled).tokens) == 12  # sampled trees and pool rows: accepted
 
 
 @pytest.mark.slow
 def test_the_test_pair_greedy_equals_the_target_alone() -> None:
     from tandem.models import load_model
+    from tandem_tools.bench_local import tree_drafter
     from tandem_tools.train.data import heldout_prompts
 
     target, draft = load_model("test-target"), load_model("test-draft")
     params = SamplingParams(max_tokens=48, ignore_eos=True)
     for prompt in heldout_prompts(2, 64, target.tokenizer):
         want = generate_autoregressive(target, prompt, params).tokens
-        drafter = OuroborosDrafter(draft)
-        got = generate_speculative(drafter, LocalVerifier(target), prompt, params, 4)
+        drafter = tree_drafter(draft, 8, None, PhrasePool())
+        got = generate_speculative(drafter, LocalVerifier(target), prompt, params, 8)
         assert got.tokens == want
         assert got.stats.target_passes < len(want) / 2
 
