@@ -84,9 +84,9 @@ def grow(value: BlockValue, branch: Calibration, confidence: list[float], altern
          room: int = 0, greedy: bool = True) -> Tree:
     """The nodes worth their positions beside a chain `value` has taken: `confidence[i]` and `alternatives[i]`
     (token, q2 / (1 - q1); 0: none) describe main position i. With `pool`, its chains too (under sampling only the
-    chain's lengthening: a branch would need q rows of its own): `context` is the
-    sequence before the chain `tokens`, `room` the block's tokens allowed in all (a candidate's reach included; the
-    candidates' tokens together, a server's limit too)."""
+    chain's lengthening: a branch would need q rows of its own): `context` is the sequence before the chain `tokens`,
+    `room` the block's tokens allowed in all (a candidate's reach included; the candidates' tokens together, a
+    server's limit too)."""
     n = len(confidence)
     accept = [value.calibration(c) for c in confidence]
     reach = [1.0]  # reach[i]: main tokens 0 .. i - 1 all accepted

@@ -105,8 +105,18 @@ class FixedCurve(CostCurve):
         pass
 
 
+class FixedTimes(AdaptiveGamma):
+    """The test's draft step and round trip, whatever the loop measures: block shapes independent of the machine."""
+
+    def observe_draft_step(self, seconds: float) -> None:
+        pass
+
+    def observe_rtt(self, seconds: float) -> None:
+        pass
+
+
 def tree_drafter(draft: LoadedModel, pool: PhrasePool | None = None) -> ModelDrafter:
     """The edge's default drafter (blocks by value, siblings, with `pool` its chains) on a flat cost curve: every
-    node with a chance pays."""
-    value = BlockValue(AdaptiveGamma(draft_s=Ewma(0.01), costs=FixedCurve({1: 0.1, 64: 0.1})), Calibration(), False)
+    node with a chance pays. Its blocks depend on the verdicts alone, not on timings."""
+    value = BlockValue(FixedTimes(draft_s=Ewma(0.01), costs=FixedCurve({1: 0.1, 64: 0.1})), Calibration(), False)
     return ModelDrafter(draft, value=value, tree=True, pool=None if pool is None else PoolBranches(pool))

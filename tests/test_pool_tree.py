@@ -6,7 +6,7 @@ from __future__ import annotations
 import random
 
 import torch
-from conftest import FixedCurve, bigram
+from conftest import FixedCurve, FixedTimes, bigram
 
 from tandem.adaptive import AdaptiveGamma
 from tandem.blocks import Candidate, DraftBlock, VerifyResult
@@ -93,7 +93,7 @@ def decoder_with_defaults(target: LoadedModel, draft: LoadedModel) -> Speculativ
                                                    retries=0, draft_pool=True)
     assert settings.draft_tree and settings.block_value  # the edge's defaults, and the pool
     decoder = SpeculativeDecoder(settings, draft, lambda: LocalVerifier(target))
-    decoder.gamma_policy.costs = FixedCurve(FLAT)
+    decoder.gamma_policy = FixedTimes(max_gamma=8, draft_s=Ewma(0.01), costs=FixedCurve(FLAT))
     return decoder
 
 
@@ -109,19 +109,38 @@ def test_pool_trees_keep_greedy_output_equal_to_the_target_alone(tiny_target: Lo
     assert decoder.pools.get(decoder.settings.client_id).size  # fed
 
 
-def test_the_pool_lengthens_blocks_where_the_draft_is_unsure() -> None:
-    """A target that counts up (t -> t + 1), a draft unsure of everything: the prompt's own phrases carry the
-    blocks, the target takes them, and the output is the target's."""
+def count_up_pair() -> tuple[LoadedModel, LoadedModel]:
+    """A target that counts up (t -> t + 1 mod 12) and a draft unsure of everything."""
     vocab = 12
     count_up = torch.full((vocab, vocab), -10.0)
     count_up[torch.arange(vocab), (torch.arange(vocab) + 1) % vocab] = 10.0
     torch.manual_seed(0)
-    target, draft = bigram(count_up, "count-up"), bigram(torch.randn(vocab, vocab) * 0.3, "unsure")
+    return bigram(count_up, "count-up"), bigram(torch.randn(vocab, vocab) * 0.3, "unsure")
+
+
+def test_the_pool_lengthens_blocks_where_the_draft_is_unsure() -> None:
+    """The prompt's own phrases carry the blocks, the target takes them, and the output is the target's."""
+    target, draft = count_up_pair()
     decoder = decoder_with_defaults(target, draft)
     params = SamplingParams(max_tokens=48, ignore_eos=True)
-    prompt = list(range(vocab)) * 2
+    prompt = list(range(12)) * 2
     got = decoder.generate(prompt, params)
     assert got.tokens == generate_autoregressive(target, prompt, params).tokens
     assert got.stats.origins.count("p") > got.stats.origins.count("d")  # the pool's tokens, mostly
     assert got.stats.target_passes * 3 < len(got.tokens)  # several tokens a pass
     assert decoder.pool_shape.follow(0) > 0.5  # measured as accepted
+
+
+def test_a_warm_pool_beats_a_cold_one() -> None:
+    """A prompt that shows only the start of the count: a cold pool learns the rest as it is emitted, a pool kept
+    from an earlier request knows it from the first block."""
+    target, draft = count_up_pair()
+    params = SamplingParams(max_tokens=24, ignore_eos=True)
+    prompt = [0, 1, 2]
+    want = generate_autoregressive(target, prompt, params).tokens
+    warm = decoder_with_defaults(target, draft)
+    warm.generate(prompt, params)
+    cold = decoder_with_defaults(target, draft)
+    runs = {"warm": warm.generate(prompt, params), "cold": cold.generate(prompt, params)}
+    assert runs["warm"].tokens == runs["cold"].tokens == want
+    assert runs["warm"].stats.target_passes < runs["cold"].stats.target_passes
