@@ -107,3 +107,15 @@ def test_the_kinds_trace_has_one_request_per_kind() -> None:
     others = {m["content"] for t in ("chat.jsonl", "structured.jsonl", "grammar-overhead-chat.jsonl")
               for line in (TRACES / t).read_text().splitlines() for m in json.loads(line)["messages"]}
     assert all(r.messages and len(r.messages) == 1 and r.messages[0]["content"] not in others for r in rows)
+
+
+def test_the_edits_trace_asks_to_rework_text_it_carries() -> None:
+    """benchmarks/traces/edits.jsonl (the phrase pool's check): requests written here whose answers repeat much of
+    their own prompt, one per kind of edit."""
+    from tandem_tools.replay_summary import TRACES, load_trace
+
+    raw = [json.loads(line) for line in (TRACES / "edits.jsonl").read_text().splitlines()]
+    assert all(r["source"] == "written for the pool check" and r["kind"].startswith("edit-") for r in raw)
+    rows = load_trace(TRACES / "edits.jsonl")
+    assert len({r.kind for r in rows}) == len(rows) == 3
+    assert all(r.messages and "\n\n" in r.messages[0]["content"] for r in rows)  # an instruction, then the text
