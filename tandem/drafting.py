@@ -124,7 +124,8 @@ class ModelDrafter:
     def draft_tokens(self, n: int, at_least: int = 1, room: int | None = None) -> DraftBlock:
         """n tokens continuing the current context, which grows by them; fewer, but `at_least`, where the draft is
         unsure (`p_min`). `room`: block tokens allowed in all, a tree's included (default: n)."""
-        before = list(self.state.tokens)
+        # the tokens before the block, as far back as the pool's keys reach (none without a pool)
+        before = self.state.tokens[-self.phrases.pool.key_len :] if self.phrases is not None else None
         tokens: list[int] = []
         rows: list[DraftRow] = []
         confidence: list[float] = []

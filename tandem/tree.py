@@ -84,7 +84,8 @@ def grow(value: BlockValue, branch: Calibration, confidence: list[float], altern
          room: int = 0, greedy: bool = True) -> Tree:
     """The nodes worth their positions beside a chain `value` has taken: `confidence[i]` and `alternatives[i]`
     (token, q2 / (1 - q1); 0: none) describe main position i. With `pool`, its chains too (under sampling only the
-    chain's lengthening: a branch would need q rows of its own): `context` is the sequence before the chain `tokens`,
+    chain's lengthening: a branch would need q rows of its own): `context` is the sequence before the chain `tokens`
+    (its last `key_len` tokens suffice: the pool's keys reach no further),
     `room` the block's tokens allowed in all (a candidate's reach included; the candidates' tokens together, a
     server's limit too)."""
     n = len(confidence)
