@@ -224,6 +224,29 @@ def bench_capacity(
     run_bench_capacity(cfg, out)
 
 
+@bench_app.command("agreement")
+def bench_agreement(
+    prompts: Annotated[int, typer.Option(help="requests of the trace")] = 8,
+    max_tokens: Annotated[int, typer.Option(help="at most this many answer tokens per request")] = 64,
+    trace: Annotated[Path | None, typer.Option(help="JSON lines (default: benchmarks/traces/chat.jsonl)")] = None,
+    target: Annotated[str | None, typer.Option(help=TARGET_HELP)] = None,
+    draft: Annotated[str | None, typer.Option(help=DRAFT_HELP)] = None,
+    threads: Annotated[int | None, typer.Option(help="torch and llama.cpp threads")] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="also write the figures here")] = None,
+    timing: Annotated[bool, typer.Option("--timing/--no-timing", help="time the target's pass and the draft's step "
+                                                                      "here: each block's speed in one process")]
+    = True,
+) -> None:
+    """How far the draft follows the target: the target's greedy answers, the rank of each of their tokens in the
+    draft's teacher-forced logits, the tokens per target pass chains and siblings would yield, and (timed here)
+    their speed in one process."""
+    from tandem.config import CoreSettings
+    from tandem_tools.bench_agreement import run_bench_agreement
+
+    settings = CoreSettings(**_overrides(target=target, draft=draft, threads=threads))
+    run_bench_agreement(settings, prompts, max_tokens, trace, json_out, timing)
+
+
 @app.command()
 def serve(
     target: Annotated[str | None, typer.Option(help=TARGET_HELP)] = None,
