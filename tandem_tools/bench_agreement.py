@@ -51,14 +51,18 @@ def passes(ranks: list[int], gamma: int, siblings: int = 0) -> int:
     return count
 
 
+def share(ranks: list[int], below: int) -> float:
+    """The share of tokens the draft ranks under `below` (1: its greedy token is the target's)."""
+    return sum(r < below for r in ranks) / max(1, len(ranks))
+
+
 @dataclass
 class Answer:
     prompt_tokens: int
     ranks: list[int]  # per answer token: its rank among the draft's logits, capped at RANKS
 
     def share(self, below: int) -> float:
-        """The share of tokens the draft ranks under `below` (1: its greedy token is the target's)."""
-        return sum(r < below for r in self.ranks) / max(1, len(self.ranks))
+        return share(self.ranks, below)
 
 
 def ranks_of(draft: LoadedModel, prompt: list[int], answer: list[int]) -> list[int]:
@@ -99,8 +103,7 @@ def summarize(answers: list[Answer], curve: CostCurve | None = None, draft_s: fl
             row["speedup"] = alone / in_process_s(chain, g, 0, curve, draft_s)
             row["speedup_with_siblings"] = alone / in_process_s(tree, g, 1, curve, draft_s)
         chains["unbounded" if g == 0 else str(g)] = row
-    return {"tokens": total, "agreement": sum(r == 0 for r in ranks) / max(1, total),
-            "top2": sum(r < 2 for r in ranks) / max(1, total), "top4": sum(r < 4 for r in ranks) / max(1, total),
+    return {"tokens": total, "agreement": share(ranks, 1), "top2": share(ranks, 2), "top4": share(ranks, 4),
             "agreement_per_request": [a.share(1) for a in answers], "chains": chains}
 
 
